@@ -1,0 +1,225 @@
+"""Aggregates as a fold of deal states (DESIGN §3, §6).
+
+Every KPI gauge is a sum over deals of that deal's *contribution*: a tuple of
+``(family, key, value)`` items computed by a pure function of the deal. The in-memory
+:class:`Fold` of a partition is the sum of its deals' contributions, kept up to date by
+subtracting a deal's old contribution and adding its new one, and rebuilt from the table on
+assignment. Because both paths use the same function, incremental == rebuilt by construction.
+
+Money is summed in integer micro-units and durations in integer milliseconds, so adding and
+removing contributions in any order leaves no floating-point residue.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterable
+
+from models.config import FunnelConfig
+from models.deal import Deal
+
+MICRO = 1_000_000
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+WINDOWS = {"7d": 7 * DAY_MS, "30d": 30 * DAY_MS, "90d": 90 * DAY_MS}
+OUTCOMES = ("won", "lost")
+
+# Counter families: value is an integer amount.
+OPEN = "open"                      # (pipeline, stage)
+OPEN_VALUE = "open_value"          # (pipeline, stage, currency), micro
+REACHED = "reached"                # (pipeline, stage)
+CLOSED = "closed"                  # (pipeline, outcome)
+WON_REVENUE = "won_revenue"        # (pipeline, currency), micro
+REP_WON = "rep_won"                # (pipeline, owner, currency), micro
+CUSTOMERS = "customers"            # (pipeline,)
+REACHED_W = "reached_w"            # (pipeline, stage, hour)
+CLOSED_W = "closed_w"              # (pipeline, outcome, hour)
+WON_REVENUE_W = "won_revenue_w"    # (pipeline, currency, hour), micro
+# Histogram families: value is one observation.
+WON_VALUE = "won_value"            # (pipeline, currency), micro
+TIME_TO_CLOSE = "time_to_close"    # (pipeline, outcome), ms
+STAGE_DURATION = "stage_duration"  # (pipeline, stage), ms
+CLV = "clv"                        # (pipeline, currency), micro
+TIME_TO_CLOSE_W = "time_to_close_w"  # (pipeline, outcome, hour), ms
+
+_MONEY = [b * MICRO for b in (100, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000,
+                              250_000, 1_000_000)]
+_CLV = [b * MICRO for b in (1_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+                            1_000_000, 5_000_000)]
+_CYCLE = [d * DAY_MS for d in (1, 3, 7, 14, 30, 60, 90, 120, 180, 365)]
+_STAY = [HOUR_MS, *(d * DAY_MS for d in (1, 3, 7, 14, 30, 60, 90, 180, 365))]
+BUCKETS: dict[str, list[int]] = {
+    WON_VALUE: _MONEY, CLV: _CLV, TIME_TO_CLOSE: _CYCLE, TIME_TO_CLOSE_W: _CYCLE,
+    STAGE_DURATION: _STAY,
+}
+HISTOGRAMS = frozenset(BUCKETS)
+
+Item = tuple[str, tuple, int]
+Contribution = tuple[Item, ...]
+NOTHING: Contribution = ()
+
+
+def to_micro(amount: object) -> int:
+    return 0 if amount is None else round(float(amount) * MICRO)  # type: ignore[arg-type]
+
+
+def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
+    """What one deal adds to every aggregate; empty when deleted or not in the funnel."""
+    if deal.is_deleted or not deal.history:
+        return NOTHING
+    pl = deal.value("pipeline") or "default"
+    pipeline = config.pipelines.get(pl)  # type: ignore[arg-type]
+    if pipeline is None:
+        return NOTHING
+    by_name = pipeline.by_name
+    stays: list[tuple[int, str]] = []  # (entered ms, stage), consecutive repeats collapsed
+    for ts, _, stage in deal.history:
+        if stage in by_name and (not stays or stays[-1][1] != stage):
+            stays.append((ts, stage))
+    if not stays:
+        return NOTHING
+    items: list[Item] = []
+    add = items.append
+    entered, stage_name = stays[-1]
+    stage = by_name[stage_name]
+    amount = to_micro(deal.value("amount"))
+    currency = deal.value("currency") or config.default_currency
+    if stage.is_open:
+        add((OPEN, (pl, stage_name), 1))
+        add((OPEN_VALUE, (pl, stage_name, currency), amount))
+    else:
+        outcome = stage.outcome
+        cycle = entered - stays[0][0]
+        hour = entered // HOUR_MS
+        add((CLOSED, (pl, outcome), 1))
+        add((CLOSED_W, (pl, outcome, hour), 1))
+        add((TIME_TO_CLOSE, (pl, outcome), cycle))
+        add((TIME_TO_CLOSE_W, (pl, outcome, hour), cycle))
+        if outcome == "won":
+            owner = deal.owner_at(entered) or ""
+            add((WON_REVENUE, (pl, currency), amount))
+            add((WON_REVENUE_W, (pl, currency, hour), amount))
+            add((WON_VALUE, (pl, currency), amount))
+            add((REP_WON, (pl, owner, currency), amount))
+    # Reached: every open stage up to the furthest one in the history (won passes them all),
+    # entered when the deal first got that far (skip-ahead fills the stages it jumped over).
+    open_index = pipeline.open_index
+    open_stages = pipeline.open_stages
+    reached_at: list[int] = []
+    for ts, name in stays:
+        level = open_index.get(name)
+        if level is not None:
+            while len(reached_at) <= level:
+                reached_at.append(ts)
+    for level, ts in enumerate(reached_at):
+        name = open_stages[level].name
+        add((REACHED, (pl, name), 1))
+        add((REACHED_W, (pl, name, ts // HOUR_MS), 1))
+    for (start, name), (end, _) in itertools.pairwise(stays):
+        add((STAGE_DURATION, (pl, name), end - start))
+    return tuple(items)
+
+
+def deal_credit(deal: Deal, config: FunnelConfig) -> tuple[str, str, str, int] | None:
+    """The deal's absolute won contribution to its account: (account, pipeline, currency, micro)."""
+    account = deal.value("account")
+    if not account:
+        return None
+    for family, key, value in deal_contribution(deal, config):
+        if family == WON_REVENUE:
+            return account, key[0], key[1], value  # type: ignore[return-value]
+    return None
+
+
+def customer_contribution(credits: dict[str, list]) -> Contribution:
+    """One account's contribution: a customer per pipeline, lifetime value per currency."""
+    totals: dict[tuple[str, str], int] = {}
+    for pipeline, currency, micro in credits.values():
+        totals[(pipeline, currency)] = totals.get((pipeline, currency), 0) + micro
+    items: list[Item] = [(CUSTOMERS, (pl,), 1) for pl in {pl for pl, _ in totals}]
+    items.extend((CLV, key, total) for key, total in totals.items())
+    return tuple(items)
+
+
+class Hist:
+    """Bucket counts (non-cumulative, last is +Inf), count and sum, in integer units."""
+
+    __slots__ = ("count", "counts", "total")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size
+        self.count = 0
+        self.total = 0
+
+
+class Fold:
+    """Sum of contributions: ``counters[family][key]`` and ``hists[family][key]``."""
+
+    __slots__ = ("counters", "hists")
+
+    def __init__(self) -> None:
+        self.counters: dict[str, dict[tuple, int]] = {}
+        self.hists: dict[str, dict[tuple, Hist]] = {}
+
+    def apply(self, contribution: Contribution, sign: int) -> None:
+        for family, key, value in contribution:
+            if family in HISTOGRAMS:
+                self._observe(family, key, value, sign)
+            else:
+                values = self.counters.setdefault(family, {})
+                total = values.get(key, 0) + sign * value
+                if total:
+                    values[key] = total
+                else:
+                    values.pop(key, None)
+
+    def _observe(self, family: str, key: tuple, value: int, sign: int) -> None:
+        bounds = BUCKETS[family]
+        hists = self.hists.setdefault(family, {})
+        hist = hists.get(key)
+        if hist is None:
+            hist = hists[key] = Hist(len(bounds) + 1)
+        hist.counts[bisect.bisect_left(bounds, value)] += sign
+        hist.count += sign
+        hist.total += sign * value
+        if hist.count == 0:
+            del hists[key]
+
+    def replace(self, before: Contribution, after: Contribution) -> None:
+        if before != after:
+            self.apply(before, -1)
+            self.apply(after, 1)
+
+    @classmethod
+    def of(cls, contributions: Iterable[Contribution]) -> Fold:
+        fold = cls()
+        for contribution in contributions:
+            fold.apply(contribution, 1)
+        return fold
+
+    def merge(self, other: Fold) -> None:
+        """Add another fold (used to combine partitions at scrape time)."""
+        for family, values in other.counters.items():
+            mine = self.counters.setdefault(family, {})
+            for key, value in values.items():
+                mine[key] = mine.get(key, 0) + value
+        for family, hists in other.hists.items():
+            mine_h = self.hists.setdefault(family, {})
+            for key, hist in hists.items():
+                target = mine_h.get(key)
+                if target is None:
+                    target = mine_h[key] = Hist(len(hist.counts))
+                target.counts = [a + b for a, b in zip(target.counts, hist.counts, strict=True)]
+                target.count += hist.count
+                target.total += hist.total
+
+    def snapshot(self) -> dict:
+        """Plain data for comparisons in tests."""
+        return {
+            "counters": {f: dict(v) for f, v in self.counters.items() if v},
+            "hists": {
+                f: {k: (list(h.counts), h.count, h.total) for k, h in v.items()}
+                for f, v in self.hists.items() if v
+            },
+        }

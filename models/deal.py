@@ -1,0 +1,167 @@
+"""Per-deal state and the event-time state machine (DESIGN §2).
+
+A deal is the only source of truth for every KPI. Each field is last-write-wins by its version
+``(occurred_at, event_id)`` — the event id breaks ties so the result never depends on arrival
+order — and the stage history is kept sorted by the same version. Applying an event is pure:
+``apply_change(deal, change, stage)`` returns the outcome and mutates only ``deal``.
+
+Stored compactly as an orjson list (see :func:`encode_deal`) because a table holds millions.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import orjson
+
+from models.event import Change
+
+RECENT_IDS = 32      # dedup memory per deal (ids of the latest events applied)
+MAX_HISTORY = 64     # stage entries kept; beyond it the oldest after the first are dropped
+MAX_OWNERS = 16      # owner assignments kept (for "owner at close")
+FORMAT = 1           # stored layout version of a deal
+
+Version = tuple[int, str]   # (occurred_at ms, event_id)
+Entry = tuple[int, str, str]  # (occurred_at ms, event_id, value): history and owner entries
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    IGNORED = "ignored"
+    REJECTED = "rejected"
+
+
+@dataclass(slots=True)
+class Field:
+    """One last-write-wins field: its value and the version that wrote it."""
+
+    value: object
+    ts: int
+    event_id: str
+
+    def older_than(self, ts: int, event_id: str) -> bool:
+        return (self.ts, self.event_id) < (ts, event_id)
+
+
+_SCALARS = ("pipeline", "amount", "currency", "account", "expected_close_at", "deleted")
+
+
+@dataclass(slots=True)
+class Deal:
+    deal_id: str
+    partition: int = -1
+    pipeline: Field | None = None
+    amount: Field | None = None
+    currency: Field | None = None
+    account: Field | None = None
+    expected_close_at: Field | None = None
+    deleted: Field | None = None
+    history: list[Entry] = field(default_factory=list)   # stage entries, sorted
+    owners: list[Entry] = field(default_factory=list)    # owner assignments, sorted
+    recent_ids: list[str] = field(default_factory=list)
+    # Accounts this deal may have credited in the customers table (to heal after a crash).
+    credited_accounts: list[str] = field(default_factory=list)
+
+    def value(self, name: str) -> object:
+        current = getattr(self, name)
+        return None if current is None else current.value
+
+    @property
+    def is_deleted(self) -> bool:
+        return bool(self.value("deleted"))
+
+    @property
+    def owner(self) -> str | None:
+        return self.owners[-1][2] if self.owners else None
+
+    def owner_at(self, ts: int) -> str | None:
+        """Owner assigned at or before ``ts``; else the first assigned after it."""
+        if not self.owners:
+            return None
+        i = bisect.bisect_right(self.owners, (ts, "\U0010ffff"))
+        return self.owners[i - 1][2] if i else self.owners[0][2]
+
+    def has_seen(self, event_id: str) -> bool:
+        if event_id in self.recent_ids:
+            return True
+        for _, eid, _ in self.history:
+            if eid == event_id:
+                return True
+        for name in _SCALARS:
+            current = getattr(self, name)
+            if current is not None and current.event_id == event_id:
+                return True
+        return any(eid == event_id for _, eid, _ in self.owners)
+
+
+def _insert(entries: list[Entry], entry: Entry, cap: int) -> bool:
+    """Insert keeping order by version; ``False`` when that version is already there."""
+    i = bisect.bisect_left(entries, entry)
+    if i < len(entries) and entries[i][:2] == entry[:2]:
+        return False
+    entries.insert(i, entry)
+    if len(entries) > cap:
+        del entries[1]  # keep the first entry: it anchors the cycle time
+    return True
+
+
+def apply_change(deal: Deal, change: Change, stage: str | None, *, stage_ignored: bool) -> Outcome:
+    """Apply one validated event; ``stage`` is already mapped to canonical (``None`` = absent).
+
+    ``stage_ignored`` says the event's stage mapped to ``ignore``: if nothing else changes,
+    the event counts as ``ignored`` rather than ``stale``.
+    """
+    ts, eid = change.ts, change.event_id
+    if deal.has_seen(eid):
+        return Outcome.DUPLICATE
+    changed = False
+    for name in _SCALARS:
+        value = getattr(change, name)
+        if value is None:
+            continue
+        current = getattr(deal, name)
+        if current is None or current.older_than(ts, eid):
+            setattr(deal, name, Field(value, ts, eid))
+            changed = True
+    if change.owner is not None:
+        changed |= _insert(deal.owners, (ts, eid, change.owner), MAX_OWNERS)
+    if stage is not None:
+        changed |= _insert(deal.history, (ts, eid, stage), MAX_HISTORY)
+    deal.recent_ids.append(eid)
+    if len(deal.recent_ids) > RECENT_IDS:
+        del deal.recent_ids[0]
+    if changed:
+        return Outcome.ACCEPTED
+    return Outcome.IGNORED if stage_ignored else Outcome.STALE
+
+
+def _pack(current: Field | None) -> list | None:
+    return None if current is None else [current.value, current.ts, current.event_id]
+
+
+def _unpack(packed: list | None) -> Field | None:
+    return None if packed is None else Field(packed[0], packed[1], packed[2])
+
+
+def encode_deal(deal: Deal) -> bytes:
+    return orjson.dumps([
+        FORMAT, deal.deal_id, deal.partition,
+        *(_pack(getattr(deal, name)) for name in _SCALARS),
+        deal.history, deal.owners, deal.recent_ids, deal.credited_accounts,
+    ])
+
+
+def decode_deal(raw: bytes) -> Deal:
+    doc = orjson.loads(raw)
+    if doc[0] != FORMAT:
+        raise ValueError(f"deal stored in format {doc[0]}, this build reads {FORMAT}")
+    pipeline, amount, currency, account, expected, deleted = (_unpack(p) for p in doc[3:9])
+    return Deal(
+        doc[1], doc[2], pipeline, amount, currency, account, expected, deleted,
+        [tuple(entry) for entry in doc[9]], [tuple(entry) for entry in doc[10]],
+        doc[11], doc[12],
+    )

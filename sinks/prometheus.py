@@ -1,0 +1,268 @@
+"""Prometheus exposition (DESIGN §3).
+
+Business KPIs are gauges computed at scrape time from the folds of actively owned partitions
+(:class:`KpiCollector`); process metrics are plain prometheus-client counters and histograms
+(:class:`ProcessMetrics`). Every known label combination is exported from start-up, zero
+included, so an absent series never hides a zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from models import aggregates as agg
+from models.config import FunnelConfig
+from models.deal import Outcome
+
+LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 86400,
+               7 * 86400, 30 * 86400, 365 * 86400)
+
+
+class ProcessMetrics:
+    """Per-process counters; reset on restart as usual."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events = Counter(
+            "funnel_events", "CRM events handled, by source and outcome",
+            ["source", "outcome"], registry=registry,
+        )
+        self.rejections = Counter(
+            "funnel_events_rejected", "Events sent to the DLQ, by reason",
+            ["reason"], registry=registry,
+        )
+        self.lag = Histogram(
+            "funnel_event_lag_seconds", "Processing time minus occurred_at of accepted events",
+            ["source"], buckets=LAG_BUCKETS, registry=registry,
+        )
+        self.dlq = Counter(
+            "funnel_dlq_messages", "Messages written to crm.events.dlq", registry=registry
+        )
+        self.sink_errors = Counter(
+            "funnel_sink_errors", "Failed writes to an output (dlq, credits, kpis, alerts, redis)",
+            ["sink"], registry=registry,
+        )
+        self.ready = Gauge(
+            "funnel_worker_ready", "1 once table recovery finished and partitions are served",
+            registry=registry,
+        )
+        self.rebalances = Counter(
+            "funnel_rebalances", "Partition rebalances seen by this worker", registry=registry
+        )
+        self.active_partitions = Gauge(
+            "funnel_active_partitions", "Partitions of crm.events this worker actively owns",
+            registry=registry,
+        )
+        self._events_children: dict[tuple[str, str], Callable[[], None]] = {}
+        self._lag_children: dict[str, Callable[[float], None]] = {}
+
+    def counted(self, source: str, outcome: Outcome, lag_ms: int) -> None:
+        key = (source, outcome.value)
+        inc = self._events_children.get(key)
+        if inc is None:
+            inc = self._events_children[key] = self.events.labels(source, outcome.value).inc
+        inc()
+        if outcome is Outcome.ACCEPTED:
+            observe = self._lag_children.get(source)
+            if observe is None:
+                observe = self._lag_children[source] = self.lag.labels(source).observe
+            observe(max(lag_ms, 0) / 1000)
+
+    def rejected(self, source: str, code: str) -> None:
+        self.events.labels(source, Outcome.REJECTED.value).inc()
+        self.rejections.labels(code).inc()
+
+    def seed(self, sources: list[str], reasons: list[str]) -> None:
+        for source in sources:
+            for outcome in Outcome:
+                self.events.labels(source, outcome.value)
+        for reason in reasons:
+            self.rejections.labels(reason)
+
+
+REJECTION_REASONS = ["empty", "too_large", "invalid_json", "invalid_event", "future_timestamp",
+                     "unknown_pipeline", "unmapped_stage"]
+
+
+@dataclass(frozen=True)
+class _Gauge:
+    name: str
+    doc: str
+    family: str
+    labels: tuple[str, ...]
+    scale: float = 1.0
+
+
+_GAUGES = (
+    _Gauge("funnel_deals_open", "Deals currently in the stage", agg.OPEN, ("pipeline", "stage")),
+    _Gauge("funnel_open_value", "Amounts of deals currently in the stage", agg.OPEN_VALUE,
+           ("pipeline", "stage", "currency"), 1 / agg.MICRO),
+    _Gauge("funnel_deals_reached", "Deals that reached this open stage or a later one",
+           agg.REACHED, ("pipeline", "stage")),
+    _Gauge("funnel_deals_closed", "Deals currently closed, by outcome", agg.CLOSED,
+           ("pipeline", "outcome")),
+    _Gauge("funnel_won_revenue", "Amounts of won deals", agg.WON_REVENUE,
+           ("pipeline", "currency"), 1 / agg.MICRO),
+    _Gauge("funnel_rep_won_revenue", "Won amounts per sales rep (owner at close)", agg.REP_WON,
+           ("pipeline", "owner", "currency"), 1 / agg.MICRO),
+    _Gauge("funnel_customers", "Accounts with at least one won deal", agg.CUSTOMERS, ("pipeline",)),
+)
+_HISTOGRAMS = (
+    _Gauge("funnel_won_deal_value", "Distribution of won deal amounts", agg.WON_VALUE,
+           ("pipeline", "currency"), 1 / agg.MICRO),
+    _Gauge("funnel_time_to_close_seconds", "First stage entry to close, closed deals",
+           agg.TIME_TO_CLOSE, ("pipeline", "outcome"), 1 / 1000),
+    _Gauge("funnel_stage_duration_seconds", "Completed stays in a stage", agg.STAGE_DURATION,
+           ("pipeline", "stage"), 1 / 1000),
+    _Gauge("funnel_customer_lifetime_value", "Won revenue per customer", agg.CLV,
+           ("pipeline", "currency"), 1 / agg.MICRO),
+)
+_WINDOWED = (
+    _Gauge("funnel_deals_reached_window", "Deals that reached the stage within the window",
+           agg.REACHED_W, ("pipeline", "stage")),
+    _Gauge("funnel_deals_closed_window", "Deals closed within the window", agg.CLOSED_W,
+           ("pipeline", "outcome")),
+    _Gauge("funnel_won_revenue_window", "Amounts of deals won within the window",
+           agg.WON_REVENUE_W, ("pipeline", "currency"), 1 / agg.MICRO),
+)
+_WINDOWED_HIST = _Gauge(
+    "funnel_time_to_close_window_seconds", "Cycle of deals closed within the window",
+    agg.TIME_TO_CLOSE_W, ("pipeline", "outcome"), 1 / 1000,
+)
+
+
+def _bucket_bounds(family: str, scale: float) -> list[str]:
+    return [f"{bound * scale:g}" for bound in agg.BUCKETS[family]] + ["+Inf"]
+
+
+class KpiCollector(Collector):
+    """Gauges of the current deal states of the partitions this worker actively owns."""
+
+    def __init__(
+        self, config: FunnelConfig, totals: Callable[[], agg.Fold], now_ms: Callable[[], int],
+        version: str,
+    ) -> None:
+        self.config = config
+        self.totals = totals
+        self.now_ms = now_ms
+        self.version = version
+        self._seeds = self._known_keys()
+
+    def _known_keys(self) -> dict[str, list[tuple]]:
+        """Every label combination known from config, exported as 0 when empty."""
+        seeds: dict[str, list[tuple]] = {}
+        for name, pipeline in self.config.pipelines.items():
+            currencies = {self.config.default_currency} | set(self.config.targets.get(name, {}))
+            opens = [stage.name for stage in pipeline.open_stages]
+            for family in (agg.OPEN, agg.REACHED, agg.REACHED_W):
+                seeds.setdefault(family, []).extend((name, stage) for stage in opens)
+            seeds.setdefault(agg.STAGE_DURATION, []).extend((name, stage) for stage in opens)
+            for family in (agg.CLOSED, agg.CLOSED_W, agg.TIME_TO_CLOSE, agg.TIME_TO_CLOSE_W):
+                seeds.setdefault(family, []).extend((name, o) for o in agg.OUTCOMES)
+            seeds.setdefault(agg.CUSTOMERS, []).append((name,))
+            for currency in sorted(currencies):
+                seeds.setdefault(agg.OPEN_VALUE, []).extend((name, s, currency) for s in opens)
+                for family in (agg.WON_REVENUE, agg.WON_REVENUE_W, agg.WON_VALUE, agg.CLV):
+                    seeds.setdefault(family, []).append((name, currency))
+        return seeds
+
+    def collect(self) -> Iterator[Metric]:
+        fold = self.totals()
+        yield from self._config_gauges()
+        for spec in _GAUGES:
+            values = fold.counters.get(spec.family, {})
+            metric = GaugeMetricFamily(spec.name, spec.doc, labels=spec.labels)
+            for key in self._keys(spec.family, values):
+                metric.add_metric(key, values.get(key, 0) * spec.scale)
+            yield metric
+        for spec in _HISTOGRAMS:
+            yield self._histogram(spec, fold.hists.get(spec.family, {}), None)
+        yield from self._windowed(fold)
+
+    def _keys(self, family: str, values: dict) -> list[tuple]:
+        seeded = self._seeds.get(family, [])
+        return seeded + sorted(set(values) - set(seeded))
+
+    def _histogram(self, spec: _Gauge, hists: dict, window: str | None) -> Metric:
+        labels = spec.labels + (("window",) if window else ())
+        metric = GaugeHistogramMetricFamily(spec.name, spec.doc, labels=labels)
+        bounds = _bucket_bounds(spec.family, spec.scale)
+        for key in self._keys(spec.family, hists):
+            hist = hists.get(key)
+            counts = hist.counts if hist else [0] * len(bounds)
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            total = hist.total * spec.scale if hist else 0.0
+            metric.add_metric(list(key) + ([window] if window else []), cumulative, total)
+        return metric
+
+    def _windowed(self, fold: agg.Fold) -> Iterator[Metric]:
+        now_hour = self.now_ms() // agg.HOUR_MS
+        for spec in _WINDOWED:
+            metric = GaugeMetricFamily(spec.name, spec.doc, labels=(*spec.labels, "window"))
+            sums = self._window_sums(fold.counters.get(spec.family, {}), now_hour)
+            for key in self._keys(spec.family, {k: 0 for w in sums.values() for k in w}):
+                for window in agg.WINDOWS:
+                    metric.add_metric([*key, window], sums[window].get(key, 0) * spec.scale)
+            yield metric
+        hists = fold.hists.get(_WINDOWED_HIST.family, {})
+        metric = None
+        for window, length in agg.WINDOWS.items():
+            first_hour = now_hour - length // agg.HOUR_MS
+            merged: dict[tuple, agg.Hist] = {}
+            for key, hist in hists.items():
+                if first_hour < key[-1] <= now_hour:
+                    target = merged.get(key[:-1])
+                    if target is None:
+                        target = merged[key[:-1]] = agg.Hist(len(hist.counts))
+                    target.counts = [a + b for a, b in zip(target.counts, hist.counts, strict=True)]
+                    target.count += hist.count
+                    target.total += hist.total
+            part = self._histogram(_WINDOWED_HIST, merged, window)
+            if metric is None:
+                metric = part
+            else:
+                metric.samples.extend(part.samples)
+        yield metric
+
+    @staticmethod
+    def _window_sums(values: dict[tuple, int], now_hour: int) -> dict[str, dict[tuple, int]]:
+        """Hour buckets → per window sums; a bucket counts if it starts within (now−W, now]."""
+        sums: dict[str, dict[tuple, int]] = {window: {} for window in agg.WINDOWS}
+        lengths = [(window, length // agg.HOUR_MS) for window, length in agg.WINDOWS.items()]
+        for key, value in values.items():
+            age = now_hour - key[-1]
+            if age < 0:
+                continue
+            labels = key[:-1]
+            for window, hours in lengths:
+                if age < hours:
+                    target = sums[window]
+                    target[labels] = target.get(labels, 0) + value
+        return sums
+
+    def _config_gauges(self) -> Iterator[Metric]:
+        probability = GaugeMetricFamily(
+            "funnel_stage_probability", "Configured win probability of a stage",
+            labels=("pipeline", "stage"))
+        index = GaugeMetricFamily(
+            "funnel_stage_index", "Position of the stage in its pipeline (0 = first)",
+            labels=("pipeline", "stage"))
+        stall = GaugeMetricFamily(
+            "funnel_stall_after_seconds", "Time in an open stage after which a deal is stalled",
+            labels=("pipeline", "stage"))
+        for name, pipeline in self.config.pipelines.items():
+            for position, stage in enumerate(pipeline.stages):
+                probability.add_metric((name, stage.name), stage.probability)
+                index.add_metric((name, stage.name), position)
+                if stage.stall_after is not None:
+                    stall.add_metric((name, stage.name), stage.stall_after)
+        build = GaugeMetricFamily("funnel_build_info", "Build of the worker", labels=("version",))
+        build.add_metric((self.version,), 1)
+        yield from (probability, index, stall, build)

@@ -1,0 +1,279 @@
+"""The Faust worker: topics, the ``deals`` and ``customers`` tables, thin agents, ``/metrics``.
+
+Flow: ``crm.events`` → deal agent (decode, map stage, state machine; :mod:`streams.processor`)
+→ ``deals`` table + per-partition folds → ``/metrics``; won credits re-keyed by account →
+customer agent → ``customers`` table + folds → ``/metrics``. Invalid input → ``crm.events.dlq``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import faust
+from faust.streams import _current_event  # the context Faust reads to route table writes
+from faust.types import TP
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+
+from models.aggregates import Contribution
+from models.config import FunnelConfig, load_config
+from sinks.prometheus import REJECTION_REASONS, KpiCollector, ProcessMetrics
+from streams import topics
+from streams.processor import (
+    CustomerProcessor,
+    DealProcessor,
+    EventClock,
+    PartitionFolds,
+    Record,
+    Rejection,
+)
+from streams.settings import Settings
+
+log = logging.getLogger("funnel_kpi")
+# Prometheus text format 0.0.4; aiohttp adds the charset itself.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
+disable_created_metrics()
+
+try:
+    VERSION = version("funnel-kpi")
+except PackageNotFoundError:  # running from a source tree
+    VERSION = "0.0.0+source"
+
+
+def in_event_context(event: Any, fun: Callable[[], Any]) -> Any:
+    """Run a table read/write as if ``event`` were the current stream event.
+
+    Batches from ``take_events`` run outside Faust's per-event context; tables need it to pick
+    the changelog partition (and RocksDB store) of the key.
+    """
+    token = _current_event.set(weakref.ref(event))
+    try:
+        return fun()
+    finally:
+        _current_event.reset(token)
+
+
+class FoldedTable(faust.Table):
+    """A table whose values feed in-memory folds of the actively owned partitions only.
+
+    Folds are dropped when partitions are revoked and rebuilt from the table once recovery
+    completes, so standby replicas (also in this table's store) are never exported.
+    """
+
+    def __init__(
+        self, app: faust.App, *, folds: PartitionFolds, source_topic: str,
+        contribution: Callable[[bytes], tuple[int, Contribution]],
+        on_ready: Callable[[set[int]], None], **kwargs: Any,
+    ) -> None:
+        super().__init__(app, key_type=bytes, value_type=bytes, **kwargs)
+        # Faust derives serializers from model types and falls back to JSON; values are
+        # already compact bytes (models.deal), so they go to the changelog as they are.
+        self.key_serializer = self.value_serializer = "raw"
+        self.folds = folds
+        self.source_topic = source_topic
+        self.contribution = contribution
+        self.on_ready = on_ready
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
+    ) -> None:
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+        self.folds.revoke(tp.partition for tp in revoked if tp.topic == self.source_topic)
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        await super().on_recovery_completed(active_tps, standby_tps)
+        active = {
+            tp.partition for tp in self.app.assignor.assigned_actives()
+            if tp.topic == self.source_topic
+        }
+        self.folds.rebuild(active, self._stored_contributions())
+        log.info("%s: aggregates rebuilt for partitions %s", self.name, sorted(active))
+        self.on_ready(active)
+
+    def _stored_contributions(self) -> Iterator[tuple[int, Contribution]]:
+        for value in self.data.values():
+            if value is not None:
+                yield self.contribution(value)
+
+
+@dataclass
+class Worker:
+    app: faust.App
+    settings: Settings
+    config: FunnelConfig
+    registry: CollectorRegistry
+    deals: DealProcessor
+    customers: CustomerProcessor
+
+
+def _faust_app(settings: Settings) -> faust.App:
+    heartbeat = min(3.0, settings.session_timeout / 3)
+    return faust.App(
+        settings.app_id,
+        broker=settings.broker,
+        store=settings.store,
+        datadir=str(settings.data_dir),
+        autodiscover=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_disable_leader=True,
+        table_standby_replicas=settings.standby_replicas,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout,
+        broker_rebalance_timeout=settings.rebalance_timeout,
+        broker_heartbeat_interval=heartbeat,
+        broker_request_timeout=max(30.0, settings.session_timeout + 5),
+        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+        producer_linger_ms=5,
+        web_port=settings.web_port,
+        web_bind=settings.web_bind,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_metrics_enabled=False,
+        logging_config=None,
+    )
+
+
+def create_worker(settings: Settings | None = None) -> Worker:
+    settings = settings or Settings()
+    config = load_config(settings.config)
+    clock = EventClock(settings.clock or config.clock)
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    metrics = ProcessMetrics(registry)
+    metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS)
+    deal_processor = DealProcessor(
+        config, clock, metrics, max_skew_ms=int(settings.max_future_skew * 1000)
+    )
+    customer_processor = CustomerProcessor()
+    app = _faust_app(settings)
+    consumer_lag = Gauge(
+        "funnel_consumer_lag_messages", "Messages behind the end of the partition",
+        ["topic", "partition"], registry=registry,
+    )
+
+    def raw_topic(name: str, **kwargs: Any) -> faust.TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw", partitions=settings.partitions, **kwargs)
+
+    events_topic = raw_topic(topics.EVENTS)
+    dlq_topic = raw_topic(topics.DLQ)
+    credits_topic = raw_topic(topics.credits_topic(settings.app_id), internal=True)
+    ready_parts: dict[str, bool] = {}
+
+    def table(name: str, folds: PartitionFolds, source: str,
+              contribution: Callable[[bytes], tuple[int, Contribution]]) -> FoldedTable:
+        def on_ready(active: set[int]) -> None:
+            ready_parts[name] = True
+            if name == "deals":
+                metrics.active_partitions.set(len(active))
+            metrics.ready.set(1 if all(ready_parts.values()) else 0)
+
+        ready_parts[name] = False
+        return app.tables.add(FoldedTable(
+            app, name=name, folds=folds, source_topic=source, contribution=contribution,
+            on_ready=on_ready, beacon=app.tables.beacon, partitions=settings.partitions,
+            default=None,
+        ))
+
+    deals = table("deals", deal_processor.folds, topics.EVENTS,
+                  deal_processor.contribution_of_stored)
+    customers = table("customers", customer_processor.folds, credits_topic.get_topic_name(),
+                      customer_processor.contribution_of_stored)
+
+    @app.on_partitions_revoked.connect
+    async def _not_ready(app: faust.App, revoked: set[TP], **_: Any) -> None:
+        for name in ready_parts:
+            ready_parts[name] = False
+        metrics.ready.set(0)
+        metrics.rebalances.inc()
+
+    def read(table_: FoldedTable) -> Callable[[str, Record], bytes | None]:
+        def load(key: str, record: Record) -> bytes | None:
+            return in_event_context(record.ref, lambda: table_.get(key.encode()))
+        return load
+
+    def write(table_: FoldedTable, key: str, value: bytes, record: Record) -> None:
+        def put() -> None:
+            table_[key.encode()] = value
+        in_event_context(record.ref, put)
+
+    def to_records(events: list[Any]) -> list[Record]:
+        return [
+            Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
+                   e.message.offset, e)
+            for e in events
+        ]
+
+    def report_lag(records: list[Record]) -> None:
+        last: dict[int, int] = {}
+        for record in records:
+            last[record.partition] = record.offset
+        for partition, offset in last.items():
+            tp = TP(records[0].topic, partition)
+            lag = app.consumer.highwater(tp) - offset - 1
+            consumer_lag.labels(tp.topic, str(partition)).set(max(lag, 0))
+
+    async def to_dlq(rejection: Rejection) -> None:
+        record = rejection.record
+        headers = [
+            ("funnel.reason", rejection.reason.encode()),
+            ("funnel.reason.code", rejection.code.encode()),
+            ("funnel.source.topic", record.topic.encode()),
+            ("funnel.source.partition", str(record.partition).encode()),
+            ("funnel.source.offset", str(record.offset).encode()),
+        ]
+        try:
+            await dlq_topic.send(key=record.key, value=record.value or b"", headers=headers)
+            metrics.dlq.inc()
+        except Exception:
+            metrics.sink_errors.labels("dlq").inc()
+            log.exception("could not write to %s; the event stays in %s at offset %s",
+                          topics.DLQ, record.topic, record.offset)
+            raise
+
+    @app.agent(events_topic, name="deal-agent")
+    async def deal_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_size, settings.batch_within):
+            records = to_records(events)
+            batch = deal_processor.process(records, read(deals))
+            for deal_id, value, record in batch.writes:
+                write(deals, deal_id, value, record)
+            for rejection in batch.rejections:
+                await to_dlq(rejection)
+            for credit in batch.credits:
+                await credits_topic.send(key=credit.account.encode(), value=credit.encode())
+            report_lag(records)
+
+    @app.agent(credits_topic, name="customer-agent")
+    async def customer_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_size, settings.batch_within):
+            for account, value, record in customer_processor.process(
+                to_records(events), read(customers)
+            ):
+                write(customers, account, value, record)
+
+    collector = KpiCollector(config, _combined(deal_processor, customer_processor),
+                             clock.now_ms, VERSION)
+    registry.register(collector)
+
+    @app.page("/metrics")
+    async def metrics_view(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return web.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
+
+    return Worker(app, settings, config, registry, deal_processor, customer_processor)
+
+
+def _combined(deals: DealProcessor, customers: CustomerProcessor):
+    def totals():
+        total = deals.folds.total()
+        total.merge(customers.folds.total())
+        return total
+    return totals

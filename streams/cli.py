@@ -1,0 +1,192 @@
+"""``funnel-kpi``: broker, worker, replay, simulate, demo.
+
+Every setting is a ``FUNNEL_*`` environment variable and a flag of the same name; flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from models.config import ConfigError
+from streams.settings import Settings
+
+WORKER_SETTINGS = list(Settings.model_fields)
+
+
+def _add_settings(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    group = parser.add_argument_group("settings (flag or environment variable)")
+    for name in names:
+        info = Settings.model_fields[name]
+        default = info.default if info.default is not None else "unset"
+        group.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
+            help=f"{info.description} [env FUNNEL_{name.upper()}, default {default}]",
+        )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: value for name, value in vars(args).items()
+        if name in Settings.model_fields and value is not None
+    }
+    return Settings(**overrides)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from streams.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(port=args.port).start()
+    print(f"broker listening on {broker.url} (memory storage: topics vanish on stop)", flush=True)
+    stop = {"now": False}
+
+    def _stop(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stop["now"] and broker.process and broker.process.poll() is None:
+            time.sleep(0.2)
+    finally:
+        broker.stop()
+    print("broker stopped", flush=True)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import faust
+
+    from streams import topics
+    from streams.app import create_worker
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    parts = settings.partitions
+    asyncio.run(topics.ensure_topics(
+        settings.broker,
+        {
+            topics.EVENTS: parts, topics.DLQ: parts, topics.credits_topic(settings.app_id): parts,
+        },
+        replication_factor=settings.replication_factor,
+    ))
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    worker = create_worker(settings)
+    faust.Worker(worker.app, loglevel=settings.log_level.upper(), quiet=True,
+                 override_logging=False).execute_from_commandline()
+    return 0
+
+
+def _replay_events(path: Path, copies: int):
+    from streams.dataset import dataset_events
+
+    if path.is_dir() or path.suffix == ".csv":
+        folder = path if path.is_dir() else path.parent
+        return list(dataset_events(folder, copies=copies))
+    events = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise SystemExit(f"{path}:{number}: not JSON: {exc}") from None
+    return events
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from streams.producer import produce
+
+    settings = _settings(args)
+    events = _replay_events(Path(args.file), args.copies)
+    summary = asyncio.run(produce(settings, events, rate=args.rate, total=len(events)))
+    print(summary.line())
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from streams.producer import produce
+    from streams.simulator import Simulation
+
+    settings = _settings(args)
+    simulation = Simulation(seed=args.seed, deals=args.deals, days=args.days)
+    events = list(simulation.events())
+    summary = asyncio.run(produce(settings, events, rate=args.rate, total=len(events)))
+    print(summary.line())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(_settings(args), seed=args.seed, rate=args.rate, deals=args.deals,
+                    duration=args.duration)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="funnel-kpi", description="Real-time sales-funnel KPIs from CRM change events.",
+    )
+    sub = root.add_subparsers(dest="command", required=True)
+
+    broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu)")
+    broker.add_argument("--port", type=int, default=9092, help="loopback port (default 9092)")
+    broker.set_defaults(run=cmd_broker)
+
+    worker = sub.add_parser("worker", help="run a stream worker (Faust) against FUNNEL_BROKER")
+    _add_settings(worker, WORKER_SETTINGS)
+    worker.set_defaults(run=cmd_worker)
+
+    producer_settings = ["broker", "partitions", "replication_factor"]
+    replay = sub.add_parser("replay", help="send a JSON-lines file of events or the dataset CSV")
+    replay.add_argument("file", help="events.jsonl, or sales_pipeline.csv / its folder")
+    replay.add_argument("--rate", type=float, default=0.0, help="events/s (default: as fast as possible)")
+    replay.add_argument("--copies", type=int, default=1, help="dataset only: replay N times under fresh ids")
+    _add_settings(replay, producer_settings)
+    replay.set_defaults(run=cmd_replay)
+
+    simulate = sub.add_parser("simulate", help="send realistic synthetic CRM traffic")
+    simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--deals", type=int, default=2000, help="deals to simulate")
+    simulate.add_argument("--days", type=int, default=120, help="history length ending now")
+    simulate.add_argument("--rate", type=float, default=500.0, help="events/s (0 = unpaced)")
+    _add_settings(simulate, producer_settings)
+    simulate.set_defaults(run=cmd_simulate)
+
+    demo = sub.add_parser("demo", help="broker + worker + simulator with a live KPI table")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--deals", type=int, default=3000)
+    demo.add_argument("--rate", type=float, default=300.0, help="simulated events/s")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop after this many seconds (default: run until Ctrl-C)")
+    _add_settings(demo, ["web_port", "config"])
+    demo.set_defaults(run=cmd_demo)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"funnel-kpi: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

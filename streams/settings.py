@@ -1,0 +1,35 @@
+"""Runtime settings from ``FUNNEL_*`` environment variables (and CLI flags that override them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.config import Clock
+
+
+class Settings(BaseSettings):
+    """Every field is ``FUNNEL_<NAME>`` in the environment and ``--<name>`` on the command line."""
+
+    model_config = SettingsConfigDict(env_prefix="FUNNEL_", extra="ignore")
+
+    broker: str = Field("kafka://127.0.0.1:9092", description="Kafka bootstrap URL(s), kafka://host:port[;host:port]")
+    web_port: int = Field(6066, ge=1, le=65535, description="worker HTTP port: /metrics")
+    web_bind: str = Field("0.0.0.0", description="interface the worker HTTP server binds")
+    data_dir: Path = Field(Path("data"), description="worker state directory (RocksDB tables)")
+    config: Path | None = Field(None, description="funnel config YAML (default: the shipped funnel.yaml)")
+    clock: Clock | None = Field(None, description="wall | stream (default: the config's clock, wall)")
+    redis_url: str | None = Field(None, description="Redis URL for the optional KPI sink")
+    store: str = Field("memory://", description="table store: memory:// or rocksdb://")
+    app_id: str = Field("funnel-kpi", description="consumer group and changelog topic prefix")
+    partitions: int = Field(8, ge=1, description="partitions of crm.events and internal topics")
+    replication_factor: int = Field(1, ge=1, description="replication factor of created topics")
+    standby_replicas: int = Field(1, ge=0, description="table standby replicas on other workers")
+    max_future_skew: float = Field(86400.0, gt=0, description="seconds an occurred_at may lie in the future")
+    batch_size: int = Field(2000, ge=1, description="events handled per batch")
+    batch_within: float = Field(0.05, gt=0, description="seconds to wait for a batch to fill")
+    session_timeout: float = Field(10.0, gt=0, description="consumer group session timeout, seconds")
+    rebalance_timeout: float = Field(10.0, gt=0, description="consumer group rebalance timeout, seconds")
+    log_level: str = Field("info", description="debug | info | warning | error")
