@@ -36,6 +36,10 @@ CUSTOMERS = "customers"            # (pipeline,)
 REACHED_W = "reached_w"            # (pipeline, stage, hour)
 CLOSED_W = "closed_w"              # (pipeline, outcome, hour)
 WON_REVENUE_W = "won_revenue_w"    # (pipeline, currency, hour), micro
+# Index family: one entry per open deal, value = amount (micro); the key carries what stall,
+# period and forecast gauges need at scrape time:
+# (pipeline, stage, currency, entered ms, deal_id, stall alert raised, expected close ms | None)
+OPEN_DEALS = "open_deals"
 # Histogram families: value is one observation.
 WON_VALUE = "won_value"            # (pipeline, currency), micro
 TIME_TO_CLOSE = "time_to_close"    # (pipeline, outcome), ms
@@ -88,6 +92,9 @@ def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
     if stage.is_open:
         add((OPEN, (pl, stage_name), 1))
         add((OPEN_VALUE, (pl, stage_name, currency), amount))
+        alerted = deal.stall_alert == [stage_name, entered]
+        add((OPEN_DEALS, (pl, stage_name, currency, entered, deal.deal_id, alerted,
+                          deal.value("expected_close_at")), amount))
     else:
         outcome = stage.outcome
         cycle = entered - stays[0][0]
@@ -121,17 +128,6 @@ def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
     return tuple(items)
 
 
-def deal_credit(deal: Deal, config: FunnelConfig) -> tuple[str, str, str, int] | None:
-    """The deal's absolute won contribution to its account: (account, pipeline, currency, micro)."""
-    account = deal.value("account")
-    if not account:
-        return None
-    for family, key, value in deal_contribution(deal, config):
-        if family == WON_REVENUE:
-            return account, key[0], key[1], value  # type: ignore[return-value]
-    return None
-
-
 def customer_contribution(credits: dict[str, list]) -> Contribution:
     """One account's contribution: a customer per pipeline, lifetime value per currency."""
     totals: dict[tuple[str, str], int] = {}
@@ -154,17 +150,24 @@ class Hist:
 
 
 class Fold:
-    """Sum of contributions: ``counters[family][key]`` and ``hists[family][key]``."""
+    """Sum of contributions: ``counters[family][key]``, ``hists[family][key]`` and the
+    per-deal ``open_deals`` index (kept per partition, never merged: it is as big as the table)."""
 
-    __slots__ = ("counters", "hists")
+    __slots__ = ("counters", "hists", "open_deals")
 
     def __init__(self) -> None:
         self.counters: dict[str, dict[tuple, int]] = {}
         self.hists: dict[str, dict[tuple, Hist]] = {}
+        self.open_deals: dict[tuple, int] = {}
 
     def apply(self, contribution: Contribution, sign: int) -> None:
         for family, key, value in contribution:
-            if family in HISTOGRAMS:
+            if family == OPEN_DEALS:
+                if sign > 0:
+                    self.open_deals[key] = value
+                else:
+                    self.open_deals.pop(key, None)
+            elif family in HISTOGRAMS:
                 self._observe(family, key, value, sign)
             else:
                 values = self.counters.setdefault(family, {})
@@ -217,6 +220,7 @@ class Fold:
     def snapshot(self) -> dict:
         """Plain data for comparisons in tests."""
         return {
+            "open_deals": dict(self.open_deals),
             "counters": {f: dict(v) for f, v in self.counters.items() if v},
             "hists": {
                 f: {k: (list(h.counts), h.count, h.total) for k, h in v.items()}

@@ -65,6 +65,8 @@ class Deal:
     recent_ids: list[str] = field(default_factory=list)
     # Accounts this deal may have credited in the customers table (to heal after a crash).
     credited_accounts: list[str] = field(default_factory=list)
+    # The stay [stage, entered ms] a deal.stalled alert was raised for (one per stall episode).
+    stall_alert: list | None = None
 
     def value(self, name: str) -> object:
         current = getattr(self, name)
@@ -151,7 +153,7 @@ def encode_deal(deal: Deal) -> bytes:
     return orjson.dumps([
         FORMAT, deal.deal_id, deal.partition,
         *(_pack(getattr(deal, name)) for name in _SCALARS),
-        deal.history, deal.owners, deal.recent_ids, deal.credited_accounts,
+        deal.history, deal.owners, deal.recent_ids, deal.credited_accounts, deal.stall_alert,
     ])
 
 
@@ -163,5 +165,5 @@ def decode_deal(raw: bytes) -> Deal:
     return Deal(
         doc[1], doc[2], pipeline, amount, currency, account, expected, deleted,
         [tuple(entry) for entry in doc[9]], [tuple(entry) for entry in doc[10]],
-        doc[11], doc[12],
+        doc[11], doc[12], doc[13],
     )

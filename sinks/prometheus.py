@@ -11,14 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from models import aggregates as agg
 from models.config import FunnelConfig
 from models.deal import Outcome
+from models.periods import PERIODS, elapsed_ratio, period_bounds
 
+disable_created_metrics()  # *_created series add nothing for these counters
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 86400,
                7 * 86400, 30 * 86400, 365 * 86400)
 
@@ -57,6 +59,10 @@ class ProcessMetrics:
             "funnel_active_partitions", "Partitions of crm.events this worker actively owns",
             registry=registry,
         )
+        self.standby_partitions = Gauge(
+            "funnel_standby_partitions", "Standby copies of deal partitions held (never exported)",
+            registry=registry,
+        )
         self._events_children: dict[tuple[str, str], Callable[[], None]] = {}
         self._lag_children: dict[str, Callable[[float], None]] = {}
 
@@ -76,14 +82,17 @@ class ProcessMetrics:
         self.events.labels(source, Outcome.REJECTED.value).inc()
         self.rejections.labels(code).inc()
 
-    def seed(self, sources: list[str], reasons: list[str]) -> None:
+    def seed(self, sources: list[str], reasons: list[str], sinks: list[str]) -> None:
         for source in sources:
             for outcome in Outcome:
                 self.events.labels(source, outcome.value)
         for reason in reasons:
             self.rejections.labels(reason)
+        for sink in sinks:
+            self.sink_errors.labels(sink)
 
 
+SINKS = ["dlq", "credits", "kpis", "alerts", "redis"]
 REJECTION_REASONS = ["empty", "too_large", "invalid_json", "invalid_event", "future_timestamp",
                      "unknown_pipeline", "unmapped_stage"]
 
@@ -143,11 +152,11 @@ class KpiCollector(Collector):
     """Gauges of the current deal states of the partitions this worker actively owns."""
 
     def __init__(
-        self, config: FunnelConfig, totals: Callable[[], agg.Fold], now_ms: Callable[[], int],
+        self, config: FunnelConfig, folds: Callable[[], list[agg.Fold]], now_ms: Callable[[], int],
         version: str,
     ) -> None:
         self.config = config
-        self.totals = totals
+        self.folds = folds
         self.now_ms = now_ms
         self.version = version
         self._seeds = self._known_keys()
@@ -171,8 +180,12 @@ class KpiCollector(Collector):
         return seeds
 
     def collect(self) -> Iterator[Metric]:
-        fold = self.totals()
-        yield from self._config_gauges()
+        folds = self.folds()
+        fold = agg.Fold()
+        for part in folds:
+            fold.merge(part)
+        now_ms = self.now_ms()
+        yield from self._config_gauges(now_ms)
         for spec in _GAUGES:
             values = fold.counters.get(spec.family, {})
             metric = GaugeMetricFamily(spec.name, spec.doc, labels=spec.labels)
@@ -181,7 +194,9 @@ class KpiCollector(Collector):
             yield metric
         for spec in _HISTOGRAMS:
             yield self._histogram(spec, fold.hists.get(spec.family, {}), None)
-        yield from self._windowed(fold)
+        yield from self._windowed(fold, now_ms)
+        yield from self._open_deal_gauges(folds, now_ms)
+        yield self._won_in_period(fold, now_ms)
 
     def _keys(self, family: str, values: dict) -> list[tuple]:
         seeded = self._seeds.get(family, [])
@@ -202,8 +217,8 @@ class KpiCollector(Collector):
             metric.add_metric(list(key) + ([window] if window else []), cumulative, total)
         return metric
 
-    def _windowed(self, fold: agg.Fold) -> Iterator[Metric]:
-        now_hour = self.now_ms() // agg.HOUR_MS
+    def _windowed(self, fold: agg.Fold, now_ms: int) -> Iterator[Metric]:
+        now_hour = now_ms // agg.HOUR_MS
         for spec in _WINDOWED:
             metric = GaugeMetricFamily(spec.name, spec.doc, labels=(*spec.labels, "window"))
             sums = self._window_sums(fold.counters.get(spec.family, {}), now_hour)
@@ -247,7 +262,73 @@ class KpiCollector(Collector):
                     target[labels] = target.get(labels, 0) + value
         return sums
 
-    def _config_gauges(self) -> Iterator[Metric]:
+    def _currencies(self, pipeline: str) -> list[str]:
+        return sorted({self.config.default_currency} | set(self.config.targets.get(pipeline, {})))
+
+    def _open_deal_gauges(self, folds: list[agg.Fold], now_ms: int) -> Iterator[Metric]:
+        """Stalls and expected closes, scanned from the per-deal index of each partition."""
+        stall_after = {
+            (name, stage.name): stage.stall_after * 1000
+            for name, pipeline in self.config.pipelines.items()
+            for stage in pipeline.open_stages if stage.stall_after is not None
+        }
+        periods = {
+            period: period_bounds(now_ms, self.config.zone, period) for period in PERIODS
+        }
+        stalled: dict[tuple, int] = {}
+        at_risk: dict[tuple, int] = {}
+        closing: dict[tuple, int] = {}
+        for fold in folds:
+            for (pl, stage, currency, entered, _, _, expected), micro in fold.open_deals.items():
+                threshold = stall_after.get((pl, stage))
+                if threshold is not None and now_ms - entered > threshold:
+                    stalled[(pl, stage)] = stalled.get((pl, stage), 0) + 1
+                    key = (pl, stage, currency)
+                    at_risk[key] = at_risk.get(key, 0) + micro
+                if expected is not None:
+                    for period, (start, end) in periods.items():
+                        if start <= expected < end:
+                            key = (pl, stage, currency, period)
+                            closing[key] = closing.get(key, 0) + micro
+        count = GaugeMetricFamily("funnel_deals_stalled", "Open deals in the stage longer than "
+                                  "its stall_after", labels=("pipeline", "stage"))
+        value = GaugeMetricFamily("funnel_stalled_value", "Amounts of stalled deals (value at risk)",
+                                  labels=("pipeline", "stage", "currency"))
+        period_value = GaugeMetricFamily(
+            "funnel_open_value_period",
+            "Open amounts expected to close in the current calendar period",
+            labels=("pipeline", "stage", "currency", "period"))
+        for pl, stage in stall_after:
+            count.add_metric((pl, stage), stalled.get((pl, stage), 0))
+            for currency in self._currencies(pl):
+                value.add_metric((pl, stage, currency), at_risk.get((pl, stage, currency), 0) / agg.MICRO)
+        for name, pipeline in self.config.pipelines.items():
+            for stage in pipeline.open_stages:
+                for currency in self._currencies(name):
+                    for period in PERIODS:
+                        key = (name, stage.name, currency, period)
+                        period_value.add_metric(key, closing.get(key, 0) / agg.MICRO)
+        yield from (count, value, period_value)
+
+    def _won_in_period(self, fold: agg.Fold, now_ms: int) -> Metric:
+        metric = GaugeMetricFamily(
+            "funnel_won_revenue_period", "Won in the current calendar period (business timezone)",
+            labels=("pipeline", "currency", "period"))
+        won_by_hour = fold.counters.get(agg.WON_REVENUE_W, {})
+        now_hour = now_ms // agg.HOUR_MS
+        for name in self.config.pipelines:
+            for period in PERIODS:
+                start, _ = period_bounds(now_ms, self.config.zone, period)
+                first_hour = start // agg.HOUR_MS
+                sums: dict[str, int] = {}
+                for (pl, currency, hour), micro in won_by_hour.items():
+                    if pl == name and first_hour <= hour <= now_hour:
+                        sums[currency] = sums.get(currency, 0) + micro
+                for currency in sorted(set(self._currencies(name)) | set(sums)):
+                    metric.add_metric((name, currency, period), sums.get(currency, 0) / agg.MICRO)
+        return metric
+
+    def _config_gauges(self, now_ms: int) -> Iterator[Metric]:
         probability = GaugeMetricFamily(
             "funnel_stage_probability", "Configured win probability of a stage",
             labels=("pipeline", "stage"))
@@ -263,6 +344,24 @@ class KpiCollector(Collector):
                 index.add_metric((name, stage.name), position)
                 if stage.stall_after is not None:
                     stall.add_metric((name, stage.name), stage.stall_after)
+        info = GaugeMetricFamily(
+            "funnel_stage_info", "Stage metadata: its funnel section (TOFU / MOFU / BOFU)",
+            labels=("pipeline", "stage", "section"))
+        for name, pipeline in self.config.pipelines.items():
+            for stage in pipeline.stages:
+                info.add_metric((name, stage.name, stage.section.upper()), 1)
+        target = GaugeMetricFamily(
+            "funnel_revenue_target", "Configured revenue target of the calendar period",
+            labels=("pipeline", "period", "currency"))
+        for name, per_currency in self.config.targets.items():
+            for currency, periods in per_currency.items():
+                for period, amount in periods.items():
+                    target.add_metric((name, period, currency), amount)
+        elapsed = GaugeMetricFamily(
+            "funnel_period_elapsed_ratio", "Share of the current calendar period elapsed (clock)",
+            labels=("period",))
+        for period in PERIODS:
+            elapsed.add_metric((period,), elapsed_ratio(now_ms, self.config.zone, period))
         build = GaugeMetricFamily("funnel_build_info", "Build of the worker", labels=("version",))
         build.add_metric((self.version,), 1)
-        yield from (probability, index, stall, build)
+        yield from (probability, index, stall, info, target, elapsed, build)

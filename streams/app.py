@@ -22,7 +22,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from models.aggregates import Contribution
 from models.config import FunnelConfig, load_config
-from sinks.prometheus import REJECTION_REASONS, KpiCollector, ProcessMetrics
+from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
 from streams import topics
 from streams.processor import (
     CustomerProcessor,
@@ -37,6 +37,8 @@ from streams.settings import Settings
 log = logging.getLogger("funnel_kpi")
 # Prometheus text format 0.0.4; aiohttp adds the charset itself.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
+# DLQ copies of oversized messages are cut to this (brokers refuse > 1 MB by default).
+DLQ_MAX_VALUE = 64 * 1024
 disable_created_metrics()
 
 try:
@@ -68,7 +70,7 @@ class FoldedTable(faust.Table):
     def __init__(
         self, app: faust.App, *, folds: PartitionFolds, source_topic: str,
         contribution: Callable[[bytes], tuple[int, Contribution]],
-        on_ready: Callable[[set[int]], None], **kwargs: Any,
+        on_ready: Callable[[set[int], set[int]], None], **kwargs: Any,
     ) -> None:
         super().__init__(app, key_type=bytes, value_type=bytes, **kwargs)
         # Faust derives serializers from model types and falls back to JSON; values are
@@ -91,9 +93,14 @@ class FoldedTable(faust.Table):
             tp.partition for tp in self.app.assignor.assigned_actives()
             if tp.topic == self.source_topic
         }
+        standby = {
+            tp.partition for tp in self.app.assignor.assigned_standbys()
+            if tp.topic == self.changelog_topic.get_topic_name()
+        }
         self.folds.rebuild(active, self._stored_contributions())
-        log.info("%s: aggregates rebuilt for partitions %s", self.name, sorted(active))
-        self.on_ready(active)
+        log.info("%s: aggregates rebuilt for active partitions %s (standby %s, not exported)",
+                 self.name, sorted(active), sorted(standby))
+        self.on_ready(active, standby)
 
     def _stored_contributions(self) -> Iterator[tuple[int, Contribution]]:
         for value in self.data.values():
@@ -148,7 +155,7 @@ def create_worker(settings: Settings | None = None) -> Worker:
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)
     metrics = ProcessMetrics(registry)
-    metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS)
+    metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS, SINKS)
     deal_processor = DealProcessor(
         config, clock, metrics, max_skew_ms=int(settings.max_future_skew * 1000)
     )
@@ -170,10 +177,11 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
     def table(name: str, folds: PartitionFolds, source: str,
               contribution: Callable[[bytes], tuple[int, Contribution]]) -> FoldedTable:
-        def on_ready(active: set[int]) -> None:
+        def on_ready(active: set[int], standby: set[int]) -> None:
             ready_parts[name] = True
             if name == "deals":
                 metrics.active_partitions.set(len(active))
+                metrics.standby_partitions.set(len(standby))
             metrics.ready.set(1 if all(ready_parts.values()) else 0)
 
         ready_parts[name] = False
@@ -223,6 +231,7 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
     async def to_dlq(rejection: Rejection) -> None:
         record = rejection.record
+        value = record.value or b""
         headers = [
             ("funnel.reason", rejection.reason.encode()),
             ("funnel.reason.code", rejection.code.encode()),
@@ -230,8 +239,11 @@ def create_worker(settings: Settings | None = None) -> Worker:
             ("funnel.source.partition", str(record.partition).encode()),
             ("funnel.source.offset", str(record.offset).encode()),
         ]
+        if len(value) > DLQ_MAX_VALUE:  # the whole message stays in crm.events at that offset
+            headers.append(("funnel.original.size", str(len(value)).encode()))
+            value = value[:DLQ_MAX_VALUE]
         try:
-            await dlq_topic.send(key=record.key, value=record.value or b"", headers=headers)
+            await dlq_topic.send(key=record.key, value=value, headers=headers)
             metrics.dlq.inc()
         except Exception:
             metrics.sink_errors.labels("dlq").inc()
@@ -260,8 +272,11 @@ def create_worker(settings: Settings | None = None) -> Worker:
             ):
                 write(customers, account, value, record)
 
-    collector = KpiCollector(config, _combined(deal_processor, customer_processor),
-                             clock.now_ms, VERSION)
+    collector = KpiCollector(
+        config,
+        lambda: [*deal_processor.folds.folds.values(), *customer_processor.folds.folds.values()],
+        clock.now_ms, VERSION,
+    )
     registry.register(collector)
 
     @app.page("/metrics")
@@ -269,11 +284,3 @@ def create_worker(settings: Settings | None = None) -> Worker:
         return web.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
 
     return Worker(app, settings, config, registry, deal_processor, customer_processor)
-
-
-def _combined(deals: DealProcessor, customers: CustomerProcessor):
-    def totals():
-        total = deals.folds.total()
-        total.merge(customers.folds.total())
-        return total
-    return totals

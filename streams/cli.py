@@ -1,4 +1,4 @@
-"""``funnel-kpi``: broker, worker, replay, simulate, demo.
+"""``funnel-kpi``: broker, worker, replay, simulate, demo, ingest, adapt.
 
 Every setting is a ``FUNNEL_*`` environment variable and a flag of the same name; flags win.
 """
@@ -73,8 +73,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from streams import topics
     from streams.app import create_worker
 
+    from models.config import load_config
+
     settings = _settings(args)
     _configure_logging(settings.log_level)
+    load_config(settings.config)  # fail fast, before touching the broker
     parts = settings.partitions
     asyncio.run(topics.ensure_topics(
         settings.broker,
@@ -136,6 +139,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     duration=args.duration)
 
 
+def _serve(run, *args) -> int:
+    """Run a long-lived async service until SIGTERM or Ctrl-C."""
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(*args, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from streams.ingest import run_ingest
+    from streams.sources.settings import from_args
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    return _serve(run_ingest, settings, from_args(args))
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from streams.adapt import run_adapt
+    from streams.sources.settings import from_args
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    return _serve(run_adapt, settings, from_args(args))
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="funnel-kpi", description="Real-time sales-funnel KPIs from CRM change events.",
@@ -174,6 +208,23 @@ def parser() -> argparse.ArgumentParser:
                       help="stop after this many seconds (default: run until Ctrl-C)")
     _add_settings(demo, ["web_port", "config"])
     demo.set_defaults(run=cmd_demo)
+
+    from streams.sources.settings import ADAPT_SETTINGS, INGEST_SETTINGS, add_flags
+
+    ingest = sub.add_parser(
+        "ingest", help="HTTP receiver for HubSpot and Pipedrive webhooks → crm.raw.<source>",
+        description="Secrets come from the environment only: FUNNEL_HUBSPOT_CLIENT_SECRET, "
+        "FUNNEL_PIPEDRIVE_BASIC_AUTH (user:password); a source without one answers 404.",
+    )
+    _add_settings(ingest, ["broker", "partitions", "replication_factor", "log_level"])
+    add_flags(ingest, INGEST_SETTINGS)
+    ingest.set_defaults(run=cmd_ingest)
+
+    adapt = sub.add_parser("adapt", help="raw CRM topics (webhooks, Salesforce CDC, Debezium) → crm.events")
+    _add_settings(adapt, ["broker", "partitions", "replication_factor", "config", "app_id",
+                          "session_timeout", "web_bind", "log_level"])
+    add_flags(adapt, ADAPT_SETTINGS)
+    adapt.set_defaults(run=cmd_adapt)
     return root
 
 

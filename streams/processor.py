@@ -90,14 +90,19 @@ class _Touched:
     deal: Deal
     before: Contribution
     record: Record
+    credit_before: tuple | None = None
     write: bool = False
     resend_credit: bool = False
 
 
-def _credit_of(contribution: Contribution) -> tuple[str, str, int] | None:
+def _credit_of(deal: Deal, contribution: Contribution) -> tuple[str, str, str, int] | None:
+    """(account, pipeline, currency, micro) of a won deal with an account, else None."""
+    account = deal.value("account")
+    if not account:
+        return None
     for family, key, value in contribution:
         if family == WON_REVENUE:
-            return key[0], key[1], value
+            return account, key[0], key[1], value  # type: ignore[return-value]
     return None
 
 
@@ -177,8 +182,9 @@ class DealProcessor:
             if state is None:
                 raw = load(change.deal_id, record)
                 deal = decode_deal(raw) if raw is not None else Deal(change.deal_id, record.partition)
+                before = deal_contribution(deal, self.config) if raw is not None else NOTHING
                 state = touched[change.deal_id] = _Touched(
-                    deal, deal_contribution(deal, self.config) if raw is not None else NOTHING, record
+                    deal, before, record, _credit_of(deal, before)
                 )
             deal = state.deal
             pipeline = change.pipeline or deal.value("pipeline") or "default"
@@ -213,14 +219,14 @@ class DealProcessor:
         partition = state.record.partition
         if state.write:
             self.folds.fold(partition).replace(state.before, after)
-        credit = _credit_of(after)
-        if credit != _credit_of(state.before) or state.resend_credit:
-            account = deal.value("account") if credit else None
+        credit = _credit_of(deal, after)
+        if credit != state.credit_before or state.resend_credit:
+            account = credit[0] if credit else None
             for old in deal.credited_accounts:
                 if old != account:
                     batch.credits.append(Credit(old, deal_id))
-            if account:
-                batch.credits.append(Credit(account, deal_id, *credit))  # type: ignore[misc]
+            if credit:
+                batch.credits.append(Credit(credit[0], deal_id, credit[1], credit[2], credit[3]))
                 if account not in deal.credited_accounts:
                     deal.credited_accounts.append(account)
                     del deal.credited_accounts[:-MAX_CREDITED_ACCOUNTS]

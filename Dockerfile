@@ -1,0 +1,31 @@
+# funnel-kpi image: the worker (`funnel-kpi worker`, default) and the webhook receiver
+# (`funnel-kpi ingest`), used by docker-compose.yml.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Only what the package needs (see .dockerignore); the default funnel config is
+# /app/models/funnel.yaml (FUNNEL_CONFIG in docker-compose.yml).
+COPY pyproject.toml README.md ./
+COPY streams ./streams
+COPY models ./models
+COPY sinks ./sinks
+RUN pip install ".[rocksdb]"
+
+# Unprivileged user; RocksDB state and Faust data live in /data (a volume per worker).
+RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin funnel \
+    && mkdir -p /data \
+    && chown funnel /data
+USER funnel
+
+ENV FUNNEL_DATA_DIR=/data \
+    FUNNEL_WEB_PORT=6066
+VOLUME ["/data"]
+EXPOSE 6066 8000
+
+CMD ["funnel-kpi", "worker"]

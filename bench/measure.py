@@ -1,0 +1,148 @@
+"""How figures are taken: draining a backlog, steady-rate latency, percentiles.
+
+Throughput (naive and funnel-kpi alike): the events are produced before the process starts;
+the process is polled every ``interval`` s and the rate is the events counted between the
+first poll that shows progress and the first poll that shows all of them, over the time
+between those polls. Start-up, group join and recovery are so excluded (and reported apart).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+COUNTER_PREFIX = b"funnel_events_total{"
+
+
+def events_total(exposition: bytes) -> int:
+    """Sum of ``funnel_events_total`` in a text exposition, without a full parse (polled fast)."""
+    count = 0.0
+    for line in exposition.splitlines():
+        if line.startswith(COUNTER_PREFIX):
+            count += float(line.rsplit(b" ", 1)[1])
+    return int(count)
+
+
+@dataclass
+class Drain:
+    events: int          # events counted inside the timed window
+    seconds: float       # first poll with progress → first poll with everything
+    startup_s: float     # process start → first poll with progress
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+
+def drain(count: Callable[[], int | None], expected: int, started_at: float,
+          alive: Callable[[], None], *, timeout: float, interval: float = 0.1) -> Drain:
+    """Poll ``count`` until it reaches ``expected`` (see the module docstring)."""
+    deadline = time.monotonic() + timeout
+    first: tuple[float, int] | None = None
+    while True:
+        alive()
+        value = count()
+        now = time.monotonic()
+        if value is not None and value > 0 and first is None:
+            first = (now, value)
+        if value is not None and value >= expected:
+            break
+        if now > deadline:
+            raise TimeoutError(f"counted {value} of {expected} events in {timeout:.0f}s")
+        time.sleep(interval)
+    if value > expected:
+        raise RuntimeError(f"counted {value} events, expected {expected}")
+    assert first is not None
+    if first[1] >= expected:
+        raise RuntimeError("the whole backlog went between two polls: use more events")
+    return Drain(expected - first[1], now - first[0], first[0] - started_at)
+
+
+async def raw_consume(bootstrap: list[str], topic: str, partitions: int, expected: int,
+                      settings: dict) -> float:
+    """The ceiling: assign every partition, read from the start, orjson-decode each value.
+
+    Timed from the first fetch after assignment to the last event decoded; returns events/s.
+    """
+    import orjson
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings["fetch_max_wait_ms"], fetch_max_bytes=settings["fetch_max_bytes"],
+        max_partition_fetch_bytes=settings["max_partition_fetch_bytes"],
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        loads = orjson.loads
+        decoded = 0
+        started = time.monotonic()
+        while decoded < expected:
+            batches = await consumer.getmany(timeout_ms=settings["getmany_timeout_ms"])
+            if not batches and time.monotonic() - started > 60:
+                raise TimeoutError(f"ceiling read {decoded} of {expected} events")
+            for messages in batches.values():
+                for message in messages:
+                    loads(message.value)
+                decoded += len(messages)
+        return decoded / (time.monotonic() - started)
+    finally:
+        await consumer.stop()
+
+
+class Poller(threading.Thread):
+    """Scrapes a count as fast as it can; keeps (time the answer arrived, count)."""
+
+    def __init__(self, count: Callable[[], int | None], interval: float) -> None:
+        super().__init__(daemon=True)
+        self.count = count
+        self.interval = interval
+        self.points: list[tuple[float, int]] = []
+        self.scrape_s: list[float] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            asked = time.monotonic()
+            value = self.count()
+            now = time.monotonic()
+            if value is not None:
+                self.points.append((now, value))
+                self.scrape_s.append(now - asked)
+            self.stopping.wait(max(0.0, self.interval - (now - asked)))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+
+
+def visibility_latencies(sent_at: list[float], points: list[tuple[float, int]], base: int) -> list[float]:
+    """Per event i: first scrape whose count ≥ base + i + 1, minus its send time (seconds).
+
+    Counts are totals, so the i-th event is taken as visible once i + 1 new events are counted
+    (across partitions order is not strict; at a steady rate the error is within one batch).
+    """
+    latencies = []
+    j = 0
+    for i, sent in enumerate(sent_at):
+        need = base + i + 1
+        while j < len(points) and points[j][1] < need:
+            j += 1
+        if j == len(points):
+            break
+        latencies.append(points[j][0] - sent)
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return ordered[index]

@@ -1,0 +1,61 @@
+"""The naive baseline: a plain Faust agent with one table update per event.
+
+Runs as its own process (``python -m bench.naive_app``) so it gets a core like the real worker.
+``GET /count`` answers how many events it has handled (cheap, so polling costs it little).
+Settings: :data:`bench.baselines.NAIVE`; broker and port from ``BENCH_BROKER`` / ``BENCH_WEB_PORT``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import faust
+import orjson
+
+from bench.baselines import NAIVE, PARTITIONS
+
+
+def create_app(broker: str, web_port: int, data_dir: str) -> faust.App:
+    app = faust.App(
+        NAIVE["app_id"],
+        broker=broker,
+        store=NAIVE["store"],
+        datadir=data_dir,
+        autodiscover=False,
+        topic_partitions=PARTITIONS,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=NAIVE["session_timeout_s"],
+        broker_rebalance_timeout=NAIVE["rebalance_timeout_s"],
+        broker_heartbeat_interval=NAIVE["heartbeat_s"],
+        web_port=web_port,
+        web_bind="127.0.0.1",
+        logging_config=None,
+    )
+    events = app.topic("crm.events", key_type=bytes, value_type=bytes,
+                       key_serializer="raw", value_serializer="raw")
+    stages = app.Table("stages", default=str, partitions=NAIVE["table_partitions"])
+    handled = {"count": 0}
+
+    @app.agent(events)
+    async def naive(stream: faust.StreamT) -> None:
+        async for _key, value in stream.items():
+            event = orjson.loads(value)
+            stages[event["deal_id"]] = event.get("stage") or ""
+            handled["count"] += 1
+
+    @app.page("/count")
+    async def count(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return web.json(handled)
+
+    return app
+
+
+def main() -> None:
+    app = create_app(os.environ["BENCH_BROKER"], int(os.environ["BENCH_WEB_PORT"]),
+                     os.environ["BENCH_DATA_DIR"])
+    faust.Worker(app, loglevel="WARNING", quiet=True, override_logging=False).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()

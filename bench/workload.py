@@ -1,0 +1,110 @@
+"""The generated events every contender reads, and sending them to ``crm.events``.
+
+Events are encoded once up front (``(key, value)`` byte pairs), so every contender reads
+byte-identical messages and producing costs the bench as little as possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from models.event import encode_event
+from streams.dataset import dataset_events
+from streams.producer import ensure_event_topics, start_producer
+from streams.settings import Settings
+from streams.simulator import Simulation
+
+from bench.baselines import PARTITIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = ROOT.parent / "shared" / "datasets" / "crm-sales-opportunities"
+
+Message = tuple[bytes, bytes]
+
+
+def encode(events: Iterable[dict]) -> list[Message]:
+    return [(event["deal_id"].encode(), encode_event(event)) for event in events]
+
+
+def simulated(n: int, seed: int) -> list[Message]:
+    """Exactly ``n`` realistic simulator events (all stages, duplicates, late arrivals)."""
+    deals = max(1, n // 5)
+    while True:
+        events = Simulation(seed=seed, deals=deals).events()
+        if len(events) >= n:
+            return encode(events[:n])
+        deals = int(deals * 1.3) + 1
+
+
+def dataset(copies: int) -> list[Message]:
+    """The CSV dataset ``copies`` times under fresh deal ids (``funnel-kpi replay --copies``)."""
+    return encode(dataset_events(DATASET, copies=copies))
+
+
+def open_deals(n: int, prefix: str) -> Iterator[dict]:
+    """``n`` open deals, two events each: created as a lead with its properties, then an
+    opportunity with an expected close date (3 stage entries' worth of state is typical)."""
+    base = datetime.now(UTC) - timedelta(days=20)
+    for i in range(n):
+        deal_id = f"{prefix}:{i}"
+        created = base + timedelta(seconds=i % 86400)
+        yield {
+            "event_id": f"{deal_id}:0", "deal_id": deal_id, "source": "simulator",
+            "occurred_at": created.isoformat().replace("+00:00", "Z"), "stage": "lead",
+            "amount": 1000.0 + i % 5000, "currency": "USD", "owner": f"Rep {i % 12}",
+            "account": f"Account {i % 400:03d}",
+        }
+        yield {
+            "event_id": f"{deal_id}:1", "deal_id": deal_id, "source": "simulator",
+            "occurred_at": (created + timedelta(days=3)).isoformat().replace("+00:00", "Z"),
+            "stage": "opportunity",
+            "expected_close_at": (created + timedelta(days=40)).isoformat().replace("+00:00", "Z"),
+        }
+
+
+def settings(broker_url: str) -> Settings:
+    return Settings(broker=broker_url, partitions=PARTITIONS)
+
+
+async def send(broker_url: str, messages: list[Message]) -> float:
+    """Send as fast as the project's producer settings allow; returns seconds taken."""
+    conf = settings(broker_url)
+    await ensure_event_topics(conf)
+    producer = await start_producer(conf)
+    started = time.monotonic()
+    try:
+        pending = []
+        for key, value in messages:
+            pending.append(await producer.send("crm.events", value, key=key))
+            if len(pending) >= 10_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return time.monotonic() - started
+
+
+async def send_paced(broker_url: str, messages: list[Message], rate: float) -> list[float]:
+    """Send at a steady ``rate`` events/s; returns each message's send time (monotonic)."""
+    conf = settings(broker_url)
+    await ensure_event_topics(conf)
+    producer = await start_producer(conf)
+    sent_at: list[float] = []
+    try:
+        pending = []
+        started = time.monotonic()
+        for i, (key, value) in enumerate(messages):
+            ahead = started + i / rate - time.monotonic()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            sent_at.append(time.monotonic())
+            pending.append(await producer.send("crm.events", value, key=key))
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return sent_at

@@ -1,0 +1,171 @@
+"""Shared fixtures: the dataset location, a real broker, worker processes, metric scraping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from models.kpis import Samples, parse_exposition, total
+from streams.broker import EmbeddedBroker, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = ROOT.parent / "shared" / "datasets" / "crm-sales-opportunities"
+DATASET_EVENTS = 15_511  # 8,800 deals: one event each, two for the 6,711 closed ones
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout:.0f}s (last: {last!r})")
+
+
+def scrape(url: str) -> Samples | None:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return parse_exposition(response.read().decode())
+    except OSError:
+        return None
+
+
+class WorkerProcess:
+    """``funnel-kpi worker`` as a real OS process (so it can be killed with SIGKILL)."""
+
+    def __init__(self, broker_url: str, workdir: Path, name: str = "w1", **env: str) -> None:
+        self.port = free_port()
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self.env = {
+            **os.environ,
+            "FUNNEL_BROKER": broker_url,
+            "FUNNEL_WEB_PORT": str(self.port),
+            "FUNNEL_WEB_BIND": "127.0.0.1",
+            "FUNNEL_DATA_DIR": str(workdir / f"data-{name}"),
+            "FUNNEL_PARTITIONS": "4",
+            "FUNNEL_SESSION_TIMEOUT": "6",
+            "FUNNEL_REBALANCE_TIMEOUT": "6",
+            "FUNNEL_LOG_LEVEL": "info",
+            **env,
+        }
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def start(self) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def samples(self) -> Samples | None:
+        return scrape(self.url)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log_tail()}")
+            samples = self.samples()
+            return samples is not None and total(samples, "funnel_worker_ready") == 1
+        wait_until(ready, timeout, what=f"worker {self.name} ready")
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A fresh Tansu broker per test: topics are fixed names, so tests must not share one."""
+    with EmbeddedBroker(log_path=tmp_path / "broker.log") as running:
+        yield running
+
+
+@pytest.fixture
+def workers(broker, tmp_path):
+    started: list[WorkerProcess] = []
+
+    def start(name: str = "w1", **env: str) -> WorkerProcess:
+        worker = WorkerProcess(broker.url, tmp_path, name, **env).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+def credits_settled(samples: Samples | None) -> bool:
+    """Customer credits travel through their own topic: done when CLV adds up to revenue."""
+    if not samples:
+        return False
+    revenue = total(samples, "funnel_won_revenue")
+    return total(samples, "funnel_customer_lifetime_value_gsum") == revenue
+
+
+def settled(worker_list, expected_events: int, timeout: float = 90) -> Samples:
+    """Wait until the workers have counted every event and report the summed samples."""
+
+    def check():
+        merged: Samples = {}
+        for worker in worker_list:
+            samples = worker.samples()
+            if samples is None:
+                return None
+            for name, values in samples.items():
+                merged.setdefault(name, []).extend(values)
+        counted = total(merged, "funnel_events_total")
+        return merged if counted >= expected_events and credits_settled(merged) else None
+
+    return wait_until(check, timeout, what=f"{expected_events} events counted")
+
+
+@pytest.fixture(scope="module")
+def live_metrics_url(tmp_path_factory):
+    """/metrics of a real worker after the dataset replay, stream clock at 2017-12-31."""
+    from streams.dataset import dataset_events
+    from streams.producer import produce
+    from streams.settings import Settings
+
+    workdir = tmp_path_factory.mktemp("live-worker")
+    with EmbeddedBroker(log_path=workdir / "broker.log") as running:
+        worker = WorkerProcess(running.url, workdir, FUNNEL_CLOCK="stream").start()
+        try:
+            worker.wait_ready()
+            run_async(produce(Settings(broker=running.url, partitions=4),
+                              list(dataset_events(DATASET)), progress=False))
+            settled([worker], DATASET_EVENTS)
+            yield worker.url
+        finally:
+            worker.stop()

@@ -1,0 +1,76 @@
+"""Funnel config: the shipped default loads; mistakes fail with the file and the field."""
+
+import pytest
+
+from models.config import DEFAULT_CONFIG, ConfigError, load_config, parse_duration
+
+
+def write(tmp_path, text):
+    path = tmp_path / "funnel.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+pipelines:
+  default:
+    stages:
+      - {name: lead, section: tofu, probability: 0.1, stall_after: 12h}
+      - {name: won, section: bofu, probability: 1, outcome: won}
+      - {name: lost, section: bofu, probability: 0, outcome: lost}
+"""
+
+
+def test_shipped_config_loads():
+    config = load_config(DEFAULT_CONFIG)
+    stages = config.pipelines["default"].stages
+    assert [s.name for s in stages] == ["lead", "mql", "sql", "opportunity", "won", "lost"]
+    assert all(s.stall_after == 30 * 86400 for s in stages if s.is_open)
+    assert config.map_stage("csv", "default", "Engaging") == "opportunity"
+    assert config.map_stage("salesforce", "default", "Closed Won") == "won"
+
+
+def test_minimal_config(tmp_path):
+    config = load_config(write(tmp_path, BASE))
+    assert config.pipelines["default"].stages[0].stall_after == 43200
+    assert config.default_currency == "USD"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("pipelines: [", "not valid YAML"),
+        ("- a list", "mapping at the top level"),
+        (BASE.replace("12h", "soon"), "not a duration"),
+        (BASE.replace("default:", "other:"), "'default' must be configured"),
+        (BASE + "stage_maps: {hubspot: {default: {x: nowhere}}}", "'nowhere' is not a stage"),
+        (BASE + "timezone: Mars/Olympus", "unknown timezone"),
+        (BASE + "targets: {default: {usd: {month: 1}}}", "ISO 4217"),
+        (BASE + "surprise: 1", "surprise"),
+        (BASE.replace("outcome: lost", "outcome: won"), "exactly one won and one lost"),
+        (BASE.replace("probability: 0.1", "probability: 2"), "probability"),
+    ],
+)
+def test_config_errors_name_file_and_field(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert words in str(err.value)
+
+
+def test_open_stage_after_closed_is_refused(tmp_path):
+    text = BASE + "      - {name: late, section: tofu, probability: 0.1}\n"
+    with pytest.raises(ConfigError, match="comes after a closed stage"):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30d", 2592000), ("90m", 5400), ("45s", 45),
+                                                 ("2w", 1209600), (3600, 3600), ("1.5h", 5400)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds

@@ -1,0 +1,127 @@
+"""Canonical event v1: the fast path and pydantic agree; bad input gets a clear reason."""
+
+import math
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from models.event import MAX_MESSAGE_BYTES, CrmEvent, RejectedEvent, decode_event
+
+NOW = 1_700_000_000_000
+DAY = 86_400_000
+
+
+def decode(doc, now=NOW):
+    raw = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return decode_event(raw, now_ms=now, max_skew_ms=DAY)
+
+
+def valid(**extra):
+    return {"event_id": "e1", "occurred_at": "2023-11-14T22:13:20Z", "deal_id": "d1",
+            "stage": "lead", **extra}
+
+
+def test_valid_event_is_decoded_with_epoch_ms():
+    change = decode(valid(amount=12.5, currency="EUR", owner="ann", account="acme",
+                          expected_close_at="2023-12-01T00:00:00+01:00", deleted=False,
+                          source="api", pipeline="default", unknown_field={"x": 1}))
+    assert change.ts == NOW
+    assert change.amount == 12.5 and change.currency == "EUR"
+    assert change.expected_close_at == 1701385200000
+    assert change.deleted is False
+
+
+def test_offsets_are_honoured():
+    assert decode(valid(occurred_at="2023-11-15T00:13:20+02:00")).ts == NOW
+
+
+@pytest.mark.parametrize(
+    ("doc", "code", "words"),
+    [
+        (b"{not json", "invalid_json", "not valid JSON"),
+        (b"[1, 2]", "invalid_event", "JSON object"),
+        ({"occurred_at": "2023-11-14T22:13:20Z", "deal_id": "d", "stage": "x"}, "invalid_event",
+         "event_id"),
+        (valid(occurred_at="2023-11-14T22:13:20"), "invalid_event", "UTC offset"),
+        (valid(occurred_at="yesterday"), "invalid_event", "occurred_at"),
+        (valid(amount=-1), "invalid_event", "amount"),
+        (valid(amount="12"), "invalid_event", "amount"),
+        (valid(currency="usd"), "invalid_event", "currency"),
+        (valid(currency="US1"), "invalid_event", "currency"),
+        (valid(deleted="yes"), "invalid_event", "deleted"),
+        (valid(schema_version=2), "invalid_event", "schema_version"),
+        ({"event_id": "e", "occurred_at": "2023-11-14T22:13:20Z", "deal_id": "d"}, "invalid_event",
+         "no change"),
+        (valid(occurred_at="2023-11-16T22:13:20Z"), "future_timestamp", "future"),
+        (valid(event_id=""), "invalid_event", "event_id"),
+        (valid(stage="x" * 600), "invalid_event", "stage"),
+    ],
+)
+def test_bad_events_are_rejected_with_a_reason(doc, code, words):
+    with pytest.raises(RejectedEvent) as err:
+        decode(doc)
+    assert err.value.code == code
+    assert words in err.value.reason
+
+
+def test_nan_and_infinity_are_rejected():
+    for raw in (b'{"event_id":"e","occurred_at":"2023-11-14T22:13:20Z","deal_id":"d","amount":NaN}',
+                b'{"event_id":"e","occurred_at":"2023-11-14T22:13:20Z","deal_id":"d","amount":1e999}'):
+        with pytest.raises(RejectedEvent):
+            decode(raw)
+
+
+def test_oversized_message_is_rejected_before_parsing():
+    raw = orjson.dumps(valid(owner="x" * MAX_MESSAGE_BYTES))
+    with pytest.raises(RejectedEvent) as err:
+        decode(raw)
+    assert err.value.code == "too_large"
+
+
+def test_tombstone_is_rejected():
+    with pytest.raises(RejectedEvent) as err:
+        decode_event(None, now_ms=NOW, max_skew_ms=DAY)
+    assert err.value.code == "empty"
+
+
+def test_deep_nesting_is_rejected():
+    raw = b'{"event_id":"e","x":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(RejectedEvent):
+        decode(raw)
+
+
+texts = st.one_of(st.none(), st.text(max_size=8), st.integers(-(2**63), 2**63 - 1), st.booleans())
+amounts = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                    st.integers(-10, 10**6), st.text(max_size=3), st.booleans())
+stamps = st.one_of(st.none(), st.sampled_from([
+    "2023-11-14T22:13:20Z", "2023-11-14T22:13:20+05:30", "2023-11-14T22:13:20", "2023-11-14",
+    "garbage", "2023-02-30T00:00:00Z", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59Z",
+]), st.integers(-(2**63), 2**63 - 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.fixed_dictionaries({}, optional={
+    "event_id": texts, "deal_id": texts, "occurred_at": stamps, "stage": texts,
+    "pipeline": texts, "amount": amounts, "currency": st.sampled_from(["USD", "usd", "EURO", 7]),
+    "owner": texts, "account": texts, "expected_close_at": stamps,
+    "deleted": st.one_of(st.none(), st.booleans(), st.integers(0, 1)),
+    "source": texts, "schema_version": st.one_of(st.integers(0, 3), st.booleans()),
+}))
+def test_fast_path_and_pydantic_accept_exactly_the_same_events(doc):
+    """Whatever the fast path decides, pydantic decides the same (no future-skew here)."""
+    try:
+        CrmEvent.model_validate(doc)
+        schema_ok = True
+    except (ValidationError, ValueError):
+        schema_ok = False
+    try:
+        change = decode_event(orjson.dumps(doc), now_ms=10**15, max_skew_ms=DAY)
+        fast_ok = True
+        assert change.amount is None or math.isfinite(change.amount)
+    except RejectedEvent as exc:
+        fast_ok = False
+        assert exc.reason
+    assert fast_ok == schema_ok

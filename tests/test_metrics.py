@@ -1,0 +1,140 @@
+"""The exposition: promtool-clean, zeros from start-up, active partitions only, exact windows."""
+
+import shutil
+import subprocess
+from datetime import date, timedelta
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from models.config import Clock, load_config
+from models.kpis import parse_exposition, pipeline_kpis, total
+from sinks.prometheus import KpiCollector, ProcessMetrics
+from streams.dataset import dataset_events
+from streams.processor import DealProcessor, EventClock, Record
+
+from .conftest import DATASET
+
+CONFIG = load_config()
+
+
+def build(active=None):
+    registry = CollectorRegistry()
+    clock = EventClock(Clock.STREAM)
+    proc = DealProcessor(CONFIG, clock, ProcessMetrics(registry), max_skew_ms=86_400_000)
+    registry.register(KpiCollector(CONFIG, lambda: list(proc.folds.folds.values()), clock.now_ms,
+                                   "test"))
+    return registry, proc
+
+
+def promtool_check(text: bytes) -> subprocess.CompletedProcess:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is required (make test installs it)"
+    return subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
+
+
+def test_empty_worker_exports_every_known_series_as_zero_and_lints_clean():
+    registry, _ = build()
+    text = generate_latest(registry)
+    result = promtool_check(text)
+    assert result.returncode == 0, result.stdout + result.stderr
+    samples = parse_exposition(text.decode())
+    opens = {labels["stage"] for labels, value in samples["funnel_deals_open"]
+             if value == 0 and labels["pipeline"] == "default"}
+    assert opens == {"lead", "mql", "sql", "opportunity"}
+    windows = {(s["outcome"], s["window"]) for s, _ in samples["funnel_deals_closed_window"]
+               if s["pipeline"] == "default"}
+    assert windows == {(o, w) for o in ("won", "lost") for w in ("7d", "30d", "90d")}
+    assert ({"outcome": "won", "pipeline": "default", "le": "+Inf"}, 0.0) in samples[
+        "funnel_time_to_close_seconds_bucket"]
+    assert total(samples, "funnel_stall_after_seconds", pipeline="default", stage="lead") == 30 * 86400
+    assert total(samples, "funnel_build_info", version="test") == 1
+
+
+@pytest.fixture(scope="module")
+def dataset_registry():
+    registry, proc = build()
+    table = {}
+    events = [orjson.dumps(e) for e in dataset_events(DATASET)]
+    for start in range(0, len(events), 1000):
+        chunk = events[start:start + 1000]
+        records = [Record(None, raw, "crm.events", 0, i) for i, raw in enumerate(chunk)]
+        # deals stay on one partition: route by deal id like Kafka would
+        for record in records:
+            record.partition = hash(orjson.loads(record.value)["deal_id"]) % 2
+        batch = proc.process(records, lambda key, _: table.get(key))
+        for deal_id, value, _ in batch.writes:
+            table[deal_id] = value
+    return registry, proc, table
+
+
+def test_dataset_exposition_lints_clean_and_has_the_literal_values(dataset_registry):
+    registry, _, _ = dataset_registry
+    text = generate_latest(registry)
+    assert promtool_check(text).returncode == 0
+    kpis = pipeline_kpis(parse_exposition(text.decode()), "default", "USD")
+    stages = {row.stage: row for row in kpis.stages}
+    assert (stages["sql"].open, stages["opportunity"].open) == (500, 1589)
+    assert (kpis.won, kpis.lost, kpis.won_revenue) == (4238, 2473, 10_005_534)
+    assert kpis.avg_deal_size == pytest.approx(2360.909, abs=1e-3)
+    assert kpis.avg_sales_cycle_s / 86400 == pytest.approx(51.782, abs=1e-3)
+    assert kpis.leaderboard[0] == ("Darcel Schlecht", 1_153_214)
+
+
+def test_windows_are_exact_against_a_batch_count(dataset_registry):
+    """Stream clock at the last event (2017-12-31): closed in (now − W, now]."""
+    registry, _, _ = dataset_registry
+    import csv
+
+    with open(DATASET / "sales_pipeline.csv") as f:
+        rows = list(csv.DictReader(f))
+    end = date(2017, 12, 31)
+    samples = parse_exposition(generate_latest(registry).decode())
+    for window, days in (("7d", 7), ("30d", 30), ("90d", 90)):
+        start = end - timedelta(days=days)
+        for outcome, stage in (("won", "Won"), ("lost", "Lost")):
+            expected = sum(1 for r in rows if r["deal_stage"] == stage
+                           and start < date.fromisoformat(r["close_date"]) <= end)
+            got = total(samples, "funnel_deals_closed_window", outcome=outcome, window=window)
+            assert got == expected, (window, outcome)
+        revenue = sum(float(r["close_value"]) for r in rows if r["deal_stage"] == "Won"
+                      and start < date.fromisoformat(r["close_date"]) <= end)
+        assert total(samples, "funnel_won_revenue_window", window=window) == revenue
+
+
+def test_only_active_partitions_are_exported(dataset_registry):
+    registry, proc, table = dataset_registry
+    everything = total(parse_exposition(generate_latest(registry).decode()), "funnel_deals_closed")
+    proc.folds.revoke([1])
+    only_zero = total(parse_exposition(generate_latest(registry).decode()), "funnel_deals_closed")
+    assert 0 < only_zero < everything
+    proc.folds.rebuild({0, 1}, (proc.contribution_of_stored(v) for v in table.values()))
+    assert total(parse_exposition(generate_latest(registry).decode()), "funnel_deals_closed") == everything
+
+
+def test_stalls_periods_and_targets_on_the_dataset(dataset_registry):
+    """Stream clock 2017-12-31, stall_after 30d: 1,571 stalled opportunities (one deal sits at
+    exactly 30 days: not stalled); value at risk equals a batch computation from the CSV."""
+    import csv
+
+    registry, _, _ = dataset_registry
+    samples = parse_exposition(generate_latest(registry).decode())
+    with open(DATASET / "products.csv") as f:
+        prices = {r["product"]: float(r["sales_price"]) for r in csv.DictReader(f)}
+    with open(DATASET / "sales_pipeline.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["deal_stage"] == "Engaging"]
+    end = date(2017, 12, 31)
+    stalled = [r for r in rows if (end - date.fromisoformat(r["engage_date"])).days > 30]
+    assert len(stalled) == 1571
+    assert sum(1 for r in rows if (end - date.fromisoformat(r["engage_date"])).days == 30) == 1
+    at_risk = sum(prices[r["product"].replace("GTXPro", "GTX Pro")] for r in stalled)
+    assert total(samples, "funnel_deals_stalled", stage="opportunity") == 1571
+    assert total(samples, "funnel_stalled_value", stage="opportunity") == at_risk
+    assert total(samples, "funnel_deals_stalled", stage="sql") == 0  # entered at the clock
+    with open(DATASET / "sales_pipeline.csv") as f:
+        december = sum(float(r["close_value"]) for r in csv.DictReader(f)
+                       if r["deal_stage"] == "Won" and r["close_date"] >= "2017-12-01")
+    assert total(samples, "funnel_won_revenue_period", period="month") == december
+    assert total(samples, "funnel_period_elapsed_ratio", period="month") == 30 / 31
+    assert total(samples, "funnel_revenue_target", period="year", currency="USD") == 12_000_000

@@ -1,0 +1,193 @@
+"""docker-compose.yml, Dockerfile and .env.example (operations view, issue 4).
+
+No Docker engine needed: the file is validated against the compose specification schema
+(check-jsonschema's vendored copy) and cross-checked against the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = REPO / "docker-compose.yml"
+COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())  # PyYAML resolves the << merge keys
+SERVICES = COMPOSE["services"]
+WORKERS = sorted(s for s, d in SERVICES.items() if d.get("command") == ["funnel-kpi", "worker"])
+ONE_SHOT = {"kafka-init"}
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|AUTH$", re.I)
+INTERPOLATION = re.compile(r"(?<!\$)\$\{(\w+)(?::?[-?][^}]*)?\}")
+
+
+def test_compose_validates_against_the_compose_specification():
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE_FILE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_services_of_the_stack():
+    assert {"kafka", "redis", "ingest", "prometheus", "alertmanager", "grafana"} <= set(SERVICES)
+    assert len(WORKERS) >= 2
+    assert SERVICES["ingest"]["command"] == ["funnel-kpi", "ingest"]
+    assert "version" not in COMPOSE  # obsolete top-level key
+
+
+def test_kafka_is_kraft_and_consistent():
+    env = SERVICES["kafka"]["environment"]
+    assert SERVICES["kafka"]["image"].startswith("apache/kafka:")
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    listeners = dict(item.split("://") for item in env["KAFKA_LISTENERS"].split(","))
+    voter = env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split("@")[1]
+    assert listeners[env["KAFKA_CONTROLLER_LISTENER_NAMES"]] == ":" + voter.split(":")[1]
+    advertised = dict(item.split("://") for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    assert advertised[env["KAFKA_INTER_BROKER_LISTENER_NAME"]] == "kafka:9092"
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(set(SERVICES) - ONE_SHOT))
+def test_long_running_services_have_healthchecks(name):
+    hc = SERVICES[name].get("healthcheck")
+    assert hc and hc.get("test"), f"{name} has no healthcheck"
+    assert not hc.get("disable")
+
+
+def test_depends_on_uses_conditions_on_existing_services():
+    for name, svc in SERVICES.items():
+        deps = svc.get("depends_on", {})
+        assert isinstance(deps, dict), f"{name}: depends_on needs conditions"
+        for dep, spec in deps.items():
+            assert dep in SERVICES, f"{name} depends on unknown {dep}"
+            cond = spec["condition"]
+            assert cond in {"service_healthy", "service_started", "service_completed_successfully"}
+            if cond == "service_healthy":
+                assert SERVICES[dep].get("healthcheck"), f"{dep} has no healthcheck"
+            if cond == "service_completed_successfully":
+                assert dep in ONE_SHOT
+    for w in [*WORKERS, "ingest"]:
+        assert SERVICES[w]["depends_on"]["kafka-init"]["condition"] == ("service_completed_successfully")
+    assert SERVICES["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def _env_items():
+    for name, svc in SERVICES.items():
+        env = svc.get("environment", {})
+        if isinstance(env, list):
+            env = dict(item.split("=", 1) for item in env)
+        for key, value in env.items():
+            yield name, key, str(value)
+
+
+def test_no_literal_passwords():
+    for name, key, value in _env_items():
+        if SECRET_KEY.search(key):
+            m = INTERPOLATION.fullmatch(value)
+            assert m, f"{name}.{key} must come from .env, got a literal"
+            assert ":-" not in value or value.endswith(":-}"), (
+                f"{name}.{key}: a default value would be a default password"
+            )
+        for userinfo in re.findall(r"://[^/@\s]*:(\$\{[^}]*\}|[^@\s/]*)@", value):
+            assert INTERPOLATION.fullmatch(userinfo), f"{name}.{key}: password in URL"
+    assert "env_file" not in COMPOSE_FILE.read_text() or (REPO / ".env.example").exists()
+
+
+def test_env_example_documents_every_variable_and_env_is_ignored():
+    used = set(INTERPOLATION.findall(json.dumps(COMPOSE)))  # values only, not comments
+    example = (REPO / ".env.example").read_text()
+    documented = set(re.findall(r"^(\w+)=", example, re.M))
+    assert used <= documented, f"undocumented: {sorted(used - documented)}"
+    # secrets have no value in the example
+    for line in example.splitlines():
+        m = re.match(r"^(\w+)=(.*)$", line)
+        if m and SECRET_KEY.search(m.group(1)):
+            assert m.group(2) == "", f"{m.group(1)} has a value in .env.example"
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert ".env" in ignored
+
+
+def _bind_mounts():
+    for name, svc in SERVICES.items():
+        for vol in svc.get("volumes", []):
+            source, target = vol.split(":")[:2]
+            if source.startswith((".", "/")):
+                yield name, source, target
+
+
+def test_bind_mounts_exist_in_the_repository():
+    mounts = list(_bind_mounts())
+    assert mounts
+    for name, source, _ in mounts:
+        assert (REPO / source).resolve().exists(), f"{name}: {source} missing"
+        assert (REPO / source).resolve().is_relative_to(REPO)
+
+
+def test_grafana_mounts_match_provisioning():
+    mounts = {s: t for n, s, t in _bind_mounts() if n == "grafana"}
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    provider = yaml.safe_load((REPO / "grafana/provisioning/dashboards/funnel.yml").read_text())["providers"][
+        0
+    ]
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+    datasource = yaml.safe_load((REPO / "grafana/provisioning/datasources/prometheus.yml").read_text())[
+        "datasources"
+    ][0]
+    assert datasource["url"] == "http://prometheus:9090"
+
+
+def test_prometheus_scrapes_every_worker_and_loads_the_rules():
+    mounts = {s: t for n, s, t in _bind_mounts() if n == "prometheus"}
+    assert mounts["./prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert mounts["./prometheus/rules"] == "/etc/prometheus/rules"
+    config = yaml.safe_load((REPO / "prometheus/prometheus.yml").read_text())
+    assert config["rule_files"] == ["rules/*.yml"]  # relative to /etc/prometheus
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "funnel-kpi")
+    targets = {t for sc in job["static_configs"] for t in sc["targets"]}
+    ports = {SERVICES[w]["environment"]["FUNNEL_WEB_PORT"] for w in WORKERS}
+    assert targets == {f"{w}:{p}" for w in WORKERS for p in ports}
+    am = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert am == ["alertmanager:9093"]
+    assert SERVICES["prometheus"]["image"] == "prom/prometheus:v2.42.0"
+
+
+def test_workers_settings():
+    for w in WORKERS:
+        env = SERVICES[w]["environment"]
+        assert env["FUNNEL_BROKER"] == "kafka://kafka:9092"
+        assert env["FUNNEL_STORE"] == "rocksdb://"
+        assert {"FUNNEL_WEB_PORT", "FUNNEL_DATA_DIR", "FUNNEL_CONFIG", "FUNNEL_REDIS_URL"} <= set(env)
+        # each worker keeps its own RocksDB state in its own volume
+        data = [v for v in SERVICES[w]["volumes"] if v.endswith(":" + env["FUNNEL_DATA_DIR"])]
+        assert len(data) == 1
+    volumes = [SERVICES[w]["volumes"][0] for w in WORKERS]
+    assert len(set(volumes)) == len(volumes)
+    # FUNNEL_CONFIG points at a file the image contains (Dockerfile copies models/ to /app)
+    config = SERVICES[WORKERS[0]]["environment"]["FUNNEL_CONFIG"]
+    assert config.startswith("/app/")
+    assert (REPO / config.removeprefix("/app/")).is_file(), f"{config} not in the repository"
+
+
+def test_dockerfile():
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    assert re.search(r"pip install \"?\.(\[[\w,]+\])?\"?", text)
+    assert re.search(r"^USER (?!root)\w+", text, re.M), "run as an unprivileged user"
+    assert "funnel-kpi" in text
+    copied = re.findall(r"^COPY (\S+)", text, re.M)
+    for src in copied:
+        assert (REPO / src).exists(), f"Dockerfile copies missing {src}"
