@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import faust
-import orjson
 
 from bench.baselines import NAIVE, PARTITIONS
 
@@ -32,16 +31,14 @@ def create_app(broker: str, web_port: int, data_dir: str) -> faust.App:
         web_bind="127.0.0.1",
         logging_config=None,
     )
-    events = app.topic("crm.events", key_type=bytes, value_type=bytes,
-                       key_serializer="raw", value_serializer="raw")
-    stages = app.Table("stages", default=str, partitions=NAIVE["table_partitions"])
+    events = app.topic("crm.events", value_serializer="json")
+    deals = app.Table("deals", default=dict, partitions=NAIVE["table_partitions"])
     handled = {"count": 0}
 
     @app.agent(events)
     async def naive(stream: faust.StreamT) -> None:
-        async for _key, value in stream.items():
-            event = orjson.loads(value)
-            stages[event["deal_id"]] = event.get("stage") or ""
+        async for event in stream:
+            deals[event["deal_id"]] = event
             handled["count"] += 1
 
     @app.page("/count")

@@ -12,13 +12,12 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench.baselines import PARTITIONS
 from models.event import encode_event
 from streams.dataset import dataset_events
 from streams.producer import ensure_event_topics, start_producer
 from streams.settings import Settings
 from streams.simulator import Simulation
-
-from bench.baselines import PARTITIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT.parent / "shared" / "datasets" / "crm-sales-opportunities"

@@ -68,21 +68,36 @@ def to_micro(amount: object) -> int:
     return 0 if amount is None else round(float(amount) * MICRO)  # type: ignore[arg-type]
 
 
-def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
-    """What one deal adds to every aggregate; empty when deleted or not in the funnel."""
-    if deal.is_deleted or not deal.history:
-        return NOTHING
+def stays_of(deal: Deal, config: FunnelConfig) -> tuple[str, list[tuple[int, str]]]:
+    """(pipeline, stays): the stage history with consecutive repeats collapsed, as
+    (entered ms, stage); no stays when the deal is deleted or has no known stage."""
     pl = deal.value("pipeline") or "default"
     pipeline = config.pipelines.get(pl)  # type: ignore[arg-type]
-    if pipeline is None:
-        return NOTHING
+    if deal.is_deleted or pipeline is None:
+        return pl, []  # type: ignore[return-value]
     by_name = pipeline.by_name
-    stays: list[tuple[int, str]] = []  # (entered ms, stage), consecutive repeats collapsed
+    stays: list[tuple[int, str]] = []
     for ts, _, stage in deal.history:
         if stage in by_name and (not stays or stays[-1][1] != stage):
             stays.append((ts, stage))
+    return pl, stays  # type: ignore[return-value]
+
+
+def open_stay(deal: Deal, config: FunnelConfig) -> list | None:
+    """[stage, entered ms] of the deal's current stay when it is open, else None."""
+    pl, stays = stays_of(deal, config)
+    if stays and config.pipelines[pl].by_name[stays[-1][1]].is_open:
+        return [stays[-1][1], stays[-1][0]]
+    return None
+
+
+def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
+    """What one deal adds to every aggregate; empty when deleted or not in the funnel."""
+    pl, stays = stays_of(deal, config)
     if not stays:
         return NOTHING
+    pipeline = config.pipelines[pl]
+    by_name = pipeline.by_name
     items: list[Item] = []
     add = items.append
     entered, stage_name = stays[-1]

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics,
 from prometheus_client.process_collector import ProcessCollector
 
 from models.aggregates import Contribution
+from models.alerts import Alert
 from models.config import FunnelConfig, load_config
 from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
 from streams import topics
@@ -157,7 +158,8 @@ def create_worker(settings: Settings | None = None) -> Worker:
     metrics = ProcessMetrics(registry)
     metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS, SINKS)
     deal_processor = DealProcessor(
-        config, clock, metrics, max_skew_ms=int(settings.max_future_skew * 1000)
+        config, clock, metrics, max_skew_ms=int(settings.max_future_skew * 1000),
+        ticks_topic=topics.ticks_topic(settings.app_id),
     )
     customer_processor = CustomerProcessor()
     app = _faust_app(settings)
@@ -166,11 +168,13 @@ def create_worker(settings: Settings | None = None) -> Worker:
         ["topic", "partition"], registry=registry,
     )
 
-    def raw_topic(name: str, **kwargs: Any) -> faust.TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
+    def raw_topic(*names: str, **kwargs: Any) -> faust.TopicT:
+        return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
                          value_serializer="raw", partitions=settings.partitions, **kwargs)
 
-    events_topic = raw_topic(topics.EVENTS)
+    events_topic = raw_topic(topics.EVENTS, topics.ticks_topic(settings.app_id))
+    ticks_topic = raw_topic(topics.ticks_topic(settings.app_id), internal=True)
+    alerts_topic = raw_topic(topics.ALERTS)
     dlq_topic = raw_topic(topics.DLQ)
     credits_topic = raw_topic(topics.credits_topic(settings.app_id), internal=True)
     ready_parts: dict[str, bool] = {}
@@ -221,6 +225,8 @@ def create_worker(settings: Settings | None = None) -> Worker:
         ]
 
     def report_lag(records: list[Record]) -> None:
+        if not records:
+            return
         last: dict[int, int] = {}
         for record in records:
             last[record.partition] = record.offset
@@ -262,7 +268,23 @@ def create_worker(settings: Settings | None = None) -> Worker:
                 await to_dlq(rejection)
             for credit in batch.credits:
                 await credits_topic.send(key=credit.account.encode(), value=credit.encode())
-            report_lag(records)
+            for alert in batch.alerts:
+                await send_alert(alert)
+            report_lag([r for r in records if r.topic == topics.EVENTS])
+
+    async def send_alert(alert: Alert) -> None:
+        try:
+            await alerts_topic.send(key=(alert.deal_id or alert.pipeline).encode(),
+                                    value=alert.model_dump_json(exclude_none=True).encode())
+        except Exception:
+            metrics.sink_errors.labels("alerts").inc()
+            raise
+
+    @app.timer(interval=settings.tick_interval)
+    async def tick() -> None:
+        """Ask the deal agent of each owned partition to check stalls (it may write the table)."""
+        for partition in list(deal_processor.folds.folds):
+            await ticks_topic.send(value=b"tick", partition=partition)
 
     @app.agent(credits_topic, name="customer-agent")
     async def customer_agent(stream: faust.StreamT) -> None:

@@ -70,20 +70,15 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import faust
 
+    from models.config import load_config
     from streams import topics
     from streams.app import create_worker
-
-    from models.config import load_config
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
     load_config(settings.config)  # fail fast, before touching the broker
-    parts = settings.partitions
     asyncio.run(topics.ensure_topics(
-        settings.broker,
-        {
-            topics.EVENTS: parts, topics.DLQ: parts, topics.credits_topic(settings.app_id): parts,
-        },
+        settings.broker, topics.worker_topics(settings.app_id, settings.partitions),
         replication_factor=settings.replication_factor,
     ))
     asyncio.set_event_loop(asyncio.new_event_loop())

@@ -21,7 +21,9 @@ from models.aggregates import (
     Fold,
     customer_contribution,
     deal_contribution,
+    open_stay,
 )
+from models.alerts import Alert, stall_alert
 from models.config import Clock, FunnelConfig
 from models.deal import Deal, Outcome, apply_change, decode_deal, encode_deal
 from models.event import RejectedEvent, decode_event
@@ -68,6 +70,7 @@ class DealBatch:
     writes: list[tuple[str, bytes, Record]] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     credits: list[Credit] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
 
 
 class EventClock:
@@ -141,9 +144,10 @@ class PartitionFolds:
 class DealProcessor:
     def __init__(
         self, config: FunnelConfig, clock: EventClock, metrics: ProcessMetrics,
-        *, max_skew_ms: int,
+        *, max_skew_ms: int, ticks_topic: str = "",
     ) -> None:
         self.config = config
+        self.ticks_topic = ticks_topic
         self.clock = clock
         self.metrics = metrics
         self.max_skew_ms = max_skew_ms
@@ -171,8 +175,12 @@ class DealProcessor:
     def process(self, records: list[Record], load: Callable[[str, Record], bytes | None]) -> DealBatch:
         batch = DealBatch()
         touched: dict[str, _Touched] = {}
+        ticks: dict[int, Record] = {}
         wall_ms = int(time.time() * 1000)
         for record in records:
+            if record.topic == self.ticks_topic:
+                ticks[record.partition] = record
+                continue
             try:
                 change = decode_event(record.value, now_ms=wall_ms, max_skew_ms=self.max_skew_ms)
             except RejectedEvent as exc:
@@ -211,10 +219,60 @@ class DealProcessor:
                 state.write = True
         for deal_id, state in touched.items():
             self._finish(batch, deal_id, state)
+        for partition, record in ticks.items():
+            self._raise_stalls(batch, partition, record, touched, load)
         return batch
+
+    def _raise_stalls(self, batch: DealBatch, partition: int, record: Record,
+                      touched: dict[str, _Touched],
+                      load: Callable[[str, Record], bytes | None]) -> None:
+        """A tick: raise one ``deal.stalled`` per deal that crossed its stage's stall_after.
+
+        The alert is remembered in the deal (``stall_alert``), so a restart, a rebalance or a
+        re-sent tick never raises it twice for the same stay.
+        """
+        fold = self.folds.folds.get(partition)
+        if fold is None:
+            return
+        now = self.clock.now_ms()
+        crossed = []
+        for key in fold.open_deals:
+            pl, stage, _, entered, deal_id, alerted, _ = key
+            if alerted:
+                continue
+            stall_after = self.config.pipelines[pl].by_name[stage].stall_after
+            if stall_after is not None and now - entered > stall_after * 1000:
+                crossed.append((deal_id, pl, stage, entered, stall_after))
+        for deal_id, pl, stage, entered, stall_after in crossed:
+            state = touched.get(deal_id)
+            deal = state.deal if state else decode_deal(load(deal_id, record))  # type: ignore[arg-type]
+            before = deal_contribution(deal, self.config)
+            deal.stall_alert = [stage, entered]
+            self.folds.fold(partition).replace(before, deal_contribution(deal, self.config))
+            batch.writes.append((deal_id, encode_deal(deal), record))
+            batch.alerts.append(self._stall_alert("deal.stalled", deal, pl, stage, entered, now,
+                                                  stall_after))
+
+    def _stall_alert(self, kind, deal: Deal, pl: str, stage: str, entered: int, now: int,
+                     stall_after: float | None) -> Alert:
+        return stall_alert(
+            kind, deal_id=deal.deal_id, pipeline=pl, stage=stage, entered_ms=entered, now_ms=now,
+            stall_after=stall_after, amount=deal.value("amount"),  # type: ignore[arg-type]
+            currency=deal.value("currency") or self.config.default_currency,  # type: ignore[arg-type]
+            owner=deal.owner,
+        )
 
     def _finish(self, batch: DealBatch, deal_id: str, state: _Touched) -> None:
         deal = state.deal
+        if state.write and deal.stall_alert is not None and open_stay(deal, self.config) != deal.stall_alert:
+            stage, entered = deal.stall_alert
+            pl = deal.value("pipeline") or "default"
+            batch.alerts.append(self._stall_alert(
+                "deal.unstalled", deal, pl, stage, entered, self.clock.now_ms(),  # type: ignore[arg-type]
+                self.config.pipelines[pl].by_name[stage].stall_after
+                if stage in self.config.pipelines[pl].by_name else None,  # type: ignore[index]
+            ))
+            deal.stall_alert = None
         after = deal_contribution(deal, self.config)
         partition = state.record.partition
         if state.write:

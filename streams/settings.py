@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     max_future_skew: float = Field(86400.0, gt=0, description="seconds an occurred_at may lie in the future")
     batch_size: int = Field(2000, ge=1, description="events handled per batch")
     batch_within: float = Field(0.05, gt=0, description="seconds to wait for a batch to fill")
+    tick_interval: float = Field(10.0, gt=0, description="seconds between stall checks (tick records)")
     session_timeout: float = Field(10.0, gt=0, description="consumer group session timeout, seconds")
     rebalance_timeout: float = Field(10.0, gt=0, description="consumer group rebalance timeout, seconds")
     log_level: str = Field("info", description="debug | info | warning | error")

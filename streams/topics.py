@@ -24,6 +24,20 @@ def credits_topic(app_id: str) -> str:
     return f"{app_id}-customer-credits"
 
 
+def ticks_topic(app_id: str) -> str:
+    """Internal: periodic tick records, co-partitioned with crm.events, for work that writes
+    tables on a schedule (Faust timers cannot write tables)."""
+    return f"{app_id}-ticks"
+
+
+def worker_topics(app_id: str, partitions: int) -> dict[str, int]:
+    """Every topic a worker needs before it starts, with its partition count."""
+    return {
+        EVENTS: partitions, DLQ: partitions, ALERTS: partitions,
+        credits_topic(app_id): partitions, ticks_topic(app_id): partitions,
+    }
+
+
 class TopicMismatch(RuntimeError):
     """An existing topic has a partition count the worker cannot use."""
 

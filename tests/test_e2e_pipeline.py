@@ -206,3 +206,45 @@ def test_standby_replicas_are_never_exported(broker, workers):
         assert total(worker.samples(), "funnel_standby_partitions") == 2
         closed = total(worker.samples(), "funnel_deals_closed")
         assert 0 < closed < 4238 + 2473
+
+
+def read_topic(broker, topic, until, timeout=60):
+    """Consume a topic from the start until ``until(messages)`` holds."""
+
+    async def read():
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=topics.bootstrap_servers(broker.url),
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        found = []
+        try:
+            deadline = time.monotonic() + timeout
+            while not until(found) and time.monotonic() < deadline:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    found.extend(messages)
+        finally:
+            await consumer.stop()
+        return found
+
+    return asyncio.run(read())
+
+
+def test_dataset_replay_raises_one_stall_alert_per_stalled_opportunity(broker, workers):
+    worker = workers(FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1")
+    worker.wait_ready()
+    replay(broker, dataset_events())
+    settled([worker], DATASET_EVENTS)
+    wait_until(lambda: total(worker.samples(), "funnel_deals_stalled", stage="opportunity") == 1571,
+               30, what="1,571 stalled opportunities")
+
+    def stalled(messages):
+        return {orjson.loads(m.value)["id"] for m in messages
+                if orjson.loads(m.value)["type"] == "deal.stalled"}
+
+    messages = read_topic(broker, topics.ALERTS, lambda found: len(stalled(found)) >= 1571)
+    time.sleep(3)  # a few more ticks: nothing may be raised twice
+    messages = read_topic(broker, topics.ALERTS, lambda found: False, timeout=3)
+    alerts = [orjson.loads(m.value) for m in messages]
+    assert len(stalled(messages)) == 1571
+    assert len([a for a in alerts if a["type"] == "deal.stalled"]) == 1571
+    assert {a["stage"] for a in alerts} == {"opportunity"}
+    assert all(a["entered_at"] < "2017-12-01" for a in alerts)
