@@ -1,9 +1,11 @@
 """How figures are taken: draining a backlog, steady-rate latency, percentiles.
 
 Throughput (naive and funnel-kpi alike): the events are produced before the process starts;
-the process is polled every ``interval`` s and the rate is the events counted between the
-first poll that shows progress and the first poll that shows all of them, over the time
-between those polls. Start-up, group join and recovery are so excluded (and reported apart).
+the process is polled and the rate is the events counted between the first poll that shows
+progress and the first poll that shows all of them, over the time between those polls.
+Start-up, group join and recovery are so excluded (and reported apart). A funnel-kpi scrape
+costs the worker ~25 ms of CPU, so polls are 0.5 s apart and only quicken (20 ms) when the
+rate so far says the end is under a second away: the end is timed to ~20 ms, cheaply.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class Drain:
 
 
 def drain(count: Callable[[], int | None], expected: int, started_at: float,
-          alive: Callable[[], None], *, timeout: float, interval: float = 0.1) -> Drain:
+          alive: Callable[[], None], *, timeout: float, slow: float = 0.5,
+          fast: float = 0.02) -> Drain:
     """Poll ``count`` until it reaches ``expected`` (see the module docstring)."""
     deadline = time.monotonic() + timeout
     first: tuple[float, int] | None = None
@@ -53,6 +56,11 @@ def drain(count: Callable[[], int | None], expected: int, started_at: float,
             break
         if now > deadline:
             raise TimeoutError(f"counted {value} of {expected} events in {timeout:.0f}s")
+        interval = slow
+        if first is not None and value is not None and value > first[1]:
+            rate = (value - first[1]) / (now - first[0])
+            if (expected - value) / rate < 2 * slow:
+                interval = fast
         time.sleep(interval)
     if value > expected:
         raise RuntimeError(f"counted {value} events, expected {expected}")

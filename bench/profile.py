@@ -11,32 +11,39 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
-# (bucket, substrings of a frame "function (file:line)"), most specific first.
+# (bucket, needles), most specific first. A needle is a substring of a frame
+# ("function (file:line)"), or "A>B": a frame with A directly calling a frame with B.
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
-    ("/metrics scrape (KpiCollector, generate_latest)", ("metrics_view", "generate_latest")),
+    ("/metrics scrape (KpiCollector, generate_latest)",
+     ("metrics_view", "generate_latest", "KpiCollector", "Fold.merge")),
     ("DLQ writes", ("to_dlq",)),
-    ("credits re-key send (customer-credits topic)", ("deal_agent (streams/app.py", "credits_topic.send")),
-    ("customer agent (customers table)", ("customer_agent",)),
+    ("credits re-key send (customer-credits topic)", ("deal_agent>Topic.send",)),
+    ("customer agent (customers table)", ("customer_agent", "CustomerProcessor")),
+    ("table reads (Table.get via in_event_context)", ("read.<locals>.load",)),
+    ("table writes (Table.__setitem__, changelog publish)",
+     ("create_worker.<locals>.write", "__setitem__", "on_key_set")),
     ("event decode + validation (orjson fast path / pydantic)", ("decode_event", "models/event.py")),
     ("deal state machine (apply_change)", ("apply_change",)),
     ("deal (de)serialisation (encode_deal / decode_deal)", ("encode_deal", "decode_deal")),
-    ("contribution computation (deal_contribution)", ("deal_contribution", "_credit_of")),
-    ("fold update (Fold.replace)", ("Fold.replace", "Fold.apply")),
-    ("process metrics (funnel_events_total, lag histogram)", ("ProcessMetrics.counted",)),
-    ("table writes + changelog send (in_event_context, Table.__setitem__)",
-     ("write.<locals>.put", "in_event_context.<locals>", "__setitem__", "on_key_set")),
-    ("table reads (Table.get)", ("load (streams/app.py", "read.<locals>.load")),
-    ("other funnel-kpi batch code (processor, to_records, report_lag)",
-     ("streams/processor.py", "to_records", "report_lag", "deal_agent")),
-    ("Faust stream / take_events per-event overhead", ("faust/streams.py", "faust/agents/")),
-    ("Faust consumer: fetch, dispatch to streams, offsets, commit",
-     ("faust/transport/", "faust/tables/")),
-    ("aiokafka producer (batching, sending changelog/credit batches)", ("aiokafka/producer",)),
-    ("aiokafka consumer (fetching, record decoding)", ("aiokafka/consumer", "aiokafka/record")),
-    ("aiokafka client / protocol", ("aiokafka/",)),
-    ("asyncio event loop and other", ("",)),
+    ("contribution computation (deal_contribution, _credit_of)",
+     ("deal_contribution", "_credit_of", "customer_contribution")),
+    ("fold update (Fold.replace / apply)", ("Fold.replace", "Fold.apply")),
+    ("process metrics (funnel_events_total, lag histogram)",
+     ("ProcessMetrics", "prometheus_client/metrics.py")),
+    ("Record conversion + consumer lag (to_records, report_lag)", ("to_records", "report_lag")),
+    ("Faust stream / take_events / acks", ("faust/streams.py",)),
+    ("other funnel-kpi batch code (processor loop, agent)", ("streams/processor.py", "deal_agent")),
+    ("Faust consumer + mode plumbing (fetch loop, conductor, channels, sensors, waits)",
+     ("faust/transport/consumer.py", "faust/transport/conductor.py", "faust/transport/utils.py",
+      "faust/agents/", "faust/channels.py", "faust/app/", "faust/sensors/", "faust/serializers/",
+      "faust/events.py", "mode/utils/", "Service.wait_first")),
+    ("producer: Faust buffer + aiokafka (changelog/credit batches)",
+     ("faust/transport/producer.py", "Producer.send", "aiokafka/producer", "faust/topics.py")),
+    ("aiokafka consumer / client (fetch, record decoding, protocol)", ("aiokafka/",)),
+    ("asyncio event loop and other (C callbacks, selector)", ("",)),
 ]
 
 
@@ -66,11 +73,17 @@ def load(path: Path) -> list[tuple[list[str], int]]:
     return stacks
 
 
+def _matches(needle: str, frames: list[str]) -> bool:
+    if ">" in needle:
+        caller, callee = needle.split(">", 1)
+        return any(caller in a and callee in b for a, b in pairwise(frames))
+    return any(needle in frame for frame in frames)
+
+
 def bucket_of(frames: list[str]) -> str:
     for name, needles in BUCKETS:
-        for needle in needles:
-            if any(needle in frame for frame in frames):
-                return name
+        if any(_matches(needle, frames) for needle in needles):
+            return name
     return BUCKETS[-1][0]
 
 

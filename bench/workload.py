@@ -44,9 +44,9 @@ def dataset(copies: int) -> list[Message]:
     return encode(dataset_events(DATASET, copies=copies))
 
 
-def open_deals(n: int, prefix: str) -> Iterator[dict]:
-    """``n`` open deals, two events each: created as a lead with its properties, then an
-    opportunity with an expected close date (3 stage entries' worth of state is typical)."""
+def open_deals(n: int, prefix: str, per_deal: int = 2) -> Iterator[dict]:
+    """``n`` open deals: created as a lead with amount, owner and account, then (``per_deal``
+    = 2) moved to opportunity with an expected close date, the typical state of an open deal."""
     base = datetime.now(UTC) - timedelta(days=20)
     for i in range(n):
         deal_id = f"{prefix}:{i}"
@@ -57,6 +57,8 @@ def open_deals(n: int, prefix: str) -> Iterator[dict]:
             "amount": 1000.0 + i % 5000, "currency": "USD", "owner": f"Rep {i % 12}",
             "account": f"Account {i % 400:03d}",
         }
+        if per_deal < 2:
+            continue
         yield {
             "event_id": f"{deal_id}:1", "deal_id": deal_id, "source": "simulator",
             "occurred_at": (created + timedelta(days=3)).isoformat().replace("+00:00", "Z"),

@@ -153,6 +153,24 @@ def customer_contribution(credits: dict[str, list]) -> Contribution:
     return tuple(items)
 
 
+def window_sums(values: dict[tuple, int], now_ms: int) -> dict[str, dict[tuple, int]]:
+    """Hour buckets keyed (labels..., hour) → per window sums; a bucket counts when it starts
+    within (now − W, now]."""
+    now_hour = now_ms // HOUR_MS
+    sums: dict[str, dict[tuple, int]] = {window: {} for window in WINDOWS}
+    lengths = [(window, length // HOUR_MS) for window, length in WINDOWS.items()]
+    for key, value in values.items():
+        age = now_hour - key[-1]
+        if age < 0:
+            continue
+        labels = key[:-1]
+        for window, hours in lengths:
+            if age < hours:
+                target = sums[window]
+                target[labels] = target.get(labels, 0) + value
+    return sums
+
+
 class Hist:
     """Bucket counts (non-cumulative, last is +Inf), count and sum, in integer units."""
 

@@ -110,6 +110,21 @@ class Pipeline(_Strict):
 PERIODS = ("month", "quarter", "year")
 
 
+class ConversionDrop(_Strict):
+    """Stage conversion over ``window`` against the rest of ``baseline`` before it.
+
+    A drop is ``conversion < min_ratio × baseline conversion`` with at least ``min_entries``
+    deals entering the stage in the window and ``min_baseline_entries`` in the baseline; the
+    Prometheus rule FunnelStageConversionDrop uses the same definition and numbers.
+    """
+
+    window: Literal["7d", "30d"] = "7d"
+    baseline: Literal["30d", "90d"] = "90d"
+    min_ratio: float = Field(0.7, gt=0, lt=1)
+    min_entries: int = Field(20, ge=1)
+    min_baseline_entries: int = Field(50, ge=1)
+
+
 class FunnelConfig(_Strict):
     default_currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     timezone: str = "UTC"
@@ -119,6 +134,7 @@ class FunnelConfig(_Strict):
     targets: dict[str, dict[str, dict[Literal["month", "quarter", "year"], float]]] = Field(
         default_factory=dict
     )
+    conversion_drop: ConversionDrop = Field(default_factory=ConversionDrop)
 
     @field_validator("timezone")
     @classmethod

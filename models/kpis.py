@@ -6,10 +6,13 @@ all workers and partitions first, then divided, never averaged. ``docs/kpis.md``
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from models.config import ConversionDrop
 
 Labels = dict[str, str]
 Samples = dict[str, list[tuple[Labels, float]]]
@@ -133,3 +136,40 @@ def pipeline_kpis(
             reps[labels["owner"]] += value
     kpis.leaderboard = sorted(reps.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     return kpis
+
+
+@dataclass(frozen=True)
+class ConversionCheck:
+    """Conversion from ``stage`` to the next one: the recent window against its baseline."""
+
+    pipeline: str
+    stage: str
+    next_stage: str
+    conversion: float | None
+    baseline: float | None
+    dropped: bool
+
+
+def conversion_checks(
+    reached: dict[tuple[str, str], dict[str, float]], order: dict[str, list[str]],
+    rule: ConversionDrop,
+) -> list[ConversionCheck]:
+    """``reached[(pipeline, stage)][window]``: deals that reached the stage within the window,
+    summed over all partitions. The baseline is the ``rule.baseline`` window minus the recent
+    ``rule.window`` (so the two never overlap)."""
+    checks = []
+    for pipeline, stages in order.items():
+        for stage, following in itertools.pairwise(stages):
+            here = reached.get((pipeline, stage), {})
+            there = reached.get((pipeline, following), {})
+            entries = here.get(rule.window, 0)
+            base_entries = here.get(rule.baseline, 0) - entries
+            conversion = ratio(there.get(rule.window, 0), entries)
+            baseline = ratio(there.get(rule.baseline, 0) - there.get(rule.window, 0), base_entries)
+            dropped = (
+                entries >= rule.min_entries and base_entries >= rule.min_baseline_entries
+                and conversion is not None and baseline is not None
+                and conversion < rule.min_ratio * baseline
+            )
+            checks.append(ConversionCheck(pipeline, stage, following, conversion, baseline, dropped))
+    return checks

@@ -221,7 +221,7 @@ class KpiCollector(Collector):
         now_hour = now_ms // agg.HOUR_MS
         for spec in _WINDOWED:
             metric = GaugeMetricFamily(spec.name, spec.doc, labels=(*spec.labels, "window"))
-            sums = self._window_sums(fold.counters.get(spec.family, {}), now_hour)
+            sums = agg.window_sums(fold.counters.get(spec.family, {}), now_ms)
             for key in self._keys(spec.family, {k: 0 for w in sums.values() for k in w}):
                 for window in agg.WINDOWS:
                     metric.add_metric([*key, window], sums[window].get(key, 0) * spec.scale)
@@ -245,22 +245,6 @@ class KpiCollector(Collector):
             else:
                 metric.samples.extend(part.samples)
         yield metric
-
-    @staticmethod
-    def _window_sums(values: dict[tuple, int], now_hour: int) -> dict[str, dict[tuple, int]]:
-        """Hour buckets → per window sums; a bucket counts if it starts within (now−W, now]."""
-        sums: dict[str, dict[tuple, int]] = {window: {} for window in agg.WINDOWS}
-        lengths = [(window, length // agg.HOUR_MS) for window, length in agg.WINDOWS.items()]
-        for key, value in values.items():
-            age = now_hour - key[-1]
-            if age < 0:
-                continue
-            labels = key[:-1]
-            for window, hours in lengths:
-                if age < hours:
-                    target = sums[window]
-                    target[labels] = target.get(labels, 0) + value
-        return sums
 
     def _currencies(self, pipeline: str) -> list[str]:
         return sorted({self.config.default_currency} | set(self.config.targets.get(pipeline, {})))

@@ -61,28 +61,48 @@ def dlq_headers(record: ConsumerRecord, rejects: list[Malformed]) -> list[tuple[
     reason = rejects[0].reason
     if len(rejects) > 1:
         reason += f" (and {len(rejects) - 1} more records of this message)"
-    return [*(record.headers or ()),
-            ("funnel.reason", reason.encode()),
-            ("funnel.reason.code", rejects[0].code.encode()),
-            ("funnel.source.topic", record.topic.encode()),
-            ("funnel.source.partition", str(record.partition).encode()),
-            ("funnel.source.offset", str(record.offset).encode())]
+    return [
+        *(record.headers or ()),
+        ("funnel.reason", reason.encode()),
+        ("funnel.reason.code", rejects[0].code.encode()),
+        ("funnel.source.topic", record.topic.encode()),
+        ("funnel.source.partition", str(record.partition).encode()),
+        ("funnel.source.offset", str(record.offset).encode()),
+    ]
 
 
 class AdaptMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.messages = Counter("funnel_adapt_messages", "Raw CRM messages read, by source and "
-                                "outcome (ok, dlq)", ["source", "outcome"], registry=registry)
-        self.events = Counter("funnel_adapt_events", "Canonical events produced to crm.events",
-                              ["source"], registry=registry)
-        self.skipped = Counter("funnel_adapt_skipped", "Source records with nothing for the funnel",
-                               ["source", "reason"], registry=registry)
-        self.rejected = Counter("funnel_adapt_rejected", "Malformed source records (their message "
-                                "goes to the DLQ)", ["source", "code"], registry=registry)
-        self.gaps = Counter("funnel_adapt_gaps", "CDC gap notices: changes not described, refetch "
-                            "or resync", ["source", "entity", "change_type"], registry=registry)
-        self.retries = Counter("funnel_adapt_retries", "Batches retried after a broker error",
-                               registry=registry)
+        self.messages = Counter(
+            "funnel_adapt_messages",
+            "Raw CRM messages read, by source and outcome (ok, dlq)",
+            ["source", "outcome"],
+            registry=registry,
+        )
+        self.events = Counter(
+            "funnel_adapt_events", "Canonical events produced to crm.events", ["source"], registry=registry
+        )
+        self.skipped = Counter(
+            "funnel_adapt_skipped",
+            "Source records with nothing for the funnel",
+            ["source", "reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "funnel_adapt_rejected",
+            "Malformed source records (their message goes to the DLQ)",
+            ["source", "code"],
+            registry=registry,
+        )
+        self.gaps = Counter(
+            "funnel_adapt_gaps",
+            "CDC gap notices: changes not described, refetch or resync",
+            ["source", "entity", "change_type"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "funnel_adapt_retries", "Batches retried after a broker error", registry=registry
+        )
         for source in SOURCES:
             self.events.labels(source)
             for outcome in ("ok", "dlq"):
@@ -92,8 +112,13 @@ class AdaptMetrics:
 class Bridge:
     """Consume raw topics, adapt, produce, commit; also serves /metrics and /healthz."""
 
-    def __init__(self, settings: Settings, sources: SourceSettings, ctx: Context,
-                 registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sources: SourceSettings,
+        ctx: Context,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.settings = settings
         self.sources = sources
         self.ctx = ctx
@@ -109,12 +134,16 @@ class Bridge:
         await ensure_event_topics(self.settings)
         await ensure_raw_topics(self.settings, list(self.topic_sources))
         servers = topics.bootstrap_servers(self.settings.broker)
-        self.producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5,
-                                         max_request_size=4 * 1024 * 1024)
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=servers, acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024
+        )
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
-            *self.topic_sources, bootstrap_servers=servers, group_id=f"{self.settings.app_id}-adapt",
-            enable_auto_commit=False, auto_offset_reset="earliest",
+            *self.topic_sources,
+            bootstrap_servers=servers,
+            group_id=f"{self.settings.app_id}-adapt",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
             session_timeout_ms=int(self.settings.session_timeout * 1000),
         )
         await self.consumer.start()
@@ -124,8 +153,12 @@ class Bridge:
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, self.settings.web_bind, self.sources.adapt_port).start()
-        log.info("adapting %s → %s (metrics on port %s)", ", ".join(self.topic_sources),
-                 topics.EVENTS, self.sources.adapt_port)
+        log.info(
+            "adapting %s → %s (metrics on port %s)",
+            ", ".join(self.topic_sources),
+            topics.EVENTS,
+            self.sources.adapt_port,
+        )
         return self
 
     async def stop(self) -> None:
@@ -165,14 +198,28 @@ class Bridge:
                 source = self.topic_sources[record.topic]
                 result = convert(source, record.value, record.key, self.ctx)
                 for event in result.events:
-                    pending.append(await self.producer.send(
-                        topics.EVENTS, encode_event(event), key=event["deal_id"].encode()))
+                    pending.append(
+                        await self.producer.send(
+                            topics.EVENTS, encode_event(event), key=event["deal_id"].encode()
+                        )
+                    )
                 if result.rejects:
-                    pending.append(await self.producer.send(
-                        topics.DLQ, record.value or b"", key=record.key,
-                        headers=dlq_headers(record, result.rejects)))
-                    log.info("%s record %s:%s:%s to the DLQ: %s", source, record.topic,
-                             record.partition, record.offset, result.rejects[0].reason)
+                    pending.append(
+                        await self.producer.send(
+                            topics.DLQ,
+                            record.value or b"",
+                            key=record.key,
+                            headers=dlq_headers(record, result.rejects),
+                        )
+                    )
+                    log.info(
+                        "%s record %s:%s:%s to the DLQ: %s",
+                        source,
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        result.rejects[0].reason,
+                    )
                 self._count(source, result)
         await asyncio.gather(*pending)
         await self.consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
@@ -188,24 +235,30 @@ class Bridge:
             metrics.rejected.labels(source, reject.code).inc()
         for gap in result.gaps:
             metrics.gaps.labels(source, gap.entity, gap.change_type).inc()
-            log.warning("%s gap: %s %s for %s; refetch these records (or resync the entity if no "
-                        "ids are given)", source, gap.entity, gap.change_type,
-                        ", ".join(gap.record_ids[:20]) or "unknown records")
+            log.warning(
+                "%s gap: %s %s for %s; refetch these records (or resync the entity if no ids are given)",
+                source,
+                gap.entity,
+                gap.change_type,
+                ", ".join(gap.record_ids[:20]) or "unknown records",
+            )
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry),
-                            headers={"Content-Type": METRICS_CONTENT_TYPE})
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         stalled = time.monotonic() - self.last_poll > 60
-        return web.json_response({"status": "stalled" if stalled else "ok"},
-                                 status=503 if stalled else 200)
+        return web.json_response({"status": "stalled" if stalled else "ok"}, status=503 if stalled else 200)
 
 
 def context(settings: Settings, sources: SourceSettings) -> Context:
     return Context(
-        load_config(settings.config), lifecycle_pipeline=sources.lifecycle_pipeline,
-        lead_pipeline=sources.salesforce_lead_pipeline, debezium_columns=sources.debezium_columns,
+        load_config(settings.config),
+        lifecycle_pipeline=sources.lifecycle_pipeline,
+        lead_pipeline=sources.salesforce_lead_pipeline,
+        debezium_columns=sources.debezium_columns,
     ).check()
 
 

@@ -26,12 +26,15 @@ from models.config import FunnelConfig, load_config
 from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
 from streams import topics
 from streams.processor import (
+    ConversionWatch,
     CustomerProcessor,
     DealProcessor,
     EventClock,
     PartitionFolds,
     Record,
     Rejection,
+    encode_partial,
+    reached_partial,
 )
 from streams.settings import Settings
 
@@ -61,7 +64,20 @@ def in_event_context(event: Any, fun: Callable[[], Any]) -> Any:
         _current_event.reset(token)
 
 
-class FoldedTable(faust.Table):
+class RawTable(faust.Table):
+    """A table of bytes keys and values, written to its changelog as they are.
+
+    Faust derives serializers from model types and falls back to JSON; our values are already
+    compact bytes (models.deal), so JSON would only wrap them.
+    """
+
+    def __init__(self, app: faust.App, **kwargs: Any) -> None:
+        super().__init__(app, key_type=bytes, value_type=bytes, beacon=app.tables.beacon,
+                         default=None, **kwargs)
+        self.key_serializer = self.value_serializer = "raw"
+
+
+class FoldedTable(RawTable):
     """A table whose values feed in-memory folds of the actively owned partitions only.
 
     Folds are dropped when partitions are revoked and rebuilt from the table once recovery
@@ -73,10 +89,7 @@ class FoldedTable(faust.Table):
         contribution: Callable[[bytes], tuple[int, Contribution]],
         on_ready: Callable[[set[int], set[int]], None], **kwargs: Any,
     ) -> None:
-        super().__init__(app, key_type=bytes, value_type=bytes, **kwargs)
-        # Faust derives serializers from model types and falls back to JSON; values are
-        # already compact bytes (models.deal), so they go to the changelog as they are.
-        self.key_serializer = self.value_serializer = "raw"
+        super().__init__(app, **kwargs)
         self.folds = folds
         self.source_topic = source_topic
         self.contribution = contribution
@@ -175,6 +188,12 @@ def create_worker(settings: Settings | None = None) -> Worker:
     events_topic = raw_topic(topics.EVENTS, topics.ticks_topic(settings.app_id))
     ticks_topic = raw_topic(topics.ticks_topic(settings.app_id), internal=True)
     alerts_topic = raw_topic(topics.ALERTS)
+    partials_topic = app.topic(
+        topics.partials_topic(settings.app_id), key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw", partitions=1, internal=True,
+    )
+    conversion_watch = ConversionWatch(config)
+    open_drops = app.tables.add(RawTable(app, name="conversion-drops", partitions=1))
     dlq_topic = raw_topic(topics.DLQ)
     credits_topic = raw_topic(topics.credits_topic(settings.app_id), internal=True)
     ready_parts: dict[str, bool] = {}
@@ -191,8 +210,7 @@ def create_worker(settings: Settings | None = None) -> Worker:
         ready_parts[name] = False
         return app.tables.add(FoldedTable(
             app, name=name, folds=folds, source_topic=source, contribution=contribution,
-            on_ready=on_ready, beacon=app.tables.beacon, partitions=settings.partitions,
-            default=None,
+            on_ready=on_ready, partitions=settings.partitions,
         ))
 
     deals = table("deals", deal_processor.folds, topics.EVENTS,
@@ -207,12 +225,12 @@ def create_worker(settings: Settings | None = None) -> Worker:
         metrics.ready.set(0)
         metrics.rebalances.inc()
 
-    def read(table_: FoldedTable) -> Callable[[str, Record], bytes | None]:
+    def read(table_: RawTable) -> Callable[[str, Record], bytes | None]:
         def load(key: str, record: Record) -> bytes | None:
             return in_event_context(record.ref, lambda: table_.get(key.encode()))
         return load
 
-    def write(table_: FoldedTable, key: str, value: bytes, record: Record) -> None:
+    def write(table_: RawTable, key: str, value: bytes, record: Record) -> None:
         def put() -> None:
             table_[key.encode()] = value
         in_event_context(record.ref, put)
@@ -282,9 +300,23 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
     @app.timer(interval=settings.tick_interval)
     async def tick() -> None:
-        """Ask the deal agent of each owned partition to check stalls (it may write the table)."""
-        for partition in list(deal_processor.folds.folds):
+        """Ask the deal agent of each owned partition to check stalls (it may write the table),
+        and publish each owned partition's partial for the conversion watch."""
+        now = clock.now_ms()
+        for partition, fold in list(deal_processor.folds.folds.items()):
             await ticks_topic.send(value=b"tick", partition=partition)
+            await partials_topic.send(
+                value=encode_partial(partition, now, reached_partial(fold, now)), partition=0
+            )
+
+    @app.agent(partials_topic, name="conversion-agent")
+    async def conversion_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.batch_size, settings.batch_within):
+            writes, alerts = conversion_watch.process(to_records(events), read(open_drops))
+            for key, value, record in writes:
+                write(open_drops, key, value, record)
+            for alert in alerts:
+                await send_alert(alert)
 
     @app.agent(credits_topic, name="customer-agent")
     async def customer_agent(stream: faust.StreamT) -> None:

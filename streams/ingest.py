@@ -53,7 +53,8 @@ async def ensure_raw_topics(settings: Settings, names: list[str]) -> None:
     (raw topics are not co-partitioned with anything, and CDC connectors may create them)."""
     with contextlib.suppress(topics.TopicMismatch):
         await topics.ensure_topics(
-            settings.broker, dict.fromkeys(names, settings.partitions),
+            settings.broker,
+            dict.fromkeys(names, settings.partitions),
             replication_factor=settings.replication_factor,
         )
 
@@ -61,26 +62,39 @@ async def ensure_raw_topics(settings: Settings, names: list[str]) -> None:
 def start_producer_args(settings: Settings, max_message: int) -> dict:
     return {
         "bootstrap_servers": topics.bootstrap_servers(settings.broker),
-        "acks": "all", "linger_ms": 0, "max_request_size": max_message + 64 * 1024,
+        "acks": "all",
+        "linger_ms": 0,
+        "max_request_size": max_message + 64 * 1024,
     }
 
 
 class Ingest:
     """The aiohttp application and what its handlers share."""
 
-    def __init__(self, sources: SourceSettings, producer: AIOKafkaProducer,
-                 registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, sources: SourceSettings, producer: AIOKafkaProducer, registry: CollectorRegistry | None = None
+    ) -> None:
         self.sources = sources
         self.producer = producer
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        self.requests = Counter("funnel_ingest_requests", "Webhook requests by source and HTTP status",
-                                ["source", "status"], registry=self.registry)
-        self.seconds = Histogram("funnel_ingest_request_seconds", "Webhook request handling time",
-                                 ["source"], registry=self.registry)
-        self.hubspot_secret = (sources.hubspot_client_secret.get_secret_value()
-                               if sources.hubspot_client_secret else None)
-        self.pipedrive_auth = (sources.pipedrive_basic_auth.get_secret_value().encode()
-                               if sources.pipedrive_basic_auth else None)
+        self.requests = Counter(
+            "funnel_ingest_requests",
+            "Webhook requests by source and HTTP status",
+            ["source", "status"],
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "funnel_ingest_request_seconds",
+            "Webhook request handling time",
+            ["source"],
+            registry=self.registry,
+        )
+        self.hubspot_secret = (
+            sources.hubspot_client_secret.get_secret_value() if sources.hubspot_client_secret else None
+        )
+        self.pipedrive_auth = (
+            sources.pipedrive_basic_auth.get_secret_value().encode() if sources.pipedrive_basic_auth else None
+        )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.sources.ingest_max_body)
@@ -101,21 +115,27 @@ class Ingest:
                 if exc.status >= 500:
                     log.warning("%s webhook not stored: %s", source, exc.reason)
                 else:
-                    log.info("%s webhook refused (%s) from %s: %s", source, exc.status,
-                             request.remote, exc.reason)
-                response = web.json_response({"error": exc.reason}, status=exc.status,
-                                             headers=exc.headers)
+                    log.info(
+                        "%s webhook refused (%s) from %s: %s", source, exc.status, request.remote, exc.reason
+                    )
+                response = web.json_response({"error": exc.reason}, status=exc.status, headers=exc.headers)
             self.requests.labels(source, str(response.status)).inc()
             self.seconds.labels(source).observe(time.perf_counter() - started)
             return response
+
         return counted
 
     async def hubspot(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         try:
             version = hubspot.verify(
-                self.hubspot_secret or "", self.sources.signature_versions, request.headers,
-                request.method, self._uri(request), body, int(time.time() * 1000),
+                self.hubspot_secret or "",
+                self.sources.signature_versions,
+                request.headers,
+                request.method,
+                self._uri(request),
+                body,
+                int(time.time() * 1000),
             )
         except PermissionError as exc:
             raise Refused(401, str(exc)) from None
@@ -135,8 +155,9 @@ class Ingest:
         return web.json_response({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry),
-                            headers={"Content-Type": METRICS_CONTENT_TYPE})
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
 
     def _basic_auth(self, request: web.Request) -> None:
         challenge = {"WWW-Authenticate": 'Basic realm="funnel-kpi"'}
@@ -179,16 +200,19 @@ class Ingest:
         return base.rstrip("/") + request.raw_path
 
     async def _store(self, topic: str, body: bytes, auth: str) -> None:
-        headers = [("funnel.received_at", str(int(time.time() * 1000)).encode()),
-                   ("funnel.auth", auth.encode())]
+        headers = [
+            ("funnel.received_at", str(int(time.time() * 1000)).encode()),
+            ("funnel.auth", auth.encode()),
+        ]
         try:
             await asyncio.wait_for(
                 self.producer.send_and_wait(topic, body, headers=headers),
                 self.sources.ingest_write_timeout,
             )
         except (TimeoutError, KafkaError) as exc:
-            raise Refused(503, f"could not store the webhook: {type(exc).__name__}",
-                          {"Retry-After": "10"}) from None
+            raise Refused(
+                503, f"could not store the webhook: {type(exc).__name__}", {"Retry-After": "10"}
+            ) from None
 
 
 class IngestServer:
@@ -202,12 +226,19 @@ class IngestServer:
         self.ingest: Ingest | None = None
 
     async def start(self) -> IngestServer:
-        enabled = [topic for topic, on in ((self.sources.hubspot_topic, self.sources.hubspot_client_secret),
-                                           (self.sources.pipedrive_topic, self.sources.pipedrive_basic_auth))
-                   if on]
+        enabled = [
+            topic
+            for topic, on in (
+                (self.sources.hubspot_topic, self.sources.hubspot_client_secret),
+                (self.sources.pipedrive_topic, self.sources.pipedrive_basic_auth),
+            )
+            if on
+        ]
         if not enabled:
-            log.warning("no webhook source is configured (FUNNEL_HUBSPOT_CLIENT_SECRET, "
-                        "FUNNEL_PIPEDRIVE_BASIC_AUTH): every webhook endpoint answers 404")
+            log.warning(
+                "no webhook source is configured (FUNNEL_HUBSPOT_CLIENT_SECRET, "
+                "FUNNEL_PIPEDRIVE_BASIC_AUTH): every webhook endpoint answers 404"
+            )
         await ensure_raw_topics(self.settings, enabled)
         self.producer = AIOKafkaProducer(**start_producer_args(self.settings, self.sources.ingest_max_body))
         await self.producer.start()
@@ -215,8 +246,12 @@ class IngestServer:
         self.runner = web.AppRunner(self.ingest.app(), access_log=None)
         await self.runner.setup()
         await web.TCPSite(self.runner, self.sources.ingest_bind, self.sources.ingest_port).start()
-        log.info("webhook receiver on %s:%s (%s)", self.sources.ingest_bind, self.sources.ingest_port,
-                 ", ".join(enabled) or "no sources")
+        log.info(
+            "webhook receiver on %s:%s (%s)",
+            self.sources.ingest_bind,
+            self.sources.ingest_port,
+            ", ".join(enabled) or "no sources",
+        )
         return self
 
     async def stop(self) -> None:

@@ -30,11 +30,17 @@ def ticks_topic(app_id: str) -> str:
     return f"{app_id}-ticks"
 
 
+def partials_topic(app_id: str) -> str:
+    """Internal, one partition: per-partition partial aggregates for cross-partition checks."""
+    return f"{app_id}-partials"
+
+
 def worker_topics(app_id: str, partitions: int) -> dict[str, int]:
     """Every topic a worker needs before it starts, with its partition count."""
     return {
         EVENTS: partitions, DLQ: partitions, ALERTS: partitions,
         credits_topic(app_id): partitions, ticks_topic(app_id): partitions,
+        partials_topic(app_id): 1,
     }
 
 
@@ -67,15 +73,17 @@ async def ensure_topics(
                 raise
             await asyncio.sleep(0.5)
     try:
-        existing = await _partition_counts(admin, list(topics))
+        # Only list here: describing a missing topic makes auto-creating brokers create it
+        # with their default partition count.
+        present = set(await admin.list_topics())
         missing = [
             NewTopic(name, partitions, replication_factor)
-            for name, partitions in topics.items() if name not in existing
+            for name, partitions in topics.items() if name not in present
         ]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
-            existing = await _partition_counts(admin, list(topics))
+        existing = await _partition_counts(admin, list(topics))
         for name, partitions in topics.items():
             found = existing.get(name)
             if found != partitions:

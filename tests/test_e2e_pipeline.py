@@ -16,6 +16,7 @@ from streams import topics
 from streams.dataset import dataset_deals
 from streams.producer import produce
 from streams.settings import Settings
+from streams.simulator import Simulation
 
 from .conftest import DATASET, DATASET_EVENTS, credits_settled, settled, wait_until
 
@@ -248,3 +249,32 @@ def test_dataset_replay_raises_one_stall_alert_per_stalled_opportunity(broker, w
     assert len([a for a in alerts if a["type"] == "deal.stalled"]) == 1571
     assert {a["stage"] for a in alerts} == {"opportunity"}
     assert all(a["entered_at"] < "2017-12-01" for a in alerts)
+
+
+SIM_END = 1_700_000_000.0
+
+
+def conversion_alerts(broker, worker, events, settle_seconds=4):
+    worker.wait_ready()
+    replay(broker, events)
+    settled([worker], len(events))
+    time.sleep(settle_seconds)  # several ticks: partials published and checked again and again
+    messages = read_topic(broker, topics.ALERTS, lambda found: False, timeout=3)
+    return [a for a in (orjson.loads(m.value) for m in messages) if a["type"].startswith("conversion")]
+
+
+@pytest.mark.parametrize(
+    ("simulation", "expected"),
+    [
+        (Simulation(seed=5, deals=3000, days=120, end=SIM_END, drop_from=SIM_END - 7 * 86400,
+                    drop_factor=0.2), [("conversion.drop", "mql", "sql")]),
+        (Simulation(seed=5, deals=3000, days=120, end=SIM_END), []),
+        (Simulation(seed=5, deals=200, days=120, end=SIM_END, drop_from=SIM_END - 7 * 86400,
+                    drop_factor=0.0), []),
+    ],
+    ids=["scripted-mql-sql-drop", "normal-variation", "low-volume"],
+)
+def test_conversion_drop_alerts(broker, workers, simulation, expected):
+    worker = workers(FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="0.5")
+    alerts = conversion_alerts(broker, worker, simulation.events())
+    assert [(a["type"], a["stage"], a["next_stage"]) for a in alerts] == expected

@@ -40,9 +40,16 @@ class Edge:
 
     def __init__(self, broker_url: str, bridge: bool = True, **overrides) -> None:
         self.settings = Settings(broker=broker_url, partitions=4, session_timeout=6, web_bind="127.0.0.1")
-        self.sources = SourceSettings(**{
-            "ingest_port": free_port(), "ingest_bind": "127.0.0.1", "adapt_port": free_port(),
-            "hubspot_client_secret": SECRET, "pipedrive_basic_auth": BASIC, **overrides})
+        self.sources = SourceSettings(
+            **{
+                "ingest_port": free_port(),
+                "ingest_bind": "127.0.0.1",
+                "adapt_port": free_port(),
+                "hubspot_client_secret": SECRET,
+                "pipedrive_basic_auth": BASIC,
+                **overrides,
+            }
+        )
         self.with_bridge = bridge
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -59,7 +66,9 @@ class Edge:
         self.ingest = await IngestServer(self.settings, self.sources).start()
         self.bridge = None
         if self.with_bridge:
-            self.bridge = await Bridge(self.settings, self.sources, context(self.settings, self.sources)).start()
+            self.bridge = await Bridge(
+                self.settings, self.sources, context(self.settings, self.sources)
+            ).start()
             self.stopping = asyncio.Event()
             self.running = asyncio.create_task(self.bridge.run(self.stopping))
 
@@ -89,14 +98,24 @@ class Edge:
     def hubspot(self, body: bytes, ts_ms: int | None = None, secret: str = SECRET) -> int:
         ts = str(ts_ms if ts_ms is not None else int(time.time() * 1000))
         signature = hubspot.signature_v3(secret, "POST", self.url("/webhooks/hubspot"), body, ts)
-        return self.post("/webhooks/hubspot", body, {
-            "Content-Type": "application/json", "X-HubSpot-Signature-v3": signature,
-            "X-HubSpot-Request-Timestamp": ts, "X-HubSpot-Signature-Version": "v3"})
+        return self.post(
+            "/webhooks/hubspot",
+            body,
+            {
+                "Content-Type": "application/json",
+                "X-HubSpot-Signature-v3": signature,
+                "X-HubSpot-Request-Timestamp": ts,
+                "X-HubSpot-Signature-Version": "v3",
+            },
+        )
 
     def pipedrive(self, body: bytes, credentials: str = BASIC) -> int:
         auth = base64.b64encode(credentials.encode()).decode()
-        return self.post("/webhooks/pipedrive", body, {"Content-Type": "application/json",
-                                                        "Authorization": f"Basic {auth}"})
+        return self.post(
+            "/webhooks/pipedrive",
+            body,
+            {"Content-Type": "application/json", "Authorization": f"Basic {auth}"},
+        )
 
     def bridge_metrics(self):
         url = f"http://127.0.0.1:{self.sources.adapt_port}/metrics"
@@ -105,7 +124,9 @@ class Edge:
 
 
 async def _read(broker_url: str, topic: str) -> list:
-    consumer = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap_servers(broker_url), enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=topics.bootstrap_servers(broker_url), enable_auto_commit=False
+    )
     await consumer.start()
     try:
         await consumer.topics()
@@ -147,8 +168,10 @@ def session_inputs():
     hs = [raw(body) for body in fixture("hubspot_session.json")["bodies"]]
     pd = [raw(body) for body in fixture("pipedrive_session.json")["bodies"]]
     sf = [raw(m) for m in fixture("salesforce_session.json")["messages"]]
-    dz = [(raw(m["key"]), None if m["value"] is None else raw(m["value"]))
-          for m in fixture("debezium_session.json")["messages"]]
+    dz = [
+        (raw(m["key"]), None if m["value"] is None else raw(m["value"]))
+        for m in fixture("debezium_session.json")["messages"]
+    ]
     expected = [e for b in hs for e in hubspot.adapt(b, CTX).events]
     expected += [e for b in pd for e in pipedrive.adapt(b, CTX).events]
     expected += [e for b in sf for e in salesforce.adapt(b, CTX).events]
@@ -178,6 +201,7 @@ def test_sessions_are_stored_raw_and_adapted_to_canonical_events(broker):
         def produced():
             records = read(broker.url, topics.EVENTS)
             return records if len(records) >= len(expected) else None
+
         records = wait_until(produced, 60, what=f"{len(expected)} canonical events")
         events = [json.loads(r.value) for r in records]
         assert len(events) == len(expected)
@@ -187,8 +211,9 @@ def test_sessions_are_stored_raw_and_adapted_to_canonical_events(broker):
             change = decode_event(record.value, now_ms=int(time.time() * 1000), max_skew_ms=86_400_000)
             assert record.key == change.deal_id.encode()  # keyed by deal: one deal, one partition
             if change.stage is not None:
-                pipeline = change.pipeline or ("lifecycle" if ":contact:" in change.deal_id or "00Q" in change.deal_id
-                                               else "default")
+                pipeline = change.pipeline or (
+                    "lifecycle" if ":contact:" in change.deal_id or "00Q" in change.deal_id else "default"
+                )
                 CONFIG.map_stage(change.source, pipeline, change.stage)  # mapped with the shipped config
         samples = edge.bridge_metrics()
         assert total(samples, "funnel_adapt_events_total") == len(expected)
@@ -204,25 +229,52 @@ def test_malformed_raw_records_go_to_the_dlq_and_the_bridge_goes_on(broker):
     edge = Edge(broker.url).start()
     try:
         good = fixture("salesforce_session.json")["messages"][1]
-        bad = [b"not json", raw({"ChangeEventHeader": {"entityName": "Opportunity", "changeType": "UPDATE",
-                                                       "recordIds": ["006SM0000001Tb3YAE"]}, "Amount": -5})]
+        bad = [
+            b"not json",
+            raw(
+                {
+                    "ChangeEventHeader": {
+                        "entityName": "Opportunity",
+                        "changeType": "UPDATE",
+                        "recordIds": ["006SM0000001Tb3YAE"],
+                    },
+                    "Amount": -5,
+                }
+            ),
+        ]
         produce(broker.url, "crm.raw.salesforce", [(b"k1", bad[0]), (b"k2", bad[1]), (None, raw(good))])
-        hub = [fixture("hubspot.json")["deal_amount"], {**fixture("hubspot.json")["deal_stage"], "occurredAt": "x"}]
+        hub = [
+            fixture("hubspot.json")["deal_amount"],
+            {**fixture("hubspot.json")["deal_stage"], "occurredAt": "x"},
+        ]
         assert edge.hubspot(raw(hub)) == 204  # authentic, readable as a batch: stored, one record bad
-        dlq = wait_until(lambda: (r := read(broker.url, topics.DLQ)) and len(r) == 3 and r, 60, what="3 DLQ records")
-        events = wait_until(lambda: (r := read(broker.url, topics.EVENTS)) and len(r) == 3 and r, 60, what="3 events")
+        dlq = wait_until(
+            lambda: (r := read(broker.url, topics.DLQ)) and len(r) == 3 and r, 60, what="3 DLQ records"
+        )
+        events = wait_until(
+            lambda: (r := read(broker.url, topics.EVENTS)) and len(r) == 3 and r, 60, what="3 events"
+        )
         assert sorted(json.loads(r.value)["deal_id"] for r in events) == [
-            "hubspot:deal:332507367156", "salesforce:006SM0000001Tb3YAE", "salesforce:006SM0000001Tb4YAE"]
+            "hubspot:deal:332507367156",
+            "salesforce:006SM0000001Tb3YAE",
+            "salesforce:006SM0000001Tb4YAE",
+        ]
         by_value = {r.value: r for r in dlq}
         assert set(by_value) == {bad[0], bad[1], raw(hub)}  # the original bytes
         first = dict(by_value[bad[0]].headers)
-        assert first["funnel.reason.code"] == b"invalid_json" and first["funnel.source.topic"] == b"crm.raw.salesforce"
+        assert (
+            first["funnel.reason.code"] == b"invalid_json"
+            and first["funnel.source.topic"] == b"crm.raw.salesforce"
+        )
         assert by_value[bad[0]].key == b"k1"
         assert {"funnel.reason", "funnel.source.partition", "funnel.source.offset"} <= set(first)
         assert dict(by_value[bad[1]].headers)["funnel.reason.code"] == b"missing_field"
         hub_headers = dict(by_value[raw(hub)].headers)
         assert hub_headers["funnel.auth"] == b"hubspot-v3"  # the raw record's own headers are kept
-        assert hub_headers["funnel.reason.code"] == b"bad_timestamp" and b"[1].occurredAt" in hub_headers["funnel.reason"]
+        assert (
+            hub_headers["funnel.reason.code"] == b"bad_timestamp"
+            and b"[1].occurredAt" in hub_headers["funnel.reason"]
+        )
         samples = edge.bridge_metrics()
         assert total(samples, "funnel_adapt_messages_total", outcome="dlq") == 3
     finally:
@@ -234,21 +286,28 @@ def test_offsets_are_committed_after_produce_so_a_restart_resumes(broker):
     sf = [raw(m) for m in fixture("salesforce_session.json")["messages"]]
     try:
         produce(broker.url, "crm.raw.salesforce", [(None, body) for body in sf[:5]])
-        wait_until(lambda: total(edge.bridge_metrics(), "funnel_adapt_messages_total") == 5, 60, what="5 read")
+        wait_until(
+            lambda: total(edge.bridge_metrics(), "funnel_adapt_messages_total") == 5, 60, what="5 read"
+        )
     finally:
         edge.stop()
     first = len(read(broker.url, topics.EVENTS))
     produce(broker.url, "crm.raw.salesforce", [(None, body) for body in sf[5:]])
     edge = Edge(broker.url).start()
     try:
-        wait_until(lambda: total(edge.bridge_metrics(), "funnel_adapt_messages_total") == len(sf) - 5, 60,
-                   what="the rest read")
+        wait_until(
+            lambda: total(edge.bridge_metrics(), "funnel_adapt_messages_total") == len(sf) - 5,
+            60,
+            what="the rest read",
+        )
     finally:
         edge.stop()
     events = read(broker.url, topics.EVENTS)
     expected = [e for body in sf for e in salesforce.adapt(body, CTX).events]
     assert first == len([e for body in sf[:5] for e in salesforce.adapt(body, CTX).events])
-    assert Counter(json.loads(r.value)["event_id"] for r in events) == Counter(e["event_id"] for e in expected)
+    assert Counter(json.loads(r.value)["event_id"] for r in events) == Counter(
+        e["event_id"] for e in expected
+    )
 
 
 def test_refused_requests_write_nothing(broker):
@@ -261,8 +320,14 @@ def test_refused_requests_write_nothing(broker):
         assert edge.hubspot(body, ts_ms=now - 6 * 60 * 1000) == 401  # expired timestamp
         assert edge.hubspot(body, ts_ms=now + 6 * 60 * 1000) == 401
         signature = hubspot.signature_v3(SECRET, "POST", edge.url("/webhooks/hubspot"), body, str(now))
-        assert edge.post("/webhooks/hubspot", body + b" ", {"X-HubSpot-Signature-v3": signature,
-                                                             "X-HubSpot-Request-Timestamp": str(now)}) == 401
+        assert (
+            edge.post(
+                "/webhooks/hubspot",
+                body + b" ",
+                {"X-HubSpot-Signature-v3": signature, "X-HubSpot-Request-Timestamp": str(now)},
+            )
+            == 401
+        )
         assert edge.hubspot(b'{"not": "an array"}') == 400
         assert edge.hubspot(b"[{]") == 400
         assert edge.hubspot(b"[]") == 204  # nothing to store
@@ -289,11 +354,20 @@ def test_refused_requests_write_nothing(broker):
 def test_chunked_oversized_body_is_refused_while_reading(broker):
     edge = Edge(broker.url, bridge=False, ingest_max_body=64 * 1024).start()
     try:
+
         def chunks():
             for _ in range(40):
                 yield b"x" * 4096
-        request = urllib.request.Request(edge.url("/webhooks/pipedrive"), data=chunks(), method="POST", headers={
-            "Authorization": "Basic " + base64.b64encode(BASIC.encode()).decode(), "Transfer-Encoding": "chunked"})
+
+        request = urllib.request.Request(
+            edge.url("/webhooks/pipedrive"),
+            data=chunks(),
+            method="POST",
+            headers={
+                "Authorization": "Basic " + base64.b64encode(BASIC.encode()).decode(),
+                "Transfer-Encoding": "chunked",
+            },
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 413
@@ -324,6 +398,7 @@ def test_scripted_crm_sessions_give_exactly_the_expected_kpis_on_metrics(broker,
         def counted():
             samples = worker.samples()
             return samples if samples and total(samples, "funnel_events_total") >= len(expected) else None
+
         samples = wait_until(counted, 90, what=f"{len(expected)} events counted by the worker")
     finally:
         edge.stop()
@@ -334,16 +409,25 @@ def test_scripted_crm_sessions_give_exactly_the_expected_kpis_on_metrics(broker,
 
     def value(name, **labels):
         return total(samples, name, **labels)
-    won = {"hubspot:owner:111": 5000, "pipedrive:user:18487521": 2000, "salesforce:005SM000000146PYAQ": 1000,
-           "bob": 900}
+
+    won = {
+        "hubspot:owner:111": 5000,
+        "pipedrive:user:18487521": 2000,
+        "salesforce:005SM000000146PYAQ": 1000,
+        "bob": 900,
+    }
     for owner, revenue in won.items():
         assert value("funnel_rep_won_revenue", pipeline="default", owner=owner, currency="USD") == revenue
     assert value("funnel_won_revenue", pipeline="default", currency="USD") == sum(won.values())
     assert value("funnel_deals_closed", pipeline="default", outcome="won") == 4
     assert value("funnel_deals_closed", pipeline="default", outcome="lost") == 2  # HubSpot 102, Pipedrive 2
-    assert {stage: value("funnel_deals_open", pipeline="default", stage=stage)
-            for stage in ("lead", "mql", "sql", "opportunity")} == {"lead": 2, "mql": 2, "sql": 0, "opportunity": 2}
-    assert {stage: value("funnel_open_value", pipeline="default", stage=stage, currency="USD")
-            for stage in ("lead", "mql", "opportunity")} == {"lead": 1000, "mql": 1900, "opportunity": 2000}
+    assert {
+        stage: value("funnel_deals_open", pipeline="default", stage=stage)
+        for stage in ("lead", "mql", "sql", "opportunity")
+    } == {"lead": 2, "mql": 2, "sql": 0, "opportunity": 2}
+    assert {
+        stage: value("funnel_open_value", pipeline="default", stage=stage, currency="USD")
+        for stage in ("lead", "mql", "opportunity")
+    } == {"lead": 1000, "mql": 1900, "opportunity": 2000}
     assert value("funnel_deals_closed", pipeline="lifecycle", outcome="won") == 2  # contact 9, the lead
     assert value("funnel_deals_open", pipeline="lifecycle", stage="lead") == 1  # contact 10

@@ -18,14 +18,26 @@ from streams.sources import hubspot
 from .test_ingest_e2e import BASIC, SECRET, Edge, read
 
 pytestmark = pytest.mark.broker
-HEADER_NAMES = ["X-HubSpot-Signature-v3", "X-HubSpot-Request-Timestamp", "X-HubSpot-Signature",
-                "X-HubSpot-Signature-Version", "Authorization", "Content-Type", "Content-Encoding",
-                "X-Forwarded-Proto", "X-Forwarded-Host", "X-Custom"]
-header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
-                        max_size=80)
-json_docs = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                    max_size=4), max_leaves=15)
+HEADER_NAMES = [
+    "X-HubSpot-Signature-v3",
+    "X-HubSpot-Request-Timestamp",
+    "X-HubSpot-Signature",
+    "X-HubSpot-Signature-Version",
+    "Authorization",
+    "Content-Type",
+    "Content-Encoding",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Host",
+    "X-Custom",
+]
+header_values = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=80
+)
+json_docs = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=15,
+)
 bodies = st.binary(max_size=2000) | json_docs.map(lambda d: json.dumps(d).encode())
 
 
@@ -36,7 +48,10 @@ def edge(tmp_path_factory):
         running.stored = 0
         yield running
         running.stop()
-        assert len(read(broker.url, "crm.raw.hubspot")) + len(read(broker.url, "crm.raw.pipedrive")) == running.stored
+        assert (
+            len(read(broker.url, "crm.raw.hubspot")) + len(read(broker.url, "crm.raw.pipedrive"))
+            == running.stored
+        )
 
 
 def send(edge: Edge, method: str, path: str, headers: dict[str, str], body: bytes) -> int:
@@ -49,16 +64,31 @@ def send(edge: Edge, method: str, path: str, headers: dict[str, str], body: byte
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-@given(method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE", "OPTIONS"]),
-       path=st.sampled_from(["/webhooks/hubspot", "/webhooks/pipedrive", "/healthz", "/metrics", "/",
-                             "/webhooks/hubspot?x=%3A", "/webhooks/%2e%2e/x", "/webhooks/pipedrive/"]),
-       headers=st.dictionaries(st.sampled_from(HEADER_NAMES), header_values, max_size=5),
-       body=bodies, auth=st.sampled_from(["none", "none", "hubspot", "pipedrive"]))
+@given(
+    method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE", "OPTIONS"]),
+    path=st.sampled_from(
+        [
+            "/webhooks/hubspot",
+            "/webhooks/pipedrive",
+            "/healthz",
+            "/metrics",
+            "/",
+            "/webhooks/hubspot?x=%3A",
+            "/webhooks/%2e%2e/x",
+            "/webhooks/pipedrive/",
+        ]
+    ),
+    headers=st.dictionaries(st.sampled_from(HEADER_NAMES), header_values, max_size=5),
+    body=bodies,
+    auth=st.sampled_from(["none", "none", "hubspot", "pipedrive"]),
+)
 def test_random_requests_never_get_a_5xx(edge, method, path, headers, body, auth):
     if auth == "hubspot":  # correctly signed: the body itself is what is fuzzed
         ts = str(int(time.time() * 1000))
-        headers = {"X-HubSpot-Request-Timestamp": ts, "X-HubSpot-Signature-v3": hubspot.signature_v3(
-            SECRET, method, edge.url(path), body, ts)}
+        headers = {
+            "X-HubSpot-Request-Timestamp": ts,
+            "X-HubSpot-Signature-v3": hubspot.signature_v3(SECRET, method, edge.url(path), body, ts),
+        }
     elif auth == "pipedrive":
         headers = {**headers, "Authorization": "Basic " + base64.b64encode(BASIC.encode()).decode()}
     status = send(edge, method, path, headers, body)

@@ -41,8 +41,9 @@ def apply(events: list[dict], deals: dict[str, Deal] | None = None) -> tuple[dic
         pipeline = change.pipeline or deal.value("pipeline") or "default"
         assert pipeline in CONFIG.pipelines, pipeline
         stage = None if change.stage is None else CONFIG.map_stage(change.source, pipeline, change.stage)
-        outcomes.append(apply_change(deal, change, stage,
-                                     stage_ignored=change.stage is not None and stage is None))
+        outcomes.append(
+            apply_change(deal, change, stage, stage_ignored=change.stage is not None and stage is None)
+        )
     return deals, outcomes
 
 
@@ -53,9 +54,16 @@ def kpis(deals: dict[str, Deal]) -> dict[str, dict]:
 
 def state(deal: Deal) -> tuple:
     """What a deal amounts to, independent of the order its events were applied in."""
-    return (deal.value("pipeline"), deal.value("amount"), deal.value("currency"), deal.value("account"),
-            deal.value("deleted"), deal.value("expected_close_at"), deal.owner,
-            [(ts, stage) for ts, _, stage in deal.history])
+    return (
+        deal.value("pipeline"),
+        deal.value("amount"),
+        deal.value("currency"),
+        deal.value("account"),
+        deal.value("deleted"),
+        deal.value("expected_close_at"),
+        deal.owner,
+        [(ts, stage) for ts, _, stage in deal.history],
+    )
 
 
 def assert_order_independent(events: list[dict], seed: int = 3) -> dict[str, Deal]:
@@ -74,8 +82,23 @@ def test_amount_accepts_numbers_and_plain_decimal_text_only():
     assert amount("2000", "x") == 2000.0
     assert amount("12.50", "x") == 12.5
     assert amount(7, "x") == 7
-    for bad in ("1_000", " 12", "nan", "inf", "1e400", "-5", "", "12,5", True, None, [1], 1e309, float("nan"),
-                10**400, -1):
+    for bad in (
+        "1_000",
+        " 12",
+        "nan",
+        "inf",
+        "1e400",
+        "-5",
+        "",
+        "12,5",
+        True,
+        None,
+        [1],
+        1e309,
+        float("nan"),
+        10**400,
+        -1,
+    ):
         with pytest.raises(Malformed):
             amount(bad, "x")
 

@@ -27,24 +27,65 @@ def adapt(message: dict, ctx: Context = CTX) -> list[dict]:
 
 def test_reference_update_example():
     # the constructed stage change of shared/reference/crm-sources.md §2d
-    event = {"before": {"id": 42, "stage": "proposal", "status": "open", "amount": "12000.00", "currency": "EUR",
-                        "owner_id": 7, "updated_at": 1741082000000},
-             "after": {"id": 42, "stage": "won", "status": "won", "amount": "12000.00", "currency": "EUR",
-                       "owner_id": 7, "updated_at": 1741083300000},
-             "source": {"version": "2.5.0.Final", "connector": "postgresql", "name": "crm", "ts_ms": 1741083300123,
-                        "snapshot": "false", "db": "crm", "schema": "public", "table": "deals", "txId": 884211,
-                        "lsn": 28581784, "xmin": None},
-             "op": "u", "ts_ms": 1741083300456, "transaction": None}
-    assert adapt({"key": {"id": 42}, "value": event}) == [{
-        "event_id": "debezium:deals:42:28581784", "occurred_at": "2025-03-04T10:15:00.123Z",
-        "deal_id": "debezium:deals:42", "source": "debezium", "stage": "won"}]
+    event = {
+        "before": {
+            "id": 42,
+            "stage": "proposal",
+            "status": "open",
+            "amount": "12000.00",
+            "currency": "EUR",
+            "owner_id": 7,
+            "updated_at": 1741082000000,
+        },
+        "after": {
+            "id": 42,
+            "stage": "won",
+            "status": "won",
+            "amount": "12000.00",
+            "currency": "EUR",
+            "owner_id": 7,
+            "updated_at": 1741083300000,
+        },
+        "source": {
+            "version": "2.5.0.Final",
+            "connector": "postgresql",
+            "name": "crm",
+            "ts_ms": 1741083300123,
+            "snapshot": "false",
+            "db": "crm",
+            "schema": "public",
+            "table": "deals",
+            "txId": 884211,
+            "lsn": 28581784,
+            "xmin": None,
+        },
+        "op": "u",
+        "ts_ms": 1741083300456,
+        "transaction": None,
+    }
+    assert adapt({"key": {"id": 42}, "value": event}) == [
+        {
+            "event_id": "debezium:deals:42:28581784",
+            "occurred_at": "2025-03-04T10:15:00.123Z",
+            "deal_id": "debezium:deals:42",
+            "source": "debezium",
+            "stage": "won",
+        }
+    ]
 
 
 def test_create_maps_every_configured_column():
     (event,) = adapt(CREATE_2)
-    assert {k: event[k] for k in ("stage", "amount", "currency", "owner", "account", "expected_close_at")} == {
-        "stage": "lead", "amount": 900.0, "currency": "USD", "owner": "bob", "account": "acme",
-        "expected_close_at": "2025-12-31T00:00:00.000Z"}
+    assert {
+        k: event[k] for k in ("stage", "amount", "currency", "owner", "account", "expected_close_at")
+    } == {
+        "stage": "lead",
+        "amount": 900.0,
+        "currency": "USD",
+        "owner": "bob",
+        "account": "acme",
+        "expected_close_at": "2025-12-31T00:00:00.000Z",
+    }
     assert event["deleted"] is False
 
 
@@ -78,12 +119,22 @@ def test_column_map_is_configurable_and_the_key_supplies_a_missing_id():
 
 
 def test_truncate_is_a_gap_and_other_connectors_positions_work():
-    truncate = {"before": None, "after": None, "op": "t",
-                "source": {"connector": "postgresql", "table": "deals", "ts_ms": 1762160400000, "lsn": 1}}
+    truncate = {
+        "before": None,
+        "after": None,
+        "op": "t",
+        "source": {"connector": "postgresql", "table": "deals", "ts_ms": 1762160400000, "lsn": 1},
+    }
     assert debezium.adapt(raw(truncate), CTX).gaps == [Gap("deals", "TRUNCATE", ())]
     mysql = copy.deepcopy(CREATE_2["value"])
-    mysql["source"] = {"connector": "mysql", "table": "deals", "ts_ms": 1762160400000, "file": "binlog.000003",
-                       "pos": 4471, "row": 0}
+    mysql["source"] = {
+        "connector": "mysql",
+        "table": "deals",
+        "ts_ms": 1762160400000,
+        "file": "binlog.000003",
+        "pos": 4471,
+        "row": 0,
+    }
     assert debezium.adapt(raw(mysql), CTX).events[0]["event_id"] == "debezium:deals:2:binlog.000003:4471:0"
 
 
@@ -99,20 +150,30 @@ def test_integer_times_without_a_schema_are_refused_not_guessed():
 def test_variable_scale_decimal():
     value = copy.deepcopy(SNAPSHOT["value"])
     for part in value["schema"]["fields"][:2]:
-        part["fields"][2] = {"type": "struct", "name": "io.debezium.data.VariableScaleDecimal", "field": "amount"}
-    value["payload"]["after"]["amount"] = {"scale": 3, "value": base64.b64encode((123456).to_bytes(3, "big")).decode()}
+        part["fields"][2] = {
+            "type": "struct",
+            "name": "io.debezium.data.VariableScaleDecimal",
+            "field": "amount",
+        }
+    value["payload"]["after"]["amount"] = {
+        "scale": 3,
+        "value": base64.b64encode((123456).to_bytes(3, "big")).decode(),
+    }
     assert adapt({"key": {"id": 1}, "value": value})[0]["amount"] == 123.456
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda v: v.update(op="x"),
-    lambda v: v["source"].pop("lsn"),
-    lambda v: v["source"].pop("table"),
-    lambda v: v["after"].update(stage=["a"]),
-    lambda v: v["after"].update(deleted="yes"),
-    lambda v: v["after"].update(currency="dollars"),
-    lambda v: v.update(after=None),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda v: v.update(op="x"),
+        lambda v: v["source"].pop("lsn"),
+        lambda v: v["source"].pop("table"),
+        lambda v: v["after"].update(stage=["a"]),
+        lambda v: v["after"].update(deleted="yes"),
+        lambda v: v["after"].update(currency="dollars"),
+        lambda v: v.update(after=None),
+    ],
+)
 def test_bad_values_reject_the_record(mutate):
     value = copy.deepcopy(CREATE_2["value"])
     mutate(value)
@@ -120,7 +181,9 @@ def test_bad_values_reject_the_record(mutate):
     assert out.events == [] and out.rejects
 
 
-@pytest.mark.parametrize("body", [b"[]", b'{"id": 1, "stage": "won"}', b"{", json.dumps({"op": "c"}).encode()[:-1]])
+@pytest.mark.parametrize(
+    "body", [b"[]", b'{"id": 1, "stage": "won"}', b"{", json.dumps({"op": "c"}).encode()[:-1]]
+)
 def test_not_a_change_event(body):
     with pytest.raises(Malformed):
         debezium.adapt(body, CTX)

@@ -19,25 +19,41 @@ LIB_BODY = b"{'example_field':'example_value'}"  # body of the vectors in HubSpo
 
 def test_published_signature_vectors():
     # developers.hubspot.com "v1 request validation" example, body byte-exact as documented
-    docs_body = (b'[{"eventId":1,"subscriptionId":12345,"portalId":62515,"occurredAt":1564113600000,'
-                 b'"subscriptionType":"contact.creation","attemptNumber":0,"objectId":123,'
-                 b'"changeSource":"CRM","changeFlag":"NEW","appId":54321}]')
-    assert hubspot.signature_v1(SECRET, docs_body) == \
-        "232db2615f3d666fe21a8ec971ac7b5402d33b9a925784df3ca654d05f4817de"
+    docs_body = (
+        b'[{"eventId":1,"subscriptionId":12345,"portalId":62515,"occurredAt":1564113600000,'
+        b'"subscriptionType":"contact.creation","attemptNumber":0,"objectId":123,'
+        b'"changeSource":"CRM","changeFlag":"NEW","appId":54321}]'
+    )
+    assert (
+        hubspot.signature_v1(SECRET, docs_body)
+        == "232db2615f3d666fe21a8ec971ac7b5402d33b9a925784df3ca654d05f4817de"
+    )
     # HubSpot/hubspot-api-python tests/spec/utils/test_signature.py
-    assert hubspot.signature_v1(SECRET, LIB_BODY) == \
-        "69fc6631a867edd4f9e9e627fc5c1148e3fbdd8b21837b6d2b8901c1fa57f750"
-    assert hubspot.signature_v2(SECRET, "POST", URI, LIB_BODY) == \
-        "4fe4e3a7d3cf09db53be39d0a58130e2aaba074ec123a9e355b876a689a1c383"
-    assert hubspot.signature_v2(SECRET, "GET", URI, b"") == \
-        "eee2dddcc73c94d699f5e395f4b9d454a069a6855fbfa152e91e88823087200e"
-    assert hubspot.signature_v3(SECRET, "POST", URI, LIB_BODY, "15000000") == \
-        "HPW73RUtKmcYoEDADG0s6MmGFWUzWJKAW07r8RDgcQw="
+    assert (
+        hubspot.signature_v1(SECRET, LIB_BODY)
+        == "69fc6631a867edd4f9e9e627fc5c1148e3fbdd8b21837b6d2b8901c1fa57f750"
+    )
+    assert (
+        hubspot.signature_v2(SECRET, "POST", URI, LIB_BODY)
+        == "4fe4e3a7d3cf09db53be39d0a58130e2aaba074ec123a9e355b876a689a1c383"
+    )
+    assert (
+        hubspot.signature_v2(SECRET, "GET", URI, b"")
+        == "eee2dddcc73c94d699f5e395f4b9d454a069a6855fbfa152e91e88823087200e"
+    )
+    assert (
+        hubspot.signature_v3(SECRET, "POST", URI, LIB_BODY, "15000000")
+        == "HPW73RUtKmcYoEDADG0s6MmGFWUzWJKAW07r8RDgcQw="
+    )
 
 
 def v3_headers(body: bytes, ts_ms: int, uri: str = URI, secret: str = SECRET) -> CIMultiDict:
-    return CIMultiDict({"X-HubSpot-Signature-v3": hubspot.signature_v3(secret, "POST", uri, body, str(ts_ms)),
-                        "X-HubSpot-Request-Timestamp": str(ts_ms)})
+    return CIMultiDict(
+        {
+            "X-HubSpot-Signature-v3": hubspot.signature_v3(secret, "POST", uri, body, str(ts_ms)),
+            "X-HubSpot-Request-Timestamp": str(ts_ms),
+        }
+    )
 
 
 def verify(headers, body=LIB_BODY, now_ms=1_700_000_000_000, versions=frozenset({"v3"}), uri=URI):
@@ -53,15 +69,18 @@ def test_v3_accepts_within_five_minutes_and_refuses_outside():
             verify(v3_headers(LIB_BODY, stale), now_ms=now)
 
 
-@pytest.mark.parametrize("headers", [
-    {},  # unsigned
-    {"X-HubSpot-Signature-v3": "HPW73RUtKmcYoEDADG0s6MmGFWUzWJKAW07r8RDgcQw="},  # no timestamp
-    {"X-HubSpot-Signature-v3": "", "X-HubSpot-Request-Timestamp": "1700000000000"},
-    {"X-HubSpot-Signature-v3": "bm9wZQ==", "X-HubSpot-Request-Timestamp": "1700000000000"},
-    {"X-HubSpot-Signature-v3": "é\udcff", "X-HubSpot-Request-Timestamp": "1700000000000"},
-    {"X-HubSpot-Signature-v3": "x", "X-HubSpot-Request-Timestamp": "-1"},
-    {"X-HubSpot-Signature-v3": "x", "X-HubSpot-Request-Timestamp": "9" * 400},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # unsigned
+        {"X-HubSpot-Signature-v3": "HPW73RUtKmcYoEDADG0s6MmGFWUzWJKAW07r8RDgcQw="},  # no timestamp
+        {"X-HubSpot-Signature-v3": "", "X-HubSpot-Request-Timestamp": "1700000000000"},
+        {"X-HubSpot-Signature-v3": "bm9wZQ==", "X-HubSpot-Request-Timestamp": "1700000000000"},
+        {"X-HubSpot-Signature-v3": "é\udcff", "X-HubSpot-Request-Timestamp": "1700000000000"},
+        {"X-HubSpot-Signature-v3": "x", "X-HubSpot-Request-Timestamp": "-1"},
+        {"X-HubSpot-Signature-v3": "x", "X-HubSpot-Request-Timestamp": "9" * 400},
+    ],
+)
 def test_unsigned_and_wrongly_signed_requests_are_refused(headers):
     with pytest.raises(PermissionError):
         verify(CIMultiDict(headers))
@@ -82,10 +101,15 @@ def test_the_signature_covers_body_uri_and_secret():
 
 
 def test_v1_and_v2_only_where_configured():
-    v1 = CIMultiDict({"X-HubSpot-Signature": hubspot.signature_v1(SECRET, LIB_BODY),
-                      "X-HubSpot-Signature-Version": "v1"})
-    v2 = CIMultiDict({"X-HubSpot-Signature": hubspot.signature_v2(SECRET, "POST", URI, LIB_BODY),
-                      "X-HubSpot-Signature-Version": "v2"})
+    v1 = CIMultiDict(
+        {"X-HubSpot-Signature": hubspot.signature_v1(SECRET, LIB_BODY), "X-HubSpot-Signature-Version": "v1"}
+    )
+    v2 = CIMultiDict(
+        {
+            "X-HubSpot-Signature": hubspot.signature_v2(SECRET, "POST", URI, LIB_BODY),
+            "X-HubSpot-Signature-Version": "v2",
+        }
+    )
     with pytest.raises(PermissionError, match="accepted version"):
         verify(v1)
     assert verify(v1, versions=frozenset({"v1", "v3"})) == "v1"
@@ -102,8 +126,13 @@ def adapt_one(item: dict) -> list[dict]:
 
 def test_deal_creation_deletion_and_restore():
     (created,) = adapt_one(EX["deal_creation"])
-    assert created == {"event_id": "hubspot:6547118:3838838940", "occurred_at": "2026-06-25T07:19:30.000Z",
-                       "deal_id": "hubspot:deal:332507367156", "source": "hubspot", "deleted": False}
+    assert created == {
+        "event_id": "hubspot:6547118:3838838940",
+        "occurred_at": "2026-06-25T07:19:30.000Z",
+        "deal_id": "hubspot:deal:332507367156",
+        "source": "hubspot",
+        "deleted": False,
+    }
     assert adapt_one(EX["deal_deletion"])[0]["deleted"] is True
     assert adapt_one(EX["deal_restore"])[0]["deleted"] is False
     assert adapt_one(EX["object_restore_deal"])[0]["deal_id"] == "hubspot:deal:332507367156"
@@ -130,20 +159,42 @@ def test_contact_lifecycle_is_its_own_pipeline_mapped_by_the_shipped_config():
 
 
 def test_what_the_funnel_does_not_use_is_skipped_not_rejected():
-    body = [EX["deal_pipeline"], EX["deal_merge"], EX["company_creation"],
-            {**EX["deal_amount"], "propertyValue": ""}, {**EX["deal_owner"], "propertyName": "dealname"}]
+    body = [
+        EX["deal_pipeline"],
+        EX["deal_merge"],
+        EX["company_creation"],
+        {**EX["deal_amount"], "propertyValue": ""},
+        {**EX["deal_owner"], "propertyName": "dealname"},
+    ]
     out = hubspot.adapt(raw(body), CTX)
     assert out.events == [] and out.rejects == []
-    assert sorted(out.skipped) == ["cleared_property", "unsupported_action", "unsupported_object",
-                                   "unused_property", "unused_property"]
+    assert sorted(out.skipped) == [
+        "cleared_property",
+        "unsupported_action",
+        "unsupported_object",
+        "unused_property",
+        "unused_property",
+    ]
 
 
 def test_a_bad_record_is_rejected_alone():
-    body = [EX["deal_amount"], {**EX["deal_amount"], "propertyValue": "-5"}, {**EX["deal_stage"], "occurredAt": "soon"},
-            {**EX["deal_stage"], "propertyValue": 7}, "not an object", {**EX["deal_stage"], "objectId": None}]
+    body = [
+        EX["deal_amount"],
+        {**EX["deal_amount"], "propertyValue": "-5"},
+        {**EX["deal_stage"], "occurredAt": "soon"},
+        {**EX["deal_stage"], "propertyValue": 7},
+        "not an object",
+        {**EX["deal_stage"], "objectId": None},
+    ]
     out = hubspot.adapt(raw(body), CTX)
     assert len(out.events) == 1
-    assert [r.code for r in out.rejects] == ["bad_amount", "bad_timestamp", "bad_field", "bad_shape", "missing_field"]
+    assert [r.code for r in out.rejects] == [
+        "bad_amount",
+        "bad_timestamp",
+        "bad_field",
+        "bad_shape",
+        "missing_field",
+    ]
     assert "[1].propertyValue" in out.rejects[0].reason
 
 
@@ -175,7 +226,10 @@ def test_scripted_session_gives_the_expected_funnel_in_any_order():
     counters = kpis(deals)
     assert counters["closed"] == {("default", "won"): 1, ("default", "lost"): 1, ("lifecycle", "won"): 1}
     assert counters["open"] == {("default", "lead"): 1, ("default", "mql"): 1, ("lifecycle", "lead"): 1}
-    assert counters["open_value"] == {("default", "lead", "USD"): 700_000_000, ("default", "mql", "USD"): 1_500_000_000}
+    assert counters["open_value"] == {
+        ("default", "lead", "USD"): 700_000_000,
+        ("default", "mql", "USD"): 1_500_000_000,
+    }
     assert counters["won_revenue"] == {("default", "USD"): 5_000_000_000}
     assert counters["rep_won"] == {("default", "hubspot:owner:111", "USD"): 5_000_000_000}
     assert deals["hubspot:deal:103"].owner == "hubspot:owner:222"

@@ -16,25 +16,86 @@ BODIES = fixture("pipedrive_session.json")["bodies"]
 CREATE, MOVE, VALUE, WON, LOST, REOPEN, DELETE = (BODIES[i] for i in (0, 4, 5, 6, 7, 8, 9))
 
 # Real v2 example (prismatic.io example payload): numeric ids, epoch-seconds timestamp.
-PRISMATIC = {"meta": {"action": "change", "entity": "deal", "version": "2.0", "company_id": 12882925,
-                      "user_id": 18487521, "id": 1, "entity_id": 1, "webhook_id": 99, "webhook_owner_id": 18487521,
-                      "permitted_user_ids": [18487521], "attempt": 1, "host": "company.pipedrive.com",
-                      "timestamp": 1727447128, "change_source": "app"},
-             "data": {"id": 1, "title": "test deal", "value": 2, "currency": "USD", "status": "open", "stage_id": 1,
-                      "pipeline_id": 1, "owner_id": 18487521, "person_id": 3, "org_id": 2,
-                      "add_time": "2024-09-27T14:25:27Z", "update_time": "2024-09-27T14:25:28Z"},
-             "previous": None}
+PRISMATIC = {
+    "meta": {
+        "action": "change",
+        "entity": "deal",
+        "version": "2.0",
+        "company_id": 12882925,
+        "user_id": 18487521,
+        "id": 1,
+        "entity_id": 1,
+        "webhook_id": 99,
+        "webhook_owner_id": 18487521,
+        "permitted_user_ids": [18487521],
+        "attempt": 1,
+        "host": "company.pipedrive.com",
+        "timestamp": 1727447128,
+        "change_source": "app",
+    },
+    "data": {
+        "id": 1,
+        "title": "test deal",
+        "value": 2,
+        "currency": "USD",
+        "status": "open",
+        "stage_id": 1,
+        "pipeline_id": 1,
+        "owner_id": 18487521,
+        "person_id": 3,
+        "org_id": 2,
+        "add_time": "2024-09-27T14:25:27Z",
+        "update_time": "2024-09-27T14:25:28Z",
+    },
+    "previous": None,
+}
 # v1 format (PipedreamHQ test event shape): whole objects in current/previous.
-V1 = {"v": 1, "matches_filters": {"current": [], "previous": []},
-      "meta": {"v": 1, "action": "updated", "object": "deal", "id": 42, "company_id": 12882925, "user_id": 18487521,
-               "host": "company.pipedrive.com", "timestamp": 1741083300, "timestamp_micro": 1741083300384700,
-               "permitted_user_ids": [18487521], "trans_pending": False, "is_bulk_update": False,
-               "pipedrive_service_name": False, "webhook_id": "12345678"},
-      "current": {"id": 42, "title": "Acme", "value": 12000, "currency": "EUR", "status": "open", "stage_id": 4,
-                  "pipeline_id": 1, "user_id": 18487521, "org_id": 2, "expected_close_date": None},
-      "previous": {"id": 42, "title": "Acme", "value": 10000, "currency": "EUR", "status": "open", "stage_id": 2,
-                   "pipeline_id": 1, "user_id": 18487521, "org_id": 2, "expected_close_date": None},
-      "event": "updated.deal", "retry": 0}
+V1 = {
+    "v": 1,
+    "matches_filters": {"current": [], "previous": []},
+    "meta": {
+        "v": 1,
+        "action": "updated",
+        "object": "deal",
+        "id": 42,
+        "company_id": 12882925,
+        "user_id": 18487521,
+        "host": "company.pipedrive.com",
+        "timestamp": 1741083300,
+        "timestamp_micro": 1741083300384700,
+        "permitted_user_ids": [18487521],
+        "trans_pending": False,
+        "is_bulk_update": False,
+        "pipedrive_service_name": False,
+        "webhook_id": "12345678",
+    },
+    "current": {
+        "id": 42,
+        "title": "Acme",
+        "value": 12000,
+        "currency": "EUR",
+        "status": "open",
+        "stage_id": 4,
+        "pipeline_id": 1,
+        "user_id": 18487521,
+        "org_id": 2,
+        "expected_close_date": None,
+    },
+    "previous": {
+        "id": 42,
+        "title": "Acme",
+        "value": 10000,
+        "currency": "EUR",
+        "status": "open",
+        "stage_id": 2,
+        "pipeline_id": 1,
+        "user_id": 18487521,
+        "org_id": 2,
+        "expected_close_date": None,
+    },
+    "event": "updated.deal",
+    "retry": 0,
+}
 
 
 def adapt(body: dict) -> list[dict]:
@@ -46,9 +107,16 @@ def adapt(body: dict) -> list[dict]:
 def test_create_carries_the_whole_deal():
     (event,) = adapt(CREATE)
     assert event == {
-        "event_id": "pipedrive:7c1e9a52-0d7e-4a55-9a0e-000000000001", "occurred_at": "2025-11-03T09:00:00.000Z",
-        "deal_id": "pipedrive:deal:1", "source": "pipedrive", "pipeline": "default", "stage": "1", "amount": 2000,
-        "currency": "USD", "owner": "pipedrive:user:18487521", "account": "pipedrive:org:2",
+        "event_id": "pipedrive:7c1e9a52-0d7e-4a55-9a0e-000000000001",
+        "occurred_at": "2025-11-03T09:00:00.000Z",
+        "deal_id": "pipedrive:deal:1",
+        "source": "pipedrive",
+        "pipeline": "default",
+        "stage": "1",
+        "amount": 2000,
+        "currency": "USD",
+        "owner": "pipedrive:user:18487521",
+        "account": "pipedrive:org:2",
         "expected_close_at": "2025-12-31T00:00:00.000Z",
     }
     (real,) = adapt({**PRISMATIC, "meta": {**PRISMATIC["meta"], "action": "create"}})
@@ -97,14 +165,17 @@ def test_a_retry_keeps_meta_id_so_it_is_a_duplicate():
     assert outcomes == [Outcome.ACCEPTED, Outcome.DUPLICATE]
 
 
-@pytest.mark.parametrize("change", [
-    {"data": {**WON["data"], "status": "archived"}},
-    {"data": {**WON["data"], "value": -3}, "previous": {"value": 800}},
-    {"data": {**WON["data"], "currency": "EURO"}, "previous": {"currency": "EUR"}},
-    {"meta": {**WON["meta"], "timestamp": "next week"}},
-    {"meta": {**WON["meta"], "id": None}},
-    {"data": None},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"data": {**WON["data"], "status": "archived"}},
+        {"data": {**WON["data"], "value": -3}, "previous": {"value": 800}},
+        {"data": {**WON["data"], "currency": "EURO"}, "previous": {"currency": "EUR"}},
+        {"meta": {**WON["meta"], "timestamp": "next week"}},
+        {"meta": {**WON["meta"], "id": None}},
+        {"data": None},
+    ],
+)
 def test_bad_values_reject_the_record(change):
     out = pipedrive.adapt(raw({**WON, **change}), CTX)
     assert out.events == [] and len(out.rejects) == 1

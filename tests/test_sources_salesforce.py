@@ -13,8 +13,21 @@ from streams.sources.common import Gap, Malformed
 from .test_sources_common import CTX, apply, assert_order_independent, fixture, kpis, raw
 
 MESSAGES = fixture("salesforce_session.json")["messages"]
-UPDATE_B, CREATE_AB, CREATE_C, DELETE_C, UNDELETE_C, GAP, OVERFLOW, WON_A, LEAD, LEAD_WORKING, LEAD_CONVERTED, \
-    ACCOUNT, WON_A_AGAIN = MESSAGES
+(
+    UPDATE_B,
+    CREATE_AB,
+    CREATE_C,
+    DELETE_C,
+    UNDELETE_C,
+    GAP,
+    OVERFLOW,
+    WON_A,
+    LEAD,
+    LEAD_WORKING,
+    LEAD_CONVERTED,
+    ACCOUNT,
+    WON_A_AGAIN,
+) = MESSAGES
 A, B, C = "006SM0000001Tb3YAE", "006SM0000001Tb4YAE", "006SM0000001Tb5YAE"
 
 
@@ -26,22 +39,48 @@ def adapt(message: dict) -> list[dict]:
 
 def test_official_create_example():
     # Pub/Sub API developer guide's OpportunityChangeEvent CREATE (CloseDate as epoch ms)
-    event = {"ChangeEventHeader": {
-        "entityName": "Opportunity", "recordIds": ["006SM0000001Tb3YAE"], "changeType": "CREATE",
-        "changeOrigin": "com/salesforce/api/soap/55.0;client=SfdcInternalAPI/",
-        "transactionKey": "00000466-3d4f-bbe3-9c2b-5ab0fb45cc02", "sequenceNumber": 1,
-        "commitTimestamp": 1652977933000, "commitNumber": 1652977933433528300, "commitUser": "005SM000000146PYAQ",
-        "nulledFields": [], "diffFields": [], "changedFields": []},
-        "AccountId": "001SM0000000iibYAA", "Name": "Acme - 400 Widgets", "StageName": "Prospecting", "Amount": 40000,
-        "Probability": 10, "ExpectedRevenue": None, "CloseDate": 1653955200000, "IsClosed": False, "IsWon": False,
-        "ForecastCategory": "Pipeline", "ForecastCategoryName": "Pipeline", "CampaignId": None,
-        "HasOpportunityLineItem": False}
-    assert adapt(event) == [{
-        "event_id": "salesforce:00000466-3d4f-bbe3-9c2b-5ab0fb45cc02:1:006SM0000001Tb3YAE",
-        "occurred_at": "2022-05-19T16:32:13.000Z", "deal_id": "salesforce:006SM0000001Tb3YAE", "source": "salesforce",
-        "stage": "Prospecting", "pipeline": "default", "amount": 40000, "account": "salesforce:001SM0000000iibYAA",
-        "expected_close_at": "2022-05-31T00:00:00.000Z",
-    }]
+    event = {
+        "ChangeEventHeader": {
+            "entityName": "Opportunity",
+            "recordIds": ["006SM0000001Tb3YAE"],
+            "changeType": "CREATE",
+            "changeOrigin": "com/salesforce/api/soap/55.0;client=SfdcInternalAPI/",
+            "transactionKey": "00000466-3d4f-bbe3-9c2b-5ab0fb45cc02",
+            "sequenceNumber": 1,
+            "commitTimestamp": 1652977933000,
+            "commitNumber": 1652977933433528300,
+            "commitUser": "005SM000000146PYAQ",
+            "nulledFields": [],
+            "diffFields": [],
+            "changedFields": [],
+        },
+        "AccountId": "001SM0000000iibYAA",
+        "Name": "Acme - 400 Widgets",
+        "StageName": "Prospecting",
+        "Amount": 40000,
+        "Probability": 10,
+        "ExpectedRevenue": None,
+        "CloseDate": 1653955200000,
+        "IsClosed": False,
+        "IsWon": False,
+        "ForecastCategory": "Pipeline",
+        "ForecastCategoryName": "Pipeline",
+        "CampaignId": None,
+        "HasOpportunityLineItem": False,
+    }
+    assert adapt(event) == [
+        {
+            "event_id": "salesforce:00000466-3d4f-bbe3-9c2b-5ab0fb45cc02:1:006SM0000001Tb3YAE",
+            "occurred_at": "2022-05-19T16:32:13.000Z",
+            "deal_id": "salesforce:006SM0000001Tb3YAE",
+            "source": "salesforce",
+            "stage": "Prospecting",
+            "pipeline": "default",
+            "amount": 40000,
+            "account": "salesforce:001SM0000000iibYAA",
+            "expected_close_at": "2022-05-31T00:00:00.000Z",
+        }
+    ]
 
 
 def test_one_event_for_several_records_fans_out():
@@ -54,8 +93,11 @@ def test_one_event_for_several_records_fans_out():
 
 def test_update_carries_only_the_non_null_fields():
     (event,) = adapt(UPDATE_B)
-    assert {k for k in event if k not in ("event_id", "occurred_at", "deal_id", "source")} == \
-        {"stage", "pipeline", "amount"}
+    assert {k for k in event if k not in ("event_id", "occurred_at", "deal_id", "source")} == {
+        "stage",
+        "pipeline",
+        "amount",
+    }
     nulled = copy.deepcopy(UPDATE_B)
     nulled["Amount"] = None
     nulled["ChangeEventHeader"]["nulledFields"] = ["Amount"]
@@ -64,7 +106,13 @@ def test_update_carries_only_the_non_null_fields():
 
 def test_delete_and_undelete():
     (deleted,) = adapt(DELETE_C)
-    assert deleted["deleted"] is True and set(deleted) == {"event_id", "occurred_at", "deal_id", "source", "deleted"}
+    assert deleted["deleted"] is True and set(deleted) == {
+        "event_id",
+        "occurred_at",
+        "deal_id",
+        "source",
+        "deleted",
+    }
     (undeleted,) = adapt(UNDELETE_C)
     assert undeleted["deleted"] is False and undeleted["stage"] == "Qualification"
 
@@ -81,7 +129,11 @@ def test_gap_events_are_reported_not_guessed():
 def test_leads_follow_their_status_in_the_lifecycle_pipeline():
     events = adapt(LEAD) + adapt(LEAD_WORKING) + adapt(LEAD_CONVERTED)
     assert {e["pipeline"] for e in events} == {"lifecycle"}
-    assert [CTX.config.map_stage("salesforce", "lifecycle", e["stage"]) for e in events] == ["lead", "mql", "won"]
+    assert [CTX.config.map_stage("salesforce", "lifecycle", e["stage"]) for e in events] == [
+        "lead",
+        "mql",
+        "won",
+    ]
 
 
 def test_streaming_envelope_and_redelivery_keep_the_event_id():
@@ -94,15 +146,18 @@ def test_other_entities_are_skipped():
     assert salesforce.adapt(raw(ACCOUNT), CTX).skipped == ["unsupported_object"]
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda m: m["ChangeEventHeader"].update(recordIds=["not an id"]),
-    lambda m: m["ChangeEventHeader"].update(commitTimestamp="noon"),
-    lambda m: m["ChangeEventHeader"].pop("transactionKey"),
-    lambda m: m.update(Amount=-1),
-    lambda m: m.update(StageName=""),
-    lambda m: m["ChangeEventHeader"].update(changeType="MERGE"),
-    lambda m: m["ChangeEventHeader"].update(recordIds=[]),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: m["ChangeEventHeader"].update(recordIds=["not an id"]),
+        lambda m: m["ChangeEventHeader"].update(commitTimestamp="noon"),
+        lambda m: m["ChangeEventHeader"].pop("transactionKey"),
+        lambda m: m.update(Amount=-1),
+        lambda m: m.update(StageName=""),
+        lambda m: m["ChangeEventHeader"].update(changeType="MERGE"),
+        lambda m: m["ChangeEventHeader"].update(recordIds=[]),
+    ],
+)
 def test_bad_values_reject_the_message(mutate):
     message = copy.deepcopy(UPDATE_B)
     mutate(message)
@@ -122,7 +177,9 @@ def test_scripted_session_gives_the_expected_funnel_in_any_order():
     counters = kpis(deals)
     assert counters["closed"] == {("default", "won"): 1, ("lifecycle", "won"): 1}
     assert counters["open"] == {("default", "opportunity"): 1, ("default", "mql"): 1}
-    assert counters["open_value"] == {("default", "opportunity", "USD"): 1_200_000_000,
-                                      ("default", "mql", "USD"): 400_000_000}
+    assert counters["open_value"] == {
+        ("default", "opportunity", "USD"): 1_200_000_000,
+        ("default", "mql", "USD"): 400_000_000,
+    }
     assert counters["won_revenue"] == {("default", "USD"): 1_000_000_000}
     assert counters["rep_won"] == {("default", "salesforce:005SM000000146PYAQ", "USD"): 1_000_000_000}

@@ -232,13 +232,15 @@ class Context:
 
     config: FunnelConfig
     lifecycle_pipeline: str = "lifecycle"  # HubSpot contacts' lifecycle stages
-    lead_pipeline: str = "lifecycle"       # Salesforce leads' Status
+    lead_pipeline: str = "lifecycle"  # Salesforce leads' Status
     debezium_columns: Mapping[str, str] = field(default_factory=dict)
 
     def check(self) -> Context:
         """Refuse to start with pipelines the funnel config does not have."""
-        for name, pipeline in (("lifecycle pipeline", self.lifecycle_pipeline),
-                               ("Salesforce lead pipeline", self.lead_pipeline)):
+        for name, pipeline in (
+            ("lifecycle pipeline", self.lifecycle_pipeline),
+            ("Salesforce lead pipeline", self.lead_pipeline),
+        ):
             if pipeline not in self.config.pipelines:
                 raise ConfigError(
                     f"the {name} {pipeline!r} is not configured in the funnel config "

