@@ -173,3 +173,34 @@ def conversion_checks(
             )
             checks.append(ConversionCheck(pipeline, stage, following, conversion, baseline, dropped))
     return checks
+
+
+@dataclass(frozen=True)
+class PeriodKpis:
+    """Revenue against the target of the current calendar period (DESIGN §4)."""
+
+    period: str
+    target: float | None
+    won: float
+    attainment: float | None
+    expected_to_date: float | None
+    forecast: float
+
+
+def period_kpis(samples: Samples, pipeline: str, currency: str, period: str) -> PeriodKpis:
+    p = {"pipeline": pipeline, "currency": currency, "period": period}
+    won = total(samples, "funnel_won_revenue_period", **p)
+    targets = [v for labels, v in samples.get("funnel_revenue_target", ())
+               if all(labels.get(k) == val for k, val in p.items())]
+    target = max(targets) if targets else None
+    elapsed = max((v for labels, v in samples.get("funnel_period_elapsed_ratio", ())
+                   if labels.get("period") == period), default=0.0)
+    weighted = sum(
+        value * probability
+        for stage, probability in stage_order(samples, pipeline)
+        for value in [total(samples, "funnel_open_value_period", stage=stage, **p)]
+    )
+    return PeriodKpis(
+        period, target, won, ratio(won, target or 0.0),
+        None if target is None else target * elapsed, won + weighted,
+    )

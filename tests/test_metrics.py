@@ -138,3 +138,49 @@ def test_stalls_periods_and_targets_on_the_dataset(dataset_registry):
     assert total(samples, "funnel_won_revenue_period", period="month") == december
     assert total(samples, "funnel_period_elapsed_ratio", period="month") == 30 / 31
     assert total(samples, "funnel_revenue_target", period="year", currency="USD") == 12_000_000
+
+
+def test_target_attainment_and_forecast_equal_hand_computed_values(tmp_path):
+    """Known targets, a clock in mid-month, won and open deals with expected close dates."""
+    from models.config import DEFAULT_CONFIG
+    from models.kpis import period_kpis
+
+    text = DEFAULT_CONFIG.read_text().replace(
+        "USD: {month: 1000000, quarter: 3000000, year: 12000000}",
+        "USD: {month: 1000, quarter: 4000, year: 10000}")
+    (tmp_path / "funnel.yaml").write_text(text)
+    config = load_config(tmp_path / "funnel.yaml")
+    registry = CollectorRegistry()
+    clock = EventClock(Clock.STREAM)
+    proc = DealProcessor(config, clock, ProcessMetrics(registry), max_skew_ms=86_400_000)
+    registry.register(KpiCollector(config, lambda: list(proc.folds.folds.values()), clock.now_ms, "t"))
+
+    def event(i, when, **change):
+        return orjson.dumps({"event_id": f"e{i}", "deal_id": f"d{i}", "occurred_at": when, **change})
+
+    raws = [
+        event(1, "2024-05-10T00:00:00Z", stage="won", amount=300.0),          # won this month
+        event(2, "2024-04-20T00:00:00Z", stage="won", amount=500.0),          # won last month (quarter)
+        event(3, "2023-12-20T00:00:00Z", stage="won", amount=900.0),          # last year: no period
+        event(4, "2024-05-02T00:00:00Z", stage="opportunity", amount=1000.0,  # p=0.4, closes in May
+              expected_close_at="2024-05-25T00:00:00Z"),
+        event(5, "2024-05-03T00:00:00Z", stage="sql", amount=200.0,           # p=0.2, closes in June
+              expected_close_at="2024-06-10T00:00:00Z"),
+        event(6, "2024-05-16T00:00:00Z", stage="lead"),                       # moves the clock
+    ]
+    table = {}
+    batch = proc.process([Record(None, raw, "crm.events", 0, i) for i, raw in enumerate(raws)],
+                         lambda key, _: table.get(key))
+    assert not batch.rejections
+    samples = parse_exposition(generate_latest(registry).decode())
+    month = period_kpis(samples, "default", "USD", "month")
+    assert month.won == 300 and month.target == 1000
+    assert month.attainment == 0.3
+    assert month.expected_to_date == pytest.approx(1000 * 15 / 31)          # 15 of 31 days gone
+    assert month.forecast == pytest.approx(300 + 1000 * 0.4)
+    quarter = period_kpis(samples, "default", "USD", "quarter")
+    assert quarter.won == 800 and quarter.attainment == 0.2
+    assert quarter.forecast == pytest.approx(800 + 1000 * 0.4 + 200 * 0.2)
+    assert quarter.expected_to_date == pytest.approx(4000 * (30 + 15) / 91)  # Apr 1 → May 16
+    year = period_kpis(samples, "default", "USD", "year")
+    assert year.won == 800 and year.attainment == 0.08

@@ -25,5 +25,5 @@ def test_topics_get_the_configured_partitions_and_a_mismatch_is_refused(broker):
     asyncio.run(topics.ensure_topics(broker.url, wanted))
     assert asyncio.run(partition_counts(broker.url, list(wanted))) == wanted
     asyncio.run(topics.ensure_topics(broker.url, wanted))  # idempotent
-    with pytest.raises(topics.TopicMismatch, match="'crm.events' has 8 partitions.*configured for 6"):
+    with pytest.raises(topics.TopicMismatch, match=r"'crm\.events' has 8 partitions.*configured for 6"):
         asyncio.run(topics.ensure_topics(broker.url, {topics.EVENTS: 6}))
