@@ -224,8 +224,9 @@ def phase_profile(bench: Bench, broker: EmbeddedBroker, expected: int, rate: flo
         if spy.returncode != 0 or not raw.exists():
             bench.note(f"profile failed: {err.decode(errors='replace')[-400:]}")
             return
-        measure.drain(_count_of(worker), expected, worker.started_at, worker.check_alive,
-                      timeout=bench.args.timeout)
+        count = _count_of(worker)
+        _wait(lambda: (count() or 0) >= expected, bench.args.timeout, "profiled worker done",
+              worker.check_alive, 0.5)
     summary = profile.summarise(raw)
     text = profile.render(summary)
     out = HERE / "out"

@@ -8,6 +8,7 @@ customer agent → ``customers`` table + folds → ``/metrics``. Invalid input �
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -230,10 +231,20 @@ def create_worker(settings: Settings | None = None) -> Worker:
             return in_event_context(record.ref, lambda: table_.get(key.encode()))
         return load
 
+    crash_after = int(os.environ.get("FUNNEL_TEST_CRASH_AFTER_WRITES", "0"))
+    writes_done = [0]
+
     def write(table_: RawTable, key: str, value: bytes, record: Record) -> None:
         def put() -> None:
             table_[key.encode()] = value
         in_event_context(record.ref, put)
+        if crash_after:
+            writes_done[0] += 1
+            if writes_done[0] >= crash_after:
+                # Test hook (crash tests only): die between a table write and the offset
+                # commit, the most dangerous point for double counting.
+                log.warning("FUNNEL_TEST_CRASH_AFTER_WRITES reached: exiting hard")
+                os._exit(137)
 
     def to_records(events: list[Any]) -> list[Record]:
         return [
