@@ -300,13 +300,22 @@ def _memory(bench: Bench, broker: EmbeddedBroker, worker: FunnelWorker, store: s
     return per_deal
 
 
-async def _end_offsets(broker_url: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(broker_url))
+async def _topic_size(broker_url: str, topic: str) -> tuple[int, int]:
+    """(messages, distinct keys) of a topic, by reading it: Tansu's ListOffsets answers the
+    last batch's base offset + 1, not the log end, so end_offsets() undercounts."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(broker_url),
+                                enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        offsets = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
-        return sum(offsets.values())
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        messages, keys = 0, set()
+        while batches := await consumer.getmany(timeout_ms=1000):
+            for batch in batches.values():
+                messages += len(batch)
+                keys.update(message.key for message in batch)
+        return messages, len(keys)
     finally:
         await consumer.stop()
 
@@ -330,21 +339,21 @@ def phase_memory_and_recovery(bench: Bench) -> None:
             if worker.metric("funnel_deals_open") != deals:
                 raise AssertionError(f"expected {deals} open deals before the restart")
         empty_start = bench.results.get("start_to_ready_empty_memory_s")
-        changelog = asyncio.run(_end_offsets(broker.url, "funnel-kpi-deals-changelog"))
+        changelog, keys = asyncio.run(_topic_size(broker.url, "funnel-kpi-deals-changelog"))
         restarted = FunnelWorker(broker.url, bench.workdir, "recovered")
         with restarted:
             _wait(restarted.ready, args.timeout, "recovered worker ready", restarted.check_alive,
                   0.05)
             seconds = time.monotonic() - restarted.started_at
             opened = restarted.metric("funnel_deals_open")
-        if opened != deals:
-            raise AssertionError(f"recovered {opened} open deals, expected {deals}")
         empty = f"; empty start {empty_start:.1f}s" if empty_start else ""
+        # Not fatal: a shortfall is a finding (see bench/README.md), the time still stands.
+        recovered = "all recovered" if opened == deals else f"RECOVERED ONLY {opened:,.0f}"
         bench.report(Figure(f"recovery: {deals:,} deals' state (memory)", f"{seconds:.1f} s",
-                            f"restart → ready, {changelog:,} changelog messages, "
-                            f"{deals / seconds:,.0f} deals/s{empty}; size: --recovery-deals"),
+                            f"restart → ready; {recovered}; changelog {changelog:,} messages, "
+                            f"{keys:,} keys{empty}"),
                      recovery_seconds=round(seconds, 2), recovery_deals=deals,
-                     recovery_changelog_messages=changelog)
+                     recovery_open_deals_after=opened, recovery_changelog_messages=changelog)
 
 
 def phase_rocksdb(bench: Bench) -> None:

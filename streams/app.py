@@ -72,9 +72,17 @@ class RawTable(faust.Table):
     compact bytes (models.deal), so JSON would only wrap them.
     """
 
-    def __init__(self, app: faust.App, **kwargs: Any) -> None:
+    def __init__(self, app: faust.App, settings: Settings, **kwargs: Any) -> None:
+        # RocksDB memory per table partition: block cache + 2 write buffers (Faust's defaults
+        # are a 2 GiB cache and 3 × 64 MiB buffers per partition: far too much for small boxes).
+        mib = 1024 * 1024
+        options = {
+            "block_cache_size": settings.rocksdb_block_cache_mb * mib,
+            "write_buffer_size": settings.rocksdb_write_buffer_mb * mib,
+            "max_write_buffer_number": 2,
+        } if settings.store.startswith("rocksdb") else None
         super().__init__(app, key_type=bytes, value_type=bytes, beacon=app.tables.beacon,
-                         default=None, **kwargs)
+                         default=None, options=options, **kwargs)
         self.key_serializer = self.value_serializer = "raw"
 
 
@@ -86,11 +94,11 @@ class FoldedTable(RawTable):
     """
 
     def __init__(
-        self, app: faust.App, *, folds: PartitionFolds, source_topic: str,
+        self, app: faust.App, settings: Settings, *, folds: PartitionFolds, source_topic: str,
         contribution: Callable[[bytes], tuple[int, Contribution]],
         on_ready: Callable[[set[int], set[int]], None], **kwargs: Any,
     ) -> None:
-        super().__init__(app, **kwargs)
+        super().__init__(app, settings, **kwargs)
         self.folds = folds
         self.source_topic = source_topic
         self.contribution = contribution
@@ -145,6 +153,7 @@ def _faust_app(settings: Settings) -> faust.App:
         topic_replication_factor=settings.replication_factor,
         topic_disable_leader=True,
         table_standby_replicas=settings.standby_replicas,
+        recovery_consistency_check=settings.recovery_consistency_check,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout,
         broker_rebalance_timeout=settings.rebalance_timeout,
@@ -194,7 +203,7 @@ def create_worker(settings: Settings | None = None) -> Worker:
         key_serializer="raw", value_serializer="raw", partitions=1, internal=True,
     )
     conversion_watch = ConversionWatch(config)
-    open_drops = app.tables.add(RawTable(app, name="conversion-drops", partitions=1))
+    open_drops = app.tables.add(RawTable(app, settings, name="conversion-drops", partitions=1))
     dlq_topic = raw_topic(topics.DLQ)
     credits_topic = raw_topic(topics.credits_topic(settings.app_id), internal=True)
     ready_parts: dict[str, bool] = {}
@@ -210,7 +219,7 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
         ready_parts[name] = False
         return app.tables.add(FoldedTable(
-            app, name=name, folds=folds, source_topic=source, contribution=contribution,
+            app, settings, name=name, folds=folds, source_topic=source, contribution=contribution,
             on_ready=on_ready, partitions=settings.partitions,
         ))
 

@@ -23,6 +23,13 @@ class Settings(BaseSettings):
     clock: Clock | None = Field(None, description="wall | stream (default: the config's clock, wall)")
     redis_url: str | None = Field(None, description="Redis URL for the optional KPI sink")
     store: str = Field("memory://", description="table store: memory:// or rocksdb://")
+    rocksdb_block_cache_mb: int = Field(16, ge=1, description="RocksDB block cache per table partition, MiB")
+    rocksdb_write_buffer_mb: int = Field(
+        8, ge=1, description="RocksDB write buffer per table partition, MiB (2 kept)",
+    )
+    recovery_consistency_check: bool = Field(
+        True, description="refuse RocksDB state ahead of its changelog (off on Tansu: see README)",
+    )
     app_id: str = Field("funnel-kpi", description="consumer group and changelog topic prefix")
     partitions: int = Field(8, ge=1, description="partitions of crm.events and internal topics")
     replication_factor: int = Field(1, ge=1, description="replication factor of created topics")

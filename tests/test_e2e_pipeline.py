@@ -101,8 +101,12 @@ def test_scrambled_replay_gives_the_same_values_and_counts(broker, workers):
     assert_dataset_values(samples)
 
 
-def test_kill_9_mid_replay_then_restart_gives_the_literal_values(broker, workers):
-    worker = workers(FUNNEL_CLOCK="stream")
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_kill_9_mid_replay_then_restart_gives_the_literal_values(broker, workers, store):
+    # Tansu reports a changelog highwater below offsets it acknowledged before the kill, which
+    # Faust's consistency check refuses; on Apache Kafka the check stays on (the default).
+    worker = workers(FUNNEL_CLOCK="stream", FUNNEL_STORE=store,
+                     FUNNEL_RECOVERY_CONSISTENCY_CHECK="false")
     worker.wait_ready()
     events = dataset_events()
     feeder = threading.Thread(target=replay, args=(broker, events, 3000.0))
@@ -111,7 +115,8 @@ def test_kill_9_mid_replay_then_restart_gives_the_literal_values(broker, workers
                what="first events processed")
     worker.kill()
     feeder.join()
-    restarted = workers("w1-restarted", FUNNEL_CLOCK="stream",
+    restarted = workers("w1-restarted", FUNNEL_CLOCK="stream", FUNNEL_STORE=store,
+                        FUNNEL_RECOVERY_CONSISTENCY_CHECK="false",
                         FUNNEL_DATA_DIR=worker.env["FUNNEL_DATA_DIR"])
     restarted.wait_ready(90)
 
