@@ -12,12 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# promtool/prometheus (metric lint, rule tests, dashboard queries), amtool (Alertmanager config)
-# and kcat (a foreign Kafka client reading our topics); Redis for the sink tests.
+# promtool/prometheus (metric lint, rule tests, dashboard queries), amtool (Alertmanager config);
+# Redis for the sink tests.
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v amtool >/dev/null \
-	  && command -v kcat >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq prometheus prometheus-alertmanager kcat >/dev/null; }
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null; }
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --port 6379 --save ""
 
 demo: $(STAMP)

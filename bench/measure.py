@@ -105,14 +105,13 @@ async def raw_consume(bootstrap: list[str], topic: str, partitions: int, expecte
 
 
 class Poller(threading.Thread):
-    """Scrapes a count as fast as it can; keeps (time the answer arrived, count)."""
+    """Scrapes a count every ``interval`` s; keeps (asked at, answered at, count) per scrape."""
 
     def __init__(self, count: Callable[[], int | None], interval: float) -> None:
         super().__init__(daemon=True)
         self.count = count
         self.interval = interval
-        self.points: list[tuple[float, int]] = []
-        self.scrape_s: list[float] = []
+        self.points: list[tuple[float, float, int]] = []
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -121,31 +120,37 @@ class Poller(threading.Thread):
             value = self.count()
             now = time.monotonic()
             if value is not None:
-                self.points.append((now, value))
-                self.scrape_s.append(now - asked)
+                self.points.append((asked, now, value))
             self.stopping.wait(max(0.0, self.interval - (now - asked)))
 
     def stop(self) -> None:
         self.stopping.set()
         self.join()
 
+    def scrape_seconds(self) -> list[float]:
+        return [answered - asked for asked, answered, _ in self.points]
 
-def visibility_latencies(sent_at: list[float], points: list[tuple[float, int]], base: int) -> list[float]:
-    """Per event i: first scrape whose count ≥ base + i + 1, minus its send time (seconds).
 
-    Counts are totals, so the i-th event is taken as visible once i + 1 new events are counted
-    (across partitions order is not strict; at a steady rate the error is within one batch).
+def visibility_latencies(
+    sent_at: list[float], points: list[tuple[float, float, int]], base: int
+) -> tuple[list[float], list[float]]:
+    """Per event i, bounds of produce → visible: (upper, lower) lists, seconds.
+
+    Event i counts as visible once the total reaches ``base + i + 1`` (across partitions order
+    is not strict; at a steady rate the error is within one batch). Upper bound: the answer of
+    the first scrape showing it. Lower bound: the previous scrape was asked before it showed.
     """
-    latencies = []
+    upper, lower = [], []
     j = 0
     for i, sent in enumerate(sent_at):
         need = base + i + 1
-        while j < len(points) and points[j][1] < need:
+        while j < len(points) and points[j][2] < need:
             j += 1
         if j == len(points):
             break
-        latencies.append(points[j][0] - sent)
-    return latencies
+        upper.append(points[j][1] - sent)
+        lower.append(max(0.0, points[j - 1][0] - sent) if j else 0.0)
+    return upper, lower
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -190,21 +190,23 @@ def phase_latency(bench: Bench, broker: EmbeddedBroker, worker: FunnelWorker, ba
     poller.start()
     try:
         sent_at = asyncio.run(workload.send_paced(broker.url, messages, args.latency_rate))
-        _wait(lambda: poller.points and poller.points[-1][1] >= base + count, 60,
+        _wait(lambda: poller.points and poller.points[-1][2] >= base + count, 120,
               "latency events counted", worker.check_alive, 0.05)
     finally:
         poller.stop()
     _check_totals(worker, base + count)
-    latencies = measure.visibility_latencies(sent_at, poller.points, base)
-    p50 = measure.percentile(latencies, 50) * 1000
-    p99 = measure.percentile(latencies, 99) * 1000
+    upper, lower = measure.visibility_latencies(sent_at, poller.points, base)
+    p50, p99 = (measure.percentile(upper, q) * 1000 for q in (50, 99))
+    low50, low99 = (measure.percentile(lower, q) * 1000 for q in (50, 99))
     achieved = count / (sent_at[-1] - sent_at[0])
-    scrape_ms = measure.percentile(poller.scrape_s, 50) * 1000
+    scrape_ms = measure.percentile(poller.scrape_seconds(), 50) * 1000
     bench.report(Figure(f"latency produce → /metrics @ {args.latency_rate:,.0f}/s",
-                        f"p99 {p99:,.0f} ms", f"p50 {p50:,.0f} ms; {count:,} events at "
-                        f"{achieved:,.0f}/s; polled every {args.latency_poll * 1000:.0f} ms "
-                        f"(scrape {scrape_ms:.0f} ms)", "p99 ≤ 500 ms", p99 <= 500),
+                        f"p99 {p99:,.0f} ms", f"p50 {p50:,.0f} ms (lower bounds p50 {low50:,.0f}, "
+                        f"p99 {low99:,.0f}); {count:,} events at {achieved:,.0f}/s; scrapes every "
+                        f"{args.latency_poll * 1000:.0f} ms take {scrape_ms:.0f} ms",
+                        "p99 ≤ 500 ms", p99 <= 500),
                  p50_latency_ms=round(p50, 1), p99_latency_ms=round(p99, 1),
+                 p50_latency_lower_bound_ms=round(low50, 1), p99_latency_lower_bound_ms=round(low99, 1),
                  latency_events=count, latency_rate=args.latency_rate,
                  latency_poll_ms=args.latency_poll * 1000, metrics_scrape_ms=round(scrape_ms, 1))
 
@@ -229,13 +231,13 @@ def phase_profile(bench: Bench, broker: EmbeddedBroker, expected: int, rate: flo
               worker.check_alive, 0.5)
     summary = profile.summarise(raw)
     text = profile.render(summary)
-    out = HERE / "out"
+    out = bench.args.out.parent / "out"
     out.mkdir(exist_ok=True)
     shutil.copy(raw, out / "profile-raw.txt")
     (out / "profile.txt").write_text(text + "\n")
     top = ", ".join(f"{name.split(' (')[0]} {share:.0f}%" for name, share in summary["buckets"][:3])
     bench.report(Figure("profile: worker hot path (py-spy)", f"{summary['samples']:,} samples",
-                        f"{seconds:.0f}s; top: {top}; bench/out/profile.txt"),
+                        f"{seconds:.0f}s; top: {top}; {out / 'profile.txt'}"),
                  profile_buckets=summary["buckets"])
 
 
@@ -415,7 +417,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--events", type=int, default=100_000, help="throughput backlog (all three)")
     p.add_argument("--latency-rate", type=float, default=2000.0, help="events/s for latency")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="latency run length")
-    p.add_argument("--latency-poll", type=float, default=0.05, help="seconds between scrapes")
+    p.add_argument("--latency-poll", type=float, default=0.1,
+                   help="seconds between /metrics scrapes while measuring latency")
     p.add_argument("--replay-copies", type=int, default=10, help="dataset copies (10 = 88k deals)")
     p.add_argument("--open-deals", type=int, default=100_000, help="deals for RSS per open deal")
     p.add_argument("--recovery-deals", type=int, default=300_000,

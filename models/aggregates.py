@@ -40,6 +40,9 @@ WON_REVENUE_W = "won_revenue_w"    # (pipeline, currency, hour), micro
 # period and forecast gauges need at scrape time:
 # (pipeline, stage, currency, entered ms, deal_id, stall alert raised, expected close ms | None)
 OPEN_DEALS = "open_deals"
+# Index family: one entry per customer and pipeline/currency, value = lifetime value (micro):
+# (pipeline, currency, account)
+ACCOUNTS = "accounts"
 # Histogram families: value is one observation.
 WON_VALUE = "won_value"            # (pipeline, currency), micro
 TIME_TO_CLOSE = "time_to_close"    # (pipeline, outcome), ms
@@ -143,13 +146,14 @@ def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
     return tuple(items)
 
 
-def customer_contribution(credits: dict[str, list]) -> Contribution:
+def customer_contribution(account: str, credits: dict[str, list]) -> Contribution:
     """One account's contribution: a customer per pipeline, lifetime value per currency."""
     totals: dict[tuple[str, str], int] = {}
     for pipeline, currency, micro in credits.values():
         totals[(pipeline, currency)] = totals.get((pipeline, currency), 0) + micro
     items: list[Item] = [(CUSTOMERS, (pl,), 1) for pl in {pl for pl, _ in totals}]
     items.extend((CLV, key, total) for key, total in totals.items())
+    items.extend((ACCOUNTS, (*key, account), total) for key, total in totals.items())
     return tuple(items)
 
 
@@ -183,23 +187,26 @@ class Hist:
 
 
 class Fold:
-    """Sum of contributions: ``counters[family][key]``, ``hists[family][key]`` and the
-    per-deal ``open_deals`` index (kept per partition, never merged: it is as big as the table)."""
+    """Sum of contributions: ``counters[family][key]``, ``hists[family][key]``, and two indexes
+    with one entry per open deal (``open_deals``) and per customer (``accounts``), kept per
+    partition and never merged: they are as big as the tables."""
 
-    __slots__ = ("counters", "hists", "open_deals")
+    __slots__ = ("accounts", "counters", "hists", "open_deals")
 
     def __init__(self) -> None:
         self.counters: dict[str, dict[tuple, int]] = {}
         self.hists: dict[str, dict[tuple, Hist]] = {}
         self.open_deals: dict[tuple, int] = {}
+        self.accounts: dict[tuple, int] = {}
 
     def apply(self, contribution: Contribution, sign: int) -> None:
         for family, key, value in contribution:
-            if family == OPEN_DEALS:
+            if family in (OPEN_DEALS, ACCOUNTS):
+                index = self.open_deals if family == OPEN_DEALS else self.accounts
                 if sign > 0:
-                    self.open_deals[key] = value
+                    index[key] = value
                 else:
-                    self.open_deals.pop(key, None)
+                    index.pop(key, None)
             elif family in HISTOGRAMS:
                 self._observe(family, key, value, sign)
             else:
@@ -254,6 +261,7 @@ class Fold:
         """Plain data for comparisons in tests."""
         return {
             "open_deals": dict(self.open_deals),
+            "accounts": dict(self.accounts),
             "counters": {f: dict(v) for f, v in self.counters.items() if v},
             "hists": {
                 f: {k: (list(h.counts), h.count, h.total) for k, h in v.items()}

@@ -50,7 +50,7 @@ class CrmEvent(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
     event_id: str = Text
-    occurred_at: str
+    occurred_at: str = Field(json_schema_extra={"format": "date-time"})
     deal_id: str = Text
     stage: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
     pipeline: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
@@ -58,7 +58,7 @@ class CrmEvent(BaseModel):
     currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
     owner: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
     account: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
-    expected_close_at: str | None = None
+    expected_close_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     deleted: bool | None = None
     source: str | None = Field(default=None, min_length=1, max_length=64)
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)

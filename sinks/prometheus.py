@@ -59,6 +59,10 @@ class ProcessMetrics:
             "funnel_active_partitions", "Partitions of crm.events this worker actively owns",
             registry=registry,
         )
+        self.publisher = Gauge(
+            "funnel_kpi_publisher", "1 on the one worker that publishes KPI snapshots",
+            registry=registry,
+        )
         self.standby_partitions = Gauge(
             "funnel_standby_partitions", "Standby copies of deal partitions held (never exported)",
             registry=registry,
@@ -92,6 +96,12 @@ class ProcessMetrics:
             self.sink_errors.labels(sink)
 
 
+# Gauges that come from the config and the clock, identical on every worker (aggregate with max).
+CONFIG_METRICS = frozenset({
+    "funnel_stage_probability", "funnel_stage_index", "funnel_stall_after_seconds",
+    "funnel_stage_info", "funnel_revenue_target", "funnel_period_elapsed_ratio",
+    "funnel_build_info",
+})
 SINKS = ["dlq", "credits", "kpis", "alerts", "redis"]
 REJECTION_REASONS = ["empty", "too_large", "invalid_json", "invalid_event", "future_timestamp",
                      "unknown_pipeline", "unmapped_stage"]

@@ -25,18 +25,18 @@ from models.aggregates import Contribution
 from models.alerts import Alert
 from models.config import FunnelConfig, load_config
 from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
+from sinks.redis import RedisSink
 from streams import topics
+from streams.api import SnapshotFeed, register_api
 from streams.processor import (
-    ConversionWatch,
     CustomerProcessor,
     DealProcessor,
     EventClock,
     PartitionFolds,
     Record,
     Rejection,
-    encode_partial,
-    reached_partial,
 )
+from streams.publisher import KpiPublisher, encode_partial
 from streams.settings import Settings
 
 log = logging.getLogger("funnel_kpi")
@@ -191,19 +191,22 @@ def create_worker(settings: Settings | None = None) -> Worker:
         ["topic", "partition"], registry=registry,
     )
 
-    def raw_topic(*names: str, **kwargs: Any) -> faust.TopicT:
+    def raw_topic(*names: str, partitions: int = settings.partitions, **kwargs: Any) -> faust.TopicT:
         return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
-                         value_serializer="raw", partitions=settings.partitions, **kwargs)
+                         value_serializer="raw", partitions=partitions, **kwargs)
 
     events_topic = raw_topic(topics.EVENTS, topics.ticks_topic(settings.app_id))
     ticks_topic = raw_topic(topics.ticks_topic(settings.app_id), internal=True)
     alerts_topic = raw_topic(topics.ALERTS)
-    partials_topic = app.topic(
-        topics.partials_topic(settings.app_id), key_type=bytes, value_type=bytes,
-        key_serializer="raw", value_serializer="raw", partitions=1, internal=True,
+    kpis_topic = raw_topic(topics.KPIS)
+    partials_topic = raw_topic(topics.partials_topic(settings.app_id), partitions=1, internal=True)
+    publisher = KpiPublisher(config, settings.partitions, VERSION)
+    publisher_state = app.tables.add(RawTable(app, settings, name="publisher", partitions=1))
+    feed = SnapshotFeed()
+    redis_sink = (
+        RedisSink(settings.redis_url, metrics.sink_errors.labels("redis").inc)
+        if settings.redis_url else None
     )
-    conversion_watch = ConversionWatch(config)
-    open_drops = app.tables.add(RawTable(app, settings, name="conversion-drops", partitions=1))
     dlq_topic = raw_topic(topics.DLQ)
     credits_topic = raw_topic(topics.credits_topic(settings.app_id), internal=True)
     ready_parts: dict[str, bool] = {}
@@ -234,6 +237,8 @@ def create_worker(settings: Settings | None = None) -> Worker:
             ready_parts[name] = False
         metrics.ready.set(0)
         metrics.rebalances.inc()
+        metrics.publisher.set(0)
+        publisher.revoked()
 
     def read(table_: RawTable) -> Callable[[str, Record], bytes | None]:
         def load(key: str, record: Record) -> bytes | None:
@@ -311,6 +316,8 @@ def create_worker(settings: Settings | None = None) -> Worker:
             report_lag([r for r in records if r.topic == topics.EVENTS])
 
     async def send_alert(alert: Alert) -> None:
+        if redis_sink is not None:
+            redis_sink.alert(alert)
         try:
             await alerts_topic.send(key=(alert.deal_id or alert.pipeline).encode(),
                                     value=alert.model_dump_json(exclude_none=True).encode())
@@ -321,22 +328,48 @@ def create_worker(settings: Settings | None = None) -> Worker:
     @app.timer(interval=settings.tick_interval)
     async def tick() -> None:
         """Ask the deal agent of each owned partition to check stalls (it may write the table),
-        and publish each owned partition's partial for the conversion watch."""
+        and publish each owned partition's partial for the KPI publisher."""
         now = clock.now_ms()
-        for partition, fold in list(deal_processor.folds.folds.items()):
-            await ticks_topic.send(value=b"tick", partition=partition)
-            await partials_topic.send(
-                value=encode_partial(partition, now, reached_partial(fold, now)), partition=0
-            )
+        for kind, folds in (("deals", deal_processor.folds), ("customers", customer_processor.folds)):
+            for partition, fold in list(folds.folds.items()):
+                if kind == "deals":
+                    await ticks_topic.send(value=b"tick", partition=partition)
+                await partials_topic.send(
+                    key=f"{kind}:{partition}".encode(), partition=0,
+                    value=encode_partial(kind, partition, now, config, fold),
+                )
 
-    @app.agent(partials_topic, name="conversion-agent")
-    async def conversion_agent(stream: faust.StreamT) -> None:
+    @app.agent(partials_topic, name="kpi-publisher")
+    async def kpi_publisher(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.batch_size, settings.batch_within):
-            writes, alerts = conversion_watch.process(to_records(events), read(open_drops))
-            for key, value, record in writes:
-                write(open_drops, key, value, record)
-            for alert in alerts:
+            out = publisher.process(to_records(events), read(publisher_state))
+            metrics.publisher.set(1)
+            for key, value, record in out.writes:
+                write(publisher_state, key, value, record)
+            for alert in out.alerts:
                 await send_alert(alert)
+            for snapshot in out.snapshots:
+                try:
+                    await kpis_topic.send(key=snapshot.pipeline.encode(),
+                                          value=snapshot.model_dump_json().encode())
+                except Exception:
+                    metrics.sink_errors.labels("kpis").inc()
+                    raise
+                if redis_sink is not None:
+                    redis_sink.snapshot(snapshot)
+
+    @app.task
+    async def follow_snapshots() -> None:
+        await feed.follow(settings.broker)
+
+    if redis_sink is not None:
+        @app.task
+        async def write_redis() -> None:
+            await redis_sink.run()
+
+    register_api(app, feed, pipelines=list(config.pipelines),
+                 ready=lambda: bool(ready_parts) and all(ready_parts.values()),
+                 token=settings.api_token)
 
     @app.agent(credits_topic, name="customer-agent")
     async def customer_agent(stream: faust.StreamT) -> None:

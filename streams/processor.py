@@ -16,20 +16,17 @@ import orjson
 
 from models.aggregates import (
     NOTHING,
-    REACHED_W,
     WON_REVENUE,
     Contribution,
     Fold,
     customer_contribution,
     deal_contribution,
     open_stay,
-    window_sums,
 )
-from models.alerts import Alert, alert_id, iso, stall_alert
+from models.alerts import Alert, stall_alert
 from models.config import Clock, FunnelConfig
 from models.deal import Deal, Outcome, apply_change, decode_deal, encode_deal
 from models.event import RejectedEvent, decode_event
-from models.kpis import ConversionCheck, conversion_checks
 from sinks.prometheus import ProcessMetrics
 
 MAX_CREDITED_ACCOUNTS = 4
@@ -303,14 +300,9 @@ class CustomerProcessor:
     def __init__(self) -> None:
         self.folds = PartitionFolds()
 
-    @staticmethod
-    def decode(raw: bytes) -> tuple[int, dict[str, list]]:
-        partition, credits = orjson.loads(raw)
-        return partition, credits
-
     def contribution_of_stored(self, raw: bytes) -> tuple[int, Contribution]:
-        partition, credits = self.decode(raw)
-        return partition, customer_contribution(credits)
+        partition, account, credits = orjson.loads(raw)
+        return partition, customer_contribution(account, credits)
 
     def process(
         self, records: list[Record], load: Callable[[str, Record], bytes | None]
@@ -324,8 +316,8 @@ class CustomerProcessor:
             entry = touched.get(account)
             if entry is None:
                 raw = load(account, record)
-                credits = self.decode(raw)[1] if raw is not None else {}
-                entry = (credits, customer_contribution(credits), record)
+                credits = orjson.loads(raw)[2] if raw is not None else {}
+                entry = (credits, customer_contribution(account, credits), record)
             credits = entry[0]
             if micro is None:
                 credits.pop(deal_id, None)
@@ -334,76 +326,6 @@ class CustomerProcessor:
             touched[account] = (credits, entry[1], record)
         writes = []
         for account, (credits, before, record) in touched.items():
-            self.folds.fold(record.partition).replace(before, customer_contribution(credits))
-            writes.append((account, orjson.dumps([record.partition, credits]), record))
+            self.folds.fold(record.partition).replace(before, customer_contribution(account, credits))
+            writes.append((account, orjson.dumps([record.partition, account, credits]), record))
         return writes
-
-
-def reached_partial(fold: Fold, now_ms: int) -> dict[tuple[str, str], dict[str, int]]:
-    """One partition's reached counts per window: the input of conversion checks."""
-    partial: dict[tuple[str, str], dict[str, int]] = {}
-    for window, sums in window_sums(fold.counters.get(REACHED_W, {}), now_ms).items():
-        for key, value in sums.items():
-            partial.setdefault(key, {})[window] = value  # type: ignore[index]
-    return partial
-
-
-def encode_partial(partition: int, now_ms: int, partial: dict) -> bytes:
-    return orjson.dumps([partition, now_ms, [[*key, windows] for key, windows in partial.items()]])
-
-
-class ConversionWatch:
-    """Conversion-drop alerts over all partitions, from per-partition partials.
-
-    Every worker publishes its partitions' reached counts to a one-partition topic; whoever owns
-    that partition sums the latest partial of each partition, so exactly one worker decides.
-    Open drops are kept in a table, so a restart or a new owner neither repeats nor forgets them.
-    """
-
-    def __init__(self, config: FunnelConfig) -> None:
-        self.config = config
-        self.partials: dict[int, tuple[int, dict]] = {}
-        self.order = {
-            name: [stage.name for stage in pipeline.open_stages]
-            for name, pipeline in config.pipelines.items()
-        }
-
-    def process(
-        self, records: list[Record], load: Callable[[str, Record], bytes | None]
-    ) -> tuple[list[tuple[str, bytes, Record]], list[Alert]]:
-        for record in records:
-            partition, as_of, rows = orjson.loads(record.value)  # type: ignore[arg-type]
-            if as_of >= self.partials.get(partition, (-1, {}))[0]:
-                self.partials[partition] = (as_of, {(pl, st): w for pl, st, w in rows})
-        if not records:
-            return [], []
-        now = max(as_of for as_of, _ in self.partials.values())
-        reached: dict[tuple[str, str], dict[str, float]] = {}
-        for _, partial in self.partials.values():
-            for key, windows in partial.items():
-                target = reached.setdefault(key, {})
-                for window, value in windows.items():
-                    target[window] = target.get(window, 0) + value
-        writes, alerts = [], []
-        last = records[-1]
-        for check in conversion_checks(reached, self.order, self.config.conversion_drop):
-            key = f"{check.pipeline}|{check.stage}"
-            raw = load(key, last)
-            open_drop = orjson.loads(raw) if raw else None
-            if check.dropped and open_drop is None:
-                alert = self._alert("conversion.drop", check, now, alert_id(key, now))
-                writes.append((key, orjson.dumps({"id": alert.id, "since": now}), last))
-                alerts.append(alert)
-            elif not check.dropped and open_drop is not None:
-                alerts.append(self._alert("conversion.recovered", check, now,
-                                          alert_id(open_drop["id"], "recovered")))
-                writes.append((key, b"null", last))
-        return writes, alerts
-
-    def _alert(self, kind: str, check: ConversionCheck, now: int, ident: str) -> Alert:
-        rule = self.config.conversion_drop
-        return Alert(
-            id=ident, type=kind, pipeline=check.pipeline, stage=check.stage,  # type: ignore[arg-type]
-            next_stage=check.next_stage, detected_at=iso(now), window=rule.window,
-            conversion=check.conversion, baseline=check.baseline,
-        )

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     config: Path | None = Field(None, description="funnel config YAML (default: the shipped funnel.yaml)")
     clock: Clock | None = Field(None, description="wall | stream (default: the config's clock, wall)")
     redis_url: str | None = Field(None, description="Redis URL for the optional KPI sink")
+    api_token: str | None = Field(None, description="bearer token required by the /kpis API (unset: open)")
     store: str = Field("memory://", description="table store: memory:// or rocksdb://")
     rocksdb_block_cache_mb: int = Field(16, ge=1, description="RocksDB block cache per table partition, MiB")
     rocksdb_write_buffer_mb: int = Field(

@@ -38,7 +38,7 @@ def partials_topic(app_id: str) -> str:
 def worker_topics(app_id: str, partitions: int) -> dict[str, int]:
     """Every topic a worker needs before it starts, with its partition count."""
     return {
-        EVENTS: partitions, DLQ: partitions, ALERTS: partitions,
+        EVENTS: partitions, DLQ: partitions, ALERTS: partitions, KPIS: partitions,
         credits_topic(app_id): partitions, ticks_topic(app_id): partitions,
         partials_topic(app_id): 1,
     }

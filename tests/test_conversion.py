@@ -4,7 +4,8 @@ import orjson
 
 from models.config import ConversionDrop, load_config
 from models.kpis import conversion_checks
-from streams.processor import ConversionWatch, Record
+from streams.processor import Record
+from streams.publisher import KpiPublisher
 
 RULE = ConversionDrop()
 ORDER = {"default": ["lead", "mql", "sql", "opportunity"]}
@@ -35,9 +36,12 @@ def test_low_volume_is_not_a_drop():
     assert not drop_of(reached(mql7=40, sql7=0, mql90=80, sql90=20)).dropped  # thin baseline
 
 
-def partial(partition, as_of, counts):
-    rows = [[pl, stage, windows] for (pl, stage), windows in counts.items()]
-    return Record(None, orjson.dumps([partition, as_of, rows]), "partials", 0, as_of)
+def partials(partition, as_of, counts):
+    """The deals and customers partials of one partition (only reached windows matter here)."""
+    rows = [["funnel_deals_reached_window", {"pipeline": pl, "stage": stage, "window": w}, n]
+            for (pl, stage), windows in counts.items() for w, n in windows.items()]
+    return [Record(None, orjson.dumps(["deals", partition, as_of, rows, []]), "partials", 0, as_of),
+            Record(None, orjson.dumps(["customers", partition, as_of, [], []]), "partials", 0, as_of)]
 
 
 class Table(dict):
@@ -45,34 +49,46 @@ class Table(dict):
         return self.get(key)
 
 
-def run(watch, table, records):
-    writes, alerts = watch.process(records, table.load)
-    for key, value, _ in writes:
+def run(publisher, table, records):
+    out = publisher.process(records, table.load)
+    for key, value, _ in out.writes:
         table[key] = value
-    return [(a.type, a.stage) for a in alerts], alerts
+    return [(a.type, a.stage) for a in out.alerts], out
 
 
 def test_one_alert_per_episode_summed_over_partitions_and_across_restarts():
     config, table = load_config(), Table()
-    watch = ConversionWatch(config)
+    publisher = KpiPublisher(config, partitions=2, version="t")
     # Each partition alone has too little volume to judge: the sum over partitions decides.
     half_drop = reached(mql7=10, sql7=2, mql90=110, sql90=52)
-    assert run(watch, table, [partial(0, 1, half_drop)])[0] == []
-    types, alerts = run(watch, table, [partial(1, 1, half_drop)])
+    assert run(publisher, table, partials(0, 1, half_drop))[0] == []   # partition 1 missing
+    types, out = run(publisher, table, partials(1, 1, half_drop))
     assert types == [("conversion.drop", "mql")]
-    assert alerts[0].next_stage == "sql" and alerts[0].conversion == 0.2
-    assert run(watch, table, [partial(0, 2, half_drop), partial(1, 2, half_drop)])[0] == []
-    restarted = ConversionWatch(config)                                 # state is in the table
-    assert run(restarted, table, [partial(0, 3, half_drop), partial(1, 3, half_drop)])[0] == []
+    alert = out.alerts[0]
+    assert alert.next_stage == "sql" and alert.conversion == 0.2
+    assert run(publisher, table, partials(0, 2, half_drop) + partials(1, 2, half_drop))[0] == []
+    restarted = KpiPublisher(config, partitions=2, version="t")        # state is in the table
+    assert run(restarted, table, partials(0, 3, half_drop) + partials(1, 3, half_drop))[0] == []
     healthy = reached(mql7=10, sql7=5, mql90=110, sql90=55)
-    types, recovered = run(restarted, table, [partial(0, 4, healthy), partial(1, 4, healthy)])
+    types, recovered = run(restarted, table, partials(0, 4, healthy) + partials(1, 4, healthy))
     assert types == [("conversion.recovered", "mql")]
-    assert recovered[0].id != alerts[0].id
+    assert recovered.alerts[0].id != alert.id
 
 
 def test_an_older_partial_never_replaces_a_newer_one():
-    watch, table = ConversionWatch(load_config()), Table()
+    publisher, table = KpiPublisher(load_config(), partitions=1, version="t"), Table()
     drop = reached(mql7=40, sql7=8, mql90=440, sql90=208)
     healthy = reached(mql7=40, sql7=20, mql90=440, sql90=220)
-    assert run(watch, table, [partial(0, 5, drop)])[0] == [("conversion.drop", "mql")]
-    assert run(watch, table, [partial(0, 4, healthy)])[0] == []
+    assert run(publisher, table, partials(0, 5, drop))[0] == [("conversion.drop", "mql")]
+    assert run(publisher, table, partials(0, 4, healthy))[0] == []
+
+
+def test_generation_increases_with_every_new_owner_and_sequence_within_it():
+    table = Table()
+    first = KpiPublisher(load_config(), partitions=1, version="t")
+    _, out = run(first, table, partials(0, 1, {}))
+    pairs = [(s.generation, s.sequence) for s in out.snapshots]
+    assert pairs and all(p == (1, i + 1) for i, p in enumerate(pairs))
+    second = KpiPublisher(load_config(), partitions=1, version="t")
+    _, out = run(second, table, partials(0, 2, {}))
+    assert {s.generation for s in out.snapshots} == {2}

@@ -1,0 +1,148 @@
+"""KPI snapshots on ``funnel.kpis`` (DESIGN §5): the pydantic models are the schema source.
+
+A snapshot is built from samples summed over every partition with the same functions the demo
+uses (:mod:`models.kpis`), which divide sums exactly like the recording rules.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from models.aggregates import WINDOWS
+from models.alerts import iso
+from models.config import FunnelConfig
+from models.kpis import PipelineKpis, Samples, period_kpis, pipeline_kpis, total
+from models.periods import PERIODS
+
+SNAPSHOT_SCHEMA_VERSION = 1
+LEADERBOARD_SIZE = 10
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KpiSet(_Model):
+    won: float
+    lost: float
+    win_rate: float | None
+    won_revenue: float
+    avg_deal_size: float | None
+    avg_sales_cycle_seconds: float | None
+    sales_velocity_per_second: float | None
+    stage_conversion: dict[str, float | None]
+
+
+class StageKpis(_Model):
+    stage: str
+    section: str
+    probability: float
+    open: float
+    open_value: float
+    reached: float
+    conversion_to_next: float | None
+    avg_time_in_stage_seconds: float | None
+    stalled: float
+    stalled_value: float
+
+
+class RepRevenue(_Model):
+    owner: str
+    won_revenue: float
+
+
+class CustomerValue(_Model):
+    account: str
+    lifetime_value: float
+
+
+class Customers(_Model):
+    count: float
+    avg_lifetime_value: float | None
+    top: list[CustomerValue]
+
+
+class PeriodTarget(_Model):
+    target: float | None
+    won: float
+    attainment: float | None
+    elapsed_ratio: float
+    expected_to_date: float | None
+    forecast: float
+
+
+class KpiSnapshot(_Model):
+    """Every derived KPI of one pipeline, all-time and per window; ``(generation, sequence)``
+    only increases: consumers drop a message that does not increase it."""
+
+    schema_version: int = SNAPSHOT_SCHEMA_VERSION
+    pipeline: str
+    currency: str
+    as_of: str
+    generated_at: str
+    generation: int
+    sequence: int
+    partitions: int
+    open_deals: float
+    pipeline_value: float
+    weighted_pipeline: float
+    all_time: KpiSet
+    windows: dict[str, KpiSet]
+    stages: list[StageKpis]
+    leaderboard: list[RepRevenue]
+    customers: Customers
+    targets: dict[str, PeriodTarget]
+
+
+def _kpi_set(kpis: PipelineKpis) -> KpiSet:
+    return KpiSet(
+        won=kpis.won, lost=kpis.lost, win_rate=kpis.win_rate, won_revenue=kpis.won_revenue,
+        avg_deal_size=kpis.avg_deal_size, avg_sales_cycle_seconds=kpis.avg_sales_cycle_s,
+        sales_velocity_per_second=kpis.sales_velocity_per_s,
+        stage_conversion={row.stage: row.conversion_to_next for row in kpis.stages[:-1]},
+    )
+
+
+def build_snapshot(
+    samples: Samples, config: FunnelConfig, pipeline: str, *, as_of_ms: int, generated_ms: int,
+    generation: int, sequence: int, partitions: int, top_customers: list[tuple[str, float]],
+) -> KpiSnapshot:
+    currency = config.default_currency
+    kpis = pipeline_kpis(samples, pipeline, currency, top=LEADERBOARD_SIZE)
+    sections = {stage.name: stage.section.upper() for stage in config.pipelines[pipeline].stages}
+    p = {"pipeline": pipeline}
+    stages = [
+        StageKpis(
+            stage=row.stage, section=sections[row.stage], probability=row.probability,
+            open=row.open, open_value=row.open_value, reached=row.reached,
+            conversion_to_next=row.conversion_to_next,
+            avg_time_in_stage_seconds=row.avg_time_in_stage_s,
+            stalled=total(samples, "funnel_deals_stalled", stage=row.stage, **p),
+            stalled_value=total(samples, "funnel_stalled_value", stage=row.stage,
+                                currency=currency, **p),
+        )
+        for row in kpis.stages
+    ]
+    targets = {}
+    for period in PERIODS:
+        result = period_kpis(samples, pipeline, currency, period)
+        targets[period] = PeriodTarget(
+            target=result.target, won=result.won, attainment=result.attainment,
+            elapsed_ratio=total(samples, "funnel_period_elapsed_ratio", period=period),
+            expected_to_date=result.expected_to_date, forecast=result.forecast,
+        )
+    return KpiSnapshot(
+        pipeline=pipeline, currency=currency, as_of=iso(as_of_ms), generated_at=iso(generated_ms),
+        generation=generation, sequence=sequence, partitions=partitions,
+        open_deals=kpis.open_deals, pipeline_value=kpis.pipeline_value,
+        weighted_pipeline=kpis.weighted_pipeline, all_time=_kpi_set(kpis),
+        windows={w: _kpi_set(pipeline_kpis(samples, pipeline, currency, window=w))
+                 for w in WINDOWS},
+        stages=stages,
+        leaderboard=[RepRevenue(owner=o, won_revenue=v) for o, v in kpis.leaderboard],
+        customers=Customers(
+            count=kpis.customers, avg_lifetime_value=kpis.avg_customer_lifetime_value,
+            top=[CustomerValue(account=a, lifetime_value=v) for a, v in top_customers],
+        ),
+        targets=targets,
+    )
