@@ -11,6 +11,7 @@ Stored compactly as an orjson list (see :func:`encode_deal`) because a table hol
 from __future__ import annotations
 
 import bisect
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -98,6 +99,25 @@ class Deal:
             if current is not None and current.event_id == event_id:
                 return True
         return any(eid == event_id for _, eid, _ in self.owners)
+
+
+def erased_name(name: str) -> str:
+    """The pseudonym that replaces an erased owner or account: stable, not reversible."""
+    return "erased:" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def erase_person(deal: Deal, name: str) -> bool:
+    """Replace ``name`` as owner or account everywhere in the deal; True when it appeared."""
+    pseudonym = erased_name(name)
+    found = False
+    for i, (ts, eid, owner) in enumerate(deal.owners):
+        if owner == name:
+            deal.owners[i] = (ts, eid, pseudonym)
+            found = True
+    if deal.account is not None and deal.account.value == name:
+        deal.account = Field(pseudonym, deal.account.ts, deal.account.event_id)
+        found = True
+    return found
 
 
 def _insert(entries: list[Entry], entry: Entry, cap: int) -> bool:

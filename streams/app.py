@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import faust
+import orjson
 from faust.streams import _current_event  # the context Faust reads to route table writes
 from faust.types import TP
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics, generate_latest
@@ -84,6 +85,19 @@ class RawTable(faust.Table):
         super().__init__(app, key_type=bytes, value_type=bytes, beacon=app.tables.beacon,
                          default=None, options=options, **kwargs)
         self.key_serializer = self.value_serializer = "raw"
+
+
+class ErasureTable(RawTable):
+    """Pseudonyms of erased people; loaded into the deal processor once recovered, so an
+    erasure survives restarts and rebalances."""
+
+    def __init__(self, app: faust.App, settings: Settings, erased: set[str], **kwargs: Any) -> None:
+        super().__init__(app, settings, **kwargs)
+        self.erased = erased
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        await super().on_recovery_completed(active_tps, standby_tps)
+        self.erased |= {key.decode() for key in list(self.data.keys())}
 
 
 class FoldedTable(RawTable):
@@ -180,9 +194,14 @@ def create_worker(settings: Settings | None = None) -> Worker:
     ProcessCollector(registry=registry)
     metrics = ProcessMetrics(registry)
     metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS, SINKS)
+    def scan_partition(partition: int) -> Iterator[tuple[str, bytes]]:
+        for key, value in list(deals.data.items()):
+            if value is not None and orjson.loads(value)[2] == partition:
+                yield key.decode(), value
+
     deal_processor = DealProcessor(
         config, clock, metrics, max_skew_ms=int(settings.max_future_skew * 1000),
-        ticks_topic=topics.ticks_topic(settings.app_id),
+        ticks_topic=topics.ticks_topic(settings.app_id), scan=scan_partition,
     )
     customer_processor = CustomerProcessor()
     app = _faust_app(settings)
@@ -228,6 +247,8 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
     deals = table("deals", deal_processor.folds, topics.EVENTS,
                   deal_processor.contribution_of_stored)
+    erasures = app.tables.add(ErasureTable(app, settings, deal_processor.erased, name="erasures",
+                                           partitions=settings.partitions))
     customers = table("customers", customer_processor.folds, credits_topic.get_topic_name(),
                       customer_processor.contribution_of_stored)
 
@@ -307,6 +328,8 @@ def create_worker(settings: Settings | None = None) -> Worker:
             batch = deal_processor.process(records, read(deals))
             for deal_id, value, record in batch.writes:
                 write(deals, deal_id, value, record)
+            for pseudonym, record in batch.erased:
+                write(erasures, pseudonym, b"1", record)
             for rejection in batch.rejections:
                 await to_dlq(rejection)
             for credit in batch.credits:

@@ -127,6 +127,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace) -> int:
+    from streams.erase import request_erasure
+
+    settings = _settings(args)
+    asyncio.run(request_erasure(settings, args.name))
+    print(f"erasure of {args.name!r} requested on all {settings.partitions} partitions; "
+          "workers pseudonymise it in state, KPIs and every later event")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -194,6 +204,11 @@ def parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rate", type=float, default=500.0, help="events/s (0 = unpaced)")
     _add_settings(simulate, producer_settings)
     simulate.set_defaults(run=cmd_simulate)
+
+    erase = sub.add_parser("erase", help="erase a person (owner or account) from state and KPIs")
+    erase.add_argument("name", help="the owner or account value to erase, exactly as sent")
+    _add_settings(erase, ["broker", "partitions", "app_id"])
+    erase.set_defaults(run=cmd_erase)
 
     demo = sub.add_parser("demo", help="broker + worker + simulator with a live KPI table")
     demo.add_argument("--seed", type=int, default=7)

@@ -7,6 +7,7 @@ once and written once, which is where most of the speed comes from.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,8 +26,16 @@ from models.aggregates import (
 )
 from models.alerts import Alert, stall_alert
 from models.config import Clock, FunnelConfig
-from models.deal import Deal, Outcome, apply_change, decode_deal, encode_deal
-from models.event import RejectedEvent, decode_event
+from models.deal import (
+    Deal,
+    Outcome,
+    apply_change,
+    decode_deal,
+    encode_deal,
+    erase_person,
+    erased_name,
+)
+from models.event import Change, RejectedEvent, decode_event
 from sinks.prometheus import ProcessMetrics
 
 MAX_CREDITED_ACCOUNTS = 4
@@ -71,6 +80,7 @@ class DealBatch:
     rejections: list[Rejection] = field(default_factory=list)
     credits: list[Credit] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
+    erased: list[tuple[str, Record]] = field(default_factory=list)  # (pseudonym, request)
 
 
 class EventClock:
@@ -145,13 +155,17 @@ class DealProcessor:
     def __init__(
         self, config: FunnelConfig, clock: EventClock, metrics: ProcessMetrics,
         *, max_skew_ms: int, ticks_topic: str = "",
+        scan: Callable[[int], Iterable[tuple[str, bytes]]] = lambda partition: (),
     ) -> None:
         self.config = config
+        self.scan = scan  # (deal_id, stored value) of every deal of a partition
         self.ticks_topic = ticks_topic
         self.clock = clock
         self.metrics = metrics
         self.max_skew_ms = max_skew_ms
         self.folds = PartitionFolds()
+        # Pseudonyms of erased owners/accounts; events naming them are masked on arrival.
+        self.erased: set[str] = set()
 
     def contribution_of_stored(self, raw: bytes) -> tuple[int, Contribution]:
         deal = decode_deal(raw)
@@ -176,16 +190,22 @@ class DealProcessor:
         batch = DealBatch()
         touched: dict[str, _Touched] = {}
         ticks: dict[int, Record] = {}
+        erasures: list[Record] = []
         wall_ms = int(time.time() * 1000)
         for record in records:
             if record.topic == self.ticks_topic:
-                ticks[record.partition] = record
+                if record.value and record.value.startswith(b"{"):
+                    erasures.append(record)
+                else:
+                    ticks[record.partition] = record
                 continue
             try:
                 change = decode_event(record.value, now_ms=wall_ms, max_skew_ms=self.max_skew_ms)
             except RejectedEvent as exc:
                 self._reject(batch, record, exc.code, exc.reason, None)
                 continue
+            if self.erased:
+                change = self._masked(change)
             state = touched.get(change.deal_id)
             if state is None:
                 raw = load(change.deal_id, record)
@@ -221,7 +241,35 @@ class DealProcessor:
             self._finish(batch, deal_id, state)
         for partition, record in ticks.items():
             self._raise_stalls(batch, partition, record, touched, load)
+        for record in erasures:
+            self._erase(batch, record, touched)
         return batch
+
+    def _masked(self, change: Change) -> Change:
+        owner, account = change.owner, change.account
+        if owner is not None and erased_name(owner) in self.erased:
+            owner = erased_name(owner)
+        if account is not None and erased_name(account) in self.erased:
+            account = erased_name(account)
+        if owner is change.owner and account is change.account:
+            return change
+        return dataclasses.replace(change, owner=owner, account=account)
+
+    def _erase(self, batch: DealBatch, record: Record, touched: dict[str, _Touched]) -> None:
+        """An erasure request for one partition: pseudonymise the person in every deal of it
+        (KPIs keep their totals; the name is gone) and in every later event."""
+        name = orjson.loads(record.value)["erase"]  # type: ignore[arg-type]
+        self.erased.add(erased_name(name))
+        batch.erased.append((erased_name(name), record))
+        for deal_id, raw in self.scan(record.partition):
+            state = touched.get(deal_id)
+            deal = state.deal if state else decode_deal(raw)
+            before = deal_contribution(deal, self.config)
+            credit_before = _credit_of(deal, before)
+            if not erase_person(deal, name):
+                continue
+            erased = _Touched(deal, before, record, credit_before, write=True)
+            self._finish(batch, deal_id, erased)
 
     def _raise_stalls(self, batch: DealBatch, partition: int, record: Record,
                       touched: dict[str, _Touched],

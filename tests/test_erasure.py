@@ -1,0 +1,57 @@
+"""Erasure of a person (owner or account): gone from state, KPIs and later events; totals stay."""
+
+import subprocess
+import sys
+
+import pytest
+
+from models.deal import erased_name
+from models.kpis import total
+
+from .conftest import DATASET_EVENTS, ROOT, settled, wait_until
+from .test_e2e_pipeline import dataset_events, replay
+
+pytestmark = pytest.mark.broker
+NAME = "Darcel Schlecht"
+
+
+def rep_revenue(samples):
+    return {labels["owner"]: value for labels, value in samples["funnel_rep_won_revenue"]
+            if labels["pipeline"] == "default"}
+
+
+def test_erase_an_owner_and_an_account(broker, workers):
+    worker = workers(FUNNEL_CLOCK="stream")
+    worker.wait_ready()
+    replay(broker, dataset_events())
+    settled([worker], DATASET_EVENTS)
+    for name in (NAME, "Codehow"):
+        result = subprocess.run(
+            [sys.executable, "-m", "streams.cli", "erase", name, "--broker", broker.url,
+             "--partitions", "4"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    pseudonym = erased_name(NAME)
+    wait_until(lambda: pseudonym in rep_revenue(worker.samples()), 30, what="erasure applied")
+    samples = worker.samples()
+    assert NAME not in rep_revenue(samples)
+    assert rep_revenue(samples)[pseudonym] == 1_153_214
+    # Later events naming the person are masked on arrival.
+    replay(broker, [{"event_id": "late-1", "deal_id": "new-deal", "source": "api", "stage": "won",
+                     "occurred_at": "2017-12-30T00:00:00Z", "amount": 10.0, "owner": NAME}])
+    wait_until(lambda: rep_revenue(worker.samples()).get(pseudonym) == 1_153_224, 30,
+               what="masked new event")
+    assert NAME not in rep_revenue(worker.samples())
+    # The customers table follows: the account's credits moved to its pseudonym.
+    wait_until(lambda: total(worker.samples(), "funnel_customers", pipeline="default") == 85, 30,
+               what="customers")
+    worker.stop()
+    restarted = workers("w1-again", FUNNEL_CLOCK="stream")
+    restarted.wait_ready()
+    replay(broker, [{"event_id": "late-2", "deal_id": "new-deal-2", "source": "api",
+                     "stage": "won", "occurred_at": "2017-12-30T00:00:00Z", "amount": 5.0,
+                     "owner": NAME}])
+    wait_until(lambda: rep_revenue(restarted.samples()).get(pseudonym) == 1_153_229, 60,
+               what="erasure survives a restart")
+    samples = restarted.samples()
+    assert NAME not in rep_revenue(samples)
+    assert total(samples, "funnel_deals_closed", pipeline="default", outcome="won") == 4240
