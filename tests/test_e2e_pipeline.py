@@ -249,7 +249,7 @@ def test_dataset_replay_raises_one_stall_alert_per_stalled_opportunity(broker, w
     messages = read_topic(broker, topics.ALERTS, lambda found: len(stalled(found)) >= 1571)
     time.sleep(3)  # a few more ticks: nothing may be raised twice
     messages = read_topic(broker, topics.ALERTS, lambda found: False, timeout=3)
-    alerts = [orjson.loads(m.value) for m in messages]
+    alerts = [a for a in (orjson.loads(m.value) for m in messages) if a["type"].startswith("deal.")]
     assert len(stalled(messages)) == 1571
     assert len([a for a in alerts if a["type"] == "deal.stalled"]) == 1571
     assert {a["stage"] for a in alerts} == {"opportunity"}
