@@ -23,8 +23,9 @@ CEILING = {
     "repeats": 3,
 }
 
-# Naive Faust: one agent, ``async for key, value in stream.items()``, orjson.loads, one table
-# update per event (``table[deal_id] = stage``), memory store, Faust defaults otherwise.
+# Naive Faust, the textbook program: a topic with Faust's JSON value serializer (orjson when
+# installed), one agent ``async for event in stream: deals[event["deal_id"]] = event`` (one
+# table update, so one changelog message, per event), memory store, Faust defaults otherwise.
 NAIVE = {
     "app_id": "bench-naive",
     "store": "memory://",

@@ -10,6 +10,7 @@ rate so far says the end is under a second away: the end is timed to ~20 ms, che
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,29 +30,53 @@ def events_total(exposition: bytes) -> int:
     return int(count)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc, any process we can see)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat), to spot other load."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Drain:
     events: int          # events counted inside the timed window
     seconds: float       # first poll with progress → first poll with everything
     startup_s: float     # process start → first poll with progress
+    cpu_s: tuple[float, ...] = ()  # CPU seconds of each watched process inside the window
+    foreign_cores: float = 0.0     # busy cores not explained by the watched processes + bench
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds
 
+    def cpu_us_per_event(self) -> tuple[float, ...]:
+        return tuple(1e6 * cpu / self.events for cpu in self.cpu_s)
+
 
 def drain(count: Callable[[], int | None], expected: int, started_at: float,
           alive: Callable[[], None], *, timeout: float, slow: float = 0.5,
-          fast: float = 0.02) -> Drain:
-    """Poll ``count`` until it reaches ``expected`` (see the module docstring)."""
+          fast: float = 0.02, pids: tuple[int, ...] = ()) -> Drain:
+    """Poll ``count`` until it reaches ``expected`` (see the module docstring); ``pids``:
+    processes whose CPU time inside the window is reported (the contender, the broker)."""
     deadline = time.monotonic() + timeout
     first: tuple[float, int] | None = None
+    cpu_first: list[float] = []
     while True:
         alive()
         value = count()
         now = time.monotonic()
         if value is not None and value > 0 and first is None:
             first = (now, value)
+            cpu_first = [cpu_seconds(pid) for pid in (*pids, os.getpid())]
+            busy_first = system_busy_seconds()
         if value is not None and value >= expected:
             break
         if now > deadline:
@@ -67,7 +92,11 @@ def drain(count: Callable[[], int | None], expected: int, started_at: float,
     assert first is not None
     if first[1] >= expected:
         raise RuntimeError("the whole backlog went between two polls: use more events")
-    return Drain(expected - first[1], now - first[0], first[0] - started_at)
+    cpu = [cpu_seconds(pid) - before for pid, before in zip((*pids, os.getpid()), cpu_first,
+                                                             strict=True)]
+    foreign = max(0.0, system_busy_seconds() - busy_first - sum(cpu)) / (now - first[0])
+    return Drain(expected - first[1], now - first[0], first[0] - started_at, tuple(cpu[:-1]),
+                 foreign)
 
 
 async def raw_consume(bootstrap: list[str], topic: str, partitions: int, expected: int,

@@ -3,6 +3,8 @@
 Runs as its own process (``python -m bench.naive_app``) so it gets a core like the real worker.
 ``GET /count`` answers how many events it has handled (cheap, so polling costs it little).
 Settings: :data:`bench.baselines.NAIVE`; broker and port from ``BENCH_BROKER`` / ``BENCH_WEB_PORT``.
+``BENCH_TABLE=0`` drops the table write: a reference for what Faust's per-event delivery alone
+costs (not a baseline, nothing is judged against it).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import faust
 from bench.baselines import NAIVE, PARTITIONS
 
 
-def create_app(broker: str, web_port: int, data_dir: str) -> faust.App:
+def create_app(broker: str, web_port: int, data_dir: str, *, app_id: str = NAIVE["app_id"],
+               table: bool = True) -> faust.App:
     app = faust.App(
-        NAIVE["app_id"],
+        app_id,
         broker=broker,
         store=NAIVE["store"],
         datadir=data_dir,
@@ -38,7 +41,8 @@ def create_app(broker: str, web_port: int, data_dir: str) -> faust.App:
     @app.agent(events)
     async def naive(stream: faust.StreamT) -> None:
         async for event in stream:
-            deals[event["deal_id"]] = event
+            if table:
+                deals[event["deal_id"]] = event
             handled["count"] += 1
 
     @app.page("/count")
@@ -50,7 +54,8 @@ def create_app(broker: str, web_port: int, data_dir: str) -> faust.App:
 
 def main() -> None:
     app = create_app(os.environ["BENCH_BROKER"], int(os.environ["BENCH_WEB_PORT"]),
-                     os.environ["BENCH_DATA_DIR"])
+                     os.environ["BENCH_DATA_DIR"], app_id=os.environ.get("BENCH_APP_ID", NAIVE["app_id"]),
+                     table=os.environ.get("BENCH_TABLE", "1") != "0")
     faust.Worker(app, loglevel="WARNING", quiet=True, override_logging=False).execute_from_commandline()
 
 

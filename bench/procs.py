@@ -124,12 +124,15 @@ class FunnelWorker(Proc):
 class NaiveApp(Proc):
     """``python -m bench.naive_app``; counts come from ``GET /count``."""
 
-    def __init__(self, broker_url: str, workdir: Path, name: str = "naive") -> None:
+    def __init__(self, broker_url: str, workdir: Path, name: str = "naive", *,
+                 table: bool = True) -> None:
         super().__init__([sys.executable, "-m", "bench.naive_app"], workdir, name, {})
         self.env.update({
             "BENCH_BROKER": broker_url,
             "BENCH_WEB_PORT": str(self.port),
             "BENCH_DATA_DIR": str(self.data_dir),
+            "BENCH_APP_ID": f"bench-{name}",
+            "BENCH_TABLE": "1" if table else "0",
         })
 
     def count(self) -> int | None:

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,7 @@ class Bench:
     workdir: Path
     results: dict = field(default_factory=dict)
     figures: list[Figure] = field(default_factory=list)
+    foreign_load: dict[str, float] = field(default_factory=dict)  # cores, per timed window
 
     def report(self, figure: Figure, **values: object) -> None:
         self.figures.append(figure)
@@ -83,6 +85,23 @@ def _count_of(worker: FunnelWorker) -> Callable[[], int | None]:
     return count
 
 
+def wait_quiet(bench: Bench, phase: str) -> None:
+    """Before a phase: wait (up to --wait-quiet s) until other processes leave the cores idle.
+
+    Nothing of the bench runs between phases, so all busy CPU then belongs to someone else.
+    """
+    deadline = time.monotonic() + bench.args.wait_quiet
+    while True:
+        before = measure.system_busy_seconds()
+        time.sleep(2.0)
+        cores = (measure.system_busy_seconds() - before) / 2.0
+        if cores <= FOREIGN_LOAD_LIMIT:
+            return
+        if time.monotonic() > deadline:
+            bench.note(f"{phase}: machine still busy ({cores:.2f} cores), measuring anyway")
+            return
+
+
 def _wait(predicate: Callable[[], object], timeout: float, what: str,
           alive: Callable[[], None] | None = None, interval: float = 0.2) -> object:
     deadline = time.monotonic() + timeout
@@ -96,10 +115,35 @@ def _wait(predicate: Callable[[], object], timeout: float, what: str,
     raise TimeoutError(f"{what}: not within {timeout:.0f}s")
 
 
-def _drain(bench: Bench, proc: FunnelWorker | NaiveApp, expected: int) -> measure.Drain:
+def _drain(bench: Bench, proc: FunnelWorker | NaiveApp, expected: int,
+           broker: EmbeddedBroker) -> measure.Drain:
+    """Time the backlog; CPU of the contender and of the broker is taken over the same window."""
     count = _count_of(proc) if isinstance(proc, FunnelWorker) else proc.count
-    return measure.drain(count, expected, proc.started_at, proc.check_alive,
-                         timeout=bench.args.timeout)
+    assert broker.process is not None
+    drained = measure.drain(count, expected, proc.started_at, proc.check_alive,
+                            timeout=bench.args.timeout, pids=(proc.pid, broker.process.pid))
+    bench.foreign_load[proc.name] = round(drained.foreign_cores, 2)
+    return drained
+
+
+# Busy cores from processes outside the bench above which a timed window is called noisy.
+FOREIGN_LOAD_LIMIT = 0.2
+
+
+def _cpu(drained: measure.Drain) -> str:
+    own, broker = drained.cpu_us_per_event()
+    noise = f"; OTHER LOAD {drained.foreign_cores:.2f} cores" if drained.foreign_cores > 0.05 else ""
+    return f"CPU/event {own:.0f} µs (+ broker {broker:.0f} µs){noise}"
+
+
+def _scrape_ms(worker: FunnelWorker, times: int = 5) -> float:
+    """Median wall time of a /metrics scrape (the worker's event loop is blocked for it)."""
+    spent = []
+    for _ in range(times):
+        asked = time.monotonic()
+        _get(worker.url)
+        spent.append(time.monotonic() - asked)
+    return 1000 * measure.percentile(spent, 50)
 
 
 def _check_totals(worker: FunnelWorker, expected: int, **outcomes: int) -> None:
@@ -137,35 +181,49 @@ def phase_throughput(bench: Bench) -> None:
                    f"produced in {send_s:.1f}s ({n / send_s:,.0f}/s)")
         bench.results["events"] = n
 
+        repeats = baselines.CEILING["repeats"]
+        cpu_before = measure.cpu_seconds(os.getpid())
         rates = [asyncio.run(measure.raw_consume(
             bootstrap_servers(broker.url), "crm.events", baselines.PARTITIONS, n, baselines.CEILING,
-        )) for _ in range(baselines.CEILING["repeats"])]
+        )) for _ in range(repeats)]
         ceiling = sorted(rates)[len(rates) // 2]
+        ceiling_cpu_us = 1e6 * (measure.cpu_seconds(os.getpid()) - cpu_before) / (n * repeats)
         bench.report(Figure("ceiling: raw aiokafka + orjson", _rate(ceiling),
-                            f"median of {len(rates)} passes over {n:,} events",
+                            f"median of {len(rates)} passes over {n:,} events; "
+                            f"CPU/event {ceiling_cpu_us:.1f} µs (incl. setup)",
                             "≥ 150,000 (validity)", ceiling >= baselines.CEILING_MIN_EVENTS_PER_S),
-                     ceiling_events_per_s=round(ceiling))
+                     ceiling_events_per_s=round(ceiling),
+                     ceiling_cpu_us_per_event=round(ceiling_cpu_us, 2))
 
         with NaiveApp(broker.url, bench.workdir) as naive:
-            drained = _drain(bench, naive, n)
+            drained = _drain(bench, naive, n, broker)
         low, high = baselines.NAIVE_EVENTS_PER_S_RANGE
         bench.report(Figure("naive: Faust agent, 1 table write/event", _rate(drained.rate),
                             f"{drained.events:,} ev in {drained.seconds:.1f}s after "
-                            f"{drained.startup_s:.1f}s start-up", f"{low:,}–{high:,} (validity)",
-                            low <= drained.rate <= high),
-                     naive_faust_events_per_s=round(drained.rate))
+                            f"{drained.startup_s:.1f}s start-up; {_cpu(drained)}",
+                            f"{low:,}–{high:,} (validity)", low <= drained.rate <= high),
+                     naive_faust_events_per_s=round(drained.rate),
+                     naive_faust_cpu_us_per_event=round(drained.cpu_us_per_event()[0], 1))
         naive_rate = drained.rate
+
+        with NaiveApp(broker.url, bench.workdir, "faust-floor", table=False) as floor:
+            drained = _drain(bench, floor, n, broker)
+        bench.report(Figure("reference: same agent, no table", _rate(drained.rate),
+                            f"Faust's per-event delivery alone; {_cpu(drained)}"),
+                     faust_stream_only_events_per_s=round(drained.rate))
 
         worker = FunnelWorker(broker.url, bench.workdir, "funnel")
         with worker:
-            drained = _drain(bench, worker, n)
+            drained = _drain(bench, worker, n, broker)
             _check_totals(worker, n, rejected=0)
             rate = drained.rate
             bench.report(Figure("funnel-kpi: worker end to end", _rate(rate),
                                 f"{drained.events:,} ev in {drained.seconds:.1f}s after "
-                                f"{drained.startup_s:.1f}s start-up; totals ok"),
+                                f"{drained.startup_s:.1f}s start-up; totals ok; {_cpu(drained)}"),
                          funnel_kpi_events_per_s=round(rate),
-                         funnel_kpi_startup_s=round(drained.startup_s, 2))
+                         funnel_kpi_startup_s=round(drained.startup_s, 2),
+                         funnel_kpi_cpu_us_per_event=round(drained.cpu_us_per_event()[0], 1),
+                         broker_cpu_us_per_event=round(drained.cpu_us_per_event()[1], 1))
             share = rate / ceiling
             bench.report(Figure("ratio funnel-kpi / ceiling", f"{100 * share:.1f} %",
                                 f"{rate:,.0f} / {ceiling:,.0f} ev/s", "≥ 15 %", share >= 0.15),
@@ -252,7 +310,7 @@ def phase_replay(bench: Bench) -> None:
     with bench.broker("replay") as broker:
         send_s = asyncio.run(workload.send(broker.url, messages))
         with FunnelWorker(broker.url, bench.workdir, "replay", FUNNEL_CLOCK="stream") as worker:
-            drained = _drain(bench, worker, len(messages))
+            drained = _drain(bench, worker, len(messages), broker)
             _check_totals(worker, len(messages), accepted=len(messages))
             closed = worker.metric("funnel_deals_closed", outcome="won")
             if closed != won:
@@ -273,8 +331,7 @@ def _open_deals_into(bench: Bench, broker: EmbeddedBroker, worker: FunnelWorker,
                      prefix: str, base: int, per_deal: int) -> measure.Drain:
     events = workload.encode(workload.open_deals(deals, prefix, per_deal))
     asyncio.run(workload.send(broker.url, events))
-    drained = measure.drain(_count_of(worker), base + len(events), worker.started_at,
-                            worker.check_alive, timeout=bench.args.timeout)
+    drained = _drain(bench, worker, base + len(events), broker)
     _check_totals(worker, base + len(events), rejected=0)
     return drained
 
@@ -290,9 +347,11 @@ def _memory(bench: Bench, broker: EmbeddedBroker, worker: FunnelWorker, store: s
     if opened != n:
         raise AssertionError(f"funnel_deals_open = {opened}, expected {n}")
     per_deal = (after - empty) / n
+    scrape = _scrape_ms(worker)
+    bench.results[f"metrics_scrape_ms_{n}_open_{store}"] = round(scrape, 1)
     bench.report(Figure(f"memory: RSS per open deal ({store} store)", f"{per_deal:,.0f} B",
                         f"({after / 2**20:,.0f} − {empty / 2**20:,.0f} MiB) / {n:,} deals; "
-                        f"ingest {drained.rate:,.0f} ev/s",
+                        f"ingest {drained.rate:,.0f} ev/s; /metrics scrape {scrape:.0f} ms",
                         "< 1,024 B" if store == "memory" else "", per_deal < 1024 if store == "memory"
                         else None),
                  **{("rss_bytes_per_open_deal" if store == "memory" else
@@ -348,13 +407,15 @@ def phase_memory_and_recovery(bench: Bench) -> None:
                   0.05)
             seconds = time.monotonic() - restarted.started_at
             opened = restarted.metric("funnel_deals_open")
+            scrape = _scrape_ms(restarted)
         empty = f"; empty start {empty_start:.1f}s" if empty_start else ""
         # Not fatal: a shortfall is a finding (see bench/README.md), the time still stands.
         recovered = "all recovered" if opened == deals else f"RECOVERED ONLY {opened:,.0f}"
         bench.report(Figure(f"recovery: {deals:,} deals' state (memory)", f"{seconds:.1f} s",
                             f"restart → ready; {recovered}; changelog {changelog:,} messages, "
-                            f"{keys:,} keys{empty}"),
+                            f"{keys:,} keys{empty}; /metrics scrape {scrape:.0f} ms"),
                      recovery_seconds=round(seconds, 2), recovery_deals=deals,
+                     **{f"metrics_scrape_ms_{deals}_open_memory": round(scrape, 1)},
                      recovery_open_deals_after=opened, recovery_changelog_messages=changelog)
 
 
@@ -396,9 +457,14 @@ def machine() -> dict:
     }
 
 
-def validity(results: dict) -> list[str]:
-    """Reasons the run is INVALID (empty: valid). Both baselines must have been measured."""
+def validity(results: dict, foreign_load: dict[str, float]) -> list[str]:
+    """Reasons the run is INVALID (empty: valid): baselines out of range or not measured, or
+    other processes busy during a timed window (on 2 cores that skews every ratio)."""
     reasons = []
+    noisy = {name: cores for name, cores in foreign_load.items() if cores > FOREIGN_LOAD_LIMIT}
+    if noisy:
+        reasons.append("other processes were busy: " + ", ".join(
+            f"{cores:.2f} cores during {name}" for name, cores in noisy.items()))
     ceiling = results.get("ceiling_events_per_s")
     naive = results.get("naive_faust_events_per_s")
     low, high = baselines.NAIVE_EVENTS_PER_S_RANGE
@@ -417,7 +483,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--events", type=int, default=100_000, help="throughput backlog (all three)")
     p.add_argument("--latency-rate", type=float, default=2000.0, help="events/s for latency")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="latency run length")
-    p.add_argument("--latency-poll", type=float, default=0.1,
+    p.add_argument("--latency-poll", type=float, default=0.25,
                    help="seconds between /metrics scrapes while measuring latency")
     p.add_argument("--replay-copies", type=int, default=10, help="dataset copies (10 = 88k deals)")
     p.add_argument("--open-deals", type=int, default=100_000, help="deals for RSS per open deal")
@@ -426,6 +492,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phases", default=",".join(PHASES),
                    help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds any one drain may take")
+    p.add_argument("--wait-quiet", type=float, default=60.0,
+                   help="seconds to wait before each phase for other processes to go idle")
     p.add_argument("--out", type=Path, default=HERE / "results.json")
     p.add_argument("--workdir", type=Path, default=None, help="logs and state (default: temp)")
     args = p.parse_args(argv)
@@ -436,7 +504,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds the with-blocks, which stop workers and brokers
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     args = parse(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="funnel-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -444,21 +517,25 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(f"funnel-kpi bench · {info['cpu_model']} · {info['cores']} cores · "
           f"Python {info['python']} · faust {info['versions']['faust-streaming']} · "
-          f"git {info['git']} · logs {workdir}", flush=True)
+          f"git {info['git']} · load {os.getloadavg()[0]:.2f} · logs {workdir}", flush=True)
     started = time.monotonic()
     failed = None
     try:
         if "throughput" in args.phases:
+            wait_quiet(bench, "throughput")
             phase_throughput(bench)
         if "replay" in args.phases:
+            wait_quiet(bench, "replay")
             phase_replay(bench)
         if "memory" in args.phases or "recovery" in args.phases:
+            wait_quiet(bench, "memory")
             phase_memory_and_recovery(bench)
         if "rocksdb" in args.phases:
+            wait_quiet(bench, "rocksdb")
             phase_rocksdb(bench)
     except Exception as exc:  # report what was measured, then fail
         failed = f"{type(exc).__name__}: {exc}"
-    reasons = validity(bench.results)
+    reasons = validity(bench.results, bench.foreign_load)
     status = "VALID" if not reasons else "INVALID"
     total = time.monotonic() - started
     print("\nsummary")
@@ -469,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {failed}  (logs in {workdir})", file=sys.stderr)
     record = {
         "status": status, "invalid_reasons": reasons, "failed": failed,
+        "foreign_load_cores": bench.foreign_load,
         "at": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": round(total),
         **bench.results,
         "machine": info,

@@ -8,8 +8,6 @@ customer agent → ``customers`` table + folds → ``/metrics``. Invalid input �
 from __future__ import annotations
 
 import logging
-import os
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -17,7 +15,6 @@ from typing import Any
 
 import faust
 import orjson
-from faust.streams import _current_event  # the context Faust reads to route table writes
 from faust.types import TP
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.process_collector import ProcessCollector
@@ -29,6 +26,7 @@ from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetr
 from sinks.redis import RedisSink
 from streams import topics
 from streams.api import SnapshotFeed, register_api
+from streams.outbox import Outbox, in_event_context
 from streams.processor import (
     CustomerProcessor,
     DealProcessor,
@@ -51,19 +49,6 @@ try:
     VERSION = version("funnel-kpi")
 except PackageNotFoundError:  # running from a source tree
     VERSION = "0.0.0+source"
-
-
-def in_event_context(event: Any, fun: Callable[[], Any]) -> Any:
-    """Run a table read/write as if ``event`` were the current stream event.
-
-    Batches from ``take_events`` run outside Faust's per-event context; tables need it to pick
-    the changelog partition (and RocksDB store) of the key.
-    """
-    token = _current_event.set(weakref.ref(event))
-    try:
-        return fun()
-    finally:
-        _current_event.reset(token)
 
 
 class RawTable(faust.Table):
@@ -216,8 +201,6 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
     events_topic = raw_topic(topics.EVENTS, topics.ticks_topic(settings.app_id))
     ticks_topic = raw_topic(topics.ticks_topic(settings.app_id), internal=True)
-    alerts_topic = raw_topic(topics.ALERTS)
-    kpis_topic = raw_topic(topics.KPIS)
     partials_topic = raw_topic(topics.partials_topic(settings.app_id), partitions=1, internal=True)
     publisher = KpiPublisher(config, settings.partitions, VERSION)
     publisher_state = app.tables.add(RawTable(app, settings, name="publisher", partitions=1))
@@ -226,7 +209,6 @@ def create_worker(settings: Settings | None = None) -> Worker:
         RedisSink(settings.redis_url, metrics.sink_errors.labels("redis").inc)
         if settings.redis_url else None
     )
-    dlq_topic = raw_topic(topics.DLQ)
     credits_topic = raw_topic(topics.credits_topic(settings.app_id), internal=True)
     ready_parts: dict[str, bool] = {}
 
@@ -263,23 +245,11 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
     def read(table_: RawTable) -> Callable[[str, Record], bytes | None]:
         def load(key: str, record: Record) -> bytes | None:
-            return in_event_context(record.ref, lambda: table_.get(key.encode()))
+            return in_event_context(record.ref, lambda: table_.data.get(key.encode()))
         return load
 
-    crash_after = int(os.environ.get("FUNNEL_TEST_CRASH_AFTER_WRITES", "0"))
-    writes_done = [0]
-
-    def write(table_: RawTable, key: str, value: bytes, record: Record) -> None:
-        def put() -> None:
-            table_[key.encode()] = value
-        in_event_context(record.ref, put)
-        if crash_after:
-            writes_done[0] += 1
-            if writes_done[0] >= crash_after:
-                # Test hook (crash tests only): die between a table write and the offset
-                # commit, the most dangerous point for double counting.
-                log.warning("FUNNEL_TEST_CRASH_AFTER_WRITES reached: exiting hard")
-                os._exit(137)
+    def outbox() -> Outbox:
+        return Outbox(app, lambda sink: metrics.sink_errors.labels(sink).inc())
 
     def to_records(events: list[Any]) -> list[Record]:
         return [
@@ -299,7 +269,7 @@ def create_worker(settings: Settings | None = None) -> Worker:
             lag = app.consumer.highwater(tp) - offset - 1
             consumer_lag.labels(tp.topic, str(partition)).set(max(lag, 0))
 
-    async def to_dlq(rejection: Rejection) -> None:
+    def to_dlq(out: Outbox, rejection: Rejection) -> None:
         record = rejection.record
         value = record.value or b""
         headers = [
@@ -312,41 +282,34 @@ def create_worker(settings: Settings | None = None) -> Worker:
         if len(value) > DLQ_MAX_VALUE:  # the whole message stays in crm.events at that offset
             headers.append(("funnel.original.size", str(len(value)).encode()))
             value = value[:DLQ_MAX_VALUE]
-        try:
-            await dlq_topic.send(key=record.key, value=value, headers=headers)
-            metrics.dlq.inc()
-        except Exception:
-            metrics.sink_errors.labels("dlq").inc()
-            log.exception("could not write to %s; the event stays in %s at offset %s",
-                          topics.DLQ, record.topic, record.offset)
-            raise
+        out.send(topics.DLQ, record.key, value, headers=headers, sink="dlq")
+        metrics.dlq.inc()
 
     @app.agent(events_topic, name="deal-agent")
     async def deal_agent(stream: faust.StreamT) -> None:
+        out = outbox()
         async for events in stream.take_events(settings.batch_size, settings.batch_within):
             records = to_records(events)
             batch = deal_processor.process(records, read(deals))
             for deal_id, value, record in batch.writes:
-                write(deals, deal_id, value, record)
+                out.put(deals, deal_id, value, record.ref)
             for pseudonym, record in batch.erased:
-                write(erasures, pseudonym, b"1", record)
+                out.put(erasures, pseudonym, b"1", record.ref)
             for rejection in batch.rejections:
-                await to_dlq(rejection)
+                to_dlq(out, rejection)
             for credit in batch.credits:
-                await credits_topic.send(key=credit.account.encode(), value=credit.encode())
+                out.send(credits_topic.get_topic_name(), credit.account.encode(), credit.encode(),
+                         sink="credits")
             for alert in batch.alerts:
-                await send_alert(alert)
+                send_alert(out, alert)
+            await out.flush()
             report_lag([r for r in records if r.topic == topics.EVENTS])
 
-    async def send_alert(alert: Alert) -> None:
+    def send_alert(out: Outbox, alert: Alert) -> None:
         if redis_sink is not None:
             redis_sink.alert(alert)
-        try:
-            await alerts_topic.send(key=(alert.deal_id or alert.pipeline).encode(),
-                                    value=alert.model_dump_json(exclude_none=True).encode())
-        except Exception:
-            metrics.sink_errors.labels("alerts").inc()
-            raise
+        out.send(topics.ALERTS, (alert.deal_id or alert.pipeline).encode(),
+                 alert.model_dump_json(exclude_none=True).encode(), sink="alerts")
 
     @app.timer(interval=settings.tick_interval)
     async def tick() -> None:
@@ -364,21 +327,20 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
     @app.agent(partials_topic, name="kpi-publisher")
     async def kpi_publisher(stream: faust.StreamT) -> None:
+        out = outbox()
         async for events in stream.take_events(settings.batch_size, settings.batch_within):
-            out = publisher.process(to_records(events), read(publisher_state))
+            published = publisher.process(to_records(events), read(publisher_state))
             metrics.publisher.set(1)
-            for key, value, record in out.writes:
-                write(publisher_state, key, value, record)
-            for alert in out.alerts:
-                await send_alert(alert)
-            for snapshot in out.snapshots:
-                try:
-                    await kpis_topic.send(key=snapshot.pipeline.encode(),
-                                          value=snapshot.model_dump_json().encode())
-                except Exception:
-                    metrics.sink_errors.labels("kpis").inc()
-                    raise
-                if redis_sink is not None:
+            for key, value, record in published.writes:
+                out.put(publisher_state, key, value, record.ref)
+            for alert in published.alerts:
+                send_alert(out, alert)
+            for snapshot in published.snapshots:
+                out.send(topics.KPIS, snapshot.pipeline.encode(),
+                         snapshot.model_dump_json().encode(), sink="kpis")
+            await out.flush()
+            if redis_sink is not None:
+                for snapshot in published.snapshots:
                     redis_sink.snapshot(snapshot)
 
     @app.task
@@ -396,11 +358,13 @@ def create_worker(settings: Settings | None = None) -> Worker:
 
     @app.agent(credits_topic, name="customer-agent")
     async def customer_agent(stream: faust.StreamT) -> None:
+        out = outbox()
         async for events in stream.take_events(settings.batch_size, settings.batch_within):
             for account, value, record in customer_processor.process(
                 to_records(events), read(customers)
             ):
-                write(customers, account, value, record)
+                out.put(customers, account, value, record.ref)
+            await out.flush()
 
     collector = KpiCollector(
         config,

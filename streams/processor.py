@@ -233,10 +233,10 @@ class DealProcessor:
             self.clock.observe(change.ts)
             self.metrics.counted(self._source_label(change.source), outcome, wall_ms - change.ts)
             state.record = record
-            if outcome is Outcome.DUPLICATE:
-                state.resend_credit = True
-            else:
-                state.write = True
+            # A duplicate usually means a redelivery after a crash: re-write the deal and its
+            # credit as they are, which heals a changelog or credit that missed the first write.
+            state.resend_credit |= outcome is Outcome.DUPLICATE
+            state.write = True
         for deal_id, state in touched.items():
             self._finish(batch, deal_id, state)
         for partition, record in ticks.items():

@@ -1,0 +1,92 @@
+"""Everything one batch writes — table changelog records and output messages — produced together
+and awaited before the batch's offsets can be committed.
+
+Faust's own table path sends each changelog record through a 100-message buffer that throttles
+the stream one message at a time; here the whole batch goes to the producer at once (which
+batches by partition) and is acknowledged before the batch is acked. Changelog records keep
+Faust's format (raw key/value on ``<app>-<table>-changelog``, same partition as the source
+event), so recovery and standby replicas work as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import faust
+from faust.streams import _current_event  # the context Faust stores read to pick a partition
+from faust.types import TP
+
+log = logging.getLogger("funnel_kpi.outbox")
+Headers = list[tuple[str, bytes]]
+
+
+def in_event_context(event: Any, fun: Callable[[], Any]) -> Any:
+    """Run a table read/write as if ``event`` were the current stream event.
+
+    Batches from ``take_events`` run outside Faust's per-event context; stores need it to pick
+    the partition of the key (RocksDB keeps one database per partition).
+    """
+    token = _current_event.set(weakref.ref(event))
+    try:
+        return fun()
+    finally:
+        _current_event.reset(token)
+
+
+class Outbox:
+    def __init__(self, app: faust.App, on_error: Callable[[str], None]) -> None:
+        self.app = app
+        self.on_error = on_error
+        self.pending: list[tuple[str, bytes | None, bytes, int | None, Headers | None, str,
+                                 faust.Table | None]] = []
+        self.crash_after = int(os.environ.get("FUNNEL_TEST_CRASH_AFTER_WRITES", "0"))
+        self.writes = 0
+
+    def put(self, table: faust.Table, key: str, value: bytes, event: Any) -> None:
+        """Write the table's store now (reads in later batches see it) and queue its changelog."""
+        raw_key = key.encode()
+
+        def store() -> None:
+            table.data[raw_key] = value
+
+        in_event_context(event, store)
+        partition = event.message.partition
+        self.pending.append((table.changelog_topic.get_topic_name(), raw_key, value, partition,
+                             None, "changelog", table))
+        if self.crash_after:
+            self.writes += 1
+            if self.writes >= self.crash_after:
+                # Test hook (crash tests only): die between a table write and the offset
+                # commit, the most dangerous point for double counting.
+                log.warning("FUNNEL_TEST_CRASH_AFTER_WRITES reached: exiting hard")
+                os._exit(137)
+
+    def send(self, topic: str, key: bytes | None, value: bytes, *, sink: str,
+             partition: int | None = None, headers: Headers | None = None) -> None:
+        self.pending.append((topic, key, value, partition, headers, sink, None))
+
+    async def flush(self) -> None:
+        """Produce everything queued and wait for the broker's acknowledgements."""
+        pending, self.pending = self.pending, []
+        producer = self.app.producer
+        futures = []
+        for topic, key, value, partition, headers, _, _ in pending:
+            futures.append(await producer.send(topic, key, value, partition, None, headers))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = None
+        for (_, _, _, _, _, sink, table), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                self.on_error(sink)
+                failed = result
+            elif table is not None:
+                # What Faust does for its own changelog writes: RocksDB remembers how far
+                # the changelog is reflected locally, so a restart reads only the rest.
+                table.data.set_persisted_offset(TP(result.topic, result.partition), result.offset)
+        if failed is not None:
+            log.error("writes of a batch failed (%s); its offsets stay uncommitted", failed)
+            raise failed
