@@ -23,7 +23,7 @@ from streams.broker import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _get(url: str, timeout: float = 5.0) -> bytes | None:
+def http_get(url: str, timeout: float = 5.0) -> bytes | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.read()
@@ -105,7 +105,7 @@ class FunnelWorker(Proc):
         return f"http://127.0.0.1:{self.port}/metrics"
 
     def samples(self) -> Samples | None:
-        raw = _get(self.url)
+        raw = http_get(self.url)
         return parse_exposition(raw.decode()) if raw is not None else None
 
     def count(self) -> int | None:
@@ -136,5 +136,5 @@ class NaiveApp(Proc):
         })
 
     def count(self) -> int | None:
-        raw = _get(f"http://127.0.0.1:{self.port}/count")
+        raw = http_get(f"http://127.0.0.1:{self.port}/count")
         return int(orjson.loads(raw)["count"]) if raw is not None else None

@@ -24,7 +24,7 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("customer agent (customers table)", ("customer_agent", "CustomerProcessor")),
     ("table reads (Table.get via in_event_context)", ("read.<locals>.load",)),
     ("table writes (Table.__setitem__, changelog publish)",
-     ("create_worker.<locals>.write", "__setitem__", "on_key_set")),
+     ("Outbox.put", "__setitem__", "on_key_set")),
     ("event decode + validation (orjson fast path / pydantic)", ("decode_event", "models/event.py")),
     ("deal state machine (apply_change)", ("apply_change",)),
     ("deal (de)serialisation (encode_deal / decode_deal)", ("encode_deal", "decode_deal")),

@@ -1,143 +1,48 @@
-"""The Faust worker: topics, the ``deals`` and ``customers`` tables, thin agents, ``/metrics``.
+"""The Faust worker: topics, tables and thin agents around the processors.
 
 Flow: ``crm.events`` → deal agent (decode, map stage, state machine; :mod:`streams.processor`)
 → ``deals`` table + per-partition folds → ``/metrics``; won credits re-keyed by account →
-customer agent → ``customers`` table + folds → ``/metrics``. Invalid input → ``crm.events.dlq``.
+customer agent → ``customers`` table + folds. Ticks (internal topic) drive stall alerts and
+erasures in the deal agent; partials (one-partition topic) feed the single KPI publisher
+(:mod:`streams.publisher`) → ``funnel.kpis``, alerts, Redis. Invalid input → ``crm.events.dlq``.
+Every agent writes through an :class:`~streams.outbox.Outbox`, acknowledged per batch.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import faust
 import orjson
 from faust.types import TP
-from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from models.aggregates import Contribution
 from models.alerts import Alert
-from models.config import FunnelConfig, load_config
+from models.config import load_config
 from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
 from sinks.redis import RedisSink
 from streams import topics
 from streams.api import SnapshotFeed, register_api
 from streams.outbox import Outbox, in_event_context
-from streams.processor import (
-    CustomerProcessor,
-    DealProcessor,
-    EventClock,
-    PartitionFolds,
-    Record,
-    Rejection,
-)
+from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record, Rejection
 from streams.publisher import KpiPublisher, encode_partial
 from streams.settings import Settings
+from streams.tables import ErasureTable, FoldedTable, RawTable
 
 log = logging.getLogger("funnel_kpi")
 # Prometheus text format 0.0.4; aiohttp adds the charset itself.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 # DLQ copies of oversized messages are cut to this (brokers refuse > 1 MB by default).
 DLQ_MAX_VALUE = 64 * 1024
-disable_created_metrics()
 
 try:
     VERSION = version("funnel-kpi")
 except PackageNotFoundError:  # running from a source tree
     VERSION = "0.0.0+source"
-
-
-class RawTable(faust.Table):
-    """A table of bytes keys and values, written to its changelog as they are.
-
-    Faust derives serializers from model types and falls back to JSON; our values are already
-    compact bytes (models.deal), so JSON would only wrap them.
-    """
-
-    def __init__(self, app: faust.App, settings: Settings, **kwargs: Any) -> None:
-        # RocksDB memory per table partition: block cache + 2 write buffers (Faust's defaults
-        # are a 2 GiB cache and 3 × 64 MiB buffers per partition: far too much for small boxes).
-        mib = 1024 * 1024
-        options = {
-            "block_cache_size": settings.rocksdb_block_cache_mb * mib,
-            "write_buffer_size": settings.rocksdb_write_buffer_mb * mib,
-            "max_write_buffer_number": 2,
-        } if settings.store.startswith("rocksdb") else None
-        super().__init__(app, key_type=bytes, value_type=bytes, beacon=app.tables.beacon,
-                         default=None, options=options, **kwargs)
-        self.key_serializer = self.value_serializer = "raw"
-
-
-class ErasureTable(RawTable):
-    """Pseudonyms of erased people; loaded into the deal processor once recovered, so an
-    erasure survives restarts and rebalances."""
-
-    def __init__(self, app: faust.App, settings: Settings, erased: set[str], **kwargs: Any) -> None:
-        super().__init__(app, settings, **kwargs)
-        self.erased = erased
-
-    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
-        await super().on_recovery_completed(active_tps, standby_tps)
-        self.erased |= {key.decode() for key in list(self.data.keys())}
-
-
-class FoldedTable(RawTable):
-    """A table whose values feed in-memory folds of the actively owned partitions only.
-
-    Folds are dropped when partitions are revoked and rebuilt from the table once recovery
-    completes, so standby replicas (also in this table's store) are never exported.
-    """
-
-    def __init__(
-        self, app: faust.App, settings: Settings, *, folds: PartitionFolds, source_topic: str,
-        contribution: Callable[[bytes], tuple[int, Contribution]],
-        on_ready: Callable[[set[int], set[int]], None], **kwargs: Any,
-    ) -> None:
-        super().__init__(app, settings, **kwargs)
-        self.folds = folds
-        self.source_topic = source_topic
-        self.contribution = contribution
-        self.on_ready = on_ready
-
-    async def on_rebalance(
-        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
-    ) -> None:
-        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
-        self.folds.revoke(tp.partition for tp in revoked if tp.topic == self.source_topic)
-
-    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
-        await super().on_recovery_completed(active_tps, standby_tps)
-        active = {
-            tp.partition for tp in self.app.assignor.assigned_actives()
-            if tp.topic == self.source_topic
-        }
-        standby = {
-            tp.partition for tp in self.app.assignor.assigned_standbys()
-            if tp.topic == self.changelog_topic.get_topic_name()
-        }
-        self.folds.rebuild(active, self._stored_contributions())
-        log.info("%s: aggregates rebuilt for active partitions %s (standby %s, not exported)",
-                 self.name, sorted(active), sorted(standby))
-        self.on_ready(active, standby)
-
-    def _stored_contributions(self) -> Iterator[tuple[int, Contribution]]:
-        for value in self.data.values():
-            if value is not None:
-                yield self.contribution(value)
-
-
-@dataclass
-class Worker:
-    app: faust.App
-    settings: Settings
-    config: FunnelConfig
-    registry: CollectorRegistry
-    deals: DealProcessor
-    customers: CustomerProcessor
 
 
 def _faust_app(settings: Settings) -> faust.App:
@@ -171,105 +76,213 @@ def _faust_app(settings: Settings) -> faust.App:
     )
 
 
-def create_worker(settings: Settings | None = None) -> Worker:
-    settings = settings or Settings()
-    config = load_config(settings.config)
-    clock = EventClock(settings.clock or config.clock)
-    registry = CollectorRegistry(auto_describe=True)
-    ProcessCollector(registry=registry)
-    metrics = ProcessMetrics(registry)
-    metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS, SINKS)
-    def scan_partition(partition: int) -> Iterator[tuple[str, bytes]]:
-        for key, value in list(deals.data.items()):
+def _records(events: list[Any]) -> list[Record]:
+    return [
+        Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
+               e.message.offset, e)
+        for e in events
+    ]
+
+
+def _reader(table: RawTable) -> Callable[[str, Record], bytes | None]:
+    def load(key: str, record: Record) -> bytes | None:
+        return in_event_context(record.ref, lambda: table.data.get(key.encode()))
+    return load
+
+
+class FunnelWorker:
+    """One worker process: build it, then run ``self.app`` with a Faust worker."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings = settings or Settings()
+        self.config = config = load_config(settings.config)
+        self.clock = EventClock(settings.clock or config.clock)
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        self.metrics = ProcessMetrics(self.registry)
+        self.metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS, SINKS)
+        self.consumer_lag = Gauge(
+            "funnel_consumer_lag_messages", "Messages behind the end of the partition",
+            ["topic", "partition"], registry=self.registry,
+        )
+        self.deal_processor = DealProcessor(
+            config, self.clock, self.metrics, max_skew_ms=int(settings.max_future_skew * 1000),
+            ticks_topic=topics.ticks_topic(settings.app_id), scan=self._scan_partition,
+        )
+        self.customer_processor = CustomerProcessor()
+        self.publisher = KpiPublisher(config, settings.partitions, VERSION)
+        self.feed = SnapshotFeed()
+        self.redis = (RedisSink(settings.redis_url, self.metrics.sink_errors.labels("redis").inc)
+                      if settings.redis_url else None)
+        self.app = _faust_app(settings)
+        self.ready_parts: dict[str, bool] = {}
+        self._declare_topics()
+        self._declare_tables()
+        self._declare_agents()
+        self._declare_web()
+
+    # -- declarations -----------------------------------------------------------------------
+
+    def _topic(self, *names: str, partitions: int | None = None, **kwargs: Any) -> faust.TopicT:
+        return self.app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
+                              value_serializer="raw",
+                              partitions=partitions or self.settings.partitions, **kwargs)
+
+    def _declare_topics(self) -> None:
+        app_id = self.settings.app_id
+        self.events_topic = self._topic(topics.EVENTS, topics.ticks_topic(app_id))
+        self.ticks_topic = self._topic(topics.ticks_topic(app_id), internal=True)
+        self.credits_topic = self._topic(topics.credits_topic(app_id), internal=True)
+        self.partials_topic = self._topic(topics.partials_topic(app_id), partitions=1,
+                                          internal=True)
+
+    def _declare_tables(self) -> None:
+        settings, add = self.settings, self.app.tables.add
+        self.deals = add(FoldedTable(
+            self.app, settings, name="deals", folds=self.deal_processor.folds,
+            source_topic=topics.EVENTS, contribution=self.deal_processor.contribution_of_stored,
+            on_ready=self._ready_callback("deals"), partitions=settings.partitions,
+        ))
+        self.customers = add(FoldedTable(
+            self.app, settings, name="customers", folds=self.customer_processor.folds,
+            source_topic=self.credits_topic.get_topic_name(),
+            contribution=self.customer_processor.contribution_of_stored,
+            on_ready=self._ready_callback("customers"), partitions=settings.partitions,
+        ))
+        self.erasures = add(ErasureTable(self.app, settings, self.deal_processor.erased,
+                                         name="erasures", partitions=settings.partitions))
+        self.publisher_state = add(RawTable(self.app, settings, name="publisher", partitions=1))
+        self.app.on_partitions_revoked.connect(self._on_revoked)
+
+    def _declare_agents(self) -> None:
+        app = self.app
+        app.agent(self.events_topic, name="deal-agent")(self.deal_agent)
+        app.agent(self.credits_topic, name="customer-agent")(self.customer_agent)
+        app.agent(self.partials_topic, name="kpi-publisher")(self.kpi_publisher)
+        app.timer(interval=self.settings.tick_interval)(self.tick)
+        app.task(self.follow_snapshots)
+        if self.redis is not None:
+            app.task(self.redis.run)
+
+    def _declare_web(self) -> None:
+        self.registry.register(KpiCollector(
+            self.config,
+            lambda: [*self.deal_processor.folds.folds.values(),
+                     *self.customer_processor.folds.folds.values()],
+            self.clock.now_ms, VERSION,
+        ))
+        registry = self.registry
+
+        @self.app.page("/metrics")
+        async def metrics_view(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+            return web.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
+
+        register_api(self.app, self.feed, pipelines=list(self.config.pipelines),
+                     ready=self.is_ready, token=self.settings.api_token)
+
+    # -- readiness and rebalances ---------------------------------------------------------------
+
+    def _ready_callback(self, name: str) -> Callable[[set[int], set[int]], None]:
+        self.ready_parts[name] = False
+
+        def on_ready(active: set[int], standby: set[int]) -> None:
+            self.ready_parts[name] = True
+            if name == "deals":
+                self.metrics.active_partitions.set(len(active))
+                self.metrics.standby_partitions.set(len(standby))
+            self.metrics.ready.set(1 if self.is_ready() else 0)
+        return on_ready
+
+    def is_ready(self) -> bool:
+        return bool(self.ready_parts) and all(self.ready_parts.values())
+
+    async def _on_revoked(self, app: faust.App, revoked: set[TP], **_: Any) -> None:
+        for name in self.ready_parts:
+            self.ready_parts[name] = False
+        self.metrics.ready.set(0)
+        self.metrics.rebalances.inc()
+        self.metrics.publisher.set(0)
+        self.publisher.revoked()
+
+    def _scan_partition(self, partition: int) -> Iterator[tuple[str, bytes]]:
+        """Every stored deal of one partition (erasures only: a full scan)."""
+        for key, value in list(self.deals.data.items()):
             if value is not None and orjson.loads(value)[2] == partition:
                 yield key.decode(), value
 
-    deal_processor = DealProcessor(
-        config, clock, metrics, max_skew_ms=int(settings.max_future_skew * 1000),
-        ticks_topic=topics.ticks_topic(settings.app_id), scan=scan_partition,
-    )
-    customer_processor = CustomerProcessor()
-    app = _faust_app(settings)
-    consumer_lag = Gauge(
-        "funnel_consumer_lag_messages", "Messages behind the end of the partition",
-        ["topic", "partition"], registry=registry,
-    )
+    # -- agents ---------------------------------------------------------------------------------
 
-    def raw_topic(*names: str, partitions: int = settings.partitions, **kwargs: Any) -> faust.TopicT:
-        return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
-                         value_serializer="raw", partitions=partitions, **kwargs)
+    def _outbox(self) -> Outbox:
+        return Outbox(self.app, lambda sink: self.metrics.sink_errors.labels(sink).inc())
 
-    events_topic = raw_topic(topics.EVENTS, topics.ticks_topic(settings.app_id))
-    ticks_topic = raw_topic(topics.ticks_topic(settings.app_id), internal=True)
-    partials_topic = raw_topic(topics.partials_topic(settings.app_id), partitions=1, internal=True)
-    publisher = KpiPublisher(config, settings.partitions, VERSION)
-    publisher_state = app.tables.add(RawTable(app, settings, name="publisher", partitions=1))
-    feed = SnapshotFeed()
-    redis_sink = (
-        RedisSink(settings.redis_url, metrics.sink_errors.labels("redis").inc)
-        if settings.redis_url else None
-    )
-    credits_topic = raw_topic(topics.credits_topic(settings.app_id), internal=True)
-    ready_parts: dict[str, bool] = {}
+    def _batches(self, stream: faust.StreamT):
+        return stream.take_events(self.settings.batch_size, self.settings.batch_within)
 
-    def table(name: str, folds: PartitionFolds, source: str,
-              contribution: Callable[[bytes], tuple[int, Contribution]]) -> FoldedTable:
-        def on_ready(active: set[int], standby: set[int]) -> None:
-            ready_parts[name] = True
-            if name == "deals":
-                metrics.active_partitions.set(len(active))
-                metrics.standby_partitions.set(len(standby))
-            metrics.ready.set(1 if all(ready_parts.values()) else 0)
+    async def deal_agent(self, stream: faust.StreamT) -> None:
+        out = self._outbox()
+        async for events in self._batches(stream):
+            records = _records(events)
+            batch = self.deal_processor.process(records, _reader(self.deals))
+            for deal_id, value, record in batch.writes:
+                out.put(self.deals, deal_id, value, record.ref)
+            for pseudonym, record in batch.erased:
+                out.put(self.erasures, pseudonym, b"1", record.ref)
+            for rejection in batch.rejections:
+                self._to_dlq(out, rejection)
+            for credit in batch.credits:
+                out.send(self.credits_topic.get_topic_name(), credit.account.encode(),
+                         credit.encode(), sink="credits")
+            for alert in batch.alerts:
+                self._send_alert(out, alert)
+            await out.flush()
+            self._report_lag([r for r in records if r.topic == topics.EVENTS])
 
-        ready_parts[name] = False
-        return app.tables.add(FoldedTable(
-            app, settings, name=name, folds=folds, source_topic=source, contribution=contribution,
-            on_ready=on_ready, partitions=settings.partitions,
-        ))
+    async def customer_agent(self, stream: faust.StreamT) -> None:
+        out = self._outbox()
+        async for events in self._batches(stream):
+            for account, value, record in self.customer_processor.process(
+                _records(events), _reader(self.customers)
+            ):
+                out.put(self.customers, account, value, record.ref)
+            await out.flush()
 
-    deals = table("deals", deal_processor.folds, topics.EVENTS,
-                  deal_processor.contribution_of_stored)
-    erasures = app.tables.add(ErasureTable(app, settings, deal_processor.erased, name="erasures",
-                                           partitions=settings.partitions))
-    customers = table("customers", customer_processor.folds, credits_topic.get_topic_name(),
-                      customer_processor.contribution_of_stored)
+    async def kpi_publisher(self, stream: faust.StreamT) -> None:
+        out = self._outbox()
+        async for events in self._batches(stream):
+            published = self.publisher.process(_records(events), _reader(self.publisher_state))
+            self.metrics.publisher.set(1)
+            for key, value, record in published.writes:
+                out.put(self.publisher_state, key, value, record.ref)
+            for alert in published.alerts:
+                self._send_alert(out, alert)
+            for snapshot in published.snapshots:
+                out.send(topics.KPIS, snapshot.pipeline.encode(),
+                         snapshot.model_dump_json().encode(), sink="kpis")
+            await out.flush()
+            if self.redis is not None:
+                for snapshot in published.snapshots:
+                    self.redis.snapshot(snapshot)
 
-    @app.on_partitions_revoked.connect
-    async def _not_ready(app: faust.App, revoked: set[TP], **_: Any) -> None:
-        for name in ready_parts:
-            ready_parts[name] = False
-        metrics.ready.set(0)
-        metrics.rebalances.inc()
-        metrics.publisher.set(0)
-        publisher.revoked()
+    async def tick(self) -> None:
+        """Ask the deal agent of each owned partition to check stalls (it may write the table),
+        and publish each owned partition's partial for the KPI publisher."""
+        now = self.clock.now_ms()
+        for kind, folds in (("deals", self.deal_processor.folds),
+                            ("customers", self.customer_processor.folds)):
+            for partition, fold in list(folds.folds.items()):
+                if kind == "deals":
+                    await self.ticks_topic.send(value=b"tick", partition=partition)
+                await self.partials_topic.send(
+                    key=f"{kind}:{partition}".encode(), partition=0,
+                    value=encode_partial(kind, partition, now, self.config, fold),
+                )
 
-    def read(table_: RawTable) -> Callable[[str, Record], bytes | None]:
-        def load(key: str, record: Record) -> bytes | None:
-            return in_event_context(record.ref, lambda: table_.data.get(key.encode()))
-        return load
+    async def follow_snapshots(self) -> None:
+        await self.feed.follow(self.settings.broker)
 
-    def outbox() -> Outbox:
-        return Outbox(app, lambda sink: metrics.sink_errors.labels(sink).inc())
+    # -- outputs --------------------------------------------------------------------------------
 
-    def to_records(events: list[Any]) -> list[Record]:
-        return [
-            Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
-                   e.message.offset, e)
-            for e in events
-        ]
-
-    def report_lag(records: list[Record]) -> None:
-        if not records:
-            return
-        last: dict[int, int] = {}
-        for record in records:
-            last[record.partition] = record.offset
-        for partition, offset in last.items():
-            tp = TP(records[0].topic, partition)
-            lag = app.consumer.highwater(tp) - offset - 1
-            consumer_lag.labels(tp.topic, str(partition)).set(max(lag, 0))
-
-    def to_dlq(out: Outbox, rejection: Rejection) -> None:
+    def _to_dlq(self, out: Outbox, rejection: Rejection) -> None:
         record = rejection.record
         value = record.value or b""
         headers = [
@@ -283,98 +296,19 @@ def create_worker(settings: Settings | None = None) -> Worker:
             headers.append(("funnel.original.size", str(len(value)).encode()))
             value = value[:DLQ_MAX_VALUE]
         out.send(topics.DLQ, record.key, value, headers=headers, sink="dlq")
-        metrics.dlq.inc()
+        self.metrics.dlq.inc()
 
-    @app.agent(events_topic, name="deal-agent")
-    async def deal_agent(stream: faust.StreamT) -> None:
-        out = outbox()
-        async for events in stream.take_events(settings.batch_size, settings.batch_within):
-            records = to_records(events)
-            batch = deal_processor.process(records, read(deals))
-            for deal_id, value, record in batch.writes:
-                out.put(deals, deal_id, value, record.ref)
-            for pseudonym, record in batch.erased:
-                out.put(erasures, pseudonym, b"1", record.ref)
-            for rejection in batch.rejections:
-                to_dlq(out, rejection)
-            for credit in batch.credits:
-                out.send(credits_topic.get_topic_name(), credit.account.encode(), credit.encode(),
-                         sink="credits")
-            for alert in batch.alerts:
-                send_alert(out, alert)
-            await out.flush()
-            report_lag([r for r in records if r.topic == topics.EVENTS])
-
-    def send_alert(out: Outbox, alert: Alert) -> None:
-        if redis_sink is not None:
-            redis_sink.alert(alert)
+    def _send_alert(self, out: Outbox, alert: Alert) -> None:
+        if self.redis is not None:
+            self.redis.alert(alert)
         out.send(topics.ALERTS, (alert.deal_id or alert.pipeline).encode(),
                  alert.model_dump_json(exclude_none=True).encode(), sink="alerts")
 
-    @app.timer(interval=settings.tick_interval)
-    async def tick() -> None:
-        """Ask the deal agent of each owned partition to check stalls (it may write the table),
-        and publish each owned partition's partial for the KPI publisher."""
-        now = clock.now_ms()
-        for kind, folds in (("deals", deal_processor.folds), ("customers", customer_processor.folds)):
-            for partition, fold in list(folds.folds.items()):
-                if kind == "deals":
-                    await ticks_topic.send(value=b"tick", partition=partition)
-                await partials_topic.send(
-                    key=f"{kind}:{partition}".encode(), partition=0,
-                    value=encode_partial(kind, partition, now, config, fold),
-                )
-
-    @app.agent(partials_topic, name="kpi-publisher")
-    async def kpi_publisher(stream: faust.StreamT) -> None:
-        out = outbox()
-        async for events in stream.take_events(settings.batch_size, settings.batch_within):
-            published = publisher.process(to_records(events), read(publisher_state))
-            metrics.publisher.set(1)
-            for key, value, record in published.writes:
-                out.put(publisher_state, key, value, record.ref)
-            for alert in published.alerts:
-                send_alert(out, alert)
-            for snapshot in published.snapshots:
-                out.send(topics.KPIS, snapshot.pipeline.encode(),
-                         snapshot.model_dump_json().encode(), sink="kpis")
-            await out.flush()
-            if redis_sink is not None:
-                for snapshot in published.snapshots:
-                    redis_sink.snapshot(snapshot)
-
-    @app.task
-    async def follow_snapshots() -> None:
-        await feed.follow(settings.broker)
-
-    if redis_sink is not None:
-        @app.task
-        async def write_redis() -> None:
-            await redis_sink.run()
-
-    register_api(app, feed, pipelines=list(config.pipelines),
-                 ready=lambda: bool(ready_parts) and all(ready_parts.values()),
-                 token=settings.api_token)
-
-    @app.agent(credits_topic, name="customer-agent")
-    async def customer_agent(stream: faust.StreamT) -> None:
-        out = outbox()
-        async for events in stream.take_events(settings.batch_size, settings.batch_within):
-            for account, value, record in customer_processor.process(
-                to_records(events), read(customers)
-            ):
-                out.put(customers, account, value, record.ref)
-            await out.flush()
-
-    collector = KpiCollector(
-        config,
-        lambda: [*deal_processor.folds.folds.values(), *customer_processor.folds.folds.values()],
-        clock.now_ms, VERSION,
-    )
-    registry.register(collector)
-
-    @app.page("/metrics")
-    async def metrics_view(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
-        return web.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
-
-    return Worker(app, settings, config, registry, deal_processor, customer_processor)
+    def _report_lag(self, records: list[Record]) -> None:
+        last: dict[int, int] = {}
+        for record in records:
+            last[record.partition] = record.offset
+        for partition, offset in last.items():
+            tp = TP(topics.EVENTS, partition)
+            lag = self.app.consumer.highwater(tp) - offset - 1
+            self.consumer_lag.labels(tp.topic, str(partition)).set(max(lag, 0))

@@ -72,7 +72,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from models.config import load_config
     from streams import topics
-    from streams.app import create_worker
+    from streams.app import FunnelWorker
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
@@ -82,7 +82,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         replication_factor=settings.replication_factor,
     ))
     asyncio.set_event_loop(asyncio.new_event_loop())
-    worker = create_worker(settings)
+    worker = FunnelWorker(settings)
     faust.Worker(worker.app, loglevel=settings.log_level.upper(), quiet=True,
                  override_logging=False).execute_from_commandline()
     return 0
