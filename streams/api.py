@@ -90,25 +90,20 @@ def register_api(app: faust.App, feed: SnapshotFeed, *, pipelines: list[str],
             ]
         })
 
-    @app.page("/kpis/{pipeline}")
-    async def kpi_snapshot(web: faust.web.View, request: faust.web.Request,
-                           pipeline: str) -> faust.web.Response:
-        if (refused := denied(web, request)) is not None:
-            return refused
-        snapshot = feed.latest.get(pipeline)
-        return json(web, snapshot.model_dump(mode="json")) if snapshot else not_found(web, pipeline)
+    def snapshot_view(render: Callable[[KpiSnapshot], Any]):
+        async def view(web: faust.web.View, request: faust.web.Request,
+                       pipeline: str) -> faust.web.Response:
+            if (refused := denied(web, request)) is not None:
+                return refused
+            snapshot = feed.latest.get(pipeline)
+            return json(web, render(snapshot)) if snapshot else not_found(web, pipeline)
+        return view
 
-    @app.page("/kpis/{pipeline}/leaderboard")
-    async def kpi_leaderboard(web: faust.web.View, request: faust.web.Request,
-                              pipeline: str) -> faust.web.Response:
-        if (refused := denied(web, request)) is not None:
-            return refused
-        snapshot = feed.latest.get(pipeline)
-        if snapshot is None:
-            return not_found(web, pipeline)
-        return json(web, {"pipeline": pipeline, "as_of": snapshot.as_of,
-                          "currency": snapshot.currency,
-                          "leaderboard": [r.model_dump() for r in snapshot.leaderboard]})
+    app.page("/kpis/{pipeline}")(snapshot_view(lambda s: s.model_dump(mode="json")))
+    app.page("/kpis/{pipeline}/leaderboard")(snapshot_view(lambda s: {
+        "pipeline": s.pipeline, "as_of": s.as_of, "currency": s.currency,
+        "leaderboard": [r.model_dump() for r in s.leaderboard],
+    }))
 
     @app.page("/healthz")
     async def healthz(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
