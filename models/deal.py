@@ -169,12 +169,18 @@ def _unpack(packed: list | None) -> Field | None:
     return None if packed is None else Field(packed[0], packed[1], packed[2])
 
 
+def compact(raw: bytes) -> bytes:
+    """An exact-size copy: orjson's bytes keep a 4 KiB allocation behind short values, which
+    would cost ~4 KiB of memory per stored deal instead of ~300 bytes."""
+    return bytes(memoryview(raw))
+
+
 def encode_deal(deal: Deal) -> bytes:
-    return orjson.dumps([
+    return compact(orjson.dumps([
         FORMAT, deal.deal_id, deal.partition,
         *(_pack(getattr(deal, name)) for name in _SCALARS),
         deal.history, deal.owners, deal.recent_ids, deal.credited_accounts, deal.stall_alert,
-    ])
+    ]))
 
 
 def decode_deal(raw: bytes) -> Deal:

@@ -30,6 +30,7 @@ from models.deal import (
     Deal,
     Outcome,
     apply_change,
+    compact,
     decode_deal,
     encode_deal,
     erase_person,
@@ -375,5 +376,6 @@ class CustomerProcessor:
         writes = []
         for account, (credits, before, record) in touched.items():
             self.folds.fold(record.partition).replace(before, customer_contribution(account, credits))
-            writes.append((account, orjson.dumps([record.partition, account, credits]), record))
+            writes.append((account, compact(orjson.dumps([record.partition, account, credits])),
+                           record))
         return writes
