@@ -4,8 +4,9 @@ Throughput (naive and funnel-kpi alike): the events are produced before the proc
 the process is polled and the rate is the events counted between the first poll that shows
 progress and the first poll that shows all of them, over the time between those polls.
 Start-up, group join and recovery are so excluded (and reported apart). A funnel-kpi scrape
-costs the worker ~25 ms of CPU, so polls are 0.5 s apart and only quicken (20 ms) when the
-rate so far says the end is under a second away: the end is timed to ~20 ms, cheaply.
+costs the worker 25–150 ms of CPU (more with more open deals), so polls are 0.5 s apart and
+only quicken (20 ms) when the rate so far says the end is under a second away: the end is timed
+to ~20 ms, cheaply.
 """
 
 from __future__ import annotations

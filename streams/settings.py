@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(10000, ge=1, description="events handled per batch")
     batch_within: float = Field(0.2, gt=0, description="seconds to wait for a batch to fill")
     tick_interval: float = Field(10.0, gt=0, description="seconds between stall checks (tick records)")
+    fetch_max_wait_ms: int = Field(
+        100, ge=1, le=1500, description="longest a fetch waits for data, ms (latency)",
+    )
     session_timeout: float = Field(10.0, gt=0, description="consumer group session timeout, seconds")
     rebalance_timeout: float = Field(10.0, gt=0, description="consumer group rebalance timeout, seconds")
     log_level: str = Field("info", description="debug | info | warning | error")
