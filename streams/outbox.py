@@ -23,6 +23,7 @@ from faust.types import TP
 
 log = logging.getLogger("funnel_kpi.outbox")
 Headers = list[tuple[str, bytes]]
+END_MARKER = b"\x00funnel-kpi:end-of-batch"
 
 
 def in_event_context(event: Any, fun: Callable[[], Any]) -> Any:
@@ -70,6 +71,15 @@ class Outbox:
              partition: int | None = None, headers: Headers | None = None) -> None:
         self.pending.append((topic, key, value, partition, headers, sink, None))
 
+    async def _end_markers(self, changelogs: set[tuple[str, int | None]]) -> None:
+        """A tombstone of a key nobody uses, alone in its batch, after each batch of changelog
+        records. Brokers that answer ListOffsets with the last batch's base offset + 1 (Tansu)
+        would otherwise make table recovery stop before the last records of a partition."""
+        producer = self.app.producer
+        futures = [await producer.send(topic, END_MARKER, None, partition, None, None)
+                   for topic, partition in changelogs]
+        await asyncio.gather(*futures)
+
     async def flush(self) -> None:
         """Produce everything queued and wait for the broker's acknowledgements."""
         pending, self.pending = self.pending, []
@@ -79,7 +89,8 @@ class Outbox:
             futures.append(await producer.send(topic, key, value, partition, None, headers))
         results = await asyncio.gather(*futures, return_exceptions=True)
         failed = None
-        for (_, _, _, _, _, sink, table), result in zip(pending, results, strict=True):
+        changelogs = set()
+        for (topic, _, _, partition, _, sink, table), result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
                 self.on_error(sink)
                 failed = result
@@ -87,6 +98,9 @@ class Outbox:
                 # What Faust does for its own changelog writes: RocksDB remembers how far
                 # the changelog is reflected locally, so a restart reads only the rest.
                 table.data.set_persisted_offset(TP(result.topic, result.partition), result.offset)
+                changelogs.add((topic, partition))
+        if failed is None and changelogs:
+            await self._end_markers(changelogs)
         if failed is not None:
             log.error("writes of a batch failed (%s); its offsets stay uncommitted", failed)
             raise failed
