@@ -29,11 +29,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench import baselines, measure, profile, workload
 from bench.procs import FunnelWorker, NaiveApp, http_get
-from streams.broker import EmbeddedBroker
+from streams.broker import EmbeddedBroker, free_port
 from streams.topics import bootstrap_servers
 
 HERE = Path(__file__).resolve().parent
-PHASES = ("throughput", "latency", "profile", "replay", "memory", "rocksdb", "recovery")
+PHASES = ("throughput", "latency", "profile", "replay", "redis", "memory", "rocksdb", "recovery")
 # Busy cores from processes outside the bench above which a timed window is called noisy.
 FOREIGN_LOAD_LIMIT = 0.2
 PACKAGES = ("faust-streaming", "mode-streaming", "aiokafka", "orjson", "prometheus-client",
@@ -337,6 +337,30 @@ def phase_replay(bench: Bench) -> None:
                  replay_events=len(messages), replay_events_per_s=round(drained.rate))
 
 
+def phase_redis(bench: Bench) -> None:
+    """The same backlog through a worker with Redis up and one whose Redis is down: the sink is
+    never on the agents' path, so the rates must match (target: down ≥ 0.9 × up)."""
+    n = bench.args.events
+    messages = workload.simulated(n, seed=13)
+    rates = {}
+    with bench.broker("redis") as broker:
+        asyncio.run(workload.send(broker.url, messages))
+        for state, url in (("up", "redis://127.0.0.1:6379/9"),
+                           ("down", f"redis://127.0.0.1:{free_port()}/0")):
+            with FunnelWorker(broker.url, bench.workdir, f"redis-{state}", FUNNEL_APP_ID=f"redis-{state}",
+                              FUNNEL_REDIS_URL=url, FUNNEL_TICK_INTERVAL="1") as worker:
+                rates[state] = _drain(bench, worker, n, broker).rate
+                _check_totals(worker, n)
+                if state == "down" and not worker.metric("funnel_sink_errors_total", sink="redis"):
+                    raise AssertionError("Redis was down but no sink error was counted")
+    ratio = rates["down"] / rates["up"]
+    bench.report(Figure("throughput with Redis down / up", f"{ratio:.2f} ×",
+                        f"{_rate(rates['down'])} down, {_rate(rates['up'])} up", "≥ 0.9 ×",
+                        ratio >= 0.9),
+                 redis_down_events_per_s=round(rates["down"]), redis_up_events_per_s=round(rates["up"]),
+                 ratio_redis_down_to_up=round(ratio, 3))
+
+
 # ---------------------------------------------------------------- memory and recovery
 
 
@@ -542,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
         if "replay" in args.phases:
             wait_quiet(bench, "replay")
             phase_replay(bench)
+        if "redis" in args.phases:
+            wait_quiet(bench, "redis")
+            phase_redis(bench)
         if "memory" in args.phases or "recovery" in args.phases:
             wait_quiet(bench, "memory")
             phase_memory_and_recovery(bench)
