@@ -30,7 +30,7 @@ from streams import topics
 from streams.api import SnapshotFeed, register_api
 from streams.outbox import Outbox, in_event_context
 from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record, Rejection
-from streams.publisher import KpiPublisher, encode_partial
+from streams.publisher import MAX_CHECK_LAG, KpiPublisher, encode_partial
 from streams.settings import Settings
 from streams.tables import ErasureTable, FoldedTable, RawTable
 
@@ -136,6 +136,7 @@ class FunnelWorker:
                       if settings.redis_url else None)
         self.app = _faust_app(settings)
         self.ready_parts: dict[str, bool] = {}
+        self.positions: dict[int, int] = {}  # next crm.events offset to process, per partition
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
@@ -242,7 +243,9 @@ class FunnelWorker:
         out = self._outbox()
         async for events in self._batches(stream):
             records = _records(events)
-            batch = self.deal_processor.process(records, _reader(self.deals))
+            ticked = {r.partition for r in records if r.topic != topics.EVENTS}
+            lagging = frozenset([p for p in ticked if await self._lag(p) > MAX_CHECK_LAG])
+            batch = self.deal_processor.process(records, _reader(self.deals), lagging)
             for deal_id, value, record in batch.writes:
                 out.put(self.deals, deal_id, value, record.ref)
             for pseudonym, record in batch.erased:
@@ -290,11 +293,13 @@ class FunnelWorker:
         for kind, folds in (("deals", self.deal_processor.folds),
                             ("customers", self.customer_processor.folds)):
             for partition, fold in list(folds.folds.items()):
+                lag = 0
                 if kind == "deals":
                     await self.ticks_topic.send(value=b"tick", partition=partition)
+                    lag = await self._lag(partition)
                 await self.partials_topic.send(
                     key=f"{kind}:{partition}".encode(), partition=0,
-                    value=encode_partial(kind, partition, now, self.config, fold),
+                    value=encode_partial(kind, partition, now, self.config, fold, lag),
                 )
 
     async def follow_snapshots(self) -> None:
@@ -325,10 +330,17 @@ class FunnelWorker:
                  alert.model_dump_json(exclude_none=True).encode(), sink="alerts")
 
     def _report_lag(self, records: list[Record]) -> None:
-        last: dict[int, int] = {}
         for record in records:
-            last[record.partition] = record.offset
-        for partition, offset in last.items():
+            self.positions[record.partition] = record.offset + 1
+        for partition in {record.partition for record in records}:
             tp = TP(topics.EVENTS, partition)
-            lag = self.app.consumer.highwater(tp) - offset - 1
+            lag = self.app.consumer.highwater(tp) - self.positions[partition]
             self.consumer_lag.labels(tp.topic, str(partition)).set(max(lag, 0))
+
+    async def _lag(self, partition: int) -> int:
+        """Events of a crm.events partition not processed yet (fetched ones included)."""
+        tp = TP(topics.EVENTS, partition)
+        position = self.positions.get(partition)
+        if position is None:  # nothing processed since start: where the consumer stands
+            position = await self.app.consumer.position(tp) or 0
+        return max(self.app.consumer.highwater(tp) - position, 0)

@@ -187,7 +187,10 @@ class DealProcessor:
             return "unknown"
         return source if source in self.config.sources else "other"
 
-    def process(self, records: list[Record], load: Callable[[str, Record], bytes | None]) -> DealBatch:
+    def process(self, records: list[Record], load: Callable[[str, Record], bytes | None],
+                lagging: frozenset[int] = frozenset()) -> DealBatch:
+        """``lagging``: partitions still catching up a backlog; their stall checks wait (a
+        replay's stream clock runs ahead of deals whose later events are still queued)."""
         batch = DealBatch()
         touched: dict[str, _Touched] = {}
         ticks: dict[int, Record] = {}
@@ -241,7 +244,8 @@ class DealProcessor:
         for deal_id, state in touched.items():
             self._finish(batch, deal_id, state)
         for partition, record in ticks.items():
-            self._raise_stalls(batch, partition, record, touched, load)
+            if partition not in lagging:
+                self._raise_stalls(batch, partition, record, touched, load)
         for record in erasures:
             self._erase(batch, record, touched)
         return batch

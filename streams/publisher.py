@@ -28,6 +28,9 @@ from streams.processor import Record
 TOP_CUSTOMERS = 100
 REPUBLISH_SECONDS = 30.0  # an unchanged snapshot is still re-sent this often (liveness)
 GENERATION_KEY = "generation"
+# Conversion is only judged once every partition is this close to its end: while a backlog
+# drains, partitions stand at different points in time and their sum is no real conversion.
+MAX_CHECK_LAG = 1000
 
 
 def collect_samples(collector: Collector) -> Samples:
@@ -39,7 +42,7 @@ def collect_samples(collector: Collector) -> Samples:
 
 
 def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
-                   fold: agg.Fold) -> bytes:
+                   fold: agg.Fold, lag: int = 0) -> bytes:
     """A partition's business samples (config gauges are the publisher's own) and top customers."""
     collector = KpiCollector(config, lambda: [fold], lambda: now_ms, "partial")
     rows = [
@@ -48,7 +51,7 @@ def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
         for labels, value in values if value
     ]
     top = sorted(fold.accounts.items(), key=lambda kv: -kv[1])[:TOP_CUSTOMERS]
-    return orjson.dumps([kind, partition, now_ms, rows, [[*key, micro] for key, micro in top]])
+    return orjson.dumps([kind, partition, now_ms, rows, [[*key, micro] for key, micro in top], lag])
 
 
 @dataclass
@@ -63,7 +66,7 @@ class KpiPublisher:
         self.config = config
         self.partitions = partitions
         self.version = version
-        self.partials: dict[tuple[str, int], tuple[int, list, list]] = {}
+        self.partials: dict[tuple[str, int], tuple[int, list, list, int]] = {}
         self.generation: int | None = None
         self.sequence = 0
         self.last: dict[str, tuple[dict, float, KpiSnapshot]] = {}
@@ -86,9 +89,9 @@ class KpiPublisher:
         if not records:
             return out
         for record in records:
-            kind, partition, as_of, rows, top = orjson.loads(record.value)  # type: ignore[arg-type]
-            if as_of >= self.partials.get((kind, partition), (-1, [], []))[0]:
-                self.partials[(kind, partition)] = (as_of, rows, top)
+            kind, partition, as_of, rows, top, lag = orjson.loads(record.value)  # type: ignore[arg-type]
+            if as_of >= self.partials.get((kind, partition), (-1, [], [], 0))[0]:
+                self.partials[(kind, partition)] = (as_of, rows, top, lag)
         last = records[-1]
         if self.generation is None:
             stored = load(GENERATION_KEY, last)
@@ -98,15 +101,16 @@ class KpiPublisher:
         wanted = {(kind, p) for kind in ("deals", "customers") for p in range(self.partitions)}
         if not wanted <= set(self.partials):
             return out  # not every partition reported yet: no half-computed state
-        now = max(as_of for as_of, _, _ in self.partials.values())
+        now = max(as_of for as_of, _, _, _ in self.partials.values())
         samples = self._merged(now)
-        self._check_conversion(samples, now, last, load, out)
+        if all(lag <= MAX_CHECK_LAG for _, _, _, lag in self.partials.values()):
+            self._check_conversion(samples, now, last, load, out)
         self._snapshots(samples, now, out)
         return out
 
     def _merged(self, now: int) -> Samples:
         sums: dict[tuple[str, tuple], float] = {}
-        for _, rows, _ in self.partials.values():
+        for _, rows, _, _ in self.partials.values():
             for name, labels, value in rows:
                 key = (name, tuple(sorted(labels.items())))
                 sums[key] = sums.get(key, 0.0) + value
@@ -121,7 +125,7 @@ class KpiPublisher:
 
     def _top_customers(self, pipeline: str) -> list[tuple[str, float]]:
         values: dict[str, float] = {}
-        for _, _, top in self.partials.values():
+        for _, _, top, _ in self.partials.values():
             for pl, currency, account, micro in top:
                 if pl == pipeline and currency == self.config.default_currency:
                     values[account] = values.get(account, 0) + micro / agg.MICRO

@@ -40,8 +40,9 @@ def partials(partition, as_of, counts):
     """The deals and customers partials of one partition (only reached windows matter here)."""
     rows = [["funnel_deals_reached_window", {"pipeline": pl, "stage": stage, "window": w}, n]
             for (pl, stage), windows in counts.items() for w, n in windows.items()]
-    return [Record(None, orjson.dumps(["deals", partition, as_of, rows, []]), "partials", 0, as_of),
-            Record(None, orjson.dumps(["customers", partition, as_of, [], []]), "partials", 0, as_of)]
+    return [Record(None, orjson.dumps(["deals", partition, as_of, rows, [], 0]), "partials", 0, as_of),
+            Record(None, orjson.dumps(["customers", partition, as_of, [], [], 0]), "partials", 0,
+                   as_of)]
 
 
 class Table(dict):
@@ -92,3 +93,15 @@ def test_generation_increases_with_every_new_owner_and_sequence_within_it():
     second = KpiPublisher(load_config(), partitions=1, version="t")
     _, out = run(second, table, partials(0, 2, {}))
     assert {s.generation for s in out.snapshots} == {2}
+
+
+def test_conversion_is_not_judged_while_a_partition_catches_up():
+    publisher, table = KpiPublisher(load_config(), partitions=1, version="t"), Table()
+    drop = reached(mql7=40, sql7=8, mql90=440, sql90=208)
+    records = partials(0, 5, drop)
+    lagging = orjson.loads(records[0].value)
+    lagging[-1] = 50_000
+    records[0] = Record(None, orjson.dumps(lagging), "partials", 0, 5)
+    types, out = run(publisher, table, records)
+    assert types == [] and out.snapshots  # snapshots still go out
+    assert run(publisher, table, partials(0, 6, drop))[0] == [("conversion.drop", "mql")]

@@ -242,18 +242,24 @@ def test_dataset_replay_raises_one_stall_alert_per_stalled_opportunity(broker, w
     wait_until(lambda: total(worker.samples(), "funnel_deals_stalled", stage="opportunity") == 1571,
                30, what="1,571 stalled opportunities")
 
-    def stalled(messages):
-        return {orjson.loads(m.value)["id"] for m in messages
-                if orjson.loads(m.value)["type"] == "deal.stalled"}
+    def open_episodes(messages):
+        """Stall episodes raised and not (yet) resolved, by alert id."""
+        raised, resolved = {}, set()
+        for alert in (orjson.loads(m.value) for m in messages):
+            key = (alert.get("deal_id"), alert["stage"], alert.get("entered_at"))
+            if alert["type"] == "deal.stalled":
+                raised.setdefault(key, []).append(alert["id"])
+            elif alert["type"] == "deal.unstalled":
+                resolved.add(key)
+        return {key: ids for key, ids in raised.items() if key not in resolved}
 
-    messages = read_topic(broker, topics.ALERTS, lambda found: len(stalled(found)) >= 1571)
+    read_topic(broker, topics.ALERTS, lambda found: len(open_episodes(found)) >= 1571)
     time.sleep(3)  # a few more ticks: nothing may be raised twice
-    messages = read_topic(broker, topics.ALERTS, lambda found: False, timeout=3)
-    alerts = [a for a in (orjson.loads(m.value) for m in messages) if a["type"].startswith("deal.")]
-    assert len(stalled(messages)) == 1571
-    assert len([a for a in alerts if a["type"] == "deal.stalled"]) == 1571
-    assert {a["stage"] for a in alerts} == {"opportunity"}
-    assert all(a["entered_at"] < "2017-12-01" for a in alerts)
+    episodes = open_episodes(read_topic(broker, topics.ALERTS, lambda found: False, timeout=3))
+    assert len(episodes) == 1571
+    assert all(len(ids) == 1 for ids in episodes.values())  # one alert per stall episode
+    assert {stage for _, stage, _ in episodes} == {"opportunity"}
+    assert all(entered < "2017-12-01" for _, _, entered in episodes)
 
 
 SIM_END = 1_700_000_000.0

@@ -103,3 +103,13 @@ def test_an_event_that_keeps_the_stay_does_not_unstall():
     world.event("d1", 0, stage="opportunity", amount=10.0)
     world.tick(31)
     assert world.event("d1", 32, amount=12.0) == []
+
+
+def test_stall_checks_wait_while_the_partition_catches_up():
+    world = World()
+    world.event("d1", 0, stage="lead")
+    world.clock.observe(BASE + 31 * DAY)
+    tick = Record(None, b"tick", TICKS, 0, 0)
+    batch = world.proc.process([tick], lambda key, _: world.table.get(key), frozenset({0}))
+    assert batch.alerts == []
+    assert world.tick()[0] == [("deal.stalled", "d1", "lead")]
