@@ -203,8 +203,12 @@ def test_publisher_fails_over_with_increasing_pairs(broker, workers):
     first = workers("w1", **env)
     first.wait_ready()
     second = workers("w2", **env)
-    wait_until(lambda: all(total(w.samples() or {}, "funnel_active_partitions") == 2
-                           for w in (first, second)), 90, what="two workers sharing partitions")
+    def both_ready():
+        samples = [w.samples() or {} for w in (first, second)]
+        return (all(total(s, "funnel_worker_ready") == 1 for s in samples)
+                and sum(total(s, "funnel_active_partitions") for s in samples) == 4)
+
+    wait_until(both_ready, 120, what="two ready workers owning the four partitions")
     replay(broker, dataset_events())
     settled([first, second], DATASET_EVENTS)
     publishers = wait_until(
