@@ -19,6 +19,7 @@ import faust
 import orjson
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
+from mode.utils.queues import FlowControlEvent
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
@@ -64,8 +65,21 @@ def _set_fetch_max_wait(ms: int) -> None:
     AIOKafkaConsumerThread._create_worker_consumer = create  # type: ignore[method-assign]
 
 
+def _resume_without_dropping(self: FlowControlEvent) -> None:
+    """Faust resumes flow control again at the end of table recovery, while agents already
+    consume; mode's resume() then clears the agents' queues and those events are lost until the
+    next rebalance. Clear only when resuming from a real suspension (queues filled before it are
+    stale and re-read after the seek)."""
+    was_suspended = self._suspend.is_set()
+    self._suspend.clear()
+    self._resume.set()
+    if was_suspended:
+        self.clear()
+
+
 def _faust_app(settings: Settings) -> faust.App:
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
+    FlowControlEvent.resume = _resume_without_dropping  # type: ignore[method-assign]
     heartbeat = min(3.0, settings.session_timeout / 3)
     return faust.App(
         settings.app_id,
