@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench tools clean
+.PHONY: demo test lint bench reliability tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Issue 7 end to end: crash, scale-out, outage, hostile input, restart, standby, erasure tests
+# (all also in `make test`), then the 10-minute soak and the 1M-deal recovery bench (~25 min).
+RELIABILITY_TESTS := tests/test_reliability_crash.py tests/test_reliability_scale.py \
+	tests/test_reliability_outage.py tests/test_reliability_hostile.py tests/test_erasure.py \
+	tests/test_e2e_pipeline.py::test_kill_9_mid_replay_then_restart_gives_the_literal_values \
+	tests/test_e2e_pipeline.py::test_standby_replicas_are_never_exported \
+	tests/test_e2e_pipeline.py::test_a_restarted_worker_recovers_every_deal_from_the_changelog \
+	tests/test_e2e_outputs.py::test_redis_outage_never_stops_the_pipeline_and_redis_catches_up
+reliability: $(STAMP) tools
+	$(BIN)/pytest -q -s $(RELIABILITY_TESTS)
+	$(BIN)/python -m bench.soak --minutes 10
+	$(BIN)/python -m bench.recovery --deals 1000000
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -973,7 +973,7 @@ def leaks() -> Board:
         "Workers up",
         [instant('sum(up{job="funnel-kpi"})', "up")],
         description="Scrape targets of job funnel-kpi that answer.",
-        w=6,
+        w=4,
         h=6,
     )
     b.panel(
@@ -981,7 +981,18 @@ def leaks() -> Board:
         "Workers ready",
         [instant('sum(funnel_worker_ready{job="funnel-kpi"})', "ready")],
         description="Workers that finished table recovery.",
-        w=6,
+        w=4,
+        h=6,
+    )
+    b.panel(
+        "stat",
+        "Broker silent for",
+        [instant('max(funnel_broker_ack_age_seconds{job="funnel-kpi"})', "seconds")],
+        description="Longest time any worker has gone without an answer from Kafka (a write "
+        "acknowledged or the tick probe answered). Under the tick interval (10 s) when healthy; "
+        "FunnelBrokerUnreachable fires above 60 s.",
+        unit="s",
+        w=4,
         h=6,
     )
     b.panel(

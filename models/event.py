@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -19,6 +19,9 @@ SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 1024 * 1024
 CHANGE_FIELDS = ("stage", "amount", "currency", "owner", "account", "expected_close_at", "deleted")
 MAX_TEXT = 512  # longest id, stage, owner or account we accept; longer is a producer bug
+# Earliest occurred_at accepted by default: CRMs and databases write "zero dates" (0001-01-01,
+# 1900-01-01, 1970-01-01) for unknown times; such a deal would be stalled for centuries.
+MIN_OCCURRED_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 
 
 class RejectedEvent(Exception):
@@ -155,7 +158,12 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {err['msg']}"
 
 
-def decode_event(raw: bytes | None, *, now_ms: int, max_skew_ms: int) -> Change:
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def decode_event(raw: bytes | None, *, now_ms: int, max_skew_ms: int,
+                 min_ms: int = MIN_OCCURRED_MS) -> Change:
     """Bytes from ``crm.events`` → :class:`Change`, or :class:`RejectedEvent` with a reason."""
     if raw is None:
         raise RejectedEvent("empty", "message has no value (tombstone)")
@@ -183,6 +191,11 @@ def decode_event(raw: bytes | None, *, now_ms: int, max_skew_ms: int) -> Change:
             "future_timestamp",
             f"occurred_at is {(change.ts - now_ms) / 1000:.0f}s in the future "
             f"(max skew {max_skew_ms / 1000:.0f}s)",
+        )
+    if change.ts < min_ms:
+        raise RejectedEvent(
+            "ancient_timestamp",
+            f"occurred_at is before {_iso(min_ms)}: a placeholder date, not an event time",
         )
     return change
 

@@ -52,6 +52,11 @@ class ProcessMetrics:
             "funnel_worker_ready", "1 once table recovery finished and partitions are served",
             registry=registry,
         )
+        self.broker_ack_age = Gauge(
+            "funnel_broker_ack_age_seconds",
+            "Seconds since the broker last acknowledged a write or answered a probe",
+            registry=registry,
+        )
         self.rebalances = Counter(
             "funnel_rebalances", "Partition rebalances seen by this worker", registry=registry
         )
@@ -104,7 +109,7 @@ CONFIG_METRICS = frozenset({
 })
 SINKS = ["dlq", "credits", "kpis", "alerts", "redis"]
 REJECTION_REASONS = ["empty", "too_large", "invalid_json", "invalid_event", "future_timestamp",
-                     "unknown_pipeline", "unmapped_stage"]
+                     "ancient_timestamp", "unknown_pipeline", "unmapped_stage"]
 
 
 @dataclass(frozen=True)

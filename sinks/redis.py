@@ -55,9 +55,6 @@ class RedisSink:
             try:
                 await self._flush()
                 backoff = 0.5
-                if not self.healthy:
-                    log.info("Redis is back: latest snapshots written")
-                self.healthy = True
             except (aioredis.RedisError, OSError) as exc:
                 self.on_error()
                 if self.healthy:
@@ -67,10 +64,17 @@ class RedisSink:
                 backoff = min(backoff * 2, 30.0)
                 self.wake.set()
 
+    def _written(self) -> None:
+        """Healthy again from the first write that works (a backlog of alerts can take a while)."""
+        if not self.healthy:
+            log.info("Redis is back: writing the latest snapshots and queued alerts")
+        self.healthy = True
+
     async def _flush(self) -> None:
         while self.snapshots:
             pipeline, snapshot = next(iter(self.snapshots.items()))
             await self._write_snapshot(snapshot)
+            self._written()
             if self.snapshots.get(pipeline) is snapshot:  # no newer one arrived meanwhile
                 del self.snapshots[pipeline]
         while self.alerts:
@@ -78,6 +82,7 @@ class RedisSink:
             await self.client.xadd(f"{self.prefix}:alerts",
                                    {"alert": alert.model_dump_json(exclude_none=True)},
                                    maxlen=ALERT_STREAM_LEN, approximate=True)
+            self._written()
             self.alerts.popleft()
 
     async def _write_snapshot(self, snapshot: KpiSnapshot) -> None:

@@ -62,7 +62,8 @@ class SnapshotFeed:
 
 
 def register_api(app: faust.App, feed: SnapshotFeed, *, pipelines: list[str],
-                 ready: Callable[[], bool], token: str | None) -> None:
+                 readiness: Callable[[], dict[str, str]], token: str | None) -> None:
+    """``readiness()`` gives ``status`` ("ready", or why not) and the state of each dependency."""
     def denied(web: faust.web.View, request: faust.web.Request) -> faust.web.Response | None:
         if not token:
             return None
@@ -111,6 +112,5 @@ def register_api(app: faust.App, feed: SnapshotFeed, *, pipelines: list[str],
 
     @app.page("/readyz")
     async def readyz(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
-        if ready():
-            return json(web, {"status": "ready"})
-        return json(web, {"status": "recovering"}, 503)
+        body = readiness()
+        return json(web, body, 200 if body["status"] == "ready" else 503)

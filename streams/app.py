@@ -10,13 +10,16 @@ Every agent writes through an :class:`~streams.outbox.Outbox`, acknowledged per 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import faust
 import orjson
+from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent
@@ -40,6 +43,8 @@ log = logging.getLogger("funnel_kpi")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 # DLQ copies of oversized messages are cut to this (brokers refuse > 1 MB by default).
 DLQ_MAX_VALUE = 64 * 1024
+# /readyz says "broker unreachable" after max(3 ticks, this) seconds without a broker answer.
+BROKER_SILENCE_MIN_S = 30.0
 
 try:
     VERSION = version("funnel-kpi")
@@ -77,9 +82,25 @@ def _resume_without_dropping(self: FlowControlEvent) -> None:
         self.clear()
 
 
+_faust_new_offset = FaustConsumer._new_offset
+
+
+def _new_offset_deduplicated(self: FaustConsumer, tp: TP) -> int | None:
+    """Offsets re-delivered after the end-of-recovery seek are acknowledged twice; Faust's search
+    for the consecutive run then stops at the first repeat and commits one offset per commit
+    interval. Deduplicating never adds an offset, so it cannot commit past an unprocessed one."""
+    acked = self._acked[tp]
+    if len(acked) > 1:
+        unique = sorted(set(acked))
+        if len(unique) != len(acked):
+            acked[:] = unique
+    return _faust_new_offset(self, tp)
+
+
 def _faust_app(settings: Settings) -> faust.App:
     _set_fetch_max_wait(settings.fetch_max_wait_ms)
     FlowControlEvent.resume = _resume_without_dropping  # type: ignore[method-assign]
+    FaustConsumer._new_offset = _new_offset_deduplicated  # type: ignore[method-assign]
     heartbeat = min(3.0, settings.session_timeout / 3)
     return faust.App(
         settings.app_id,
@@ -141,6 +162,7 @@ class FunnelWorker:
         )
         self.deal_processor = DealProcessor(
             config, self.clock, self.metrics, max_skew_ms=int(settings.max_future_skew * 1000),
+            min_occurred_ms=int(settings.min_occurred_at.timestamp() * 1000),
             ticks_topic=topics.ticks_topic(settings.app_id), scan=self._scan_partition,
         )
         self.customer_processor = CustomerProcessor()
@@ -150,6 +172,8 @@ class FunnelWorker:
                       if settings.redis_url else None)
         self.app = _faust_app(settings)
         self.ready_parts: dict[str, bool] = {}
+        self.broker_answered_at = time.monotonic()
+        self.metrics.broker_ack_age.set_function(lambda: time.monotonic() - self.broker_answered_at)
         self.positions: dict[int, int] = {}  # next crm.events offset to process, per partition
         self._declare_topics()
         self._declare_tables()
@@ -213,7 +237,7 @@ class FunnelWorker:
             return web.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
 
         register_api(self.app, self.feed, pipelines=list(self.config.pipelines),
-                     ready=self.is_ready, token=self.settings.api_token)
+                     readiness=self.readiness, token=self.settings.api_token)
 
     # -- readiness and rebalances ---------------------------------------------------------------
 
@@ -231,6 +255,22 @@ class FunnelWorker:
     def is_ready(self) -> bool:
         return bool(self.ready_parts) and all(self.ready_parts.values())
 
+    def readiness(self) -> dict[str, str]:
+        """For /readyz: ready with recovered tables and a broker that answered lately; Redis is
+        an optional output, reported but never a reason to take the worker out of service."""
+        silent = time.monotonic() - self.broker_answered_at
+        broker_ok = silent <= max(3 * self.settings.tick_interval, BROKER_SILENCE_MIN_S)
+        body = {"status": "ready" if self.is_ready() and broker_ok else
+                "recovering" if broker_ok else "broker unreachable",
+                "tables": "recovered" if self.is_ready() else "recovering",
+                "broker": "ok" if broker_ok else f"no answer for {silent:.0f}s"}
+        if self.redis is not None:
+            body["redis"] = "ok" if self.redis.healthy else "unreachable"
+        return body
+
+    def _broker_answered(self) -> None:
+        self.broker_answered_at = time.monotonic()
+
     async def _on_revoked(self, app: faust.App, revoked: set[TP], **_: Any) -> None:
         for name in self.ready_parts:
             self.ready_parts[name] = False
@@ -238,6 +278,12 @@ class FunnelWorker:
         self.metrics.rebalances.inc()
         self.metrics.publisher.set(0)
         self.publisher.revoked()
+        # Rebalances are eager (everything is revoked): from now on the next owner reports these
+        # partitions, so stop exporting them at once (the sums may dip, never double).
+        self.deal_processor.folds.revoke_all()
+        self.customer_processor.folds.revoke_all()
+        self.consumer_lag.clear()
+        self.positions.clear()
 
     def _scan_partition(self, partition: int) -> Iterator[tuple[str, bytes]]:
         """Every stored deal of one partition (erasures only: a full scan)."""
@@ -248,7 +294,8 @@ class FunnelWorker:
     # -- agents ---------------------------------------------------------------------------------
 
     def _outbox(self) -> Outbox:
-        return Outbox(self.app, lambda sink: self.metrics.sink_errors.labels(sink).inc())
+        return Outbox(self.app, lambda sink: self.metrics.sink_errors.labels(sink).inc(),
+                      self._broker_answered)
 
     def _batches(self, stream: faust.StreamT):
         return stream.take_events(self.settings.batch_size, self.settings.batch_within)
@@ -304,17 +351,32 @@ class FunnelWorker:
         """Ask the deal agent of each owned partition to check stalls (it may write the table),
         and publish each owned partition's partial for the KPI publisher."""
         now = self.clock.now_ms()
+        sent = []
         for kind, folds in (("deals", self.deal_processor.folds),
                             ("customers", self.customer_processor.folds)):
             for partition, fold in list(folds.folds.items()):
                 lag = 0
                 if kind == "deals":
-                    await self.ticks_topic.send(value=b"tick", partition=partition)
+                    sent.append(await self.ticks_topic.send(value=b"tick", partition=partition))
                     lag = await self._lag(partition)
-                await self.partials_topic.send(
+                sent.append(await self.partials_topic.send(
                     key=f"{kind}:{partition}".encode(), partition=0,
                     value=encode_partial(kind, partition, now, self.config, fold, lag),
-                )
+                ))
+        await self._probe_broker(sent)
+
+    async def _probe_broker(self, sent: list[Any]) -> None:
+        """The tick's own sends prove the broker answers; a worker without partitions asks for
+        metadata instead, so funnel_broker_ack_age_seconds never goes stale on a healthy one."""
+        try:
+            if sent:
+                await asyncio.gather(*sent)
+            else:  # Faust's producer has no public handle on its client
+                await self.app.producer._ensure_producer().client.fetch_all_metadata()
+        except Exception as exc:  # the next tick tries again; the age gauge keeps growing
+            log.warning("broker did not answer the tick: %r", exc)
+            return
+        self._broker_answered()
 
     async def follow_snapshots(self) -> None:
         await self.feed.follow(self.settings.broker)

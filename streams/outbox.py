@@ -40,9 +40,11 @@ def in_event_context(event: Any, fun: Callable[[], Any]) -> Any:
 
 
 class Outbox:
-    def __init__(self, app: faust.App, on_error: Callable[[str], None]) -> None:
+    def __init__(self, app: faust.App, on_error: Callable[[str], None],
+                 on_acked: Callable[[], None]) -> None:
         self.app = app
         self.on_error = on_error
+        self.on_acked = on_acked
         self.pending: list[tuple[str, bytes | None, bytes, int | None, Headers | None, str,
                                  faust.Table | None]] = []
         self.crash_after = int(os.environ.get("FUNNEL_TEST_CRASH_AFTER_WRITES", "0"))
@@ -99,8 +101,10 @@ class Outbox:
                 # the changelog is reflected locally, so a restart reads only the rest.
                 table.data.set_persisted_offset(TP(result.topic, result.partition), result.offset)
                 changelogs.add((topic, partition))
-        if failed is None and changelogs:
-            await self._end_markers(changelogs)
         if failed is not None:
             log.error("writes of a batch failed (%s); its offsets stay uncommitted", failed)
             raise failed
+        if changelogs:
+            await self._end_markers(changelogs)
+        if pending:
+            self.on_acked()

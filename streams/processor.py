@@ -36,7 +36,7 @@ from models.deal import (
     erase_person,
     erased_name,
 )
-from models.event import Change, RejectedEvent, decode_event
+from models.event import MIN_OCCURRED_MS, Change, RejectedEvent, decode_event
 from sinks.prometheus import ProcessMetrics
 
 MAX_CREDITED_ACCOUNTS = 4
@@ -121,15 +121,22 @@ def _credit_of(deal: Deal, contribution: Contribution) -> tuple[str, str, str, i
 
 
 class PartitionFolds:
-    """Aggregates of the partitions this worker actively owns, and nothing else."""
+    """Aggregates of the partitions this worker actively owns, and nothing else.
+
+    From a revocation until the rebuild after the next assignment nothing is owned: a batch
+    still in flight then updates a throw-away fold, never one that /metrics exports (the new
+    owner may already export that partition)."""
 
     def __init__(self) -> None:
         self.folds: dict[int, Fold] = {}
+        self.owned: set[int] | None = None  # None: not managed by a worker (tools, unit tests)
 
     def fold(self, partition: int) -> Fold:
         fold = self.folds.get(partition)
         if fold is None:
-            fold = self.folds[partition] = Fold()
+            fold = Fold()
+            if self.owned is None or partition in self.owned:
+                self.folds[partition] = fold
         return fold
 
     def rebuild(self, active: set[int], items: Iterable[tuple[int, Contribution]]) -> None:
@@ -140,10 +147,17 @@ class PartitionFolds:
             if fold is not None:
                 fold.apply(contribution, 1)
         self.folds = folds
+        self.owned = set(active)
 
     def revoke(self, partitions: Iterable[int]) -> None:
         for partition in partitions:
             self.folds.pop(partition, None)
+            if self.owned is not None:
+                self.owned.discard(partition)
+
+    def revoke_all(self) -> None:
+        self.folds = {}
+        self.owned = set()
 
     def total(self) -> Fold:
         total = Fold()
@@ -155,7 +169,7 @@ class PartitionFolds:
 class DealProcessor:
     def __init__(
         self, config: FunnelConfig, clock: EventClock, metrics: ProcessMetrics,
-        *, max_skew_ms: int, ticks_topic: str = "",
+        *, max_skew_ms: int, min_occurred_ms: int = MIN_OCCURRED_MS, ticks_topic: str = "",
         scan: Callable[[int], Iterable[tuple[str, bytes]]] = lambda partition: (),
     ) -> None:
         self.config = config
@@ -164,6 +178,7 @@ class DealProcessor:
         self.clock = clock
         self.metrics = metrics
         self.max_skew_ms = max_skew_ms
+        self.min_occurred_ms = min_occurred_ms
         self.folds = PartitionFolds()
         # Pseudonyms of erased owners/accounts; events naming them are masked on arrival.
         self.erased: set[str] = set()
@@ -204,7 +219,8 @@ class DealProcessor:
                     ticks[record.partition] = record
                 continue
             try:
-                change = decode_event(record.value, now_ms=wall_ms, max_skew_ms=self.max_skew_ms)
+                change = decode_event(record.value, now_ms=wall_ms, max_skew_ms=self.max_skew_ms,
+                                      min_ms=self.min_occurred_ms)
             except RejectedEvent as exc:
                 self._reject(batch, record, exc.code, exc.reason, None)
                 continue

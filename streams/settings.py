@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import Field
@@ -36,6 +37,10 @@ class Settings(BaseSettings):
     replication_factor: int = Field(1, ge=1, description="replication factor of created topics")
     standby_replicas: int = Field(1, ge=0, description="table standby replicas on other workers")
     max_future_skew: float = Field(86400.0, gt=0, description="seconds an occurred_at may lie in the future")
+    min_occurred_at: datetime = Field(
+        datetime(2000, 1, 1, tzinfo=UTC),
+        description="earliest occurred_at accepted (older: rejected as ancient_timestamp)",
+    )
     batch_size: int = Field(10000, ge=1, description="events handled per batch")
     batch_within: float = Field(0.2, gt=0, description="seconds to wait for a batch to fill")
     tick_interval: float = Field(10.0, gt=0, description="seconds between stall checks (tick records)")

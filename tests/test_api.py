@@ -61,7 +61,8 @@ def test_endpoints_answer_with_the_snapshot(api):
     assert status == 200 and board["leaderboard"] == snapshot["leaderboard"]
     assert get(f"{base}/kpis/nope")[0] == 404
     assert get(f"{base}/healthz", token=None)[0] == 200
-    assert get(f"{base}/readyz", token=None) == (200, {"status": "ready"})
+    assert get(f"{base}/readyz", token=None) == (
+        200, {"status": "ready", "tables": "recovered", "broker": "ok"})
 
 
 def test_token_is_required_when_configured(api):

@@ -56,6 +56,8 @@ def test_offsets_are_honoured():
         ({"event_id": "e", "occurred_at": "2023-11-14T22:13:20Z", "deal_id": "d"}, "invalid_event",
          "no change"),
         (valid(occurred_at="2023-11-16T22:13:20Z"), "future_timestamp", "future"),
+        (valid(occurred_at="0001-01-01T00:00:00Z"), "ancient_timestamp", "2000-01-01T00:00:00Z"),
+        (valid(occurred_at="1999-12-31T23:59:59Z"), "ancient_timestamp", "placeholder"),
         (valid(event_id=""), "invalid_event", "event_id"),
         (valid(stage="x" * 600), "invalid_event", "stage"),
     ],

@@ -56,6 +56,7 @@ CONTRACT = {
     "funnel_stage_index",
     "funnel_stage_info",
     "funnel_open_value_period",
+    "funnel_broker_ack_age_seconds",  # worker health (issue 7): no broker answer for N s
 }
 GAUGE_HISTOGRAMS = {
     "funnel_won_deal_value",

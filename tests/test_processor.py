@@ -171,3 +171,21 @@ def test_duplicate_resends_the_customer_credit_so_a_lost_write_heals():
                           "account": "globex"})
     result = proc.process(records([moved]), store.load)
     assert sorted((c.account, c.micro) for c in result.credits) == [("acme", None), ("globex", 10_000_000)]
+
+
+def test_revoked_partitions_are_never_exported_again_until_rebuilt():
+    """After a revocation the new owner exports the partition: a batch still in flight here
+    must not recreate it in the exported folds; the rebuild brings back only owned ones."""
+    proc, _ = processor()
+    store, customers, cstore = Store(), CustomerProcessor(), Store()
+    events = Simulation(seed=5, deals=60, days=30, end=1_700_000_000).events()
+    raws = [orjson.dumps(e) for e in events]
+    run(proc, store, customers, cstore, raws[: len(raws) // 2], batch=50, partitions=2)
+    assert set(proc.folds.folds) == {0, 1}
+    proc.folds.revoke_all()
+    customers.folds.revoke_all()
+    run(proc, store, customers, cstore, raws[len(raws) // 2:], batch=50, partitions=2)
+    assert proc.folds.folds == {} and customers.folds.folds == {}
+    proc.folds.rebuild({1}, (proc.contribution_of_stored(v) for v in store.data.values()))
+    assert set(proc.folds.folds) == {1}
+    assert proc.folds.folds[1].snapshot() == rebuilt(proc, store, 2)[1]
