@@ -102,6 +102,7 @@ def run_demo(settings: Settings, *, seed: int, rate: float, deals: int,
         **os.environ, "FUNNEL_BROKER": broker.url, "FUNNEL_WEB_PORT": str(port),
         "FUNNEL_CLOCK": "stream", "FUNNEL_DATA_DIR": str(workdir / "data"),
         "FUNNEL_PARTITIONS": "4", "FUNNEL_SESSION_TIMEOUT": "6",
+        "FUNNEL_RECOVERY_CONSISTENCY_CHECK": "false",  # the embedded broker: see README
     }
     if settings.config:
         env["FUNNEL_CONFIG"] = str(settings.config)
