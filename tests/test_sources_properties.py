@@ -57,7 +57,8 @@ def outcome(source: str, value) -> Adapted | Malformed:
         return exc
     assert isinstance(result, Adapted)
     for event in result.events:  # every event is one the deal agent accepts as an event
-        decode_event(encode_event(event), now_ms=NOW_MS, max_skew_ms=SKEW_MS)
+        # (the earliest accepted time is the worker's setting: older ones go to its DLQ)
+        decode_event(encode_event(event), now_ms=NOW_MS, max_skew_ms=SKEW_MS, min_ms=-(2**62))
     for reject in result.rejects:
         assert reject.code and len(reject.reason) < 400
     return result
