@@ -11,7 +11,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 
@@ -44,14 +43,14 @@ MAX_CREDITED_ACCOUNTS = 4
 
 @dataclass(slots=True)
 class Record:
-    """One consumed message; ``ref`` is whatever the caller needs back (the Faust event)."""
+    """One consumed message (aiokafka's ``ConsumerRecord`` has the same fields and is used as
+    it is on the events path)."""
 
     key: bytes | None
     value: bytes | None
     topic: str
     partition: int
     offset: int
-    ref: Any = None
 
 
 @dataclass(slots=True)
