@@ -62,13 +62,17 @@ def http_json(url):
 
 
 def snapshot_matches_metrics(base, worker):
+    """The snapshot shows the worker's current state (the won deals of a replay are in well
+    before its last open ones, so compare open deals per stage too)."""
     def check():
         samples = worker.samples()
         snapshot = http_json(f"{base}/kpis/default")
         won = total(samples, "funnel_deals_closed", pipeline="default", outcome="won")
+        open_now = all(row["open"] == total(samples, "funnel_deals_open", pipeline="default",
+                                            stage=row["stage"]) for row in snapshot["stages"])
         return snapshot if snapshot["all_time"]["won"] == won and credits_settled(samples) \
-            and snapshot["customers"]["count"] == total(samples, "funnel_customers",
-                                                        pipeline="default") else None
+            and open_now and snapshot["customers"]["count"] == total(
+                samples, "funnel_customers", pipeline="default") else None
     return check
 
 
