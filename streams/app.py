@@ -282,7 +282,7 @@ class FunnelWorker:
         async for events in self._batches(stream):
             records = _records(events)
             lagging = frozenset([p for p in {r.partition for r in records}
-                                 if self.events.lag(p) > MAX_CHECK_LAG])
+                                 if await self.events.lag(p) > MAX_CHECK_LAG])
             async with self.deals_lock:
                 await self._process_deals(records, lagging)
 
@@ -338,11 +338,14 @@ class FunnelWorker:
                 lag = 0
                 if kind == "deals":
                     await self.ticks_topic.send(value=b"tick", partition=partition)
-                    lag = self.events.lag(partition)
+                    lag = await self.events.lag(partition)
                 await self.partials_topic.send(
                     key=f"{kind}:{partition}".encode(), partition=0,
                     value=encode_partial(kind, partition, now, self.config, fold, lag),
                 )
+                # A partial costs about a scrape of its partition: let events batches in
+                # between rather than hold the loop for all of them (latency).
+                await asyncio.sleep(0)
 
     async def follow_snapshots(self) -> None:
         await self.feed.follow(self.settings.broker)

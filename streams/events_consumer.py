@@ -19,7 +19,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Gauge
 
@@ -91,14 +91,21 @@ class EventsConsumer:
         async with self._lock:
             await self._apply_assignment()
 
-    def lag(self, partition: int) -> int:
-        """Events of a partition not processed yet (fetched ones included); 0 while unknown."""
+    async def lag(self, partition: int) -> int:
+        """Events of a partition not processed yet (fetched ones included); 0 while the
+        partition is not read or before its first fetch."""
+        tp = TopicPartition(topics.EVENTS, partition)
         if self.consumer is None or partition not in self._assigned:
             return 0
-        highwater = self.consumer.highwater(TopicPartition(topics.EVENTS, partition))
-        position = self.positions.get(partition)
-        if highwater is None or position is None:
+        highwater = self.consumer.highwater(tp)
+        if highwater is None:
             return 0
+        position = self.positions.get(partition)
+        if position is None:  # nothing processed or committed yet: where the consumer stands
+            try:
+                position = await self.consumer.position(tp)
+            except IllegalStateError:  # unassigned meanwhile (a rebalance)
+                return 0
         return max(highwater - position, 0)
 
     async def run(self) -> None:
