@@ -128,13 +128,19 @@ def wait_for_exit(worker, timeout: float) -> int:
     return int(counted)
 
 
-def all_deals_in(worker):
+def all_deals_in(worker, seen: dict):
     def check():
         samples = worker.samples()
         if not samples:
             return None
         kpis = pipeline_kpis(samples, "default", "USD")
         opened = sum(row.open for row in kpis.stages)
+        seen["state"] = (f"deals {opened + kpis.won + kpis.lost:.0f} of {DATASET_DEALS}, credits "
+                         f"settled {credits_settled(samples)} (won revenue "
+                         f"{total(samples, 'funnel_won_revenue'):.2f}, lifetime values "
+                         f"{total(samples, 'funnel_customer_lifetime_value_gsum'):.2f}), events counted "
+                         f"{total(samples, 'funnel_events_total'):.0f}, lag "
+                         f"{total(samples, 'funnel_consumer_lag_messages'):.0f}")
         done = opened + kpis.won + kpis.lost == DATASET_DEALS and credits_settled(samples)
         return samples if done else None
     return check
@@ -175,7 +181,11 @@ def test_repeated_kills_between_write_and_commit_then_restart_gives_the_literal_
     final = workers("final", **env, FUNNEL_DATA_DIR=data_dir)
     final.wait_ready(90)
     ready_s = time.monotonic() - started
-    samples = wait_until(all_deals_in(final), 90, what="all deals after the last restart")
+    seen: dict[str, str] = {}
+    try:
+        samples = wait_until(all_deals_in(final, seen), 90, what="all deals after the last restart")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {seen.get('state')}\n{final.log_tail(60)}") from None
     time.sleep(2)  # nothing may arrive late and change the totals
     samples = final.samples()
     assert_dataset_values(samples)
