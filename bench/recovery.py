@@ -30,14 +30,10 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import orjson
-from aiokafka import AIOKafkaProducer
-
+from bench.workload import encode, open_deals, send
 from models.kpis import parse_exposition, total
-from streams import topics
 from streams.broker import EmbeddedBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,37 +113,6 @@ class Worker:
                 self.process.wait()
 
 
-def open_deals(n: int, prefix: str):
-    base = datetime.now(UTC) - timedelta(days=10)
-    for i in range(n):
-        deal_id = f"{prefix}:{i}"
-        ts = (base + timedelta(seconds=i % 86400)).isoformat().replace("+00:00", "Z")
-        yield deal_id.encode(), orjson.dumps({
-            "event_id": f"{deal_id}:0", "deal_id": deal_id, "occurred_at": ts, "stage": "lead",
-            "amount": 1000 + i % 5000, "currency": "USD", "owner": f"Rep {i % 12}",
-            "account": f"Account {i % 400:03d}", "source": "simulator",
-        })
-
-
-async def produce(broker_url: str, n: int, prefix: str) -> float:
-    await topics.ensure_topics(broker_url, topics.worker_topics("funnel-kpi", PARTITIONS))
-    producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap_servers(broker_url),
-                                linger_ms=20, max_batch_size=512 * 1024, acks="all")
-    await producer.start()
-    started = time.monotonic()
-    try:
-        pending = []
-        for key, value in open_deals(n, prefix):
-            pending.append(await producer.send(topics.EVENTS, value, key=key))
-            if len(pending) >= 20_000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return time.monotonic() - started
-
-
 @dataclass
 class Row:
     store: str
@@ -168,7 +133,8 @@ def run_store(store: str, deals: int, workdir: Path, timeout: float) -> list[Row
     env = {"FUNNEL_STORE": store, "FUNNEL_RECOVERY_CONSISTENCY_CHECK": "false"}
     name = store.split(":")[0]
     with EmbeddedBroker(log_path=workdir / f"broker-{name}.log") as broker:
-        sent_s = asyncio.run(produce(broker.url, deals, f"rec-{name}"))
+        # one lead event per deal (amount, owner, account): every deal stays open
+        sent_s = asyncio.run(send(broker.url, encode(open_deals(deals, f"rec-{name}", per_deal=1))))
         print(f"[{name}] produced {deals:,} events in {sent_s:.1f}s", flush=True)
         data = workdir / f"data-{name}"
         first = Worker(broker.url, workdir, f"{name}-ingest", data, **env).start()
