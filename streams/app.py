@@ -19,10 +19,7 @@ from typing import Any
 
 import faust
 import orjson
-from faust.transport.consumer import Consumer as FaustConsumer
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
-from mode.utils.queues import FlowControlEvent
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
@@ -30,7 +27,7 @@ from models.alerts import Alert
 from models.config import load_config
 from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
 from sinks.redis import RedisSink
-from streams import topics
+from streams import faust_patches, topics
 from streams.api import SnapshotFeed, register_api
 from streams.outbox import Outbox, in_event_context
 from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record, Rejection
@@ -52,55 +49,8 @@ except PackageNotFoundError:  # running from a source tree
     VERSION = "0.0.0+source"
 
 
-def _set_fetch_max_wait(ms: int) -> None:
-    """Faust creates its consumer with ``fetch_max_wait_ms=1500`` and no setting to change it;
-    a broker holding fetches that long (Tansu does) adds up to 1.5 s to every event's latency.
-    Wrap the factory once to give the consumer our value before it starts."""
-    original = AIOKafkaConsumerThread._create_worker_consumer
-    if getattr(original, "fetch_max_wait_ms", None) == ms:
-        return
-
-    def create(self: AIOKafkaConsumerThread, transport: Any) -> Any:
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = ms
-        return consumer
-
-    create.fetch_max_wait_ms = ms  # type: ignore[attr-defined]
-    create.__wrapped__ = getattr(original, "__wrapped__", original)  # type: ignore[attr-defined]
-    AIOKafkaConsumerThread._create_worker_consumer = create  # type: ignore[method-assign]
-
-
-def _resume_without_dropping(self: FlowControlEvent) -> None:
-    """Faust resumes flow control again at the end of table recovery, while agents already
-    consume; mode's resume() then clears the agents' queues and those events are lost until the
-    next rebalance. Clear only when resuming from a real suspension (queues filled before it are
-    stale and re-read after the seek)."""
-    was_suspended = self._suspend.is_set()
-    self._suspend.clear()
-    self._resume.set()
-    if was_suspended:
-        self.clear()
-
-
-_faust_new_offset = FaustConsumer._new_offset
-
-
-def _new_offset_deduplicated(self: FaustConsumer, tp: TP) -> int | None:
-    """Offsets re-delivered after the end-of-recovery seek are acknowledged twice; Faust's search
-    for the consecutive run then stops at the first repeat and commits one offset per commit
-    interval. Deduplicating never adds an offset, so it cannot commit past an unprocessed one."""
-    acked = self._acked[tp]
-    if len(acked) > 1:
-        unique = sorted(set(acked))
-        if len(unique) != len(acked):
-            acked[:] = unique
-    return _faust_new_offset(self, tp)
-
-
 def _faust_app(settings: Settings) -> faust.App:
-    _set_fetch_max_wait(settings.fetch_max_wait_ms)
-    FlowControlEvent.resume = _resume_without_dropping  # type: ignore[method-assign]
-    FaustConsumer._new_offset = _new_offset_deduplicated  # type: ignore[method-assign]
+    faust_patches.apply(settings.fetch_max_wait_ms)
     heartbeat = min(3.0, settings.session_timeout / 3)
     return faust.App(
         settings.app_id,
