@@ -283,7 +283,9 @@ class FunnelWorker:
     async def kpi_publisher(self, stream: faust.StreamT) -> None:
         out = self._outbox()
         async for events in self._batches(stream):
-            published = self.publisher.process(_records(events), _reader(self.publisher_state))
+            records = _records(events)
+            published = self.publisher.process(records, _reader(self.publisher_state),
+                                               read_to_end=self._read_to_end(records[-1]))
             self.metrics.publisher.set(1)
             for key, value, record in published.writes:
                 out.put(self.publisher_state, key, value, record.ref)
@@ -296,6 +298,12 @@ class FunnelWorker:
             if self.redis is not None:
                 for snapshot in published.snapshots:
                     self.redis.snapshot(snapshot)
+
+    def _read_to_end(self, record: Record) -> bool:
+        """Whether ``record`` is the last one the broker reported for its partition (unknown
+        before a first fetch answer: counted as read to the end)."""
+        highwater = self.app.consumer.highwater(TP(record.topic, record.partition))
+        return highwater is None or record.offset + 1 >= highwater
 
     async def tick(self) -> None:
         """Ask the deal agent of each owned partition to check stalls (it may write the table),

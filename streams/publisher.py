@@ -5,7 +5,9 @@ that partition's fold (what ``/metrics`` would show for it alone). Partials go t
 one partition, so exactly one worker — its owner — combines them: it sums the latest partial of
 every partition, and only once it has them all (never a half-computed snapshot), builds one
 snapshot per pipeline with the functions of :mod:`models.kpis`, and checks conversion drops.
-A new owner bumps the persisted ``generation``, so ``(generation, sequence)`` only increases.
+A new owner bumps the persisted ``generation``, so ``(generation, sequence)`` only increases,
+and publishes only once it has read the partials topic to its end: the backlog it re-reads from
+the last commit holds partials from before the takeover, some from the middle of a replay.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class KpiPublisher:
         self.partials: dict[tuple[str, int], tuple[int, list, list, int]] = {}
         self.generation: int | None = None
         self.sequence = 0
+        self.read_to_end = False  # in this generation, the partials topic was read to its end
         self.last: dict[str, tuple[dict, float, KpiSnapshot]] = {}
         self.order = {
             name: [stage.name for stage in pipeline.open_stages]
@@ -84,7 +87,9 @@ class KpiPublisher:
     def latest(self) -> dict[str, KpiSnapshot]:
         return {pipeline: snapshot for pipeline, (_, _, snapshot) in self.last.items()}
 
-    def process(self, records: list[Record], load: Callable[[str, Record], bytes | None]) -> Published:
+    def process(self, records: list[Record], load: Callable[[str, Record], bytes | None],
+                read_to_end: bool) -> Published:
+        """``read_to_end``: nothing more was in the topic when these records were fetched."""
         out = Published([], [], [])
         if not records:
             return out
@@ -97,7 +102,11 @@ class KpiPublisher:
             stored = load(GENERATION_KEY, last)
             self.generation = (int(stored) if stored else 0) + 1
             self.sequence = 0
+            self.read_to_end = False
             out.writes.append((GENERATION_KEY, str(self.generation).encode(), last))
+        self.read_to_end = self.read_to_end or read_to_end
+        if not self.read_to_end:
+            return out  # still re-reading partials from before this generation
         wanted = {(kind, p) for kind in ("deals", "customers") for p in range(self.partitions)}
         if not wanted <= set(self.partials):
             return out  # not every partition reported yet: no half-computed state

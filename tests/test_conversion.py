@@ -50,8 +50,8 @@ class Table(dict):
         return self.get(key)
 
 
-def run(publisher, table, records):
-    out = publisher.process(records, table.load)
+def run(publisher, table, records, read_to_end=True):
+    out = publisher.process(records, table.load, read_to_end)
     for key, value, _ in out.writes:
         table[key] = value
     return [(a.type, a.stage) for a in out.alerts], out
@@ -105,3 +105,21 @@ def test_conversion_is_not_judged_while_a_partition_catches_up():
     types, out = run(publisher, table, records)
     assert types == [] and out.snapshots  # snapshots still go out
     assert run(publisher, table, partials(0, 6, drop))[0] == [("conversion.drop", "mql")]
+
+
+def test_a_new_owner_publishes_only_once_it_has_read_the_partials_topic_to_its_end():
+    def with_customer(as_of, lifetime_value):
+        deals, _ = partials(0, as_of, {})
+        top = [["default", "USD", "Acme", lifetime_value * 1_000_000]]
+        customers = orjson.dumps(["customers", 0, as_of, [], top, 0])
+        return [deals, Record(None, customers, "partials", 0, as_of)]
+
+    table = Table()
+    run(KpiPublisher(load_config(), partitions=1, version="t"), table, with_customer(1, 100))
+    second = KpiPublisher(load_config(), partitions=1, version="t")
+    # Re-reading the backlog from the last commit: partials from before the takeover.
+    _, out = run(second, table, with_customer(2, 40), read_to_end=False)
+    assert out.snapshots == []
+    _, out = run(second, table, with_customer(3, 100))
+    snapshots = [s for s in out.snapshots if s.pipeline == "default"]
+    assert [(s.generation, s.customers.top[0].lifetime_value) for s in snapshots] == [(2, 100)]
