@@ -300,10 +300,13 @@ class FunnelWorker:
                     self.redis.snapshot(snapshot)
 
     def _read_to_end(self, record: Record) -> bool:
-        """Whether ``record`` is the last one the broker reported for its partition (unknown
-        before a first fetch answer: counted as read to the end)."""
-        highwater = self.app.consumer.highwater(TP(record.topic, record.partition))
-        return highwater is None or record.offset + 1 >= highwater
+        """Whether ``record`` is the last one the broker reported for its partition (no longer
+        assigned, as for a batch finished after a revocation: not read to the end)."""
+        try:
+            highwater = self.app.consumer.highwater(TP(record.topic, record.partition))
+        except AssertionError:  # aiokafka asserts the partition is assigned
+            return False
+        return highwater is not None and record.offset + 1 >= highwater
 
     async def tick(self) -> None:
         """Ask the deal agent of each owned partition to check stalls (it may write the table),
