@@ -74,15 +74,18 @@ def to_micro(amount: object) -> int:
 def stays_of(deal: Deal, config: FunnelConfig) -> tuple[str, list[tuple[int, str]]]:
     """(pipeline, stays): the stage history with consecutive repeats collapsed, as
     (entered ms, stage); no stays when the deal is deleted or has no known stage."""
-    pl = deal.value("pipeline") or "default"
+    # Fields read directly rather than through Deal.value: this runs twice per written deal.
+    pl = (deal.pipeline.value if deal.pipeline is not None else None) or "default"
     pipeline = config.pipelines.get(pl)  # type: ignore[arg-type]
-    if deal.is_deleted or pipeline is None:
+    if (deal.deleted is not None and deal.deleted.value) or pipeline is None:
         return pl, []  # type: ignore[return-value]
     by_name = pipeline.by_name
     stays: list[tuple[int, str]] = []
+    last = None
     for ts, _, stage in deal.history:
-        if stage in by_name and (not stays or stays[-1][1] != stage):
+        if stage != last and stage in by_name:
             stays.append((ts, stage))
+            last = stage
     return pl, stays  # type: ignore[return-value]
 
 
@@ -105,8 +108,8 @@ def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
     add = items.append
     entered, stage_name = stays[-1]
     stage = by_name[stage_name]
-    amount = to_micro(deal.value("amount"))
-    currency = deal.value("currency") or config.default_currency
+    amount = 0 if deal.amount is None else to_micro(deal.amount.value)
+    currency = (deal.currency.value if deal.currency is not None else None) or config.default_currency
     if stage.is_open:
         add((OPEN, (pl, stage_name), 1))
         add((OPEN_VALUE, (pl, stage_name, currency), amount))
@@ -210,7 +213,9 @@ class Fold:
             elif family in HISTOGRAMS:
                 self._observe(family, key, value, sign)
             else:
-                values = self.counters.setdefault(family, {})
+                values = self.counters.get(family)
+                if values is None:
+                    values = self.counters[family] = {}
                 total = values.get(key, 0) + sign * value
                 if total:
                     values[key] = total
@@ -219,7 +224,9 @@ class Fold:
 
     def _observe(self, family: str, key: tuple, value: int, sign: int) -> None:
         bounds = BUCKETS[family]
-        hists = self.hists.setdefault(family, {})
+        hists = self.hists.get(family)
+        if hists is None:
+            hists = self.hists[family] = {}
         hist = hists.get(key)
         if hist is None:
             hist = hists[key] = Hist(len(bounds) + 1)

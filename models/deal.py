@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import operator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -49,6 +50,7 @@ class Field:
 
 
 _SCALARS = ("pipeline", "amount", "currency", "account", "expected_close_at", "deleted")
+_EVENT_ID = operator.itemgetter(1)  # of an Entry
 
 
 @dataclass(slots=True)
@@ -89,16 +91,15 @@ class Deal:
         return self.owners[i - 1][2] if i else self.owners[0][2]
 
     def has_seen(self, event_id: str) -> bool:
-        if event_id in self.recent_ids:
+        # ``in`` over map() compares in C: this runs for every event.
+        if (event_id in self.recent_ids or event_id in map(_EVENT_ID, self.history)
+                or event_id in map(_EVENT_ID, self.owners)):
             return True
-        for _, eid, _ in self.history:
-            if eid == event_id:
-                return True
-        for name in _SCALARS:
-            current = getattr(self, name)
+        for current in (self.pipeline, self.amount, self.currency, self.account,
+                        self.expected_close_at, self.deleted):
             if current is not None and current.event_id == event_id:
                 return True
-        return any(eid == event_id for _, eid, _ in self.owners)
+        return False
 
 
 def erased_name(name: str) -> str:
@@ -123,7 +124,7 @@ def erase_person(deal: Deal, name: str) -> bool:
 def _insert(entries: list[Entry], entry: Entry, cap: int) -> bool:
     """Insert keeping order by version; ``False`` when that version is already there."""
     i = bisect.bisect_left(entries, entry)
-    if i < len(entries) and entries[i][:2] == entry[:2]:
+    if i < len(entries) and entries[i][0] == entry[0] and entries[i][1] == entry[1]:
         return False
     entries.insert(i, entry)
     if len(entries) > cap:
@@ -176,9 +177,11 @@ def compact(raw: bytes) -> bytes:
 
 
 def encode_deal(deal: Deal) -> bytes:
+    # The scalars in _SCALARS order, spelled out: this runs for every write.
     return compact(orjson.dumps([
         FORMAT, deal.deal_id, deal.partition,
-        *(_pack(getattr(deal, name)) for name in _SCALARS),
+        _pack(deal.pipeline), _pack(deal.amount), _pack(deal.currency), _pack(deal.account),
+        _pack(deal.expected_close_at), _pack(deal.deleted),
         deal.history, deal.owners, deal.recent_ids, deal.credited_accounts, deal.stall_alert,
     ]))
 
@@ -187,9 +190,8 @@ def decode_deal(raw: bytes) -> Deal:
     doc = orjson.loads(raw)
     if doc[0] != FORMAT:
         raise ValueError(f"deal stored in format {doc[0]}, this build reads {FORMAT}")
-    pipeline, amount, currency, account, expected, deleted = (_unpack(p) for p in doc[3:9])
     return Deal(
-        doc[1], doc[2], pipeline, amount, currency, account, expected, deleted,
-        [tuple(entry) for entry in doc[9]], [tuple(entry) for entry in doc[10]],
+        doc[1], doc[2], _unpack(doc[3]), _unpack(doc[4]), _unpack(doc[5]), _unpack(doc[6]),
+        _unpack(doc[7]), _unpack(doc[8]), list(map(tuple, doc[9])), list(map(tuple, doc[10])),
         doc[11], doc[12], doc[13],
     )

@@ -8,6 +8,7 @@ included, so an absent series never hides a zero.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,6 +24,25 @@ from models.periods import PERIODS, elapsed_ratio, period_bounds
 disable_created_metrics()  # *_created series add nothing for these counters
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 86400,
                7 * 86400, 30 * 86400, 365 * 86400)
+
+
+def _observe_ms(histogram: Histogram, values_ms: list[int]) -> None:
+    """``histogram.observe(max(v, 0) / 1000)`` for every value, one update per bucket.
+
+    prometheus-client has no bulk observe; a labelled histogram keeps its per-bucket
+    (non-cumulative) counts in ``_buckets``, bounds in ``_upper_bounds`` and the sum in ``_sum``.
+    """
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    total = 0.0
+    for value in values_ms:
+        seconds = value / 1000 if value > 0 else 0.0
+        counts[bisect.bisect_left(bounds, seconds)] += 1
+        total += seconds
+    histogram._sum.inc(total)
+    for bucket, n in zip(histogram._buckets, counts, strict=True):
+        if n:
+            bucket.inc(n)
 
 
 class ProcessMetrics:
@@ -72,20 +92,20 @@ class ProcessMetrics:
             "funnel_standby_partitions", "Standby copies of deal partitions held (never exported)",
             registry=registry,
         )
-        self._events_children: dict[tuple[str, str], Callable[[], None]] = {}
-        self._lag_children: dict[str, Callable[[float], None]] = {}
+        self._events_children: dict[tuple[str, str], Callable[[float], None]] = {}
 
-    def counted(self, source: str, outcome: Outcome, lag_ms: int) -> None:
-        key = (source, outcome.value)
-        inc = self._events_children.get(key)
-        if inc is None:
-            inc = self._events_children[key] = self.events.labels(source, outcome.value).inc
-        inc()
-        if outcome is Outcome.ACCEPTED:
-            observe = self._lag_children.get(source)
-            if observe is None:
-                observe = self._lag_children[source] = self.lag.labels(source).observe
-            observe(max(lag_ms, 0) / 1000)
+    def counted(self, outcomes: dict[tuple[str, Outcome], int], lags: dict[str, list[int]]) -> None:
+        """A batch's events by (source, outcome) and the lags (ms) of its accepted events, by
+        source: one update per label set and bucket (each update takes a lock; per event, they
+        were ~10 % of the hot path)."""
+        for (source, outcome), n in outcomes.items():
+            key = (source, outcome.value)
+            inc = self._events_children.get(key)
+            if inc is None:
+                inc = self._events_children[key] = self.events.labels(source, outcome.value).inc
+            inc(n)
+        for source, values in lags.items():
+            _observe_ms(self.lag.labels(source), values)
 
     def rejected(self, source: str, code: str) -> None:
         self.events.labels(source, Outcome.REJECTED.value).inc()

@@ -1,9 +1,11 @@
 """The Faust worker: topics, tables and thin agents around the processors.
 
-Flow: ``crm.events`` → deal agent (decode, map stage, state machine; :mod:`streams.processor`)
+Flow: ``crm.events`` → events consumer (:mod:`streams.events_consumer`, batches read beside
+Faust's stream) → deal processor (decode, map stage, state machine; :mod:`streams.processor`)
 → ``deals`` table + per-partition folds → ``/metrics``; won credits re-keyed by account →
-customer agent → ``customers`` table + folds. Ticks (internal topic) drive stall alerts and
-erasures in the deal agent; partials (one-partition topic) feed the single KPI publisher
+customer agent → ``customers`` table + folds. Ticks (internal topic, co-partitioned: Faust
+assigns the tables by it) drive stall alerts and erasures in the deal agent, one batch at a time
+with the events; partials (one-partition topic) feed the single KPI publisher
 (:mod:`streams.publisher`) → ``funnel.kpis``, alerts, Redis. Invalid input → ``crm.events.dlq``.
 Every agent writes through an :class:`~streams.outbox.Outbox`, acknowledged per batch.
 """
@@ -29,7 +31,8 @@ from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetr
 from sinks.redis import RedisSink
 from streams import faust_patches, topics
 from streams.api import SnapshotFeed, register_api
-from streams.outbox import Outbox, in_event_context
+from streams.events_consumer import EventsConsumer
+from streams.outbox import Outbox, in_partition
 from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record, Rejection
 from streams.publisher import MAX_CHECK_LAG, KpiPublisher, encode_partial
 from streams.settings import Settings
@@ -84,14 +87,16 @@ def _faust_app(settings: Settings) -> faust.App:
 def _records(events: list[Any]) -> list[Record]:
     return [
         Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
-               e.message.offset, e)
+               e.message.offset)
         for e in events
     ]
 
 
 def _reader(table: RawTable) -> Callable[[str, Record], bytes | None]:
+    get = table.data.get
+
     def load(key: str, record: Record) -> bytes | None:
-        return in_event_context(record.ref, lambda: table.data.get(key.encode()))
+        return in_partition(record.partition, get, key.encode())
     return load
 
 
@@ -124,7 +129,11 @@ class FunnelWorker:
         self.ready_parts: dict[str, bool] = {}
         self.broker_answered_at = time.monotonic()
         self.metrics.broker_ack_age.set_function(lambda: time.monotonic() - self.broker_answered_at)
-        self.positions: dict[int, int] = {}  # next crm.events offset to process, per partition
+        self.active_partitions: set[int] = set()
+        # Events batches and ticks both write the deals table: one at a time.
+        self.deals_lock = asyncio.Lock()
+        self.deals_out = self._outbox()
+        self.events = EventsConsumer(self.app, settings, self.consumer_lag, self.handle_events)
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
@@ -139,7 +148,6 @@ class FunnelWorker:
 
     def _declare_topics(self) -> None:
         app_id = self.settings.app_id
-        self.events_topic = self._topic(topics.EVENTS, topics.ticks_topic(app_id))
         self.ticks_topic = self._topic(topics.ticks_topic(app_id), internal=True)
         self.credits_topic = self._topic(topics.credits_topic(app_id), internal=True)
         self.partials_topic = self._topic(topics.partials_topic(app_id), partitions=1,
@@ -149,7 +157,8 @@ class FunnelWorker:
         settings, add = self.settings, self.app.tables.add
         self.deals = add(FoldedTable(
             self.app, settings, name="deals", folds=self.deal_processor.folds,
-            source_topic=topics.EVENTS, contribution=self.deal_processor.contribution_of_stored,
+            source_topic=self.ticks_topic.get_topic_name(),
+            contribution=self.deal_processor.contribution_of_stored,
             on_ready=self._ready_callback("deals"), partitions=settings.partitions,
         ))
         self.customers = add(FoldedTable(
@@ -159,16 +168,18 @@ class FunnelWorker:
             on_ready=self._ready_callback("customers"), partitions=settings.partitions,
         ))
         self.erasures = add(ErasureTable(self.app, settings, self.deal_processor.erased,
+                                         on_ready=self._ready_callback("erasures"),
                                          name="erasures", partitions=settings.partitions))
         self.publisher_state = add(RawTable(self.app, settings, name="publisher", partitions=1))
         self.app.on_partitions_revoked.connect(self._on_revoked)
 
     def _declare_agents(self) -> None:
         app = self.app
-        app.agent(self.events_topic, name="deal-agent")(self.deal_agent)
+        app.agent(self.ticks_topic, name="deal-agent")(self.deal_agent)
         app.agent(self.credits_topic, name="customer-agent")(self.customer_agent)
         app.agent(self.partials_topic, name="kpi-publisher")(self.kpi_publisher)
         app.timer(interval=self.settings.tick_interval)(self.tick)
+        app.task(self.events.run)
         app.task(self.follow_snapshots)
         if self.redis is not None:
             app.task(self.redis.run)
@@ -197,8 +208,11 @@ class FunnelWorker:
         def on_ready(active: set[int], standby: set[int]) -> None:
             self.ready_parts[name] = True
             if name == "deals":
+                self.active_partitions = active
                 self.metrics.active_partitions.set(len(active))
                 self.metrics.standby_partitions.set(len(standby))
+            if self.is_ready():
+                self.events.assign(self.active_partitions)
             self.metrics.ready.set(1 if self.is_ready() else 0)
         return on_ready
 
@@ -225,6 +239,7 @@ class FunnelWorker:
         for name in self.ready_parts:
             self.ready_parts[name] = False
         self.metrics.ready.set(0)
+        await self.events.revoke()
         self.metrics.rebalances.inc()
         self.metrics.publisher.set(0)
         self.publisher.revoked()
@@ -232,8 +247,6 @@ class FunnelWorker:
         # partitions, so stop exporting them at once (the sums may dip, never double).
         self.deal_processor.folds.revoke_all()
         self.customer_processor.folds.revoke_all()
-        self.consumer_lag.clear()
-        self.positions.clear()
 
     def _scan_partition(self, partition: int) -> Iterator[tuple[str, bytes]]:
         """Every stored deal of one partition (erasures only: a full scan)."""
@@ -243,33 +256,44 @@ class FunnelWorker:
 
     # -- agents ---------------------------------------------------------------------------------
 
+    def _sink_error(self, sink: str) -> None:
+        self.metrics.sink_errors.labels(sink).inc()
+
     def _outbox(self) -> Outbox:
-        return Outbox(self.app, lambda sink: self.metrics.sink_errors.labels(sink).inc(),
-                      self._broker_answered)
+        return Outbox(self.app, self._sink_error, self._broker_answered)
 
     def _batches(self, stream: faust.StreamT):
         return stream.take_events(self.settings.batch_size, self.settings.batch_within)
 
+    async def handle_events(self, records: list[Any]) -> None:
+        """A batch of ``crm.events`` records from the events consumer."""
+        async with self.deals_lock:
+            await self._process_deals(records, frozenset())
+
     async def deal_agent(self, stream: faust.StreamT) -> None:
-        out = self._outbox()
+        """Ticks and erasure requests, one partition's batch at a time with the events."""
         async for events in self._batches(stream):
             records = _records(events)
-            ticked = {r.partition for r in records if r.topic != topics.EVENTS}
-            lagging = frozenset([p for p in ticked if await self._lag(p) > MAX_CHECK_LAG])
-            batch = self.deal_processor.process(records, _reader(self.deals), lagging)
-            for deal_id, value, record in batch.writes:
-                out.put(self.deals, deal_id, value, record.ref)
-            for pseudonym, record in batch.erased:
-                out.put(self.erasures, pseudonym, b"1", record.ref)
-            for rejection in batch.rejections:
-                self._to_dlq(out, rejection)
-            for credit in batch.credits:
-                out.send(self.credits_topic.get_topic_name(), credit.account.encode(),
-                         credit.encode(), sink="credits")
-            for alert in batch.alerts:
-                self._send_alert(out, alert)
-            await out.flush()
-            self._report_lag([r for r in records if r.topic == topics.EVENTS])
+            lagging = frozenset([p for p in {r.partition for r in records}
+                                 if await self.events.lag(p) > MAX_CHECK_LAG])
+            async with self.deals_lock:
+                await self._process_deals(records, lagging)
+
+    async def _process_deals(self, records: list[Any], lagging: frozenset[int]) -> None:
+        out = self.deals_out
+        batch = self.deal_processor.process(records, _reader(self.deals), lagging)
+        for deal_id, value, record in batch.writes:
+            out.put(self.deals, deal_id, value, record.partition)
+        for pseudonym, record in batch.erased:
+            out.put(self.erasures, pseudonym, b"1", record.partition)
+        for rejection in batch.rejections:
+            self._to_dlq(out, rejection)
+        for credit in batch.credits:
+            out.send(self.credits_topic.get_topic_name(), credit.account.encode(),
+                     credit.encode(), sink="credits")
+        for alert in batch.alerts:
+            self._send_alert(out, alert)
+        await out.flush()
 
     async def customer_agent(self, stream: faust.StreamT) -> None:
         out = self._outbox()
@@ -277,7 +301,7 @@ class FunnelWorker:
             for account, value, record in self.customer_processor.process(
                 _records(events), _reader(self.customers)
             ):
-                out.put(self.customers, account, value, record.ref)
+                out.put(self.customers, account, value, record.partition)
             await out.flush()
 
     async def kpi_publisher(self, stream: faust.StreamT) -> None:
@@ -288,7 +312,7 @@ class FunnelWorker:
                                                read_to_end=self._read_to_end(records[-1]))
             self.metrics.publisher.set(1)
             for key, value, record in published.writes:
-                out.put(self.publisher_state, key, value, record.ref)
+                out.put(self.publisher_state, key, value, record.partition)
             for alert in published.alerts:
                 self._send_alert(out, alert)
             for snapshot in published.snapshots:
@@ -319,11 +343,14 @@ class FunnelWorker:
                 lag = 0
                 if kind == "deals":
                     sent.append(await self.ticks_topic.send(value=b"tick", partition=partition))
-                    lag = await self._lag(partition)
+                    lag = await self.events.lag(partition)
                 sent.append(await self.partials_topic.send(
                     key=f"{kind}:{partition}".encode(), partition=0,
                     value=encode_partial(kind, partition, now, self.config, fold, lag),
                 ))
+                # A partial costs about a scrape of its partition: let events batches in
+                # between rather than hold the loop for all of them (latency).
+                await asyncio.sleep(0)
         await self._probe_broker(sent)
 
     async def _probe_broker(self, sent: list[Any]) -> None:
@@ -365,19 +392,3 @@ class FunnelWorker:
             self.redis.alert(alert)
         out.send(topics.ALERTS, (alert.deal_id or alert.pipeline).encode(),
                  alert.model_dump_json(exclude_none=True).encode(), sink="alerts")
-
-    def _report_lag(self, records: list[Record]) -> None:
-        for record in records:
-            self.positions[record.partition] = record.offset + 1
-        for partition in {record.partition for record in records}:
-            tp = TP(topics.EVENTS, partition)
-            lag = self.app.consumer.highwater(tp) - self.positions[partition]
-            self.consumer_lag.labels(tp.topic, str(partition)).set(max(lag, 0))
-
-    async def _lag(self, partition: int) -> int:
-        """Events of a crm.events partition not processed yet (fetched ones included)."""
-        tp = TP(topics.EVENTS, partition)
-        position = self.positions.get(partition)
-        if position is None:  # nothing processed since start: where the consumer stands
-            position = await self.app.consumer.position(tp) or 0
-        return max(self.app.consumer.highwater(tp) - position, 0)

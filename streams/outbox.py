@@ -26,15 +26,34 @@ Headers = list[tuple[str, bytes]]
 END_MARKER = b"\x00funnel-kpi:end-of-batch"
 
 
-def in_event_context(event: Any, fun: Callable[[], Any]) -> Any:
-    """Run a table read/write as if ``event`` were the current stream event.
+class _PartitionEvent:
+    """Stands in for a Faust event: stores only read ``event.message.partition``."""
 
-    Batches from ``take_events`` run outside Faust's per-event context; stores need it to pick
-    the partition of the key (RocksDB keeps one database per partition).
+    __slots__ = ("__weakref__", "message", "partition")
+
+    def __init__(self, partition: int) -> None:
+        self.message = self
+        self.partition = partition
+
+
+# partition → (stand-in, weak reference to it: what Faust's context holds)
+_PARTITIONS: dict[int, tuple[_PartitionEvent, weakref.ref]] = {}
+
+
+def in_partition(partition: int, fun: Callable[..., Any], *args: Any) -> Any:
+    """Run a table read/write for a key of ``partition``.
+
+    Batches run outside Faust's per-event context, and the events consumer has no Faust events
+    at all; stores read that context to pick the key's partition (RocksDB keeps one database per
+    partition), so set it to a stand-in for the partition.
     """
-    token = _current_event.set(weakref.ref(event))
+    entry = _PARTITIONS.get(partition)
+    if entry is None:
+        event = _PartitionEvent(partition)
+        entry = _PARTITIONS[partition] = (event, weakref.ref(event))
+    token = _current_event.set(entry[1])
     try:
-        return fun()
+        return fun(*args)
     finally:
         _current_event.reset(token)
 
@@ -50,15 +69,10 @@ class Outbox:
         self.crash_after = int(os.environ.get("FUNNEL_TEST_CRASH_AFTER_WRITES", "0"))
         self.writes = 0
 
-    def put(self, table: faust.Table, key: str, value: bytes, event: Any) -> None:
+    def put(self, table: faust.Table, key: str, value: bytes, partition: int) -> None:
         """Write the table's store now (reads in later batches see it) and queue its changelog."""
         raw_key = key.encode()
-
-        def store() -> None:
-            table.data[raw_key] = value
-
-        in_event_context(event, store)
-        partition = event.message.partition
+        in_partition(partition, table.data.__setitem__, raw_key, value)
         self.pending.append((table.changelog_topic.get_topic_name(), raw_key, value, partition,
                              None, "changelog", table))
         if self.crash_after:

@@ -11,7 +11,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 
@@ -44,14 +43,14 @@ MAX_CREDITED_ACCOUNTS = 4
 
 @dataclass(slots=True)
 class Record:
-    """One consumed message; ``ref`` is whatever the caller needs back (the Faust event)."""
+    """One consumed message (aiokafka's ``ConsumerRecord`` has the same fields and is used as
+    it is on the events path)."""
 
     key: bytes | None
     value: bytes | None
     topic: str
     partition: int
     offset: int
-    ref: Any = None
 
 
 @dataclass(slots=True)
@@ -210,7 +209,11 @@ class DealProcessor:
         touched: dict[str, _Touched] = {}
         ticks: dict[int, Record] = {}
         erasures: list[Record] = []
+        outcomes: dict[tuple[str, Outcome], int] = {}
+        lags: dict[str, list[int]] = {}
+        latest_ms = 0  # the stream clock moves once per batch, before anything reads it
         wall_ms = int(time.time() * 1000)
+        sources, pipelines = self.config.sources, self.config.pipelines
         for record in records:
             if record.topic == self.ticks_topic:
                 if record.value and record.value.startswith(b"{"):
@@ -236,7 +239,7 @@ class DealProcessor:
                 )
             deal = state.deal
             pipeline = change.pipeline or deal.value("pipeline") or "default"
-            if pipeline not in self.config.pipelines:
+            if pipeline not in pipelines:
                 self._reject(batch, record, "unknown_pipeline",
                              f"pipeline {pipeline!r} is not configured", change.source)
                 continue
@@ -250,13 +253,24 @@ class DealProcessor:
             outcome = apply_change(
                 deal, change, stage, stage_ignored=change.stage is not None and stage is None
             )
-            self.clock.observe(change.ts)
-            self.metrics.counted(self._source_label(change.source), outcome, wall_ms - change.ts)
+            ts = change.ts
+            if ts > latest_ms:
+                latest_ms = ts
+            source = change.source
+            source = "unknown" if source is None else source if source in sources else "other"
+            outcomes[source, outcome] = outcomes.get((source, outcome), 0) + 1
+            if outcome is Outcome.ACCEPTED:
+                source_lags = lags.get(source)
+                if source_lags is None:
+                    source_lags = lags[source] = []
+                source_lags.append(wall_ms - ts)
             state.record = record
             # A duplicate usually means a redelivery after a crash: re-write the deal and its
             # credit as they are, which heals a changelog or credit that missed the first write.
             state.resend_credit |= outcome is Outcome.DUPLICATE
             state.write = True
+        self.clock.observe(latest_ms)
+        self.metrics.counted(outcomes, lags)
         for deal_id, state in touched.items():
             self._finish(batch, deal_id, state)
         for partition, record in ticks.items():

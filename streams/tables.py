@@ -40,15 +40,18 @@ class RawTable(faust.Table):
 
 class ErasureTable(RawTable):
     """Pseudonyms of erased people; loaded into the deal processor once recovered, so an
-    erasure survives restarts and rebalances."""
+    erasure survives restarts and rebalances (events are read only after that)."""
 
-    def __init__(self, app: faust.App, settings: Settings, erased: set[str], **kwargs: Any) -> None:
+    def __init__(self, app: faust.App, settings: Settings, erased: set[str],
+                 on_ready: Callable[[set[int], set[int]], None], **kwargs: Any) -> None:
         super().__init__(app, settings, **kwargs)
         self.erased = erased
+        self.on_ready = on_ready
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)
         self.erased |= {key.decode() for key in list(self.data.keys())}
+        self.on_ready(set(), set())
 
 
 class FoldedTable(RawTable):

@@ -212,6 +212,10 @@ def test_standby_replicas_are_never_exported(broker, workers):
         assert total(worker.samples(), "funnel_standby_partitions") == 2
         closed = total(worker.samples(), "funnel_deals_closed")
         assert 0 < closed < 4238 + 2473
+    # ... and reads crm.events of its active partitions only (never a standby's).
+    read = [{labels["partition"] for labels, _ in w.samples()["funnel_consumer_lag_messages"]
+             if labels["topic"] == topics.EVENTS} for w in (first, second)]
+    assert [len(parts) for parts in read] == [2, 2] and read[0] | read[1] == {"0", "1", "2", "3"}
 
 
 def read_topic(broker, topic, until, timeout=60):

@@ -184,3 +184,13 @@ def test_target_attainment_and_forecast_equal_hand_computed_values(tmp_path):
     assert quarter.expected_to_date == pytest.approx(4000 * (30 + 15) / 91)  # Apr 1 → May 16
     year = period_kpis(samples, "default", "USD", "year")
     assert year.won == 800 and year.attainment == 0.08
+
+
+def test_a_batch_of_lags_exports_what_one_observe_per_event_would():
+    values = [-5, 0, 49, 50, 51, 100, 2_500, 86_400_000, 10**12, 7]
+    per_event, batched = CollectorRegistry(), CollectorRegistry()
+    histogram = ProcessMetrics(per_event).lag.labels("csv")
+    for value in values:
+        histogram.observe(max(value, 0) / 1000)
+    ProcessMetrics(batched).counted({}, {"csv": values})
+    assert generate_latest(batched) == generate_latest(per_event)
