@@ -75,13 +75,7 @@ class Outbox:
         in_partition(partition, table.data.__setitem__, raw_key, value)
         self.pending.append((table.changelog_topic.get_topic_name(), raw_key, value, partition,
                              None, "changelog", table))
-        if self.crash_after:
-            self.writes += 1
-            if self.writes >= self.crash_after:
-                # Test hook (crash tests only): die between a table write and the offset
-                # commit, the most dangerous point for double counting.
-                log.warning("FUNNEL_TEST_CRASH_AFTER_WRITES reached: exiting hard")
-                os._exit(137)
+        self.writes += 1
 
     def send(self, topic: str, key: bytes | None, value: bytes, *, sink: str,
              partition: int | None = None, headers: Headers | None = None) -> None:
@@ -122,3 +116,8 @@ class Outbox:
             await self._end_markers(changelogs)
         if pending:
             self.on_acked()
+        if self.crash_after and self.writes >= self.crash_after:
+            # Test hook (crash tests only): die once the batch's table writes are acknowledged
+            # and before its offsets are committed, the most dangerous point for double counting.
+            log.warning("FUNNEL_TEST_CRASH_AFTER_WRITES reached: exiting hard")
+            os._exit(137)

@@ -1,7 +1,8 @@
 """Crash at the dangerous point, several times in one replay, on both stores (issue 7, item 1).
 
-The worker's test hook ``FUNNEL_TEST_CRASH_AFTER_WRITES=N`` calls ``os._exit(137)`` right after
-its N-th table write, before the batch's offsets are committed. Each kill is checked to have
+The worker's test hook ``FUNNEL_TEST_CRASH_AFTER_WRITES=N`` calls ``os._exit(137)`` once the batch
+holding its N-th table write has been acknowledged by the broker (changelog and outputs), before
+the batch's offsets are committed. Each kill is checked to have
 left applied-but-uncommitted events behind (the deals changelog holds more applied events than
 the consumer group has committed offsets for), so the restart really re-reads events whose
 effects are already in the table. After the last kill a worker without the hook finishes the
