@@ -149,7 +149,7 @@ class EventsConsumer:
 
     async def _seek_to_committed(self, tps: list[TopicPartition]) -> None:
         """Resume where the group committed; partitions it never committed start at the
-        beginning (``auto_offset_reset``)."""
+        beginning (also after a failed batch: its records are read again, see F7)."""
         assert self.consumer is not None
         committed = await self.group.committed(tps)
         for tp in tps:
@@ -158,6 +158,7 @@ class EventsConsumer:
                 self.consumer.seek(tp, offset)
                 self.positions[tp.partition] = offset
             else:
+                await self.consumer.seek_to_beginning(tp)
                 self.positions.pop(tp.partition, None)
 
     async def _next_batch(self) -> None:
