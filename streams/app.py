@@ -307,9 +307,8 @@ class FunnelWorker:
     async def kpi_publisher(self, stream: faust.StreamT) -> None:
         out = self._outbox()
         async for events in self._batches(stream):
-            records = _records(events)
-            published = self.publisher.process(records, _reader(self.publisher_state),
-                                               read_to_end=self._read_to_end(records[-1]))
+            published = self.publisher.process(_records(events), _reader(self.publisher_state),
+                                               self.app.consumer_generation_id)
             self.metrics.publisher.set(1)
             for key, value, record in published.writes:
                 out.put(self.publisher_state, key, value, record.partition)
@@ -322,15 +321,6 @@ class FunnelWorker:
             if self.redis is not None:
                 for snapshot in published.snapshots:
                     self.redis.snapshot(snapshot)
-
-    def _read_to_end(self, record: Record) -> bool:
-        """Whether ``record`` is the last one the broker reported for its partition (no longer
-        assigned, as for a batch finished after a revocation: not read to the end)."""
-        try:
-            highwater = self.app.consumer.highwater(TP(record.topic, record.partition))
-        except AssertionError:  # aiokafka asserts the partition is assigned
-            return False
-        return highwater is not None and record.offset + 1 >= highwater
 
     async def tick(self) -> None:
         """Ask the deal agent of each owned partition to check stalls (it may write the table),
@@ -346,7 +336,8 @@ class FunnelWorker:
                     lag = await self.events.lag(partition)
                 sent.append(await self.partials_topic.send(
                     key=f"{kind}:{partition}".encode(), partition=0,
-                    value=encode_partial(kind, partition, now, self.config, fold, lag),
+                    value=encode_partial(kind, partition, now, self.config, fold, lag,
+                                         self.app.consumer_generation_id),
                 ))
                 # A partial costs about a scrape of its partition: let events batches in
                 # between rather than hold the loop for all of them (latency).

@@ -5,9 +5,10 @@ that partition's fold (what ``/metrics`` would show for it alone). Partials go t
 one partition, so exactly one worker — its owner — combines them: it sums the latest partial of
 every partition, and only once it has them all (never a half-computed snapshot), builds one
 snapshot per pipeline with the functions of :mod:`models.kpis`, and checks conversion drops.
-A new owner bumps the persisted ``generation``, so ``(generation, sequence)`` only increases,
-and publishes only once it has read the partials topic to its end: the backlog it re-reads from
-the last commit holds partials from before the takeover, some from the middle of a replay.
+A new owner bumps the persisted ``generation``, so ``(generation, sequence)`` only increases.
+Partials carry the consumer-group generation they were sent in, and a new owner uses only those
+sent since it took over: the backlog it re-reads holds partials of owners since gone, some from
+the middle of a replay (F8).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def collect_samples(collector: Collector) -> Samples:
 
 
 def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
-                   fold: agg.Fold, lag: int = 0) -> bytes:
-    """A partition's business samples (config gauges are the publisher's own) and top customers."""
+                   fold: agg.Fold, lag: int = 0, generation: int = 0) -> bytes:
+    """A partition's business samples (config gauges are the publisher's own) and top customers,
+    stamped with the consumer-group generation in which the sender owned the partition."""
     collector = KpiCollector(config, lambda: [fold], lambda: now_ms, "partial")
     rows = [
         [name, labels, value]
@@ -53,7 +55,8 @@ def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
         for labels, value in values if value
     ]
     top = sorted(fold.accounts.items(), key=lambda kv: -kv[1])[:TOP_CUSTOMERS]
-    return orjson.dumps([kind, partition, now_ms, rows, [[*key, micro] for key, micro in top], lag])
+    return orjson.dumps([kind, partition, now_ms, rows, [[*key, micro] for key, micro in top], lag,
+                         generation])
 
 
 @dataclass
@@ -68,10 +71,11 @@ class KpiPublisher:
         self.config = config
         self.partitions = partitions
         self.version = version
-        self.partials: dict[tuple[str, int], tuple[int, list, list, int]] = {}
+        # (kind, partition) → ((group generation, as_of), rows, top customers, lag)
+        self.partials: dict[tuple[str, int], tuple[tuple[int, int], list, list, int]] = {}
         self.generation: int | None = None
         self.sequence = 0
-        self.read_to_end = False  # in this generation, the partials topic was read to its end
+        self.since_group_generation = 0  # partials sent in older group generations are ignored
         self.last: dict[str, tuple[dict, float, KpiSnapshot]] = {}
         self.order = {
             name: [stage.name for stage in pipeline.open_stages]
@@ -88,29 +92,32 @@ class KpiPublisher:
         return {pipeline: snapshot for pipeline, (_, _, snapshot) in self.last.items()}
 
     def process(self, records: list[Record], load: Callable[[str, Record], bytes | None],
-                read_to_end: bool) -> Published:
-        """``read_to_end``: nothing more was in the topic when these records were fetched."""
+                group_generation: int) -> Published:
+        """``group_generation``: this worker's consumer-group generation now."""
         out = Published([], [], [])
         if not records:
             return out
-        for record in records:
-            kind, partition, as_of, rows, top, lag = orjson.loads(record.value)  # type: ignore[arg-type]
-            if as_of >= self.partials.get((kind, partition), (-1, [], [], 0))[0]:
-                self.partials[(kind, partition)] = (as_of, rows, top, lag)
         last = records[-1]
         if self.generation is None:
             stored = load(GENERATION_KEY, last)
             self.generation = (int(stored) if stored else 0) + 1
             self.sequence = 0
-            self.read_to_end = False
+            self.since_group_generation = group_generation
             out.writes.append((GENERATION_KEY, str(self.generation).encode(), last))
-        self.read_to_end = self.read_to_end or read_to_end
-        if not self.read_to_end:
-            return out  # still re-reading partials from before this generation
+        for record in records:
+            kind, partition, as_of, rows, top, lag, *rest = orjson.loads(record.value)  # type: ignore[arg-type]
+            sent_in = rest[0] if rest else 0
+            if sent_in < self.since_group_generation:
+                continue  # sent before this owner took over: possibly by an owner since gone
+            # A newer generation's partial wins whatever its clock says (with the stream clock,
+            # each worker's time is the latest event it has seen); within one, the newer one.
+            order = (sent_in, as_of)
+            if order >= self.partials.get((kind, partition), ((-1, -1), [], [], 0))[0]:
+                self.partials[(kind, partition)] = (order, rows, top, lag)
         wanted = {(kind, p) for kind in ("deals", "customers") for p in range(self.partitions)}
         if not wanted <= set(self.partials):
             return out  # not every partition reported yet: no half-computed state
-        now = max(as_of for as_of, _, _, _ in self.partials.values())
+        now = max(as_of for (_, as_of), _, _, _ in self.partials.values())
         samples = self._merged(now)
         if all(lag <= MAX_CHECK_LAG for _, _, _, lag in self.partials.values()):
             self._check_conversion(samples, now, last, load, out)

@@ -141,13 +141,17 @@ def credits_settled(samples: Samples | None) -> bool:
 
 
 def settled(worker_list, expected_events: int, timeout: float = 90) -> Samples:
-    """Wait until the workers have counted every event and report the summed samples."""
+    """Wait until the workers have counted every event and report the summed samples. Workers
+    that own partitions must be ready: during a rebalance nothing is exported, and credits
+    would "add up" at zero."""
 
     def check():
         merged: Samples = {}
         for worker in worker_list:
             samples = worker.samples()
             if samples is None:
+                return None
+            if total(samples, "funnel_active_partitions") and not total(samples, "funnel_worker_ready"):
                 return None
             for name, values in samples.items():
                 merged.setdefault(name, []).extend(values)

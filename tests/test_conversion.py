@@ -50,8 +50,8 @@ class Table(dict):
         return self.get(key)
 
 
-def run(publisher, table, records, read_to_end=True):
-    out = publisher.process(records, table.load, read_to_end)
+def run(publisher, table, records, group_generation=0):
+    out = publisher.process(records, table.load, group_generation)
     for key, value, _ in out.writes:
         table[key] = value
     return [(a.type, a.stage) for a in out.alerts], out
@@ -107,19 +107,42 @@ def test_conversion_is_not_judged_while_a_partition_catches_up():
     assert run(publisher, table, partials(0, 6, drop))[0] == [("conversion.drop", "mql")]
 
 
-def test_a_new_owner_publishes_only_once_it_has_read_the_partials_topic_to_its_end():
-    def with_customer(as_of, lifetime_value):
-        deals, _ = partials(0, as_of, {})
-        top = [["default", "USD", "Acme", lifetime_value * 1_000_000]]
-        customers = orjson.dumps(["customers", 0, as_of, [], top, 0])
-        return [deals, Record(None, customers, "partials", 0, as_of)]
+def customer_partials(as_of, generation, lifetime_value):
+    """Partition 0's partials as sent in a consumer-group generation, one customer's value."""
+    deals = orjson.dumps(["deals", 0, as_of, [], [], 0, generation])
+    top = [["default", "USD", "Acme", lifetime_value * 1_000_000]]
+    customers = orjson.dumps(["customers", 0, as_of, [], top, 0, generation])
+    return [Record(None, deals, "partials", 0, 0), Record(None, customers, "partials", 0, 0)]
 
+
+def lifetime_values(out):
+    return [s.customers.top[0].lifetime_value for s in out.snapshots if s.pipeline == "default"]
+
+
+def test_a_new_owner_never_publishes_partials_sent_before_it_took_over():
+    # The backlog a new owner re-reads holds partials of owners since gone, some mid-replay.
     table = Table()
-    run(KpiPublisher(load_config(), partitions=1, version="t"), table, with_customer(1, 100))
+    run(KpiPublisher(load_config(), partitions=1, version="t"), table,
+        customer_partials(as_of=1, generation=4, lifetime_value=100), group_generation=4)
     second = KpiPublisher(load_config(), partitions=1, version="t")
-    # Re-reading the backlog from the last commit: partials from before the takeover.
-    _, out = run(second, table, with_customer(2, 40), read_to_end=False)
+    _, out = run(second, table, customer_partials(as_of=2, generation=4, lifetime_value=40),
+                 group_generation=5)
     assert out.snapshots == []
-    _, out = run(second, table, with_customer(3, 100))
-    snapshots = [s for s in out.snapshots if s.pipeline == "default"]
-    assert [(s.generation, s.customers.top[0].lifetime_value) for s in snapshots] == [(2, 100)]
+    _, out = run(second, table, customer_partials(as_of=3, generation=5, lifetime_value=100),
+                 group_generation=5)
+    assert [s.generation for s in out.snapshots if s.pipeline == "default"] == [2]
+    assert lifetime_values(out) == [100]
+
+
+def test_a_newer_generations_partial_wins_whatever_the_clocks_say():
+    # With the stream clock each worker's time is the latest event it saw: the old owner's
+    # last partial can carry a later time than the new owner's first ones.
+    publisher, table = KpiPublisher(load_config(), partitions=1, version="t"), Table()
+    run(publisher, table, customer_partials(as_of=900, generation=2, lifetime_value=40),
+        group_generation=2)
+    _, out = run(publisher, table, customer_partials(as_of=700, generation=3, lifetime_value=100),
+                 group_generation=3)
+    assert lifetime_values(out) == [100]
+    _, out = run(publisher, table, customer_partials(as_of=950, generation=2, lifetime_value=40),
+                 group_generation=3)
+    assert out.snapshots == []  # a late partial of the old owner changes nothing
