@@ -213,7 +213,7 @@ class DealProcessor:
         lags: dict[str, list[int]] = {}
         latest_ms = 0  # the stream clock moves once per batch, before anything reads it
         wall_ms = int(time.time() * 1000)
-        sources, pipelines = self.config.sources, self.config.pipelines
+        pipelines = self.config.pipelines
         for record in records:
             if record.topic == self.ticks_topic:
                 if record.value and record.value.startswith(b"{"):
@@ -256,8 +256,7 @@ class DealProcessor:
             ts = change.ts
             if ts > latest_ms:
                 latest_ms = ts
-            source = change.source
-            source = "unknown" if source is None else source if source in sources else "other"
+            source = self._source_label(change.source)
             outcomes[source, outcome] = outcomes.get((source, outcome), 0) + 1
             if outcome is Outcome.ACCEPTED:
                 source_lags = lags.get(source)
