@@ -1,4 +1,4 @@
-"""Outages: the broker frozen (SIGSTOP) for 40 s under traffic, then resumed (issue 7, item 4).
+"""Outages: the broker frozen (SIGSTOP) for a minute under traffic, then resumed (issue 7, item 4).
 
 A frozen broker is the nastiest kind of unreachable: connections stay open and requests hang
 until they time out. The worker must survive it (same process throughout, ``/metrics`` served
@@ -34,7 +34,7 @@ from .test_e2e_pipeline import assert_dataset_values, replay
 
 pytestmark = pytest.mark.broker
 
-FREEZE_SECONDS = 40.0
+FREEZE_SECONDS = 60.0
 RATE = 400.0  # events/s of the second half: it spans the freeze
 
 
@@ -96,7 +96,7 @@ def log_lines_between(path, start: float, end: float) -> list[str]:
     return found
 
 
-def test_broker_frozen_for_40s_under_traffic_loses_nothing(broker, workers):
+def test_broker_frozen_for_a_minute_under_traffic_loses_nothing(broker, workers):
     worker = workers(FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="2")
     worker.wait_ready()
     deals = list(dataset_deals(DATASET))
