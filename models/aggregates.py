@@ -61,6 +61,15 @@ BUCKETS: dict[str, list[int]] = {
     STAGE_DURATION: _STAY,
 }
 HISTOGRAMS = frozenset(BUCKETS)
+# Families keyed by (labels..., hour): as many keys as hours of history, so scrapes read them
+# per partition into window sums instead of merging them first.
+HOURLY = frozenset({REACHED_W, CLOSED_W, WON_REVENUE_W, TIME_TO_CLOSE_W})
+
+
+def window_ranges(now_hour: int) -> tuple[tuple[str, int], ...]:
+    """The rolling windows as hour ranges ending at ``now_hour``: a bucket counts when it
+    starts within (now − W, now]."""
+    return tuple((window, now_hour - length // HOUR_MS + 1) for window, length in WINDOWS.items())
 
 Item = tuple[str, tuple, int]
 Contribution = tuple[Item, ...]
@@ -160,22 +169,61 @@ def customer_contribution(account: str, credits: dict[str, list]) -> Contributio
     return tuple(items)
 
 
-def window_sums(values: dict[tuple, int], now_ms: int) -> dict[str, dict[tuple, int]]:
-    """Hour buckets keyed (labels..., hour) → per window sums; a bucket counts when it starts
-    within (now − W, now]."""
-    now_hour = now_ms // HOUR_MS
-    sums: dict[str, dict[tuple, int]] = {window: {} for window in WINDOWS}
-    lengths = [(window, length // HOUR_MS) for window, length in WINDOWS.items()]
-    for key, value in values.items():
-        age = now_hour - key[-1]
-        if age < 0:
-            continue
-        labels = key[:-1]
-        for window, hours in lengths:
-            if age < hours:
-                target = sums[window]
-                target[labels] = target.get(labels, 0) + value
-    return sums
+class HourlySums:
+    """One hourly family summed over ranges of hours that all end at ``now_hour``: per range
+    name, labels → total (counters) or :class:`Hist`. A range is (name, first hour included);
+    a bucket counts when first ≤ its hour ≤ now_hour. :meth:`Fold.hourly_sums` keeps one per
+    family up to date as deals change, so a scrape reads sums instead of every hour bucket."""
+
+    __slots__ = ("now_hour", "ranges", "sums")
+
+    def __init__(self, ranges: tuple[tuple[str, int], ...], now_hour: int) -> None:
+        self.ranges = ranges
+        self.now_hour = now_hour
+        self.sums: dict[str, dict[tuple, int]] | dict[str, dict[tuple, Hist]] = {
+            name: {} for name, _ in ranges
+        }
+
+    def add(self, key: tuple, value: int) -> None:
+        hour = key[-1]
+        if hour > self.now_hour:
+            return
+        for name, first in self.ranges:
+            if hour >= first:
+                target = self.sums[name]
+                labels = key[:-1]
+                total = target.get(labels, 0) + value
+                if total:
+                    target[labels] = total
+                else:
+                    target.pop(labels, None)
+
+    def observe(self, key: tuple, bounds: list[int], value: int, sign: int) -> None:
+        hour = key[-1]
+        if hour > self.now_hour:
+            return
+        for name, first in self.ranges:
+            if hour >= first:
+                target = self.sums[name]
+                labels = key[:-1]
+                hist = target.get(labels)
+                if hist is None:
+                    hist = target[labels] = Hist(len(bounds) + 1)
+                hist.observe(bounds, value, sign)
+                if hist.count == 0:
+                    del target[labels]
+
+    def add_hist(self, key: tuple, other: Hist) -> None:
+        hour = key[-1]
+        if hour > self.now_hour:
+            return
+        for name, first in self.ranges:
+            if hour >= first:
+                target = self.sums[name]
+                hist = target.get(key[:-1])
+                if hist is None:
+                    hist = target[key[:-1]] = Hist(len(other.counts))
+                hist.add(other)
 
 
 class Hist:
@@ -188,19 +236,31 @@ class Hist:
         self.count = 0
         self.total = 0
 
+    def add(self, other: Hist) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.count += other.count
+        self.total += other.total
+
+    def observe(self, bounds: list[int], value: int, sign: int) -> None:
+        self.counts[bisect.bisect_left(bounds, value)] += sign
+        self.count += sign
+        self.total += sign * value
+
 
 class Fold:
     """Sum of contributions: ``counters[family][key]``, ``hists[family][key]``, and two indexes
     with one entry per open deal (``open_deals``) and per customer (``accounts``), kept per
     partition and never merged: they are as big as the tables."""
 
-    __slots__ = ("accounts", "counters", "hists", "open_deals")
+    __slots__ = ("accounts", "counters", "hists", "hourly", "open_deals")
 
     def __init__(self) -> None:
         self.counters: dict[str, dict[tuple, int]] = {}
         self.hists: dict[str, dict[tuple, Hist]] = {}
         self.open_deals: dict[tuple, int] = {}
         self.accounts: dict[tuple, int] = {}
+        # Hourly family → range names → the sums last asked for (kept up to date by apply).
+        self.hourly: dict[str, dict[tuple[str, ...], HourlySums]] = {}
 
     def apply(self, contribution: Contribution, sign: int) -> None:
         for family, key, value in contribution:
@@ -221,6 +281,9 @@ class Fold:
                     values[key] = total
                 else:
                     values.pop(key, None)
+                if self.hourly and family in self.hourly:
+                    for sums in self.hourly[family].values():
+                        sums.add(key, sign * value)
 
     def _observe(self, family: str, key: tuple, value: int, sign: int) -> None:
         bounds = BUCKETS[family]
@@ -230,11 +293,29 @@ class Fold:
         hist = hists.get(key)
         if hist is None:
             hist = hists[key] = Hist(len(bounds) + 1)
-        hist.counts[bisect.bisect_left(bounds, value)] += sign
-        hist.count += sign
-        hist.total += sign * value
+        hist.observe(bounds, value, sign)
         if hist.count == 0:
             del hists[key]
+        if self.hourly and family in self.hourly:
+            for sums in self.hourly[family].values():
+                sums.observe(key, bounds, value, sign)
+
+    def hourly_sums(self, family: str, ranges: tuple[tuple[str, int], ...],
+                    now_hour: int) -> dict[str, dict]:
+        """Sums of an hourly family per range (see :class:`HourlySums`): read from every hour
+        bucket when the ranges or the hour moved, else kept up to date by :meth:`apply`."""
+        views = self.hourly.setdefault(family, {})
+        names = tuple(name for name, _ in ranges)
+        current = views.get(names)
+        if current is None or current.now_hour != now_hour or current.ranges != ranges:
+            current = views[names] = HourlySums(ranges, now_hour)
+            if family in HISTOGRAMS:
+                for key, hist in self.hists.get(family, {}).items():
+                    current.add_hist(key, hist)
+            else:
+                for key, value in self.counters.get(family, {}).items():
+                    current.add(key, value)
+        return current.sums
 
     def replace(self, before: Contribution, after: Contribution) -> None:
         if before != after:
@@ -248,21 +329,24 @@ class Fold:
             fold.apply(contribution, 1)
         return fold
 
-    def merge(self, other: Fold) -> None:
-        """Add another fold (used to combine partitions at scrape time)."""
+    def merge(self, other: Fold, skip: frozenset[str] = frozenset()) -> None:
+        """Add another fold's counters and histograms, but for the ``skip`` families (used to
+        combine partitions at scrape time)."""
         for family, values in other.counters.items():
+            if family in skip:
+                continue
             mine = self.counters.setdefault(family, {})
             for key, value in values.items():
                 mine[key] = mine.get(key, 0) + value
         for family, hists in other.hists.items():
+            if family in skip:
+                continue
             mine_h = self.hists.setdefault(family, {})
             for key, hist in hists.items():
                 target = mine_h.get(key)
                 if target is None:
                     target = mine_h[key] = Hist(len(hist.counts))
-                target.counts = [a + b for a, b in zip(target.counts, hist.counts, strict=True)]
-                target.count += hist.count
-                target.total += hist.total
+                target.add(hist)
 
     def snapshot(self) -> dict:
         """Plain data for comparisons in tests."""

@@ -218,7 +218,7 @@ class KpiCollector(Collector):
         folds = self.folds()
         fold = agg.Fold()
         for part in folds:
-            fold.merge(part)
+            fold.merge(part, skip=agg.HOURLY)
         now_ms = self.now_ms()
         yield from self._config_gauges(now_ms)
         for spec in _GAUGES:
@@ -229,9 +229,9 @@ class KpiCollector(Collector):
             yield metric
         for spec in _HISTOGRAMS:
             yield self._histogram(spec, fold.hists.get(spec.family, {}), None)
-        yield from self._windowed(fold, now_ms)
+        yield from self._windowed(folds, now_ms)
         yield from self._open_deal_gauges(folds, now_ms)
-        yield self._won_in_period(fold, now_ms)
+        yield self._won_in_period(folds, now_ms)
 
     def _keys(self, family: str, values: dict) -> list[tuple]:
         seeded = self._seeds.get(family, [])
@@ -252,29 +252,33 @@ class KpiCollector(Collector):
             metric.add_metric(list(key) + ([window] if window else []), cumulative, total)
         return metric
 
-    def _windowed(self, fold: agg.Fold, now_ms: int) -> Iterator[Metric]:
+    def _windowed(self, folds: list[agg.Fold], now_ms: int) -> Iterator[Metric]:
         now_hour = now_ms // agg.HOUR_MS
+        ranges = agg.window_ranges(now_hour)
         for spec in _WINDOWED:
             metric = GaugeMetricFamily(spec.name, spec.doc, labels=(*spec.labels, "window"))
-            sums = agg.window_sums(fold.counters.get(spec.family, {}), now_ms)
+            sums: dict[str, dict[tuple, int]] = {window: {} for window in agg.WINDOWS}
+            for fold in folds:
+                for window, part in fold.hourly_sums(spec.family, ranges, now_hour).items():
+                    target = sums[window]
+                    for key, value in part.items():
+                        target[key] = target.get(key, 0) + value
             for key in self._keys(spec.family, {k: 0 for w in sums.values() for k in w}):
                 for window in agg.WINDOWS:
                     metric.add_metric([*key, window], sums[window].get(key, 0) * spec.scale)
             yield metric
-        hists = fold.hists.get(_WINDOWED_HIST.family, {})
+        merged: dict[str, dict[tuple, agg.Hist]] = {window: {} for window in agg.WINDOWS}
+        for fold in folds:
+            for window, part in fold.hourly_sums(_WINDOWED_HIST.family, ranges, now_hour).items():
+                target = merged[window]
+                for key, hist in part.items():
+                    total = target.get(key)
+                    if total is None:
+                        total = target[key] = agg.Hist(len(hist.counts))
+                    total.add(hist)
         metric = None
-        for window, length in agg.WINDOWS.items():
-            first_hour = now_hour - length // agg.HOUR_MS
-            merged: dict[tuple, agg.Hist] = {}
-            for key, hist in hists.items():
-                if first_hour < key[-1] <= now_hour:
-                    target = merged.get(key[:-1])
-                    if target is None:
-                        target = merged[key[:-1]] = agg.Hist(len(hist.counts))
-                    target.counts = [a + b for a, b in zip(target.counts, hist.counts, strict=True)]
-                    target.count += hist.count
-                    target.total += hist.total
-            part = self._histogram(_WINDOWED_HIST, merged, window)
+        for window in agg.WINDOWS:
+            part = self._histogram(_WINDOWED_HIST, merged[window], window)
             if metric is None:
                 metric = part
             else:
@@ -329,22 +333,25 @@ class KpiCollector(Collector):
                         period_value.add_metric(key, closing.get(key, 0) / agg.MICRO)
         yield from (count, value, period_value)
 
-    def _won_in_period(self, fold: agg.Fold, now_ms: int) -> Metric:
+    def _won_in_period(self, folds: list[agg.Fold], now_ms: int) -> Metric:
         metric = GaugeMetricFamily(
             "funnel_won_revenue_period", "Won in the current calendar period (business timezone)",
             labels=("pipeline", "currency", "period"))
-        won_by_hour = fold.counters.get(agg.WON_REVENUE_W, {})
         now_hour = now_ms // agg.HOUR_MS
+        ranges = tuple((period, period_bounds(now_ms, self.config.zone, period)[0] // agg.HOUR_MS)
+                       for period in PERIODS)
+        sums: dict[tuple[str, str, str], int] = {}
+        for fold in folds:
+            for period, part in fold.hourly_sums(agg.WON_REVENUE_W, ranges, now_hour).items():
+                for (pl, currency), micro in part.items():
+                    key = (pl, currency, period)
+                    sums[key] = sums.get(key, 0) + micro
         for name in self.config.pipelines:
             for period in PERIODS:
-                start, _ = period_bounds(now_ms, self.config.zone, period)
-                first_hour = start // agg.HOUR_MS
-                sums: dict[str, int] = {}
-                for (pl, currency, hour), micro in won_by_hour.items():
-                    if pl == name and first_hour <= hour <= now_hour:
-                        sums[currency] = sums.get(currency, 0) + micro
-                for currency in sorted(set(self._currencies(name)) | set(sums)):
-                    metric.add_metric((name, currency, period), sums.get(currency, 0) / agg.MICRO)
+                currencies = {c for pl, c, p in sums if pl == name and p == period}
+                for currency in sorted(set(self._currencies(name)) | currencies):
+                    metric.add_metric((name, currency, period),
+                                      sums.get((name, currency, period), 0) / agg.MICRO)
         return metric
 
     def _config_gauges(self, now_ms: int) -> Iterator[Metric]:

@@ -119,6 +119,7 @@ class FunnelWorker:
             config, self.clock, self.metrics, max_skew_ms=int(settings.max_future_skew * 1000),
             min_occurred_ms=int(settings.min_occurred_at.timestamp() * 1000),
             ticks_topic=topics.ticks_topic(settings.app_id), scan=self._scan_partition,
+            max_stalls_per_tick=settings.stall_alerts_per_tick,
         )
         self.customer_processor = CustomerProcessor()
         self.publisher = KpiPublisher(config, settings.partitions, VERSION)
@@ -271,13 +272,17 @@ class FunnelWorker:
             await self._process_deals(records, frozenset())
 
     async def deal_agent(self, stream: faust.StreamT) -> None:
-        """Ticks and erasure requests, one partition's batch at a time with the events."""
+        """Ticks and erasure requests, one partition at a time, taking turns with the events
+        batches (each holds the deals lock)."""
         async for events in self._batches(stream):
-            records = _records(events)
-            lagging = frozenset([p for p in {r.partition for r in records}
-                                 if await self.events.lag(p) > MAX_CHECK_LAG])
-            async with self.deals_lock:
-                await self._process_deals(records, lagging)
+            by_partition: dict[int, list[Record]] = {}
+            for record in _records(events):
+                by_partition.setdefault(record.partition, []).append(record)
+            for partition, records in by_partition.items():
+                lagging = (frozenset([partition]) if await self.events.lag(partition) > MAX_CHECK_LAG
+                           else frozenset())
+                async with self.deals_lock:
+                    await self._process_deals(records, lagging)
 
     async def _process_deals(self, records: list[Any], lagging: frozenset[int]) -> None:
         out = self.deals_out

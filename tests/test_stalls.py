@@ -113,3 +113,14 @@ def test_stall_checks_wait_while_the_partition_catches_up():
     batch = world.proc.process([tick], lambda key, _: world.table.get(key), frozenset({0}))
     assert batch.alerts == []
     assert world.tick()[0] == [("deal.stalled", "d1", "lead")]
+
+
+def test_a_tick_raises_at_most_its_cap_longest_stalled_first_and_the_rest_later():
+    world = World()
+    world.proc.max_stalls_per_tick = 2
+    for day, deal in enumerate(["d1", "d2", "d3", "d4", "d5"]):
+        world.event(deal, 5 - day, stage="lead")        # d5 entered first, d1 last
+    assert [a[1] for a in world.tick(40)[0]] == ["d5", "d4"]
+    assert [a[1] for a in world.tick()[0]] == ["d3", "d2"]
+    assert [a[1] for a in world.tick()[0]] == ["d1"]
+    assert world.tick()[0] == []                         # each raised once
