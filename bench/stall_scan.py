@@ -33,7 +33,7 @@ def main() -> None:
         entered = now - rng.randrange(60 * DAY)
         stalled = now - entered > 30 * DAY  # steady state: stalled deals were alerted already
         key = ("default", rng.choice(stages), "USD", entered, f"deal-{i}", stalled, None)
-        fold.open_deals[key] = 1_000 * agg.MICRO
+        fold.apply(((agg.OPEN_DEALS, key, 1_000 * agg.MICRO),), 1)
     clock = EventClock(Clock.STREAM)
     clock.observe(now)
     registry = CollectorRegistry()

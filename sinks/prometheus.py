@@ -301,18 +301,30 @@ class KpiCollector(Collector):
         stalled: dict[tuple, int] = {}
         at_risk: dict[tuple, int] = {}
         closing: dict[tuple, int] = {}
+        unpack = agg.OPEN_DEAL.unpack
         for fold in folds:
-            for (pl, stage, currency, entered, _, _, expected), micro in fold.open_deals.items():
+            for (pl, stage, currency), group in fold.open_deals.items():
                 threshold = stall_after.get((pl, stage))
-                if threshold is not None and now_ms - entered > threshold:
-                    stalled[(pl, stage)] = stalled.get((pl, stage), 0) + 1
+                before = now_ms - threshold if threshold is not None else agg.NO_DATE
+                stalled_n = at_risk_micro = 0
+                closing_micro = dict.fromkeys(periods, 0.0)
+                for packed in group.values():
+                    entered, expected, micro, _ = unpack(packed)
+                    if entered < before:
+                        stalled_n += 1
+                        at_risk_micro += micro
+                    if expected != agg.NO_DATE:
+                        for period, (start, end) in periods.items():
+                            if start <= expected < end:
+                                closing_micro[period] += micro
+                if stalled_n:
+                    stalled[(pl, stage)] = stalled.get((pl, stage), 0) + stalled_n
                     key = (pl, stage, currency)
-                    at_risk[key] = at_risk.get(key, 0) + micro
-                if expected is not None:
-                    for period, (start, end) in periods.items():
-                        if start <= expected < end:
-                            key = (pl, stage, currency, period)
-                            closing[key] = closing.get(key, 0) + micro
+                    at_risk[key] = at_risk.get(key, 0) + int(at_risk_micro)
+                for period, micro in closing_micro.items():
+                    if micro:
+                        key = (pl, stage, currency, period)
+                        closing[key] = closing.get(key, 0) + int(micro)
         count = GaugeMetricFamily("funnel_deals_stalled", "Open deals in the stage longer than "
                                   "its stall_after", labels=("pipeline", "stage"))
         value = GaugeMetricFamily("funnel_stalled_value", "Amounts of stalled deals (value at risk)",

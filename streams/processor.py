@@ -17,6 +17,7 @@ import orjson
 
 from models.aggregates import (
     NOTHING,
+    OPEN_DEAL,
     WON_REVENUE,
     Contribution,
     Fold,
@@ -326,13 +327,15 @@ class DealProcessor:
             return
         now = self.clock.now_ms()
         crossed = []
-        for key in fold.open_deals:
-            pl, stage, _, entered, deal_id, alerted, _ = key
-            if alerted:
-                continue
+        for (pl, stage, _), group in fold.open_deals.items():
             stall_after = self.config.pipelines[pl].by_name[stage].stall_after
-            if stall_after is not None and now - entered > stall_after * 1000:
-                crossed.append((entered, deal_id, pl, stage, stall_after))
+            if stall_after is None:
+                continue
+            before = now - stall_after * 1000  # entered before this: stalled
+            for deal_id, packed in group.items():
+                entered, _, _, alerted = OPEN_DEAL.unpack(packed)
+                if entered < before and not alerted:
+                    crossed.append((entered, deal_id, pl, stage, stall_after))
         if len(crossed) > self.max_stalls_per_tick:
             crossed = heapq.nsmallest(self.max_stalls_per_tick, crossed)
         for entered, deal_id, pl, stage, stall_after in crossed:

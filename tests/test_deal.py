@@ -2,6 +2,7 @@
 
 import itertools
 
+import orjson
 import pytest
 
 from models.aggregates import (
@@ -213,3 +214,18 @@ def test_encode_decode_round_trip():
     deal.partition = 3
     deal.credited_accounts = ["acme"]
     assert decode_deal(encode_deal(deal)) == deal
+
+
+def test_versions_are_stored_once_and_deals_in_the_first_format_still_read():
+    deal, outcomes = play([ev("a", 1, stage="lead", amount=1.5, owner="ann", account="acme"),
+                           ev("b", 2, stage="mql"), ev("c", 0.5, amount=1.0)])
+    assert outcomes[2] is Outcome.STALE
+    raw = encode_deal(deal)
+    assert raw.count(b'"a"') == 1 and raw.count(b'"c"') == 1  # "c" only as a recent id
+    assert decode_deal(raw) == deal
+    first_format = orjson.dumps([
+        1, deal.deal_id, deal.partition, None, [1.5, DAY, "a"], None, ["acme", DAY, "a"], None,
+        None, [[DAY, "a", "lead"], [2 * DAY, "b", "mql"]], [[DAY, "a", "ann"]], ["a", "b", "c"],
+        [], None,
+    ])
+    assert decode_deal(first_format) == deal

@@ -15,10 +15,10 @@ import asyncio
 import time
 from collections import Counter
 
-import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from models.deal import decode_deal
 from models.kpis import pipeline_kpis, total
 from streams import topics
 
@@ -96,9 +96,8 @@ def read_all(broker_url: str, topic: str, idle_ms: int = 1500) -> list:
 def applied_event_ids(broker_url: str) -> set[str]:
     """Event ids whose effect is in the deals changelog (latest value per deal).
 
-    A stored deal is ``[format, deal_id, partition, 6 × field, history, owners, recent_ids, …]``
-    (models.deal.encode_deal); dataset deals have at most two events, so ``recent_ids`` (32
-    kept) lists all of them.
+    Dataset deals have at most two events, so a stored deal's ``recent_ids`` (32 kept) lists
+    all of them.
     """
     latest: dict[bytes, bytes | None] = {}
     for message in read_all(broker_url, f"{APP_ID}-deals-changelog"):
@@ -107,12 +106,7 @@ def applied_event_ids(broker_url: str) -> set[str]:
     for value in latest.values():
         if not value:
             continue
-        try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError:  # not a deal (e.g. an end-of-batch marker)
-            continue
-        if isinstance(doc, list) and len(doc) > 11:
-            applied.update(doc[11])
+        applied.update(decode_deal(value).recent_ids)  # end-of-batch markers have no value
     return applied
 
 
