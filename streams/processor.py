@@ -7,12 +7,12 @@ once and written once, which is where most of the speed comes from.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import msgspec
 import orjson
 
 from models.aggregates import (
@@ -294,7 +294,7 @@ class DealProcessor:
             account = erased_name(account)
         if owner is change.owner and account is change.account:
             return change
-        return dataclasses.replace(change, owner=owner, account=account)
+        return msgspec.structs.replace(change, owner=owner, account=account)
 
     def _erase(self, batch: DealBatch, record: Record, touched: dict[str, _Touched]) -> None:
         """An erasure request for one partition: pseudonymise the person in every deal of it

@@ -97,7 +97,8 @@ def test_deep_nesting_is_rejected():
 
 texts = st.one_of(st.none(), st.text(max_size=8), st.integers(-(2**63), 2**63 - 1), st.booleans())
 amounts = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
-                    st.integers(-10, 10**6), st.text(max_size=3), st.booleans())
+                    st.integers(-10, 10**6), st.integers(2**63, 2**64 - 1), st.text(max_size=3),
+                    st.booleans())
 stamps = st.one_of(st.none(), st.sampled_from([
     "2023-11-14T22:13:20Z", "2023-11-14T22:13:20+05:30", "2023-11-14T22:13:20", "2023-11-14",
     "garbage", "2023-02-30T00:00:00Z", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59Z",
@@ -107,7 +108,8 @@ stamps = st.one_of(st.none(), st.sampled_from([
 @settings(max_examples=400, deadline=None)
 @given(st.fixed_dictionaries({}, optional={
     "event_id": texts, "deal_id": texts, "occurred_at": stamps, "stage": texts,
-    "pipeline": texts, "amount": amounts, "currency": st.sampled_from(["USD", "usd", "EURO", 7]),
+    "pipeline": texts, "amount": amounts,
+    "currency": st.sampled_from(["USD", "usd", "EURO", 7, "USD\n", "ÜSD", ""]),
     "owner": texts, "account": texts, "expected_close_at": stamps,
     "deleted": st.one_of(st.none(), st.booleans(), st.integers(0, 1)),
     "source": texts, "schema_version": st.one_of(st.integers(0, 3), st.booleans()),
