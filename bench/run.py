@@ -521,7 +521,8 @@ def validity(results: dict, foreign_load: dict[str, float]) -> list[str]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    p.add_argument("--events", type=int, default=100_000, help="throughput backlog (all three)")
+    p.add_argument("--events", type=int, default=300_000,
+                   help="throughput backlog (all three; 100,000 drained in ~2 s: too noisy)")
     p.add_argument("--latency-rate", type=float, default=2000.0, help="events/s for latency")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="latency run length")
     p.add_argument("--latency-poll", type=float, default=0.25,

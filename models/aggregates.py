@@ -251,6 +251,7 @@ class Hist:
 # An open deal in the index: entered ms, expected close ms (NO_DATE: none), amount in micro
 # units (a double holds every to_micro() result exactly) and whether its stall was alerted.
 OPEN_DEAL = struct.Struct("<qqd?")
+ALERTED_BYTE = OPEN_DEAL.size - 1
 NO_DATE = -(2**63)
 
 

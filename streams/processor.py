@@ -16,6 +16,7 @@ import msgspec
 import orjson
 
 from models.aggregates import (
+    ALERTED_BYTE,
     NOTHING,
     OPEN_DEAL,
     WON_REVENUE,
@@ -333,8 +334,10 @@ class DealProcessor:
                 continue
             before = now - stall_after * 1000  # entered before this: stalled
             for deal_id, packed in group.items():
-                entered, _, _, alerted = OPEN_DEAL.unpack(packed)
-                if entered < before and not alerted:
+                if packed[ALERTED_BYTE]:  # raised already (most stalled deals): skip unpacking
+                    continue
+                entered = OPEN_DEAL.unpack(packed)[0]
+                if entered < before:
                     crossed.append((entered, deal_id, pl, stage, stall_after))
         if len(crossed) > self.max_stalls_per_tick:
             crossed = heapq.nsmallest(self.max_stalls_per_tick, crossed)
