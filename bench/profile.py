@@ -24,7 +24,7 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("table reads (store get via in_partition)", ("_reader.<locals>.load",)),
     ("table writes (Table.__setitem__, changelog publish)",
      ("Outbox.put", "__setitem__", "on_key_set")),
-    ("event decode + validation (orjson fast path / pydantic)", ("decode_event", "models/event.py")),
+    ("event decode + validation (msgspec fast path / pydantic)", ("decode_event", "models/event.py")),
     ("deal state machine (apply_change)", ("apply_change",)),
     ("deal (de)serialisation (encode_deal / decode_deal)", ("encode_deal", "decode_deal")),
     ("contribution computation (deal_contribution, _credit_of)",
