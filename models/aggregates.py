@@ -185,46 +185,42 @@ class HourlySums:
             name: {} for name, _ in ranges
         }
 
-    def add(self, key: tuple, value: int) -> None:
+    def _holding(self, key: tuple) -> list[dict]:
+        """The sums of every range that holds this bucket's hour."""
         hour = key[-1]
         if hour > self.now_hour:
-            return
-        for name, first in self.ranges:
-            if hour >= first:
-                target = self.sums[name]
-                labels = key[:-1]
-                total = target.get(labels, 0) + value
-                if total:
-                    target[labels] = total
-                else:
-                    target.pop(labels, None)
+            return []
+        return [self.sums[name] for name, first in self.ranges if hour >= first]
+
+    def add(self, key: tuple, value: int) -> None:
+        labels = key[:-1]
+        for target in self._holding(key):
+            total = target.get(labels, 0) + value
+            if total:
+                target[labels] = total
+            else:
+                target.pop(labels, None)
 
     def observe(self, key: tuple, bounds: list[int], value: int, sign: int) -> None:
-        hour = key[-1]
-        if hour > self.now_hour:
-            return
-        for name, first in self.ranges:
-            if hour >= first:
-                target = self.sums[name]
-                labels = key[:-1]
-                hist = target.get(labels)
-                if hist is None:
-                    hist = target[labels] = Hist(len(bounds) + 1)
-                hist.observe(bounds, value, sign)
-                if hist.count == 0:
-                    del target[labels]
+        labels = key[:-1]
+        for target in self._holding(key):
+            hist = hist_of(target, labels, len(bounds) + 1)
+            hist.observe(bounds, value, sign)
+            if hist.count == 0:
+                del target[labels]
 
     def add_hist(self, key: tuple, other: Hist) -> None:
-        hour = key[-1]
-        if hour > self.now_hour:
-            return
-        for name, first in self.ranges:
-            if hour >= first:
-                target = self.sums[name]
-                hist = target.get(key[:-1])
-                if hist is None:
-                    hist = target[key[:-1]] = Hist(len(other.counts))
-                hist.add(other)
+        labels = key[:-1]
+        for target in self._holding(key):
+            hist_of(target, labels, len(other.counts)).add(other)
+
+
+def hist_of(hists: dict, key: tuple, size: int) -> Hist:
+    """``hists[key]``, created empty with ``size`` buckets when missing."""
+    hist = hists.get(key)
+    if hist is None:
+        hist = hists[key] = Hist(size)
+    return hist
 
 
 class Hist:
@@ -324,9 +320,7 @@ class Fold:
         hists = self.hists.get(family)
         if hists is None:
             hists = self.hists[family] = {}
-        hist = hists.get(key)
-        if hist is None:
-            hist = hists[key] = Hist(len(bounds) + 1)
+        hist = hist_of(hists, key, len(bounds) + 1)
         hist.observe(bounds, value, sign)
         if hist.count == 0:
             del hists[key]
@@ -377,10 +371,7 @@ class Fold:
                 continue
             mine_h = self.hists.setdefault(family, {})
             for key, hist in hists.items():
-                target = mine_h.get(key)
-                if target is None:
-                    target = mine_h[key] = Hist(len(hist.counts))
-                target.add(hist)
+                hist_of(mine_h, key, len(hist.counts)).add(hist)
 
     def snapshot(self) -> dict:
         """Plain data for comparisons in tests."""

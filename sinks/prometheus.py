@@ -272,10 +272,7 @@ class KpiCollector(Collector):
             for window, part in fold.hourly_sums(_WINDOWED_HIST.family, ranges, now_hour).items():
                 target = merged[window]
                 for key, hist in part.items():
-                    total = target.get(key)
-                    if total is None:
-                        total = target[key] = agg.Hist(len(hist.counts))
-                    total.add(hist)
+                    agg.hist_of(target, key, len(hist.counts)).add(hist)
         metric = None
         for window in agg.WINDOWS:
             part = self._histogram(_WINDOWED_HIST, merged[window], window)
