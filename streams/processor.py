@@ -151,12 +151,6 @@ class PartitionFolds:
         self.folds = folds
         self.owned = set(active)
 
-    def revoke(self, partitions: Iterable[int]) -> None:
-        for partition in partitions:
-            self.folds.pop(partition, None)
-            if self.owned is not None:
-                self.owned.discard(partition)
-
     def revoke_all(self) -> None:
         self.folds = {}
         self.owned = set()

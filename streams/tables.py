@@ -57,8 +57,9 @@ class ErasureTable(RawTable):
 class FoldedTable(RawTable):
     """A table whose values feed in-memory folds of the actively owned partitions only.
 
-    Folds are dropped when partitions are revoked and rebuilt from the table once recovery
-    completes, so standby replicas (also in this table's store) are never exported.
+    Folds are dropped when partitions are revoked (the worker's ``on_partitions_revoked``: every
+    rebalance is eager) and rebuilt from the table once recovery completes, so standby replicas
+    (also in this table's store) are never exported.
     """
 
     def __init__(
@@ -71,12 +72,6 @@ class FoldedTable(RawTable):
         self.source_topic = source_topic
         self.contribution = contribution
         self.on_ready = on_ready
-
-    async def on_rebalance(
-        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
-    ) -> None:
-        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
-        self.folds.revoke(tp.partition for tp in revoked if tp.topic == self.source_topic)
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)
