@@ -20,6 +20,9 @@ SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 1024 * 1024
 CHANGE_FIELDS = ("stage", "amount", "currency", "owner", "account", "expected_close_at", "deleted")
 MAX_TEXT = 512  # longest id, stage, owner or account we accept; longer is a producer bug
+# Largest amount accepted (10^15 of any currency): larger is a producer bug, and an amount near
+# the float limit overflowed in micro units and failed its whole batch, again on every retry.
+MAX_AMOUNT = 1e15
 # Earliest occurred_at accepted by default: CRMs and databases write "zero dates" (0001-01-01,
 # 1900-01-01, 1970-01-01) for unknown times; such a deal would be stalled for centuries.
 MIN_OCCURRED_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -60,7 +63,7 @@ class CrmEvent(BaseModel):
     deal_id: str = Text
     stage: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
     pipeline: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
-    amount: float | int | None = Field(default=None, ge=0, allow_inf_nan=False)
+    amount: float | int | None = Field(default=None, ge=0, le=MAX_AMOUNT, allow_inf_nan=False)
     currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
     owner: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
     account: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
@@ -115,7 +118,7 @@ class _Wire(msgspec.Struct, gc=False):
     deal_id: _Text
     stage: _Text | None = None
     pipeline: _Text | None = None
-    amount: Annotated[float, msgspec.Meta(ge=0)] | None = None  # JSON integers are accepted
+    amount: Annotated[float, msgspec.Meta(ge=0, le=MAX_AMOUNT)] | None = None  # JSON ints too
     # max_length: Python's "$" also matches before a final newline.
     currency: Annotated[str, msgspec.Meta(max_length=3, pattern=r"^[A-Z]{3}$")] | None = None
     owner: _Text | None = None

@@ -49,6 +49,7 @@ def test_offsets_are_honoured():
         (valid(occurred_at="yesterday"), "invalid_event", "occurred_at"),
         (valid(amount=-1), "invalid_event", "amount"),
         (valid(amount="12"), "invalid_event", "amount"),
+        (valid(amount=1e303), "invalid_event", "amount"),
         (valid(currency="usd"), "invalid_event", "currency"),
         (valid(currency="US1"), "invalid_event", "currency"),
         (valid(deleted="yes"), "invalid_event", "deleted"),
@@ -97,7 +98,8 @@ def test_deep_nesting_is_rejected():
 
 texts = st.one_of(st.none(), st.text(max_size=8), st.integers(-(2**63), 2**63 - 1), st.booleans())
 amounts = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
-                    st.integers(-10, 10**6), st.integers(2**63, 2**64 - 1), st.text(max_size=3),
+                    st.integers(-10, 10**6), st.integers(10**15 - 2, 10**15 + 2),
+                    st.integers(2**63, 2**64 - 1), st.text(max_size=3),
                     st.booleans())
 stamps = st.one_of(st.none(), st.sampled_from([
     "2023-11-14T22:13:20Z", "2023-11-14T22:13:20+05:30", "2023-11-14T22:13:20", "2023-11-14",

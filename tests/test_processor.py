@@ -189,3 +189,16 @@ def test_revoked_partitions_are_never_exported_again_until_rebuilt():
     proc.folds.rebuild({1}, (proc.contribution_of_stored(v) for v in store.data.values()))
     assert set(proc.folds.folds) == {1}
     assert proc.folds.folds[1].snapshot() == rebuilt(proc, store, 2)[1]
+
+
+def test_an_amount_beyond_the_limit_goes_to_the_dlq_and_the_batch_goes_on():
+    """An amount near the float limit once overflowed in micro units: the whole batch failed,
+    again on every retry, and its partition stood still."""
+    proc, _ = processor()
+    huge = orjson.dumps({"event_id": "e1", "deal_id": "d1", "occurred_at": "2023-11-14T22:13:20Z",
+                         "stage": "lead", "amount": 1e303})
+    fine = orjson.dumps({"event_id": "e2", "deal_id": "d2", "occurred_at": "2023-11-14T22:13:20Z",
+                         "stage": "lead", "amount": 1e15})
+    batch = proc.process(records([huge, fine]), lambda key, _: None)
+    assert [(r.code, "amount" in r.reason) for r in batch.rejections] == [("invalid_event", True)]
+    assert [deal_id for deal_id, _, _ in batch.writes] == ["d2"]
