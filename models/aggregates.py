@@ -215,6 +215,22 @@ class HourlySums:
             hist_of(target, labels, len(other.counts)).add(other)
 
 
+def hourly_totals(folds: Iterable[Fold], family: str, ranges: tuple[tuple[str, int], ...],
+                  now_hour: int) -> dict[str, dict]:
+    """:meth:`Fold.hourly_sums` of several partitions added up, per range name."""
+    totals: dict[str, dict] = {name: {} for name, _ in ranges}
+    is_hist = family in HISTOGRAMS
+    for fold in folds:
+        for name, part in fold.hourly_sums(family, ranges, now_hour).items():
+            target = totals[name]
+            for labels, value in part.items():
+                if is_hist:
+                    hist_of(target, labels, len(value.counts)).add(value)
+                else:
+                    target[labels] = target.get(labels, 0) + value
+    return totals
+
+
 def hist_of(hists: dict, key: tuple, size: int) -> Hist:
     """``hists[key]``, created empty with ``size`` buckets when missing."""
     hist = hists.get(key)

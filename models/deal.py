@@ -26,7 +26,6 @@ MAX_HISTORY = 64     # stage entries kept; beyond it the oldest after the first 
 MAX_OWNERS = 16      # owner assignments kept (for "owner at close")
 FORMAT = 2           # stored layout version of a deal (decode_deal reads 1 as well)
 
-Version = tuple[int, str]   # (occurred_at ms, event_id)
 Entry = tuple[int, str, str]  # (occurred_at ms, event_id, value): history and owner entries
 
 

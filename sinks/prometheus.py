@@ -257,22 +257,12 @@ class KpiCollector(Collector):
         ranges = agg.window_ranges(now_hour)
         for spec in _WINDOWED:
             metric = GaugeMetricFamily(spec.name, spec.doc, labels=(*spec.labels, "window"))
-            sums: dict[str, dict[tuple, int]] = {window: {} for window in agg.WINDOWS}
-            for fold in folds:
-                for window, part in fold.hourly_sums(spec.family, ranges, now_hour).items():
-                    target = sums[window]
-                    for key, value in part.items():
-                        target[key] = target.get(key, 0) + value
+            sums = agg.hourly_totals(folds, spec.family, ranges, now_hour)
             for key in self._keys(spec.family, {k: 0 for w in sums.values() for k in w}):
                 for window in agg.WINDOWS:
                     metric.add_metric([*key, window], sums[window].get(key, 0) * spec.scale)
             yield metric
-        merged: dict[str, dict[tuple, agg.Hist]] = {window: {} for window in agg.WINDOWS}
-        for fold in folds:
-            for window, part in fold.hourly_sums(_WINDOWED_HIST.family, ranges, now_hour).items():
-                target = merged[window]
-                for key, hist in part.items():
-                    agg.hist_of(target, key, len(hist.counts)).add(hist)
+        merged = agg.hourly_totals(folds, _WINDOWED_HIST.family, ranges, now_hour)
         metric = None
         for window in agg.WINDOWS:
             part = self._histogram(_WINDOWED_HIST, merged[window], window)
@@ -349,18 +339,14 @@ class KpiCollector(Collector):
         now_hour = now_ms // agg.HOUR_MS
         ranges = tuple((period, period_bounds(now_ms, self.config.zone, period)[0] // agg.HOUR_MS)
                        for period in PERIODS)
-        sums: dict[tuple[str, str, str], int] = {}
-        for fold in folds:
-            for period, part in fold.hourly_sums(agg.WON_REVENUE_W, ranges, now_hour).items():
-                for (pl, currency), micro in part.items():
-                    key = (pl, currency, period)
-                    sums[key] = sums.get(key, 0) + micro
+        sums = agg.hourly_totals(folds, agg.WON_REVENUE_W, ranges, now_hour)
         for name in self.config.pipelines:
             for period in PERIODS:
-                currencies = {c for pl, c, p in sums if pl == name and p == period}
+                won = sums[period]
+                currencies = {currency for pl, currency in won if pl == name}
                 for currency in sorted(set(self._currencies(name)) | currencies):
                     metric.add_metric((name, currency, period),
-                                      sums.get((name, currency, period), 0) / agg.MICRO)
+                                      won.get((name, currency), 0) / agg.MICRO)
         return metric
 
     def _config_gauges(self, now_ms: int) -> Iterator[Metric]:
