@@ -32,17 +32,24 @@ def http_get(url: str, timeout: float = 5.0) -> bytes | None:
 
 
 class Proc:
-    """A subprocess with an HTTP port, logging to ``<workdir>/<name>.log``."""
+    """A subprocess with an HTTP port, logging to ``<workdir>/<name>.log``, run from the
+    source tree ``root`` (another checkout's, to compare two versions side by side)."""
 
-    def __init__(self, argv: list[str], workdir: Path, name: str, env: dict[str, str]) -> None:
+    # SIGTERM → exit: a worker flushing a large RocksDB state may need a while.
+    stop_timeout = 60.0
+
+    def __init__(self, argv: list[str], workdir: Path, name: str, env: dict[str, str],
+                 root: Path = ROOT) -> None:
         self.argv = argv
         self.name = name
+        self.root = root
         self.port = free_port()
         self.log_path = workdir / f"{name}.log"
         self.data_dir = workdir / f"data-{name}"
         self.env = {**os.environ, **env}
         self.process: subprocess.Popen | None = None
         self.started_at = 0.0
+        self.started_wall = 0.0  # time.time() at start, to place the worker's log lines
 
     @property
     def pid(self) -> int:
@@ -52,7 +59,8 @@ class Proc:
     def start(self) -> Proc:
         log = self.log_path.open("ab")
         self.started_at = time.monotonic()
-        self.process = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log,
+        self.started_wall = time.time()
+        self.process = subprocess.Popen(self.argv, cwd=self.root, env=self.env, stdout=log,
                                         stderr=subprocess.STDOUT)
         return self
 
@@ -64,7 +72,7 @@ class Proc:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(20)
+                self.process.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -89,8 +97,10 @@ class Proc:
 class FunnelWorker(Proc):
     """``funnel-kpi worker``; counts come from ``funnel_events_total`` on ``/metrics``."""
 
-    def __init__(self, broker_url: str, workdir: Path, name: str = "funnel", **env: str) -> None:
-        super().__init__([sys.executable, "-m", "streams.cli", "worker"], workdir, name, {})
+    def __init__(self, broker_url: str, workdir: Path, name: str = "funnel", *,
+                 data_dir: Path | None = None, root: Path = ROOT, **env: str) -> None:
+        super().__init__([sys.executable, "-m", "streams.cli", "worker"], workdir, name, {}, root)
+        self.data_dir = data_dir or self.data_dir
         self.env.update({
             **WORKER_ENV,
             "FUNNEL_BROKER": broker_url,
@@ -104,8 +114,8 @@ class FunnelWorker(Proc):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/metrics"
 
-    def samples(self) -> Samples | None:
-        raw = http_get(self.url)
+    def samples(self, timeout: float = 5.0) -> Samples | None:
+        raw = http_get(self.url, timeout)
         return parse_exposition(raw.decode()) if raw is not None else None
 
     def count(self) -> int | None:
@@ -116,9 +126,22 @@ class FunnelWorker(Proc):
         samples = self.samples()
         return bool(samples) and total(samples, "funnel_worker_ready") == 1
 
-    def metric(self, name: str, **match: str) -> float | None:
-        samples = self.samples()
+    def metric(self, name: str, timeout: float = 5.0, **match: str) -> float | None:
+        samples = self.samples(timeout)
         return total(samples, name, **match) if samples else None
+
+    def wait_for(self, name: str, target: float, timeout: float, poll: float = 0.2) -> float:
+        """Seconds from process start until the metric ``name`` reaches ``target`` (scrapes of
+        a worker recovering a large state are slow: each may take up to 30 s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            value = self.metric(name, timeout=30)
+            if value is not None and value >= target:
+                return time.monotonic() - self.started_at
+            time.sleep(poll)
+        raise TimeoutError(f"{self.name}: {name} did not reach {target} in {timeout:.0f}s "
+                           f"(last {self.metric(name, timeout=30)})")
 
 
 class NaiveApp(Proc):

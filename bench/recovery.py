@@ -20,97 +20,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.baselines import PARTITIONS
+from bench.procs import FunnelWorker
 from bench.workload import encode, open_deals, send
-from models.kpis import parse_exposition, total
-from streams.broker import EmbeddedBroker, free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-PARTITIONS = 4
+from streams.broker import EmbeddedBroker
 
 
-class Worker:
-    """``funnel-kpi worker`` as a subprocess; samples come from its ``/metrics``."""
+def phases(worker: FunnelWorker) -> tuple[float | None, float | None]:
+    """(group joined, recovered) in seconds after the worker's start, from its info log: the
+    last "Successfully synced group" and the last "Worker ready" line."""
+    synced = ready = None
+    for line in worker.log_path.read_text(errors="replace").splitlines():
+        match = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+        if not match:
+            continue
+        stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) \
+            + int(match.group(2)) / 1000 - worker.started_wall
+        if "Successfully synced group" in line:
+            synced = stamp
+        elif "Worker ready" in line:
+            ready = stamp
+    return synced, ready
 
-    def __init__(self, broker_url: str, workdir: Path, name: str, data_dir: Path, **env: str):
-        self.name = name
-        self.port = free_port()
-        self.log_path = workdir / f"{name}.log"
-        self.env = {**os.environ, "FUNNEL_BROKER": broker_url, "FUNNEL_WEB_PORT": str(self.port),
-                    "FUNNEL_WEB_BIND": "127.0.0.1", "FUNNEL_DATA_DIR": str(data_dir),
-                    "FUNNEL_PARTITIONS": str(PARTITIONS), "FUNNEL_LOG_LEVEL": "warning",
-                    "FUNNEL_SESSION_TIMEOUT": "6", "FUNNEL_REBALANCE_TIMEOUT": "6", **env}
-        self.process: subprocess.Popen | None = None
-        self.started = 0.0
-        self.started_wall = 0.0
 
-    def start(self) -> Worker:
-        self.started = time.monotonic()
-        self.started_wall = time.time()
-        self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT,
-                                        env=self.env, stdout=self.log_path.open("ab"),
-                                        stderr=subprocess.STDOUT)
-        return self
-
-    def metric(self, name: str) -> float | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=30) as r:
-                return total(parse_exposition(r.read().decode()), name)
-        except OSError:
-            return None
-
-    def rss_mib(self) -> float:
-        with open(f"/proc/{self.process.pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def wait(self, name: str, target: float, timeout: float, poll: float = 0.2) -> float:
-        """Seconds since start until ``name`` reaches ``target``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
-            value = self.metric(name)
-            if value is not None and value >= target:
-                return time.monotonic() - self.started
-            time.sleep(poll)
-        raise TimeoutError(f"{self.name}: {name} did not reach {target} in {timeout:.0f}s "
-                           f"(last {self.metric(name)})")
-
-    def phases(self) -> tuple[float | None, float | None]:
-        """(group joined, recovered) in seconds after start, from the worker's info log:
-        the last "Successfully synced group" and the last "Worker ready" line."""
-        synced = ready = None
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            match = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
-            if not match:
-                continue
-            stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) \
-                + int(match.group(2)) / 1000 - self.started_wall
-            if "Successfully synced group" in line:
-                synced = stamp
-            elif "Worker ready" in line:
-                ready = stamp
-        return synced, ready
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def _rss_mib(worker: FunnelWorker) -> float:
+    return worker.rss_bytes() / 2**20
 
 
 @dataclass
@@ -137,15 +79,15 @@ def run_store(store: str, deals: int, workdir: Path, timeout: float) -> list[Row
         sent_s = asyncio.run(send(broker.url, encode(open_deals(deals, f"rec-{name}", per_deal=1))))
         print(f"[{name}] produced {deals:,} events in {sent_s:.1f}s", flush=True)
         data = workdir / f"data-{name}"
-        first = Worker(broker.url, workdir, f"{name}-ingest", data, **env).start()
+        first = FunnelWorker(broker.url, workdir, f"{name}-ingest", data_dir=data, **env).start()
         try:
-            first.wait("funnel_worker_ready", 1, 120)
+            first.wait_for("funnel_worker_ready", 1, 120)
             t0 = time.monotonic()
-            first.wait("funnel_events_total", deals, timeout, poll=1.0)
+            first.wait_for("funnel_events_total", deals, timeout, poll=1.0)
             ingest_s = time.monotonic() - t0
-            opened = first.metric("funnel_deals_open")
+            opened = first.metric("funnel_deals_open", timeout=30)
             print(f"[{name}] ingested in {ingest_s:.1f}s ({deals / ingest_s:,.0f} ev/s); "
-                  f"open deals {opened:,.0f}; RSS {first.rss_mib():,.0f} MiB", flush=True)
+                  f"open deals {opened:,.0f}; RSS {_rss_mib(first):,.0f} MiB", flush=True)
         finally:
             first.stop()
         cases = [("restart", data)]
@@ -153,13 +95,13 @@ def run_store(store: str, deals: int, workdir: Path, timeout: float) -> list[Row
             cases = [("warm restart (same data dir)", data),
                      ("cold restart (new data dir)", workdir / f"data-{name}-cold")]
         for case, data_dir in cases:
-            worker = Worker(broker.url, workdir, f"{name}-{case.split()[0]}", data_dir,
-                            **{**env, "FUNNEL_LOG_LEVEL": "info"}).start()
+            worker = FunnelWorker(broker.url, workdir, f"{name}-{case.split()[0]}",
+                                  data_dir=data_dir, **{**env, "FUNNEL_LOG_LEVEL": "info"}).start()
             try:
-                ready = worker.wait("funnel_worker_ready", 1, timeout, poll=0.1)
-                back = worker.wait("funnel_deals_open", deals, timeout, poll=0.2)
-                joined, _ = worker.phases()
-                row = Row(name, case, deals, joined, ready, back, worker.rss_mib())
+                ready = worker.wait_for("funnel_worker_ready", 1, timeout, poll=0.1)
+                back = worker.wait_for("funnel_deals_open", deals, timeout, poll=0.2)
+                joined, _ = phases(worker)
+                row = Row(name, case, deals, joined, ready, back, _rss_mib(worker))
             finally:
                 worker.stop()
             rows.append(row)
