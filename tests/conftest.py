@@ -21,7 +21,9 @@ DATASET = ROOT.parent / "shared" / "datasets" / "crm-sales-opportunities"
 DATASET_EVENTS = 15_511  # 8,800 deals: one event each, two for the 6,711 closed ones
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition",
+               show=None):
+    """``show``: what to report on a timeout instead of the predicate's last (falsy) answer."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -29,7 +31,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
         if last:
             return last
         time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout:.0f}s (last: {last!r})")
+    shown = show() if show is not None else last
+    raise TimeoutError(f"{what} not reached within {timeout:.0f}s (last: {shown!r})")
 
 
 def scrape(url: str) -> Samples | None:
