@@ -270,6 +270,9 @@ class DealProcessor:
             # credit as they are, which heals a changelog or credit that missed the first write.
             state.resend_credit |= outcome is Outcome.DUPLICATE
             state.write = True
+        # From here on ``touched`` holds the latest version of every deal this batch changed:
+        # ticks and erasures read it and add to it, or a later one would start from the
+        # stored version and write over an earlier one's change (and its fold update).
         self.clock.observe(latest_ms)
         self.metrics.counted(outcomes, lags)
         for deal_id, state in touched.items():
@@ -304,7 +307,7 @@ class DealProcessor:
             credit_before = _credit_of(deal, before)
             if not erase_person(deal, name):
                 continue
-            erased = _Touched(deal, before, record, credit_before, write=True)
+            erased = touched[deal_id] = _Touched(deal, before, record, credit_before, write=True)
             self._finish(batch, deal_id, erased)
 
     def _raise_stalls(self, batch: DealBatch, partition: int, record: Record,
@@ -340,7 +343,9 @@ class DealProcessor:
             deal = state.deal if state else decode_deal(load(deal_id, record))  # type: ignore[arg-type]
             before = deal_contribution(deal, self.config)
             deal.stall_alert = [stage, entered]
-            self.folds.fold(partition).replace(before, deal_contribution(deal, self.config))
+            after = deal_contribution(deal, self.config)
+            self.folds.fold(partition).replace(before, after)
+            touched[deal_id] = _Touched(deal, after, record)
             batch.writes.append((deal_id, encode_deal(deal), record))
             batch.alerts.append(self._stall_alert("deal.stalled", deal, pl, stage, entered, now,
                                                   stall_after))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from models.config import Clock, load_config
+from models.deal import decode_deal, erased_name
 from sinks.prometheus import ProcessMetrics
 from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record
 from streams.simulator import Simulation
@@ -202,3 +203,56 @@ def test_an_amount_beyond_the_limit_goes_to_the_dlq_and_the_batch_goes_on():
     batch = proc.process(records([huge, fine]), lambda key, _: None)
     assert [(r.code, "amount" in r.reason) for r in batch.rejections] == [("invalid_event", True)]
     assert [deal_id for deal_id, _, _ in batch.writes] == ["d2"]
+
+
+TICKS = "funnel-kpi-ticks"
+DAY_MS = 86_400_000
+
+
+def erasing_processor(store):
+    """A processor whose ticks topic carries erasure requests; the scan reads ``store``."""
+    return DealProcessor(CONFIG, EventClock(Clock.STREAM), ProcessMetrics(CollectorRegistry()),
+                         max_skew_ms=86_400_000, ticks_topic=TICKS,
+                         scan=lambda partition: list(store.data.items()))
+
+
+def apply_batch(proc, store, batch_records):
+    for deal_id, value, _ in proc.process(batch_records, store.load).writes:
+        store.data[deal_id] = value
+
+
+def erase_request(name):
+    return Record(None, orjson.dumps({"erase": name}), TICKS, 0, 0)
+
+
+def deal_event(i, **change):
+    return orjson.dumps({"event_id": f"e{i}", "deal_id": f"d{i}", "source": "api",
+                         "occurred_at": "2024-01-01T00:00:00Z", "amount": 100.0,
+                         "owner": "Ann", "account": "Acme", **change})
+
+
+def test_two_erasures_in_one_batch_both_reach_the_stored_deals_and_the_folds():
+    """The second erasure starts from the first one's version of each deal, not the stored
+    one: otherwise it wrote the owner back over the first erasure (seen in the e2e test: the
+    name came back after a restart, though the folds had looked right)."""
+    store = Store()
+    proc = erasing_processor(store)
+    apply_batch(proc, store, records([deal_event(i, stage="won") for i in range(3)]))
+    apply_batch(proc, store, [erase_request("Ann"), erase_request("Acme")])
+    for raw in store.data.values():
+        deal = decode_deal(raw)
+        assert (deal.owner, deal.value("account")) == (erased_name("Ann"), erased_name("Acme"))
+    assert {p: f.snapshot() for p, f in proc.folds.folds.items()} == rebuilt(proc, store, 1)
+
+
+def test_a_stall_alert_and_an_erasure_in_one_batch_both_stay():
+    store = Store()
+    proc = erasing_processor(store)
+    apply_batch(proc, store, records([deal_event(0, stage="opportunity")]))
+    entered = 1_704_067_200_000  # the event's occurred_at
+    proc.clock.observe(entered + 40 * DAY_MS)  # past the stage's stall_after (30 days)
+    apply_batch(proc, store, [Record(None, b"tick", TICKS, 0, 0), erase_request("Ann")])
+    deal = decode_deal(store.data["d0"])
+    assert deal.owner == erased_name("Ann")
+    assert deal.stall_alert == ["opportunity", entered]
+    assert {p: f.snapshot() for p, f in proc.folds.folds.items()} == rebuilt(proc, store, 1)
