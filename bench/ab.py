@@ -19,18 +19,15 @@ import tempfile
 from pathlib import Path
 
 from bench import measure, workload
-from bench.procs import FunnelWorker, http_get
+from bench.procs import FunnelWorker
 from streams.broker import EmbeddedBroker
 
 
 def drain(broker: EmbeddedBroker, workdir: Path, tree: Path, name: str, events: int,
           timeout: float) -> measure.Drain:
     with FunnelWorker(broker.url, workdir, name, root=tree, FUNNEL_APP_ID=f"ab-{name}") as worker:
-        def count() -> int | None:
-            raw = http_get(worker.url)
-            return measure.events_total(raw) if raw is not None else None
         assert broker.process is not None
-        return measure.drain(count, events, worker.started_at, worker.check_alive,
+        return measure.drain(worker.count, events, worker.started_at, worker.check_alive,
                              timeout=timeout, pids=(worker.pid, broker.process.pid))
 
 

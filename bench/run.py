@@ -80,13 +80,6 @@ def _rate(value: float) -> str:
     return f"{value:,.0f} ev/s"
 
 
-def _count_of(worker: FunnelWorker) -> Callable[[], int | None]:
-    def count() -> int | None:
-        raw = http_get(worker.url)
-        return measure.events_total(raw) if raw is not None else None
-    return count
-
-
 def wait_quiet(bench: Bench, phase: str) -> None:
     """Before a phase: wait (up to --wait-quiet s) until other processes leave the cores idle.
 
@@ -120,7 +113,7 @@ def _wait(predicate: Callable[[], object], timeout: float, what: str,
 def _drain(bench: Bench, proc: FunnelWorker | NaiveApp, expected: int,
            broker: EmbeddedBroker) -> measure.Drain:
     """Time the backlog; CPU of the contender and of the broker is taken over the same window."""
-    count = _count_of(proc) if isinstance(proc, FunnelWorker) else proc.count
+    count = proc.count
     assert broker.process is not None
     drained = measure.drain(count, expected, proc.started_at, proc.check_alive,
                             timeout=bench.args.timeout, pids=(proc.pid, broker.process.pid))
@@ -249,7 +242,7 @@ def phase_latency(bench: Bench, broker: EmbeddedBroker, worker: FunnelWorker, ba
     args = bench.args
     count = int(args.latency_rate * args.latency_seconds)
     messages = workload.simulated(count, seed=12)
-    poller = measure.Poller(_count_of(worker), args.latency_poll)
+    poller = measure.Poller(worker.count, args.latency_poll)
     assert broker.process is not None
     pids = (worker.pid, broker.process.pid, os.getpid())
     cpu_before, busy_before = sum(map(measure.cpu_seconds, pids)), measure.system_busy_seconds()
@@ -297,7 +290,7 @@ def phase_profile(bench: Bench, broker: EmbeddedBroker, expected: int, rate: flo
         if spy.returncode != 0 or not raw.exists():
             bench.note(f"profile failed: {err.decode(errors='replace')[-400:]}")
             return
-        count = _count_of(worker)
+        count = worker.count
         _wait(lambda: (count() or 0) >= expected, bench.args.timeout, "profiled worker done",
               worker.check_alive, 0.5)
     summary = profile.summarise(raw)

@@ -267,6 +267,12 @@ ALERTED_BYTE = OPEN_DEAL.size - 1
 NO_DATE = -(2**63)
 
 
+def stalled_before(now_ms: int, stall_after: float | None) -> float:
+    """A deal that entered its stage before this (ms) is stalled at ``now_ms``; no deal is when
+    the stage has no ``stall_after``. Tick alerts and scrape gauges both ask this."""
+    return NO_DATE if stall_after is None else now_ms - stall_after * 1000
+
+
 class Fold:
     """Sum of contributions: ``counters[family][key]``, ``hists[family][key]``, and two indexes
     with one entry per open deal and per customer (``accounts``), kept per partition and never

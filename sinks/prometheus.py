@@ -278,7 +278,7 @@ class KpiCollector(Collector):
     def _open_deal_gauges(self, folds: list[agg.Fold], now_ms: int) -> Iterator[Metric]:
         """Stalls and expected closes, scanned from the per-deal index of each partition."""
         stall_after = {
-            (name, stage.name): stage.stall_after * 1000
+            (name, stage.name): stage.stall_after
             for name, pipeline in self.config.pipelines.items()
             for stage in pipeline.open_stages if stage.stall_after is not None
         }
@@ -291,8 +291,7 @@ class KpiCollector(Collector):
         unpack = agg.OPEN_DEAL.unpack
         for fold in folds:
             for (pl, stage, currency), group in fold.open_deals.items():
-                threshold = stall_after.get((pl, stage))
-                before = now_ms - threshold if threshold is not None else agg.NO_DATE
+                before = agg.stalled_before(now_ms, stall_after.get((pl, stage)))
                 stalled_n = at_risk_micro = 0
                 closing_micro = dict.fromkeys(periods, 0.0)
                 for packed in group.values():

@@ -25,6 +25,7 @@ from models.aggregates import (
     customer_contribution,
     deal_contribution,
     open_stay,
+    stalled_before,
 )
 from models.alerts import Alert, stall_alert
 from models.config import Clock, FunnelConfig
@@ -329,7 +330,7 @@ class DealProcessor:
             stall_after = self.config.pipelines[pl].by_name[stage].stall_after
             if stall_after is None:
                 continue
-            before = now - stall_after * 1000  # entered before this: stalled
+            before = stalled_before(now, stall_after)
             for deal_id, packed in group.items():
                 if packed[ALERTED_BYTE]:  # raised already (most stalled deals): skip unpacking
                     continue
