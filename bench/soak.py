@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaProducer
 
 from models.event import encode_event
 from models.kpis import parse_exposition, total
-from streams import topics
+from streams import kafka_client, topics
 from streams.broker import EmbeddedBroker, free_port
 from streams.simulator import Simulation
 
@@ -83,7 +83,7 @@ class Traffic(threading.Thread):
             self.error = exc
 
     async def _run(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap_servers(self.broker_url),
+        producer = AIOKafkaProducer(**kafka_client.client_args(self.broker_url),
                                     linger_ms=5, acks="all")
         await producer.start()
         try:

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from models.config import load_config
 from models.event import encode_event
-from streams import topics
+from streams import kafka_client, topics
 from streams.ingest import METRICS_CONTENT_TYPE, ensure_raw_topics
 from streams.producer import ensure_event_topics
 from streams.settings import Settings
@@ -133,14 +133,14 @@ class Bridge:
     async def start(self) -> Bridge:
         await ensure_event_topics(self.settings)
         await ensure_raw_topics(self.settings, list(self.topic_sources))
-        servers = topics.bootstrap_servers(self.settings.broker)
+        connect = kafka_client.client_args(self.settings.broker)
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=servers, acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024
+            **connect, acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024
         )
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
             *self.topic_sources,
-            bootstrap_servers=servers,
+            **connect,
             group_id=f"{self.settings.app_id}-adapt",
             enable_auto_commit=False,
             auto_offset_reset="earliest",

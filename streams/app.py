@@ -29,7 +29,7 @@ from models.alerts import Alert
 from models.config import load_config
 from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
 from sinks.redis import RedisSink
-from streams import faust_patches, topics
+from streams import faust_patches, kafka_client, topics
 from streams.api import SnapshotFeed, register_api
 from streams.events_consumer import EventsConsumer
 from streams.outbox import Outbox, in_partition
@@ -57,7 +57,7 @@ def _faust_app(settings: Settings) -> faust.App:
     heartbeat = min(3.0, settings.session_timeout / 3)
     return faust.App(
         settings.app_id,
-        broker=settings.broker,
+        **kafka_client.faust_args(settings.broker),
         store=settings.store,
         datadir=str(settings.data_dir),
         autodiscover=False,

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from models.config import ConfigError
+from streams.kafka_client import BrokerUnavailable
 from streams.settings import Settings
 
 WORKER_SETTINGS = list(Settings.model_fields)
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ConfigError as exc:
         print(f"funnel-kpi: config error: {exc}", file=sys.stderr)
+        return 2
+    except BrokerUnavailable as exc:
+        print(f"funnel-kpi: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -13,6 +13,8 @@ import contextlib
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
+from streams.kafka_client import bootstrap_servers, check_broker, client_args  # noqa: F401 (re-exported)
+
 EVENTS = "crm.events"
 DLQ = "crm.events.dlq"
 KPIS = "funnel.kpis"
@@ -48,21 +50,12 @@ class TopicMismatch(RuntimeError):
     """An existing topic has a partition count the worker cannot use."""
 
 
-def bootstrap_servers(broker_url: str) -> list[str]:
-    """``kafka://a:9092;b:9092`` → ``['a:9092', 'b:9092']``."""
-    hosts = []
-    for part in broker_url.replace(",", ";").split(";"):
-        part = part.strip()
-        if part:
-            hosts.append(part.split("://", 1)[-1])
-    return hosts
-
-
 async def ensure_topics(
     broker_url: str, topics: dict[str, int], *, replication_factor: int = 1, timeout: float = 30.0
 ) -> None:
     """Create missing topics; raise :class:`TopicMismatch` if one exists with other partitions."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers(broker_url))
+    await check_broker(broker_url)
+    admin = AIOKafkaAdminClient(**client_args(broker_url))
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:
