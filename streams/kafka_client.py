@@ -35,7 +35,8 @@ class BrokerUnavailable(RuntimeError):
 class KafkaSecurity(BaseSettings):
     """``FUNNEL_KAFKA_<NAME>`` environment variables (never flags: they hold secrets)."""
 
-    model_config = SettingsConfigDict(env_prefix="FUNNEL_KAFKA_", extra="ignore")
+    # Empty means unset: docker compose passes ${VAR:-} through as "".
+    model_config = SettingsConfigDict(env_prefix="FUNNEL_KAFKA_", extra="ignore", env_ignore_empty=True)
 
     security_protocol: Protocol = Field(
         "PLAINTEXT", description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL",

@@ -190,3 +190,12 @@ def test_no_security_setting_is_a_command_line_flag():
         action.format_help() for action in parser()._subparsers._group_actions[0].choices.values()
     )
     assert "sasl" not in flags and "ssl" not in flags
+
+
+def test_empty_values_mean_unset(monkeypatch):
+    """docker compose passes ``${VAR:-}`` through as an empty string."""
+    for name in KafkaSecurity.model_fields:
+        monkeypatch.setenv(f"FUNNEL_KAFKA_{name.upper()}", "")
+    assert load_security() == KafkaSecurity.model_construct(**{
+        name: field.default for name, field in KafkaSecurity.model_fields.items()})
+    assert client_args("kafka://k:9092")["security_protocol"] == "PLAINTEXT"
