@@ -189,20 +189,12 @@ async def check_broker(broker_url: str, security: KafkaSecurity | None = None) -
                 if tls_cause is not None:
                     raise BrokerUnavailable(_tls_failure(host, security, tls_cause)) from None
                 if security.sasl and _refused_by_sasl(exc):
-                    raise BrokerUnavailable(
-                        f"Kafka at {host} refused SASL {security.sasl_mechanism} login as "
-                        f"{security.sasl_username!r}: check FUNNEL_KAFKA_SASL_USERNAME and "
-                        "FUNNEL_KAFKA_SASL_PASSWORD(_FILE)"
-                    ) from None
+                    raise BrokerUnavailable(_sasl_failure(host, security)) from None
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             except KeyError:
                 # aiokafka's SCRAM client reads the server's final message without checking
                 # for an error attribute (``e=``): a wrong password surfaces as KeyError 'v'.
-                raise BrokerUnavailable(
-                    f"Kafka at {host} refused SASL {security.sasl_mechanism} login as "
-                    f"{security.sasl_username!r}: check FUNNEL_KAFKA_SASL_USERNAME and "
-                    "FUNNEL_KAFKA_SASL_PASSWORD(_FILE)"
-                ) from None
+                raise BrokerUnavailable(_sasl_failure(host, security)) from None
             else:
                 return
         if loop.time() >= deadline:
@@ -236,6 +228,12 @@ def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
 def _refused_by_sasl(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(word in text for word in ("sasl", "authenticat"))
+
+
+def _sasl_failure(host: str, security: KafkaSecurity) -> str:
+    return (f"Kafka at {host} refused SASL {security.sasl_mechanism} login as "
+            f"{security.sasl_username!r}: check FUNNEL_KAFKA_SASL_USERNAME and "
+            "FUNNEL_KAFKA_SASL_PASSWORD(_FILE)")
 
 
 def _tls_failure(host: str, security: KafkaSecurity, exc: ssl.SSLError) -> str:
