@@ -142,10 +142,11 @@ class FunnelWorker:
 
     # -- declarations -----------------------------------------------------------------------
 
-    def _topic(self, *names: str, partitions: int | None = None, **kwargs: Any) -> faust.TopicT:
-        return self.app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
+    def _topic(self, name: str, partitions: int | None = None, **kwargs: Any) -> faust.TopicT:
+        return self.app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
                               value_serializer="raw",
-                              partitions=partitions or self.settings.partitions, **kwargs)
+                              partitions=partitions or self.settings.partitions,
+                              config=topics.topic_configs(name, self.settings.app_id), **kwargs)
 
     def _declare_topics(self) -> None:
         app_id = self.settings.app_id

@@ -81,7 +81,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     load_config(settings.config)  # fail fast, before touching the broker
     asyncio.run(topics.ensure_topics(
         settings.broker, topics.worker_topics(settings.app_id, settings.partitions),
-        replication_factor=settings.replication_factor,
+        replication_factor=settings.replication_factor, app_id=settings.app_id,
     ))
     # uvloop: with asyncio's own loop, selector, callbacks and transports took ~12 % of the
     # worker's CPU (bench/PROFILE.md).
