@@ -124,7 +124,8 @@ class FunnelWorker:
         self.customer_processor = CustomerProcessor()
         self.publisher = KpiPublisher(config, settings.partitions, VERSION)
         self.feed = SnapshotFeed()
-        self.redis = (RedisSink(settings.redis_url, self.metrics.sink_errors.labels("redis").inc)
+        self.redis = (RedisSink(settings.redis_url.get_secret_value(),
+                                self.metrics.sink_errors.labels("redis").inc)
                       if settings.redis_url else None)
         self.app = _faust_app(settings)
         self.ready_parts: dict[str, bool] = {}
@@ -199,8 +200,9 @@ class FunnelWorker:
         async def metrics_view(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
             return web.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
 
+        token = self.settings.api_token
         register_api(self.app, self.feed, pipelines=list(self.config.pipelines),
-                     readiness=self.readiness, token=self.settings.api_token)
+                     readiness=self.readiness, token=token.get_secret_value() if token else None)
 
     # -- readiness and rebalances ---------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
+from streams.startup import StartupError
+
 log = logging.getLogger("funnel_kpi")
 
 EVENTS = "crm.events"
@@ -123,7 +125,7 @@ def data_loss_risks(name: str, wanted: Mapping[str, str], found: Mapping[str, st
             f"topics --entity-name {name} --add-config {fix}" for risk in risks]
 
 
-class TopicMismatch(RuntimeError):
+class TopicMismatch(StartupError):
     """An existing topic has a partition count the worker cannot use."""
 
 

@@ -1,7 +1,8 @@
 """Settings of the CRM edge (``funnel-kpi ingest``) and the bridge (``funnel-kpi adapt``).
 
 Kept apart from the worker's :class:`streams.settings.Settings` (same ``FUNNEL_`` prefix) so the
-worker never sees webhook secrets. Secrets are ``SecretStr``: never printed, never logged.
+worker never sees webhook secrets. Secrets are ``SecretStr``: never printed, never logged, no
+flag; from the environment or a ``FUNNEL_<NAME>_FILE`` (:mod:`streams.secrets`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import json
 from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from streams.secrets import with_secret_files
 from streams.sources.debezium import DEFAULT_COLUMNS
+from streams.startup import load_settings
 
 SIGNATURE_VERSIONS = ("v1", "v2", "v3")
 
@@ -68,6 +71,15 @@ class SourceSettings(BaseSettings):
     )
     adapt_port: int = Field(6067, ge=1, le=65535, description="bridge HTTP port: /metrics, /healthz")
     adapt_batch: int = Field(500, ge=1, description="raw records adapted per batch (then committed)")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return with_secret_files(settings_cls, init_settings, env_settings, dotenv_settings,
+                                 file_secret_settings)
 
     @field_validator("hubspot_signature_versions")
     @classmethod
@@ -160,4 +172,4 @@ def from_args(args: argparse.Namespace) -> SourceSettings:
         for name, value in vars(args).items()
         if name in SourceSettings.model_fields and value is not None
     }
-    return SourceSettings(**overrides)
+    return load_settings(SourceSettings, **overrides)
