@@ -109,6 +109,7 @@ class FunnelWorker:
         self.clock = EventClock(settings.clock or config.clock)
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
+        self.registry.register(faust_patches.PatchCalls())
         self.metrics = ProcessMetrics(self.registry)
         self.metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS, SINKS)
         self.consumer_lag = Gauge(
