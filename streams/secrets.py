@@ -41,9 +41,14 @@ class SecretFilesSource(PydanticBaseSettingsSource):
         return values
 
 
-def with_secret_files(
-    settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-    env_settings: PydanticBaseSettingsSource, *others: PydanticBaseSettingsSource,
-) -> tuple[PydanticBaseSettingsSource, ...]:
-    """Source order: arguments, environment, secret files, then pydantic's other sources."""
-    return init_settings, env_settings, SecretFilesSource(settings_cls), *others
+class SecretFileSettings(BaseSettings):
+    """Base of the ``FUNNEL_*`` settings: arguments, then the environment, then secret files."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, SecretFilesSource(settings_cls), dotenv_settings,
+                file_secret_settings)

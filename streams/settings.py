@@ -10,14 +10,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from models.config import Clock
-from streams.secrets import with_secret_files
+from streams.secrets import SecretFileSettings
 
 
-class Settings(BaseSettings):
-    """Every field is ``FUNNEL_<NAME>`` in the environment and ``--<name>`` on the command line."""
+class Settings(SecretFileSettings):
+    """Every field is ``FUNNEL_<NAME>`` in the environment and ``--<name>`` on the command line,
+    except secrets (``SecretStr``): environment or ``FUNNEL_<NAME>_FILE`` only."""
 
     model_config = SettingsConfigDict(env_prefix="FUNNEL_", extra="ignore")
 
@@ -66,12 +67,3 @@ class Settings(BaseSettings):
         False, description="start on faust-streaming/mode-streaming/aiokafka versions other than the "
         "tested pins (streams/faust_patches.py replaces their internals)",
     )
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return with_secret_files(settings_cls, init_settings, env_settings, dotenv_settings,
-                                 file_secret_settings)

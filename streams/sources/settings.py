@@ -12,17 +12,18 @@ import json
 from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from streams.secrets import with_secret_files
+from streams.secrets import SecretFileSettings
 from streams.sources.debezium import DEFAULT_COLUMNS
 from streams.startup import load_settings
 
 SIGNATURE_VERSIONS = ("v1", "v2", "v3")
 
 
-class SourceSettings(BaseSettings):
-    """Every field is ``FUNNEL_<NAME>`` in the environment and ``--<name>`` on the command line."""
+class SourceSettings(SecretFileSettings):
+    """Every field is ``FUNNEL_<NAME>`` in the environment and ``--<name>`` on the command line,
+    except secrets (``SecretStr``): environment or ``FUNNEL_<NAME>_FILE`` only."""
 
     model_config = SettingsConfigDict(env_prefix="FUNNEL_", extra="ignore")
 
@@ -71,15 +72,6 @@ class SourceSettings(BaseSettings):
     )
     adapt_port: int = Field(6067, ge=1, le=65535, description="bridge HTTP port: /metrics, /healthz")
     adapt_batch: int = Field(500, ge=1, description="raw records adapted per batch (then committed)")
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return with_secret_files(settings_cls, init_settings, env_settings, dotenv_settings,
-                                 file_secret_settings)
 
     @field_validator("hubspot_signature_versions")
     @classmethod
