@@ -5,6 +5,7 @@ configs would lose data."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shlex
 
@@ -135,3 +136,16 @@ def test_a_worker_restarted_on_topics_it_created_warns_about_nothing(broker, wor
     second = workers("w2")  # every topic exists now: all are described and judged
     second.wait_ready()
     assert "would lose data" not in first.log_path.read_text() + second.log_path.read_text()
+
+
+@pytest.mark.broker
+def test_ingest_and_adapt_warn_about_a_raw_topic_with_a_finite_retention(broker, caplog):
+    from streams.ingest import ensure_raw_topics
+
+    asyncio.run(create_topic(broker.url, "crm.raw.pipedrive", 4, {"retention.ms": WEEK_MS}))
+    with caplog.at_level(logging.WARNING, logger="funnel_kpi"):
+        asyncio.run(ensure_raw_topics(Settings(broker=broker.url, partitions=4),
+                                      ["crm.raw.hubspot", "crm.raw.pipedrive"]))
+    assert [record.getMessage().split(";")[0] for record in caplog.records] == [
+        f"topic 'crm.raw.pipedrive' would lose data: retention.ms={WEEK_MS} (older records are "
+        "deleted, and a rebuild replays this topic)"]
