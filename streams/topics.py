@@ -118,8 +118,8 @@ def data_loss_risks(name: str, wanted: Mapping[str, str], found: Mapping[str, st
         if policy is not None and "compact" in policy:
             risks.append(f"cleanup.policy={policy} (compaction keeps only the last record per key)")
     if wanted.get("cleanup.policy") == "compact" and policy is not None and "compact" not in policy:
-        risks.append(f"cleanup.policy={policy} (a changelog must be compacted, or old keys are "
-                     f"deleted and recovery loses them)")
+        risks.append(f"cleanup.policy={policy} (not compacted: old keys are deleted, and table "
+                     f"recovery or a consumer starting from the beginning misses them)")
     fix = ",".join(f"{key}={value}" for key, value in wanted.items())
     return [f"topic {name!r} would lose data: {risk}; fix: kafka-configs.sh --alter --entity-type "
             f"topics --entity-name {name} --add-config {fix}" for risk in risks]
