@@ -41,7 +41,7 @@ def settings_error(exc: ValidationError, model: type[BaseModel]) -> StartupError
         value = "" if is_secret(model, field) or shown is None else f"={shown}"
         problems.append(f"{name}{value}: {error['msg']}")
     return StartupError("invalid setting " + "; ".join(problems)
-                        + " (fix the environment variable or the flag of the same name)")
+                        + " (fix the environment variable, its flag, or for a secret its _FILE)")
 
 
 def _shown_input(value: Any) -> str | None:
