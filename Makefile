@@ -26,10 +26,11 @@ $(UV):
 
 # Regenerate both lock files from pyproject.toml after changing a dependency, and commit them:
 # requirements.lock (runtime + rocksdb: the Docker image) and requirements-dev.lock (dev +
-# embedded: `make test`). Versions already locked are kept; `make lock UPGRADE=1` takes the newest.
+# embedded: `make test`), constrained to the runtime versions so tests run what ships. Versions
+# already locked are kept; `make lock UPGRADE=1` takes the newest allowed.
 lock: $(UV)
 	$(COMPILE) --extra rocksdb -o requirements.lock
-	$(COMPILE) --extra rocksdb --extra dev -o requirements-dev.lock
+	$(COMPILE) --extra rocksdb --extra dev -c requirements.lock -o requirements-dev.lock
 
 # promtool/prometheus (metric lint, rule tests, dashboard queries), amtool (Alertmanager config);
 # Redis for the sink tests.
