@@ -9,13 +9,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Only what the package needs (see .dockerignore); the default funnel config is
+# Dependencies exactly as locked, hash-checked (regenerate with `make lock`); then the
+# package alone. Only what the package needs (see .dockerignore); the default funnel config is
 # /app/models/funnel.yaml (FUNNEL_CONFIG in docker-compose.yml).
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY streams ./streams
 COPY models ./models
 COPY sinks ./sinks
-RUN pip install ".[rocksdb]"
+RUN pip install --no-deps .
 
 # Unprivileged user; RocksDB state and Faust data live in /data (a volume per worker).
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin funnel \

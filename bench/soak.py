@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
 
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-        asyncio.run(topics.ensure_topics(broker.url, topics.worker_topics("funnel-kpi", PARTITIONS)))
+        asyncio.run(topics.ensure_topics(broker.url, topics.worker_topics("funnel-kpi", PARTITIONS),
+                                         replication_factor=1, app_id="funnel-kpi"))
         port = free_port()
         env = {**os.environ, "FUNNEL_BROKER": broker.url, "FUNNEL_WEB_PORT": str(port),
                "FUNNEL_WEB_BIND": "127.0.0.1", "FUNNEL_DATA_DIR": str(workdir / "data"),

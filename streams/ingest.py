@@ -56,6 +56,7 @@ async def ensure_raw_topics(settings: Settings, names: list[str]) -> None:
             settings.broker,
             dict.fromkeys(names, settings.partitions),
             replication_factor=settings.replication_factor,
+            configs=dict.fromkeys(names, topics.KEEP_ALL),
         )
 
 
