@@ -75,10 +75,17 @@ def recording_rules() -> list[str]:
 
 
 class LivePrometheus:
-    """A throw-away Prometheus (tmp dir, free port, 1s scrape and rule interval)."""
+    """A throw-away Prometheus (tmp dir, free port, 1s scrape and rule interval).
 
-    def __init__(self, metrics_url: str, workdir: Path, *, interval: str = "1s"):
+    ``metrics_url`` is one static target; with ``targets_file`` the targets come from that
+    file instead (file-based service discovery, ``write_targets``), so a test can add and remove
+    workers the way an orchestrator's discovery would.
+    """
+
+    def __init__(self, metrics_url: str, workdir: Path, *, interval: str = "1s",
+                 targets_file: Path | None = None):
         self.metrics_url = metrics_url
+        self.targets_file = targets_file
         self.workdir = Path(workdir)
         self.interval = interval
         self.port = free_port()
@@ -98,9 +105,21 @@ class LivePrometheus:
             f"  - job_name: {JOB}\n"
             f"    scheme: {u.scheme or 'http'}\n"
             f"    metrics_path: {json.dumps(u.path or '/metrics')}\n"
-            "    static_configs:\n"
-            f"      - targets: [{json.dumps(u.netloc)}]\n"
+            + (
+                "    file_sd_configs:\n"
+                f"      - files: [{json.dumps(str(self.targets_file))}]\n"
+                "        refresh_interval: 1s\n"
+                if self.targets_file else
+                "    static_configs:\n"
+                f"      - targets: [{json.dumps(u.netloc)}]\n"
+            )
         )
+
+    def write_targets(self, netlocs: list[str]) -> None:
+        """Replace the discovered targets (``host:port``) at once (rename: never half a file)."""
+        partial = self.targets_file.with_suffix(".partial")
+        partial.write_text(json.dumps([{"targets": netlocs}]))
+        partial.replace(self.targets_file)
 
     def __enter__(self) -> LivePrometheus:
         binary = shutil.which("prometheus")

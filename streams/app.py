@@ -25,9 +25,10 @@ from faust.types import TP
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
+from models.aggregates import Fold
 from models.alerts import Alert
 from models.config import load_config
-from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
+from sinks.prometheus import REJECTION_REASONS, SINKS, ProcessMetrics, WorkerKpiCollector
 from sinks.redis import RedisSink
 from streams import faust_patches, topics
 from streams.api import SnapshotFeed, register_api
@@ -54,7 +55,7 @@ except PackageNotFoundError:  # running from a source tree
 
 def _faust_app(settings: Settings) -> faust.App:
     faust_patches.apply(settings.fetch_max_wait_ms)
-    heartbeat = min(3.0, settings.session_timeout / 3)
+    heartbeat = min(1.0, settings.session_timeout / 3)
     return faust.App(
         settings.app_id,
         broker=settings.broker,
@@ -186,11 +187,8 @@ class FunnelWorker:
             app.task(self.redis.run)
 
     def _declare_web(self) -> None:
-        self.registry.register(KpiCollector(
-            self.config,
-            lambda: [*self.deal_processor.folds.folds.values(),
-                     *self.customer_processor.folds.folds.values()],
-            self.clock.now_ms, VERSION,
+        self.registry.register(WorkerKpiCollector(
+            self.config, self._current_folds, self.clock.now_ms, VERSION, self.settings.partitions,
         ))
         registry = self.registry
 
@@ -245,9 +243,16 @@ class FunnelWorker:
         self.metrics.publisher.set(0)
         self.publisher.revoked()
         # Rebalances are eager (everything is revoked): from now on the next owner reports these
-        # partitions, so stop exporting them at once (the sums may dip, never double).
+        # partitions, so stop exporting them at once (the recording rules show a gap until every
+        # partition is exported again, exactly once).
         self.deal_processor.folds.revoke_all()
         self.customer_processor.folds.revoke_all()
+
+    def _current_folds(self) -> dict[int, list[Fold]]:
+        """The deal and customer folds of each partition whose folds are both rebuilt for the
+        present assignment (a partition's deals and customers move together: co-partitioned)."""
+        deals, customers = self.deal_processor.folds.folds, self.customer_processor.folds.folds
+        return {p: [deals[p], customers[p]] for p in deals.keys() & customers.keys()}
 
     def _scan_partition(self, partition: int) -> Iterator[tuple[str, bytes]]:
         """Every stored deal of one partition (erasures only: a full scan)."""
