@@ -55,7 +55,7 @@ except PackageNotFoundError:  # running from a source tree
 
 def _faust_app(settings: Settings) -> faust.App:
     faust_patches.apply(settings.fetch_max_wait_ms)
-    heartbeat = min(1.0, settings.session_timeout / 3)
+    heartbeat = min(3.0, settings.session_timeout / 3)
     return faust.App(
         settings.app_id,
         broker=settings.broker,
