@@ -390,6 +390,13 @@ class KpiCollector(Collector):
         yield from (probability, index, stall, info, target, elapsed, build)
 
 
+def current_partitions(*tables: dict[int, agg.Fold]) -> dict[int, list[agg.Fold]]:
+    """The folds of each partition present in every table's folds (a table's folds hold only
+    partitions rebuilt for the present assignment; a partition's tables move together)."""
+    shared = set.intersection(*(set(folds) for folds in tables))
+    return {partition: [folds[partition] for folds in tables] for partition in shared}
+
+
 class WorkerKpiCollector(KpiCollector):
     """A worker's /metrics: the KPI gauges of exactly the partitions it lists in
     ``funnel_partition_exported``, and no KPI gauge at all (not even zeros) while it has none.

@@ -25,10 +25,9 @@ from faust.types import TP
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from models.aggregates import Fold
 from models.alerts import Alert
 from models.config import load_config
-from sinks.prometheus import REJECTION_REASONS, SINKS, ProcessMetrics, WorkerKpiCollector
+from sinks.prometheus import REJECTION_REASONS, SINKS, ProcessMetrics, WorkerKpiCollector, current_partitions
 from sinks.redis import RedisSink
 from streams import faust_patches, topics
 from streams.api import SnapshotFeed, register_api
@@ -188,7 +187,10 @@ class FunnelWorker:
 
     def _declare_web(self) -> None:
         self.registry.register(WorkerKpiCollector(
-            self.config, self._current_folds, self.clock.now_ms, VERSION, self.settings.partitions,
+            self.config,
+            lambda: current_partitions(self.deal_processor.folds.folds,
+                                       self.customer_processor.folds.folds),
+            self.clock.now_ms, VERSION, self.settings.partitions,
         ))
         registry = self.registry
 
@@ -247,12 +249,6 @@ class FunnelWorker:
         # partition is exported again, exactly once).
         self.deal_processor.folds.revoke_all()
         self.customer_processor.folds.revoke_all()
-
-    def _current_folds(self) -> dict[int, list[Fold]]:
-        """The deal and customer folds of each partition whose folds are both rebuilt for the
-        present assignment (a partition's deals and customers move together: co-partitioned)."""
-        deals, customers = self.deal_processor.folds.folds, self.customer_processor.folds.folds
-        return {p: [deals[p], customers[p]] for p in deals.keys() & customers.keys()}
 
     def _scan_partition(self, partition: int) -> Iterator[tuple[str, bytes]]:
         """Every stored deal of one partition (erasures only: a full scan)."""
