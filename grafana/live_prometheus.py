@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -187,6 +188,16 @@ class LivePrometheus:
         if result["resultType"] == "scalar":
             return [{"metric": {}, "value": result["result"]}]
         return result["result"]
+
+    def raw_samples(self, selector: str, start: float, end: float) -> list[dict]:
+        """Every sample stored for ``selector`` from ``start`` to ``end`` (Unix seconds) as
+        written, not resampled to steps: the series of a range selector at ``end``."""
+        seconds = math.ceil(end - start) + 1
+        data = self._get("/api/v1/query", {"query": f"{selector}[{seconds}s]", "time": f"{end:.3f}"})
+        if data is None or data.get("status") != "success":
+            raise RuntimeError(f"query failed: {selector!r}: {data}")
+        return [dict(r, values=[(float(t), float(v)) for t, v in r["values"] if float(t) >= start])
+                for r in data["data"]["result"]]
 
     def value(self, expr: str) -> float:
         result = self.query(expr)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import math
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -73,11 +72,7 @@ def recorded_now(prom) -> dict[tuple, float]:
 
 def raw_samples(prom, selector: str, start: float, end: float) -> dict[tuple, list[tuple[float, float]]]:
     """Every sample written between start and end (not resampled): (timestamp, value)."""
-    seconds = math.ceil(end - start) + 1
-    result = prom._get("/api/v1/query", {"query": f"{selector}[{seconds}s]", "time": f"{end:.3f}"})
-    assert result and result["status"] == "success", result
-    return {series_key(r["metric"]): [(float(t), float(v)) for t, v in r["values"] if t >= start]
-            for r in result["data"]["result"]}
+    return {series_key(r["metric"]): r["values"] for r in prom.raw_samples(selector, start, end)}
 
 
 def close(a: float, b: float) -> bool:
