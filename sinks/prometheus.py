@@ -2,8 +2,9 @@
 
 Business KPIs are gauges computed at scrape time from the folds of actively owned partitions
 (:class:`KpiCollector`); process metrics are plain prometheus-client counters and histograms
-(:class:`ProcessMetrics`). Every known label combination is exported from start-up, zero
-included, so an absent series never hides a zero.
+(:class:`ProcessMetrics`). Every known label combination is exported, zero included, so an
+absent series never hides a zero; a worker exports them once it has rebuilt the folds of a
+partition (:class:`WorkerKpiCollector`), so an absent series means "not known yet", never 0.
 """
 
 from __future__ import annotations
