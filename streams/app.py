@@ -27,7 +27,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from models.alerts import Alert
 from models.config import load_config
-from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
+from sinks.prometheus import REJECTION_REASONS, SINKS, ProcessMetrics, WorkerKpiCollector, current_partitions
 from sinks.redis import RedisSink
 from streams import faust_patches, kafka_client, topics
 from streams.api import SnapshotFeed, register_api
@@ -189,11 +189,11 @@ class FunnelWorker:
             app.task(self.redis.run)
 
     def _declare_web(self) -> None:
-        self.registry.register(KpiCollector(
+        self.registry.register(WorkerKpiCollector(
             self.config,
-            lambda: [*self.deal_processor.folds.folds.values(),
-                     *self.customer_processor.folds.folds.values()],
-            self.clock.now_ms, VERSION,
+            lambda: current_partitions(self.deal_processor.folds.folds,
+                                       self.customer_processor.folds.folds),
+            self.clock.now_ms, VERSION, self.settings.partitions,
         ))
         registry = self.registry
 
@@ -249,7 +249,8 @@ class FunnelWorker:
         self.metrics.publisher.set(0)
         self.publisher.revoked()
         # Rebalances are eager (everything is revoked): from now on the next owner reports these
-        # partitions, so stop exporting them at once (the sums may dip, never double).
+        # partitions, so stop exporting them at once (the recording rules show a gap until every
+        # partition is exported again, exactly once).
         self.deal_processor.folds.revoke_all()
         self.customer_processor.folds.revoke_all()
 

@@ -57,6 +57,8 @@ CONTRACT = {
     "funnel_stage_info",
     "funnel_open_value_period",
     "funnel_broker_ack_age_seconds",  # worker health (issue 7): no broker answer for N s
+    "funnel_partition_exported",  # partitions whose KPIs a worker exports (issue 18): the gate
+    "funnel_partitions",
 }
 GAUGE_HISTOGRAMS = {
     "funnel_won_deal_value",
@@ -73,6 +75,7 @@ CONFIG_GAUGES = {
     "funnel_build_info",
     "funnel_stage_index",
     "funnel_stage_info",
+    "funnel_partitions",
 }
 DERIVED_OPS = ("ratio", "avg", "p50", "p90", "per_second")
 
@@ -239,3 +242,18 @@ def test_recording_rules_name_no_stage_and_copy_no_threshold():
         # ratios guard their denominators: division by a `> 0` filtered aggregate
         if r["record"].endswith(":ratio") or r["record"].endswith(":avg"):
             assert "> 0" in r["expr"], f"{r['record']}: unguarded denominator"
+
+
+def test_every_kpi_rule_is_gated_on_every_partition_exported_once():
+    """Without the gate a KPI rule records partial sums during every rebalance, and sums counted
+    twice while a dead worker's last scrape lingers (issue 18; tests/test_board_routine_ops.py).
+    The gate comes first in its group so that the rules below see this evaluation's value."""
+    gate = "fleet:funnel_partition_exported:complete"
+    group = [r for r in records() if r["_group"] == "funnel.kpis"]
+    assert group[0]["record"] == gate
+    recorded = {r["record"] for r in group}
+    for r in group[1:]:
+        expr = r["expr"]
+        business = metric_names(expr) - CONFIG_GAUGES or any(name in expr for name in recorded)
+        if business:
+            assert expr.rstrip().endswith(f"and on () {gate}"), f"{r['record']}: not gated"
