@@ -22,6 +22,8 @@ T = TypeVar("T")
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _TRANSIENT = (requests.Timeout, requests.ConnectionError, urllib3.exceptions.HTTPError, TimeoutError,
               ConnectionError)
+# A certificate that fails verification does not heal by retrying.
+_PERMANENT = (requests.exceptions.SSLError, urllib3.exceptions.SSLError)
 MAX_BACKOFF = 60.0
 
 
@@ -96,7 +98,7 @@ class Api:
         backoff = min(MAX_BACKOFF, self.backoff * 2**attempt)
         if status in RETRY_STATUS:
             return retry_after(headers) or backoff
-        if status is None and isinstance(exc, _TRANSIENT):
+        if status is None and isinstance(exc, _TRANSIENT) and not isinstance(exc, _PERMANENT):
             return backoff
         return None
 
@@ -107,7 +109,8 @@ def _short(exc: BaseException) -> str:
 
 
 class TimeoutSession(requests.Session):
-    """A requests session whose every request has a timeout (requests has no default)."""
+    """A requests session whose every request has a timeout (requests has no default) and uses
+    the session's ``verify`` (requests lets ``REQUESTS_CA_BUNDLE`` override it otherwise)."""
 
     def __init__(self, timeout: float) -> None:
         super().__init__()
@@ -115,4 +118,5 @@ class TimeoutSession(requests.Session):
 
     def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         kwargs.setdefault("timeout", self.timeout)
+        kwargs.setdefault("verify", self.verify)
         return super().request(*args, **kwargs)
