@@ -4,7 +4,10 @@ and companies missing, 60 stage changes, the rate limit measured at the server."
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
+import os
 import ssl
 from pathlib import Path
 
@@ -13,10 +16,11 @@ import yaml
 
 import models
 from models.config import load_config
-from streams.backfill import hubspot, pipedrive, salesforce
+from streams.backfill import hubspot, pipedrive, runner, salesforce
 from streams.backfill.common import Page
-from streams.backfill.settings import BackfillSettings
+from streams.backfill.settings import SECRETS, BackfillSettings
 from streams.backfill.stage_map import render
+from streams.settings import Settings
 
 from .crm_servers import TOKEN, HubSpotServer, PipedriveServer, SalesforceServer, tls_files
 from .test_backfill_convergence import kpi_state, live_events
@@ -229,3 +233,57 @@ def test_printed_stage_map_loads_as_funnel_config(crm, tls, tmp_path):
                 "salesforce": {"Prospecting": "mql", "Needs Analysis": "sql", "Closed Won": "won",
                                "Closed Lost": "lost", "Negotiation/Review": "opportunity"}}[crm]
     assert {k: block["default"][k] for k in expected} == expected
+
+
+def test_dry_run_counts_without_producing_and_a_bad_deal_is_reported_not_sent(tmp_path, capsys):
+    doc = hubspot_doc()
+    doc["deals"][1]["propertiesWithHistory"]["amount"][0]["value"] = "12,5"  # not a decimal number
+    with HubSpotServer(doc) as server:
+        args = argparse.Namespace(crm="hubspot", since=None, dry_run=True, print_stage_map=False,
+                                  hubspot_api_url=server.url, backfill_state_dir=str(tmp_path),
+                                  backfill_rate="100/1")
+        with mock_env(FUNNEL_HUBSPOT_ACCESS_TOKEN=TOKEN):
+            status = runner.run(args, Settings(broker="kafka://127.0.0.1:1"))  # no broker is touched
+    out = capsys.readouterr()
+    assert status == 1
+    assert "backfill hubspot: 7 deals, would send" in out.out and "1 deals unreadable" in out.out
+    assert "not a decimal number: '12,5'" in out.err
+    assert list(tmp_path.iterdir()) == []  # a dry run writes no checkpoint
+
+
+def test_credentials_only_from_the_environment_or_a_file(tmp_path, capsys):
+    args = argparse.Namespace(crm="pipedrive", since=None, dry_run=True, print_stage_map=False)
+    with mock_env():
+        assert runner.run(args, Settings()) == 2
+    assert "set FUNNEL_PIPEDRIVE_API_TOKEN or FUNNEL_PIPEDRIVE_API_TOKEN_FILE" in capsys.readouterr().err
+    with mock_env(FUNNEL_PIPEDRIVE_API_TOKEN_FILE=str(tmp_path / "missing")):
+        assert runner.run(args, Settings()) == 2
+    assert "FUNNEL_PIPEDRIVE_API_TOKEN_FILE: cannot read" in capsys.readouterr().err
+    (tmp_path / "token").write_text("s3cret\n")
+    with mock_env(FUNNEL_PIPEDRIVE_API_TOKEN_FILE=str(tmp_path / "token")):
+        assert BackfillSettings().secret("pipedrive_api_token") == "s3cret"
+
+
+def test_a_checkpoint_from_another_since_is_refused(tmp_path, capsys):
+    runner.Checkpoint(tmp_path, "hubspot").save({"cursor": "active:102", "deals": 2, "events": 9,
+                                                 "since": None})
+    args = argparse.Namespace(crm="hubspot", since="2025-11-05", dry_run=False, print_stage_map=False,
+                              backfill_state_dir=str(tmp_path), hubspot_api_url="http://127.0.0.1:1")
+    with mock_env(FUNNEL_HUBSPOT_ACCESS_TOKEN=TOKEN):
+        assert runner.run(args, Settings()) == 2
+    assert "interrupted run with --since None" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def mock_env(**values: str):
+    """The credential variables exactly as given, restored afterwards."""
+    names = [f"FUNNEL_{name.upper()}{suffix}" for name in SECRETS for suffix in ("", "_FILE")]
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name in names:
+            os.environ.pop(name, None)
+            if saved[name] is not None:
+                os.environ[name] = saved[name]

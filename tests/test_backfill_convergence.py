@@ -8,17 +8,19 @@ alone builds; the stage history has no doubled entries.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 
 from models.aggregates import stays_of
-from models.deal import Deal, Outcome
+from models.deal import SAME_CHANGE_MS, Deal, Outcome
 from streams.backfill import hubspot, pipedrive, salesforce
 from streams.backfill.common import Page, limit_history
 from streams.sources import hubspot as live_hubspot
 from streams.sources import pipedrive as live_pipedrive
 from streams.sources import salesforce as live_salesforce
+from streams.sources.common import from_epoch
 
 from .test_sources_common import CONFIG, CTX, apply, fixture, kpis, raw
 
@@ -138,7 +140,6 @@ def test_sixty_stage_changes_seen_twice_stay_sixty_entries():
 
 
 def hubspot_time(ms: int) -> str:
-    from streams.sources.common import from_epoch
     return from_epoch(ms, "ts")
 
 
@@ -183,3 +184,16 @@ def test_since_keeps_each_deals_state_and_drops_older_history():
     # 101 was in qualifiedtobuy (mql) on the cut-off date: that entry is kept, older ones are not
     stays = stays_of(cut["hubspot:deal:101"], CONFIG)[1]
     assert [stage for _, stage in stays] == ["mql", "opportunity", "won"]
+
+
+def test_a_real_return_to_a_stage_is_kept_and_only_near_twins_merge():
+    def event(i: int, ms: int, stage: str) -> dict:
+        return {"event_id": f"e{i}", "occurred_at": from_epoch(ms, "t"), "deal_id": "d", "stage": stage,
+                "source": "test"}
+    t = 1_762_160_400_000
+    trip = [event(1, t, "lead"), event(2, t + 60_000, "mql"), event(3, t + 120_000, "lead")]
+    twins = [event(4, t + 120_000 + SAME_CHANGE_MS, "lead"), event(5, t + 400, "lead")]
+    for events in itertools.permutations(trip + twins):
+        deals, _ = apply(list(events))
+        assert history(deals["d"]) == [
+            (t + 400, "lead"), (t + 60_000, "mql"), (t + 120_000 + SAME_CHANGE_MS, "lead")]
