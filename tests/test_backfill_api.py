@@ -287,3 +287,14 @@ def mock_env(**values: str):
             os.environ.pop(name, None)
             if saved[name] is not None:
                 os.environ[name] = saved[name]
+
+
+def test_a_refused_token_stops_the_run_with_the_reason(capsys, tmp_path):
+    with PipedriveServer(pipedrive_doc()) as server:
+        args = argparse.Namespace(crm="pipedrive", since=None, dry_run=True, print_stage_map=False,
+                                  pipedrive_api_url=server.url, backfill_state_dir=str(tmp_path))
+        with mock_env(FUNNEL_PIPEDRIVE_API_TOKEN="wrong"):
+            assert runner.run(args, Settings()) == 2
+        assert len(server.arrivals) == 1  # a 401 is not retried
+    error = capsys.readouterr().err
+    assert "pipedrive: deal count failed after 1 tries: HTTP 401 (check the access token)" in error

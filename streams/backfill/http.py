@@ -27,6 +27,18 @@ _PERMANENT = (requests.exceptions.SSLError, urllib3.exceptions.SSLError)
 MAX_BACKOFF = 60.0
 
 
+_HINTS = {401: " (check the access token)", 403: " (check the token's scopes and the user's permissions)"}
+
+
+class ApiError(Exception):
+    """A request that failed for good (not transient, or still failing after every retry)."""
+
+    def __init__(self, crm: str, what: str, exc: BaseException, tries: int) -> None:
+        self.status, _ = status_of(exc)
+        failure = f"HTTP {self.status}" if self.status is not None else f"{type(exc).__name__}: {exc}"
+        super().__init__(f"{crm}: {what} failed after {tries} tries: {failure}{_HINTS.get(self.status, '')}")
+
+
 class RateLimit:
     """At most ``requests`` calls in any ``window`` seconds: a sliding window over the last calls.
 
@@ -85,7 +97,7 @@ class Api:
             except Exception as exc:  # classified below, re-raised when final
                 delay = self._delay(exc, attempt)
                 if delay is None or attempt == self.retries:
-                    raise
+                    raise ApiError(self.name, what, exc, attempt + 1) from exc
                 self.retried += 1
                 log.warning("%s: %s failed (%s); retry %d in %.1fs", self.name, what,
                             _short(exc), attempt + 1, delay)

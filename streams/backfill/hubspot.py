@@ -27,7 +27,6 @@ DEFAULT_RATE = "100/10"  # private apps: 100 requests per 10 seconds (Free/Start
 # Properties the webhook adapter reads; HubSpot reads at most 50 deals a page with history.
 HISTORY = ["dealstage", "amount", "deal_currency_code", "hubspot_owner_id", "closedate"]
 PAGE_SIZE = 50
-SCOPES = "crm.objects.deals.read (deals, their history, pipelines and company associations)"
 
 
 def deal_events(deal: dict[str, Any], ctx: Context) -> Adapted:
@@ -36,7 +35,7 @@ def deal_events(deal: dict[str, Any], ctx: Context) -> Adapted:
     items: list[dict[str, Any]] = []
     if deal.get("createdAt") is not None:
         items.append(_item(deal_id, "deal.creation", "created", epoch_ms(deal["createdAt"], "createdAt")))
-    history = deal.get("propertiesWithHistory") or {}
+    history = as_dict(deal.get("propertiesWithHistory") or {}, "propertiesWithHistory")
     for name in HISTORY:
         for i, value in enumerate(history.get(name) or []):
             where = f"propertiesWithHistory.{name}[{i}]"

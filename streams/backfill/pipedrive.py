@@ -13,10 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import requests
-
 from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms
-from streams.backfill.http import Api, RateLimit, TimeoutSession
+from streams.backfill.http import Api, ApiError, RateLimit, TimeoutSession
 from streams.backfill.settings import BackfillSettings
 from streams.sources import pipedrive as live
 from streams.sources.common import Adapted, Context, Malformed, as_dict, from_epoch, ident
@@ -27,7 +25,6 @@ PAGE_SIZE = 100
 # Flow field keys (v1 names) → the v2 deal fields the webhook adapter reads.
 FIELDS = {"stage_id": "stage_id", "status": "status", "value": "value", "currency": "currency",
           "user_id": "owner_id", "org_id": "org_id", "expected_close_date": "expected_close_date"}
-SCOPES = "a user's API token with access to the deals (read: deals, stages, pipelines)"
 
 
 def deal_events(deal: dict[str, Any], flow: list[dict[str, Any]], ctx: Context) -> Adapted:
@@ -150,8 +147,8 @@ class Reader:
         while True:
             try:
                 doc = self._get("deal flow", f"/api/v1/deals/{deal_id}/flow", start=start, limit=500)
-            except requests.HTTPError as exc:
-                if exc.response is not None and exc.response.status_code in (404, 410):
+            except ApiError as exc:
+                if exc.status in (404, 410):
                     return None
                 raise
             items += doc.get("data") or []

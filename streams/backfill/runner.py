@@ -27,8 +27,8 @@ from models.event import encode_event
 from streams import topics
 from streams.backfill import hubspot, pipedrive, salesforce
 from streams.backfill.common import CrmStage, Page, limit_history
-from streams.backfill.http import Api
-from streams.backfill.settings import BackfillSettings
+from streams.backfill.http import Api, ApiError
+from streams.backfill.settings import FLAGS, BackfillSettings
 from streams.backfill.stage_map import render
 from streams.producer import ensure_event_topics, start_producer
 from streams.settings import Settings
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         since = None if args.since is None else from_iso(args.since, "--since")
         totals = asyncio.run(backfill(reader, settings, backfill_settings.backfill_state_dir, since=since,
                                       dry_run=args.dry_run))
-    except (ValueError, Malformed, salesforce.BudgetSpent) as exc:
+    except (ValueError, Malformed, ApiError, salesforce.BudgetSpent) as exc:
         print(f"funnel-kpi backfill: {exc}", file=sys.stderr)
         return 2
     print(totals.line(args.crm, args.dry_run))
@@ -197,7 +197,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print a stage_maps block from the CRM's pipelines and stages, then exit")
     group = parser.add_argument_group("backfill settings (flag or environment variable; credentials: "
                                       "environment or *_FILE only)")
-    from streams.backfill.settings import FLAGS
     for name in FLAGS:
         info = BackfillSettings.model_fields[name]
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",

@@ -33,8 +33,6 @@ HISTORY = ("SELECT Id, OpportunityId, StageName, Amount, CloseDate, CreatedDate 
 STAGES = ("SELECT ApiName, MasterLabel, DefaultProbability, IsClosed, IsWon, SortOrder FROM OpportunityStage "
           "WHERE IsActive = true ORDER BY SortOrder")
 TRACKED = ("StageName", "Amount", "CloseDate")
-SCOPES = ("OAuth scope api; the user needs Read on Opportunity (and its history) and "
-          "\"View All Data\" or sharing access to every opportunity")
 
 
 class BudgetSpent(RuntimeError):
