@@ -1,4 +1,4 @@
-"""``funnel-kpi``: broker, worker, replay, simulate, demo, ingest, adapt.
+"""``funnel-kpi``: broker, worker, replay, simulate, demo, ingest, adapt, backfill.
 
 Every setting is a ``FUNNEL_*`` environment variable and a flag of the same name (flags win),
 except secrets: environment or ``FUNNEL_<NAME>_FILE`` only, as a command line shows in ``ps``.
@@ -194,6 +194,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return _serve(run_adapt, settings, from_args(args))
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from streams.backfill.runner import run
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    return run(args, settings)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="funnel-kpi", description="Real-time sales-funnel KPIs from CRM change events.",
@@ -254,6 +262,17 @@ def parser() -> argparse.ArgumentParser:
                           "session_timeout", "web_bind", "log_level"])
     add_flags(adapt, ADAPT_SETTINGS)
     adapt.set_defaults(run=cmd_adapt)
+
+    from streams.backfill.runner import add_arguments
+
+    backfill = sub.add_parser(
+        "backfill", help="read a CRM's deals and their history through its API → crm.events",
+        description="Credentials come from the environment only: FUNNEL_HUBSPOT_ACCESS_TOKEN, "
+        "FUNNEL_PIPEDRIVE_API_TOKEN, FUNNEL_SALESFORCE_ACCESS_TOKEN, or the same names with _FILE.",
+    )
+    add_arguments(backfill)
+    _add_settings(backfill, ["broker", "partitions", "replication_factor", "config", "log_level"])
+    backfill.set_defaults(run=cmd_backfill)
     return root
 
 
