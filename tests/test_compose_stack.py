@@ -176,6 +176,10 @@ def test_the_topology_is_complete_and_kafka_init_created_every_topic(stack):
     assert {"funnel-kpi", "funnel-ingest", "funnel-adapt", "prometheus", "alertmanager"} <= jobs
     wait_until(lambda: prom_value(stack, 'count(up{job=~"funnel-.*"} == 1)') == 4, 60,
                what="workers, receiver and adapter scraped")
+    # the adapter's raw-topic lag (FunnelRawTopicLagHigh): one series per raw partition it reads
+    partitions = len(raw) * int(stack.env["FUNNEL_PARTITIONS"])
+    wait_until(lambda: prom_value(stack, "count(funnel_adapt_consumer_lag_messages)") == partitions, 60,
+               what="the adapter's lag of every raw partition")
 
 
 def test_signed_webhooks_reach_the_kpis_the_rules_and_redis(stack):
@@ -192,6 +196,8 @@ def test_signed_webhooks_reach_the_kpis_the_rules_and_redis(stack):
         show=lambda: stack.processes["adapt"].log_tail(10))
     assert total(samples, "funnel_events_total") == expected
     assert total(samples, "funnel_events_total", outcome="rejected") == 0
+    lag = 'sum(funnel_adapt_consumer_lag_messages{topic=~"crm.raw.(hubspot|pipedrive)"})'
+    wait_until(lambda: prom_value(stack, lag) == 0, 30, what="no raw-topic lag left")
     won = total(samples, "funnel_won_revenue", pipeline="default", currency="USD")
     assert won == 7000  # HubSpot's deal (owner 111) 5,000 + Pipedrive's deal 1 2,000
     wait_until(lambda: prom_value(stack, WON_USD) == won, 60, what="the recording rule",
