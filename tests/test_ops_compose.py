@@ -188,6 +188,8 @@ def test_prometheus_and_alertmanager_links_and_no_lifecycle_api():
     config = yaml.safe_load((REPO / "prometheus/prometheus.yml").read_text())
     assert config["global"]["external_labels"]["runbook_base_url"] == "${FUNNEL_RUNBOOK_BASE_URL}"
     assert "--web.external-url=http://localhost:9093" in RESOLVED["alertmanager"]["command"]
+    for name in ("prometheus", "alertmanager"):  # healthchecks and Grafana keep using /
+        assert "--web.route-prefix=/" in RESOLVED[name]["command"]
     assert RESOLVED["grafana"]["environment"]["GF_SERVER_ROOT_URL"] == "http://localhost:3000"
 
 
