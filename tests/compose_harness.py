@@ -412,6 +412,12 @@ class Stack:
         res = subprocess.run(argv, env=process.env, capture_output=True, timeout=30)
         return res.returncode == 0
 
+    def restart(self, name: str) -> None:
+        """`docker compose restart <name>`: the same command, environment and volumes."""
+        old = self.processes[name]
+        old.stop()
+        self.processes[name] = Process(name, old.argv, old.env, old.cwd, old.log_path).start()
+
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         cwd = self.workdir / "cwd" / name
         cwd.mkdir(parents=True, exist_ok=True)

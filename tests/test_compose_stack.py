@@ -243,6 +243,28 @@ def test_receiver_settings_of_env_reach_the_process(stack):
     assert send_pipedrive(stack, b"{" + b" " * MAX_BODY + b"}") == 413
 
 
+def test_an_edited_config_file_takes_effect_on_restart(stack):
+    config = Path(stack.env["FUNNEL_CONFIG_FILE"])
+    config.write_text(config.read_text().replace(f"quarter: {QUARTER_TARGET}", "quarter: 4200000", 1))
+    for name in ("worker-1", "worker-2"):  # docker compose restart worker-1 worker-2 (no build)
+        stack.restart(name)
+    for name in ("worker-1", "worker-2"):
+        wait_until(lambda n=name: stack.healthy(n), 120, interval=1, what=f"{name} healthy again")
+
+    def targets():
+        values = []
+        for name in ("worker-1", "worker-2"):
+            try:
+                samples = parse_exposition(stack.get(name, 6066, "/metrics").decode())
+            except OSError:
+                return None
+            values.append(total(samples, "funnel_revenue_target", currency="USD", period="quarter"))
+        return values
+
+    wait_until(lambda: targets() == [4_200_000, 4_200_000], 60, what="the new quarter target on both workers",
+               show=targets)
+
+
 def test_an_alert_travels_prometheus_alertmanager_to_the_webhook_receiver(stack):
     adapter = stack.address("adapt", "6067")
     stack.processes["adapt"].stop()  # the adapter is gone: FunnelEdgeDown (for: 0s here)
