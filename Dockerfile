@@ -1,5 +1,5 @@
-# funnel-kpi image: the worker (`funnel-kpi worker`, default) and the webhook receiver
-# (`funnel-kpi ingest`), used by docker-compose.yml.
+# funnel-kpi image: the worker (`funnel-kpi worker`, default), the webhook receiver
+# (`funnel-kpi ingest`) and the adapter (`funnel-kpi adapt`), used by docker-compose.yml.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -10,8 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies exactly as locked, hash-checked (regenerate with `make lock`); then the
-# package alone. Only what the package needs (see .dockerignore); the default funnel config is
-# /app/models/funnel.yaml (FUNNEL_CONFIG in docker-compose.yml).
+# package alone. Only what the package needs (see .dockerignore). The image's models/funnel.yaml
+# is the default funnel config; docker-compose.yml mounts the host's file (FUNNEL_CONFIG_FILE).
 COPY requirements.lock ./
 RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
@@ -29,6 +29,6 @@ USER funnel
 ENV FUNNEL_DATA_DIR=/data \
     FUNNEL_WEB_PORT=6066
 VOLUME ["/data"]
-EXPOSE 6066 8000
+EXPOSE 6066 6067 8000
 
 CMD ["funnel-kpi", "worker"]

@@ -32,12 +32,16 @@ lock: $(UV)
 	$(COMPILE) --extra rocksdb -o requirements.lock
 	$(COMPILE) --extra rocksdb --extra dev -c requirements.lock -o requirements-dev.lock
 
-# promtool/prometheus (metric lint, rule tests, dashboard queries), amtool (Alertmanager config);
+# promtool/prometheus (metric lint, rule tests, dashboard queries), amtool and alertmanager
+# (Alertmanager config and delivery), nginx + openssl (the reverse-proxy example), stunnel4
+# (Kafka over TLS);
 # Redis for the sink tests.
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v amtool >/dev/null \
+	  && command -v prometheus-alertmanager >/dev/null && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null \
+	  && command -v openssl >/dev/null && command -v stunnel4 >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null; }
+	  apt-get install -y -qq prometheus prometheus-alertmanager nginx-light openssl stunnel4 >/dev/null; }
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --port 6379 --save ""
 
 demo: $(STAMP)

@@ -19,8 +19,8 @@ from typing import Any
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from aiokafka.errors import IllegalStateError, KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from models.config import load_config
 from models.event import encode_event
@@ -103,6 +103,12 @@ class AdaptMetrics:
         self.retries = Counter(
             "funnel_adapt_retries", "Batches retried after a broker error", registry=registry
         )
+        self.lag = Gauge(
+            "funnel_adapt_consumer_lag_messages",
+            "Raw messages not adapted yet, per assigned raw-topic partition",
+            ["topic", "partition"],
+            registry=registry,
+        )
         for source in SOURCES:
             self.events.labels(source)
             for outcome in ("ok", "dlq"):
@@ -129,6 +135,7 @@ class Bridge:
         self.producer: AIOKafkaProducer | None = None
         self.runner: web.AppRunner | None = None
         self.last_poll = time.monotonic()
+        self.lagging: set[tuple[str, str]] = set()  # (topic, partition) children of the lag gauge
 
     async def start(self) -> Bridge:
         await ensure_event_topics(self.settings)
@@ -172,6 +179,7 @@ class Bridge:
         assert self.consumer is not None
         failures = 0
         while not stop.is_set():
+            await self._measure_lag()
             batch = await self.consumer.getmany(timeout_ms=500, max_records=self.sources.adapt_batch)
             self.last_poll = time.monotonic()
             if not batch:
@@ -223,6 +231,26 @@ class Bridge:
                 self._count(source, result)
         await asyncio.gather(*pending)
         await self.consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
+
+    async def _measure_lag(self) -> None:
+        """Raw-topic lag before the next fetch: what the CRMs sent that is not adapted yet."""
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        gauge = self.metrics.lag
+        for topic, partition in list(self.lagging):
+            if TopicPartition(topic, int(partition)) not in assigned:
+                gauge.remove(topic, partition)
+                self.lagging.discard((topic, partition))
+        for tp in assigned:
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:  # not fetched yet
+                continue
+            try:
+                position = await self.consumer.position(tp)
+            except IllegalStateError:  # unassigned meanwhile (a rebalance)
+                continue
+            gauge.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+            self.lagging.add((tp.topic, str(tp.partition)))
 
     def _count(self, source: str, result: Adapted) -> None:
         metrics = self.metrics

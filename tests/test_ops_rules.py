@@ -59,6 +59,10 @@ CONTRACT = {
     "funnel_broker_ack_age_seconds",  # worker health (issue 7): no broker answer for N s
     "funnel_partition_exported",  # partitions whose KPIs a worker exports (issue 18): the gate
     "funnel_partitions",
+    # the CRM edge (issue 15): the webhook receiver and the adapter
+    "funnel_ingest_requests_total",
+    "funnel_adapt_messages_total",
+    "funnel_adapt_consumer_lag_messages",
 }
 GAUGE_HISTOGRAMS = {
     "funnel_won_deal_value",
@@ -78,6 +82,7 @@ CONFIG_GAUGES = {
     "funnel_partitions",
 }
 DERIVED_OPS = ("ratio", "avg", "p50", "p90", "per_second")
+RUNBOOK_BASE = "{{ with $externalLabels.runbook_base_url }}{{ . }}/{{ end }}"
 
 
 def tool(name: str) -> str:
@@ -155,8 +160,10 @@ def test_alert_conventions(rule):
     assert rule["labels"]["severity"] in {"critical", "warning", "info"}
     ann = rule["annotations"]
     assert {"summary", "description", "runbook_url"} <= set(ann)
-    assert ann["runbook_url"] == f"docs/runbooks/{name}.md"
-    assert (REPO / ann["runbook_url"]).is_file(), f"missing runbook {ann['runbook_url']}"
+    # absolute with the external label runbook_base_url (FUNNEL_RUNBOOK_BASE_URL), else relative
+    path = f"docs/runbooks/{name}.md"
+    assert ann["runbook_url"] == RUNBOOK_BASE + path
+    assert (REPO / path).is_file(), f"missing runbook {path}"
     assert re.fullmatch(r"\d+[mh]", rule.get("for", "")), "every alert needs a for:"
 
 
