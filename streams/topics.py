@@ -1,4 +1,4 @@
-"""Topic names (DESIGN §2, §5) and their creation with the configured partition count.
+"""Topic names (docs/design.md §2, §5) and their creation with the configured partition count.
 
 Brokers that auto-create topics (Tansu makes 4 partitions, Kafka ``num.partitions``) would
 silently break co-partitioning, so every command creates its topics before producing and
