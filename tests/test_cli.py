@@ -3,13 +3,15 @@
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pytest
 
 from models.kpis import pipeline_kpis, total
 from streams.broker import free_port
-from streams.demo import seeded_traffic
+from streams.demo import HISTORY_DAYS, LIVE_DAYS, seeded_traffic
 from streams.settings import Settings
+from streams.simulator import DAY_S
 
 from .conftest import ROOT, scrape, wait_until
 
@@ -38,6 +40,18 @@ def test_bad_config_stops_the_worker_with_a_clear_message(tmp_path):
     result = cli("worker", "--config", str(bad), "--broker", "kafka://127.0.0.1:1")
     assert result.returncode == 2
     assert "config error" in result.stderr and str(bad) in result.stderr
+
+
+def test_demo_traffic_is_a_seeded_quarter_then_the_last_30_days_up_to_now():
+    now = time.time()
+    history, live = seeded_traffic(7, 3000, now)
+    history_times = [datetime.fromisoformat(e["occurred_at"]).timestamp() for e in history]
+    live_times = [datetime.fromisoformat(e["occurred_at"]).timestamp() for e in live]
+    live_from = now - LIVE_DAYS * DAY_S
+    assert max(history_times) < live_from <= min(live_times) + 2 * DAY_S  # + late arrivals
+    assert min(history_times) - (live_from - HISTORY_DAYS * DAY_S) < DAY_S
+    assert max(live_times) <= now
+    assert any(e.get("stage") == "won" for e in history) and any(e.get("stage") == "won" for e in live)
 
 
 def _missing_kpis(samples, seeded_won: int) -> list[str]:
