@@ -7,7 +7,7 @@
 Why code: four boards share the data source, the `pipeline` and `window` variables, units, the
 stage-ordering join and the layout grid; writing them once here keeps them consistent. Panels
 query the recording rules of prometheus/rules/funnel_recording.yml wherever a KPI is derived
-(ratios and averages are never re-derived in a panel), and raw contract metrics (DESIGN.md §3)
+(ratios and averages are never re-derived in a panel), and raw contract metrics (docs/design.md §3)
 otherwise. No query pads with `or vector(0)`: a KPI without data shows "No data".
 
 Standard library only. The JSON validates against Grafana's dashboard schema as encoded by

@@ -1,4 +1,4 @@
-"""Per-deal state and the event-time state machine (DESIGN §2).
+"""Per-deal state and the event-time state machine (docs/design.md §2).
 
 A deal is the only source of truth for every KPI. Each field is last-write-wins by its version
 ``(occurred_at, event_id)`` — the event id breaks ties so the result never depends on arrival

@@ -1,4 +1,4 @@
-"""Prometheus exposition (DESIGN §3).
+"""Prometheus exposition (docs/design.md §3).
 
 Business KPIs are gauges computed at scrape time from the folds of actively owned partitions
 (:class:`KpiCollector`); process metrics are plain prometheus-client counters and histograms

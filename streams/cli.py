@@ -239,8 +239,10 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="broker + worker + simulator with a live KPI table")
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--deals", type=int, default=3000)
-    demo.add_argument("--rate", type=float, default=300.0, help="simulated events/s")
+    demo.add_argument("--deals", type=int, default=3000,
+                      help="deals created over the simulated 120 days (90 seeded at once, 30 live)")
+    demo.add_argument("--rate", type=float, default=20.0,
+                      help="events/s of the live part, after the seeded quarter")
     demo.add_argument("--duration", type=float, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
     _add_settings(demo, ["web_port", "config"])

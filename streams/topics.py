@@ -1,4 +1,4 @@
-"""Topic names (DESIGN §2, §5), the configs each is created with, and their creation.
+"""Topic names (docs/design.md §2, §5), the configs each is created with, and their creation.
 
 Brokers that auto-create topics (Tansu makes 4 partitions, Kafka ``num.partitions``) would
 silently break co-partitioning, and create topics with the broker's default retention (7 days
