@@ -170,6 +170,8 @@ class EventsConsumer:
             return
         records = [record for messages in fetched.values() for record in messages]
         offsets = {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}
+        # On every fetch, so a partition whose batch keeps failing shows its lag growing.
+        self._report_lag({tp: messages[0].offset for tp, messages in fetched.items()})
         try:
             await self.handle(records)
         except Exception:

@@ -85,6 +85,8 @@ class DealBatch:
     credits: list[Credit] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     erased: list[tuple[str, Record]] = field(default_factory=list)  # (pseudonym, request)
+    # (partition, before, after) of every fold update, in order: what undo() takes back.
+    fold_changes: list[tuple[int, Contribution, Contribution]] = field(default_factory=list)
 
 
 class EventClock:
@@ -207,8 +209,32 @@ class DealProcessor:
     def process(self, records: list[Record], load: Callable[[str, Record], bytes | None],
                 lagging: frozenset[int] = frozenset()) -> DealBatch:
         """``lagging``: partitions still catching up a backlog; their stall checks wait (a
-        replay's stream clock runs ahead of deals whose later events are still queued)."""
+        replay's stream clock runs ahead of deals whose later events are still queued).
+
+        All or nothing in memory: when it raises, the folds are as before the batch (the store
+        still holds the old versions, so a retry must not find this batch's changes in them)."""
         batch = DealBatch()
+        try:
+            self._process(batch, records, load, lagging)
+        except BaseException:
+            self.undo(batch)
+            raise
+        return batch
+
+    def undo(self, batch: DealBatch) -> None:
+        """Take a batch's fold updates back (its writes did not reach the store)."""
+        for partition, before, after in reversed(batch.fold_changes):
+            self.folds.fold(partition).replace(after, before)
+        batch.fold_changes.clear()
+
+    def _replace(self, batch: DealBatch, partition: int, before: Contribution,
+                 after: Contribution) -> None:
+        if before != after:
+            self.folds.fold(partition).replace(before, after)
+            batch.fold_changes.append((partition, before, after))
+
+    def _process(self, batch: DealBatch, records: list[Record],
+                 load: Callable[[str, Record], bytes | None], lagging: frozenset[int]) -> None:
         touched: dict[str, _Touched] = {}
         ticks: dict[int, Record] = {}
         erasures: list[Record] = []
@@ -275,7 +301,6 @@ class DealProcessor:
         # ticks and erasures read it and add to it, or a later one would start from the
         # stored version and write over an earlier one's change (and its fold update).
         self.clock.observe(latest_ms)
-        self.metrics.counted(outcomes, lags)
         for deal_id, state in touched.items():
             self._finish(batch, deal_id, state)
         for partition, record in ticks.items():
@@ -283,7 +308,7 @@ class DealProcessor:
                 self._raise_stalls(batch, partition, record, touched, load)
         for record in erasures:
             self._erase(batch, record, touched)
-        return batch
+        self.metrics.counted(outcomes, lags)  # once per batch that went through, not per try
 
     def _masked(self, change: Change) -> Change:
         owner, account = change.owner, change.account
@@ -345,7 +370,7 @@ class DealProcessor:
             before = deal_contribution(deal, self.config)
             deal.stall_alert = [stage, entered]
             after = deal_contribution(deal, self.config)
-            self.folds.fold(partition).replace(before, after)
+            self._replace(batch, partition, before, after)
             touched[deal_id] = _Touched(deal, after, record)
             batch.writes.append((deal_id, encode_deal(deal), record))
             batch.alerts.append(self._stall_alert("deal.stalled", deal, pl, stage, entered, now,
@@ -374,7 +399,7 @@ class DealProcessor:
         after = deal_contribution(deal, self.config)
         partition = state.record.partition
         if state.write:
-            self.folds.fold(partition).replace(state.before, after)
+            self._replace(batch, partition, state.before, after)
         credit = _credit_of(deal, after)
         if credit != state.credit_before or state.resend_credit:
             account = credit[0] if credit else None
