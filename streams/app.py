@@ -31,9 +31,16 @@ from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetr
 from sinks.redis import RedisSink
 from streams import faust_patches, topics
 from streams.api import SnapshotFeed, register_api
-from streams.events_consumer import EventsConsumer
+from streams.events_consumer import RETRY_SECONDS, EventsConsumer
 from streams.outbox import Outbox, in_partition
-from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record, Rejection
+from streams.processor import (
+    CustomerProcessor,
+    DealBatch,
+    DealProcessor,
+    EventClock,
+    Record,
+    Rejection,
+)
 from streams.publisher import MAX_CHECK_LAG, KpiPublisher, encode_partial
 from streams.settings import Settings
 from streams.tables import ErasureTable, FoldedTable, RawTable
@@ -267,9 +274,10 @@ class FunnelWorker:
         return stream.take_events(self.settings.batch_size, self.settings.batch_within)
 
     async def handle_events(self, records: list[Any]) -> None:
-        """A batch of ``crm.events`` records from the events consumer."""
+        """A batch of ``crm.events`` records from the events consumer (which re-reads it when
+        this raises)."""
         async with self.deals_lock:
-            await self._process_deals(records, frozenset())
+            await self._process_deals(records, frozenset(), "events")
 
     async def deal_agent(self, stream: faust.StreamT) -> None:
         """Ticks and erasure requests, one partition at a time, taking turns with the events
@@ -279,14 +287,55 @@ class FunnelWorker:
             for record in _records(events):
                 by_partition.setdefault(record.partition, []).append(record)
             for partition, records in by_partition.items():
-                lagging = (frozenset([partition]) if await self.events.lag(partition) > MAX_CHECK_LAG
-                           else frozenset())
-                async with self.deals_lock:
-                    await self._process_deals(records, lagging)
+                await self._ticks_until_done(partition, records)
 
-    async def _process_deals(self, records: list[Any], lagging: frozenset[int]) -> None:
+    async def _ticks_until_done(self, partition: int, records: list[Record]) -> None:
+        """Ticks and erasures are consumed by Faust's stream, which never reads them again: a
+        failed batch is retried here until it goes through (stall alerts that did not go out
+        are raised again) or the partition is no longer ours (its next owner checks it)."""
+        while True:
+            lagging = (frozenset([partition]) if await self.events.lag(partition) > MAX_CHECK_LAG
+                       else frozenset())
+            try:
+                async with self.deals_lock:
+                    await self._process_deals(records, lagging, "ticks")
+                return
+            except Exception:
+                log.exception("ticks of partition %d failed; retrying in %.0f s", partition,
+                              RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)
+            owned = self.deal_processor.folds.owned
+            if owned is not None and partition not in owned:
+                return
+
+    async def _process_deals(self, records: list[Any], lagging: frozenset[int], agent: str) -> None:
+        """One batch, all or nothing. Its stall alerts go out and are acknowledged before the
+        deals that remember them are written: a failure or a kill in between raises them again
+        (at least once; ids are deterministic, so consumers drop a repeat). Until the store is
+        written, a failure takes the batch's fold updates back; after, the store and the folds
+        agree and the re-read events are duplicates."""
+        try:
+            batch = self.deal_processor.process(records, _reader(self.deals), lagging)
+            await self._alerts_first(batch)
+            self._queue_writes(batch)
+            await self.deals_out.flush()
+        except Exception:
+            self.metrics.failed_batches.labels(agent).inc()
+            raise
+
+    async def _alerts_first(self, batch: DealBatch) -> None:
+        if not batch.alerts:
+            return
+        for alert in batch.alerts:
+            self._send_alert(self.deals_out, alert)
+        try:
+            await self.deals_out.flush()
+        except Exception:
+            self.deal_processor.undo(batch)
+            raise
+
+    def _queue_writes(self, batch: DealBatch) -> None:
         out = self.deals_out
-        batch = self.deal_processor.process(records, _reader(self.deals), lagging)
         for deal_id, value, record in batch.writes:
             out.put(self.deals, deal_id, value, record.partition)
         for pseudonym, record in batch.erased:
@@ -296,9 +345,6 @@ class FunnelWorker:
         for credit in batch.credits:
             out.send(self.credits_topic.get_topic_name(), credit.account.encode(),
                      credit.encode(), sink="credits")
-        for alert in batch.alerts:
-            self._send_alert(out, alert)
-        await out.flush()
 
     async def customer_agent(self, stream: faust.StreamT) -> None:
         out = self._outbox()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 from faust.streams import _current_event  # the context Faust stores read to pick a partition
 from faust.types import TP
 
@@ -68,6 +69,11 @@ class Outbox:
                                  faust.Table | None]] = []
         self.crash_after = int(os.environ.get("FUNNEL_TEST_CRASH_AFTER_WRITES", "0"))
         self.writes = 0
+        # Test hooks (reliability tests only): the first N alerts fail as a broker refusal would
+        # (they are not produced); or the process dies once everything else of a flush holding
+        # alerts is acknowledged, before its alerts are sent.
+        self.fail_alerts = int(os.environ.get("FUNNEL_TEST_FAIL_ALERT_SENDS", "0"))
+        self.crash_before_alerts = os.environ.get("FUNNEL_TEST_CRASH_BEFORE_ALERTS") == "1"
 
     def put(self, table: faust.Table, key: str, value: bytes, partition: int) -> None:
         """Write the table's store now (reads in later batches see it) and queue its changelog."""
@@ -94,8 +100,14 @@ class Outbox:
         """Produce everything queued and wait for the broker's acknowledgements."""
         pending, self.pending = self.pending, []
         producer = self.app.producer
+        if self.crash_before_alerts and any(item[5] == "alerts" for item in pending):
+            await self._crash_before_alerts(pending)
         futures = []
-        for topic, key, value, partition, headers, _, _ in pending:
+        for topic, key, value, partition, headers, sink, _ in pending:
+            if sink == "alerts" and self.fail_alerts:
+                self.fail_alerts -= 1
+                futures.append(_refused(topic))
+                continue
             futures.append(await producer.send(topic, key, value, partition, None, headers))
         results = await asyncio.gather(*futures, return_exceptions=True)
         failed = None
@@ -121,3 +133,16 @@ class Outbox:
             # and before its offsets are committed, the most dangerous point for double counting.
             log.warning("FUNNEL_TEST_CRASH_AFTER_WRITES reached: exiting hard")
             os._exit(137)
+
+    async def _crash_before_alerts(self, pending: list) -> None:
+        others = [await self.app.producer.send(topic, key, value, partition, None, headers)
+                  for topic, key, value, partition, headers, sink, _ in pending if sink != "alerts"]
+        await asyncio.gather(*others)
+        log.warning("FUNNEL_TEST_CRASH_BEFORE_ALERTS: exiting hard before the alerts are sent")
+        os._exit(137)
+
+
+def _refused(topic: str) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(KafkaError(f"FUNNEL_TEST_FAIL_ALERT_SENDS: {topic} refused"))
+    return future
