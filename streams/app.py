@@ -166,13 +166,13 @@ class FunnelWorker:
         self.deals = add(FoldedTable(
             self.app, settings, name="deals", folds=self.deal_processor.folds,
             source_topic=self.ticks_topic.get_topic_name(),
-            contribution=self.deal_processor.contribution_of_stored,
+            contributions=self.deal_processor.contributions_of_stored,
             on_ready=self._ready_callback("deals"), partitions=settings.partitions,
         ))
         self.customers = add(FoldedTable(
             self.app, settings, name="customers", folds=self.customer_processor.folds,
             source_topic=self.credits_topic.get_topic_name(),
-            contribution=self.customer_processor.contribution_of_stored,
+            contributions=self.customer_processor.contributions_of_stored,
             on_ready=self._ready_callback("customers"), partitions=settings.partitions,
         ))
         self.erasures = add(ErasureTable(self.app, settings, self.deal_processor.erased,

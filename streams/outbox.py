@@ -65,7 +65,7 @@ class Outbox:
         self.app = app
         self.on_error = on_error
         self.on_acked = on_acked
-        self.pending: list[tuple[str, bytes | None, bytes, int | None, Headers | None, str,
+        self.pending: list[tuple[str, bytes | None, bytes | None, int | None, Headers | None, str,
                                  faust.Table | None]] = []
         self.crash_after = int(os.environ.get("FUNNEL_TEST_CRASH_AFTER_WRITES", "0"))
         self.writes = 0
@@ -75,10 +75,14 @@ class Outbox:
         self.fail_alerts = int(os.environ.get("FUNNEL_TEST_FAIL_ALERT_SENDS", "0"))
         self.crash_before_alerts = os.environ.get("FUNNEL_TEST_CRASH_BEFORE_ALERTS") == "1"
 
-    def put(self, table: faust.Table, key: str, value: bytes, partition: int) -> None:
-        """Write the table's store now (reads in later batches see it) and queue its changelog."""
+    def put(self, table: faust.Table, key: str, value: bytes | None, partition: int) -> None:
+        """Write the table's store now (reads in later batches see it) and queue its changelog;
+        ``None`` deletes the key (a tombstone in the changelog)."""
         raw_key = key.encode()
-        in_partition(partition, table.data.__setitem__, raw_key, value)
+        if value is None:
+            in_partition(partition, table.data.pop, raw_key, None)
+        else:
+            in_partition(partition, table.data.__setitem__, raw_key, value)
         self.pending.append((table.changelog_topic.get_topic_name(), raw_key, value, partition,
                              None, "changelog", table))
         self.writes += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -186,6 +186,9 @@ class DealProcessor:
         self.folds = PartitionFolds()
         # Pseudonyms of erased owners/accounts; events naming them are masked on arrival.
         self.erased: set[str] = set()
+
+    def contributions_of_stored(self, values: Iterable[bytes]) -> Iterator[tuple[int, Contribution]]:
+        return map(self.contribution_of_stored, values)
 
     def contribution_of_stored(self, raw: bytes) -> tuple[int, Contribution]:
         deal = decode_deal(raw)
@@ -417,39 +420,83 @@ class DealProcessor:
             batch.writes.append((deal_id, encode_deal(deal), state.record))
 
 
+class LegacyCustomerRow(ValueError):
+    """A customers row of the format before issue 18 (one row per account)."""
+
+
+def customer_key(account: str, deal_id: str) -> str:
+    return f"{account}\x00{deal_id}"
+
+
 class CustomerProcessor:
-    """The ``customers`` table: per account, the absolute won contribution of each deal."""
+    """The ``customers`` table: one row per credited (account, deal), the deal's absolute won
+    contribution, so a row stays small however many deals an account wins (one row per
+    account held every deal and outgrew a producer request at ~15,000). Re-sent credits
+    overwrite their row (idempotent); a credit taken back deletes it. The folds count per
+    account, from per-account totals kept in memory and rebuilt with the folds."""
 
     def __init__(self) -> None:
         self.folds = PartitionFolds()
+        # account → (pipeline, currency) → [credited deals, won micro units]
+        self.totals: dict[str, dict[tuple[str, str], list[int]]] = {}
 
-    def contribution_of_stored(self, raw: bytes) -> tuple[int, Contribution]:
-        partition, account, credits = orjson.loads(raw)
-        return partition, customer_contribution(account, credits)
+    def contributions_of_stored(self, values: Iterable[bytes]) -> Iterator[tuple[int, Contribution]]:
+        """Every stored account's contribution (recomputes the per-account totals)."""
+        totals: dict[str, dict[tuple[str, str], list[int]]] = {}
+        partitions: dict[str, int] = {}
+        for raw in values:
+            row = orjson.loads(raw)
+            if len(row) != 5:
+                raise LegacyCustomerRow(
+                    "the customers table holds rows of the format before issue 18 (one row per "
+                    "account): rebuild under a new FUNNEL_APP_ID (docs/operations.md, "
+                    "\"Upgrading from a version before issue 18\")")
+            partition, account, pipeline, currency, micro = row
+            partitions[account] = partition
+            _add_credit(totals.setdefault(account, {}), pipeline, currency, micro, 1)
+        self.totals = totals
+        for account, by_key in totals.items():
+            yield partitions[account], customer_contribution(account, _micro(by_key))
 
     def process(
         self, records: list[Record], load: Callable[[str, Record], bytes | None]
-    ) -> list[tuple[str, bytes, Record]]:
-        touched: dict[str, tuple[dict[str, list], Contribution, Record]] = {}
+    ) -> list[tuple[str, bytes | None, Record]]:
+        """(key, row or None to delete it, credit record) to write."""
+        before: dict[str, tuple[Contribution, Record]] = {}
+        rows: dict[str, tuple[bytes | None, Record]] = {}
         for record in records:
             if record.key is None or record.value is None:
                 continue
             account = record.key.decode()
             deal_id, pipeline, currency, micro = orjson.loads(record.value)
-            entry = touched.get(account)
-            if entry is None:
-                raw = load(account, record)
-                credits = orjson.loads(raw)[2] if raw is not None else {}
-                entry = (credits, customer_contribution(account, credits), record)
-            credits = entry[0]
-            if micro is None:
-                credits.pop(deal_id, None)
-            else:
-                credits[deal_id] = [pipeline, currency, micro]
-            touched[account] = (credits, entry[1], record)
-        writes = []
-        for account, (credits, before, record) in touched.items():
-            self.folds.fold(record.partition).replace(before, customer_contribution(account, credits))
-            writes.append((account, compact(orjson.dumps([record.partition, account, credits])),
-                           record))
-        return writes
+            totals = self.totals.setdefault(account, {})
+            if account not in before:
+                before[account] = (customer_contribution(account, _micro(totals)), record)
+            key = customer_key(account, deal_id)
+            old = rows[key][0] if key in rows else load(key, record)
+            if old is not None:
+                _add_credit(totals, *orjson.loads(old)[2:], -1)
+            row = None
+            if micro is not None:
+                _add_credit(totals, pipeline, currency, micro, 1)
+                row = compact(orjson.dumps([record.partition, account, pipeline, currency, micro]))
+            rows[key] = (row, record)
+        for account, (contribution, record) in before.items():
+            after = customer_contribution(account, _micro(self.totals[account]))
+            self.folds.fold(record.partition).replace(contribution, after)
+            if not self.totals[account]:
+                del self.totals[account]
+        return [(key, row, record) for key, (row, record) in rows.items()]
+
+
+def _add_credit(totals: dict[tuple[str, str], list[int]], pipeline: str, currency: str,
+                micro: int, sign: int) -> None:
+    entry = totals.setdefault((pipeline, currency), [0, 0])
+    entry[0] += sign
+    entry[1] += sign * micro
+    if not entry[0]:
+        del totals[(pipeline, currency)]
+
+
+def _micro(totals: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], int]:
+    return {key: micro for key, (_, micro) in totals.items()}

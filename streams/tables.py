@@ -4,7 +4,7 @@ publisher's state."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faust
@@ -64,13 +64,13 @@ class FoldedTable(RawTable):
 
     def __init__(
         self, app: faust.App, settings: Settings, *, folds: PartitionFolds, source_topic: str,
-        contribution: Callable[[bytes], tuple[int, Contribution]],
+        contributions: Callable[[Iterable[bytes]], Iterable[tuple[int, Contribution]]],
         on_ready: Callable[[set[int], set[int]], None], **kwargs: Any,
     ) -> None:
         super().__init__(app, settings, **kwargs)
         self.folds = folds
         self.source_topic = source_topic
-        self.contribution = contribution
+        self.contributions = contributions
         self.on_ready = on_ready
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
@@ -83,12 +83,8 @@ class FoldedTable(RawTable):
             tp.partition for tp in self.app.assignor.assigned_standbys()
             if tp.topic == self.changelog_topic.get_topic_name()
         }
-        self.folds.rebuild(active, self._stored_contributions())
+        self.folds.rebuild(active, self.contributions(
+            value for value in self.data.values() if value is not None))
         log.info("%s: aggregates rebuilt for active partitions %s (standby %s, not exported)",
                  self.name, sorted(active), sorted(standby))
         self.on_ready(active, standby)
-
-    def _stored_contributions(self) -> Iterator[tuple[int, Contribution]]:
-        for value in self.data.values():
-            if value is not None:
-                yield self.contribution(value)

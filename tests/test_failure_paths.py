@@ -10,7 +10,7 @@ import streams.processor as processor_module
 from models.aggregates import Fold
 from models.config import Clock, load_config
 from sinks.prometheus import ProcessMetrics
-from streams.processor import DealProcessor, EventClock, Record
+from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record
 
 CONFIG = load_config()
 
@@ -66,3 +66,52 @@ def test_a_batch_that_fails_mid_way_leaves_the_folds_as_the_store_says_on_every_
     assert proc.folds.folds[0].snapshot() == rebuilt_fold(proc, store)
     won = proc.folds.folds[0].counters["closed"][("default", "won")]
     assert won == 2
+
+
+def credit(account, deal_id, micro, pipeline="default", currency="USD"):
+    value = orjson.dumps([deal_id, pipeline if micro is not None else None,
+                          currency if micro is not None else None, micro])
+    return Record(account.encode(), value, "credits", 0, 0)
+
+
+def apply_credits(customers, store, credits):
+    for key, value, _ in customers.process(credits, lambda key, _: store.get(key)):
+        if value is None:
+            store.pop(key, None)
+        else:
+            store[key] = value
+
+
+def test_a_customer_row_stays_small_however_many_deals_the_account_wins():
+    customers, store = CustomerProcessor(), {}
+    customers.folds.rebuild({0}, ())
+    credits = [credit("Megacorp", f"d{i}", (100 + i % 7) * 1_000_000) for i in range(20_000)]
+    for start in range(0, len(credits), 500):
+        apply_credits(customers, store, credits[start:start + 500])
+    assert max(len(value) for value in store.values()) < 100
+    won = sum(100 + i % 7 for i in range(20_000)) * 1_000_000
+    assert customers.folds.folds[0].accounts == {("default", "USD", "Megacorp"): won}
+
+
+def test_customer_rows_are_idempotent_under_re_sent_and_moved_credits():
+    customers, store = CustomerProcessor(), {}
+    customers.folds.rebuild({0}, ())
+    apply_credits(customers, store, [credit("Acme", "d1", 5), credit("Acme", "d2", 7)])
+    apply_credits(customers, store, [credit("Acme", "d1", 5), credit("Acme", "d1", 5)])  # re-sent
+    apply_credits(customers, store, [credit("Acme", "d2", None), credit("Globex", "d2", 7),
+                                     credit("Acme", "d3", 0)])  # moved; a won deal of 0
+    fold = customers.folds.folds[0]
+    assert fold.accounts == {("default", "USD", "Acme"): 5, ("default", "USD", "Globex"): 7}
+    assert fold.counters["customers"] == {("default",): 2}
+    rebuilt = CustomerProcessor()
+    rebuilt.folds.rebuild({0}, rebuilt.contributions_of_stored(store.values()))
+    assert rebuilt.folds.folds[0].snapshot() == fold.snapshot()
+    apply_credits(customers, store, [credit("Acme", "d1", None), credit("Acme", "d3", None)])
+    assert fold.accounts == {("default", "USD", "Globex"): 7}
+    assert fold.counters["customers"] == {("default",): 1}
+
+
+def test_a_customers_table_of_the_old_format_is_refused_with_a_clear_error():
+    old_row = orjson.dumps([0, "Acme", {"d1": ["default", "USD", 5]}])
+    with pytest.raises(ValueError, match="new FUNNEL_APP_ID"):
+        list(CustomerProcessor().contributions_of_stored([old_row]))

@@ -9,7 +9,7 @@ import pytest
 from models.kpis import total
 from streams import topics
 
-from .conftest import wait_until
+from .conftest import credits_settled, wait_until
 from .test_e2e_pipeline import read_topic, replay
 
 pytestmark = pytest.mark.broker
@@ -60,3 +60,39 @@ def test_a_kill_before_the_stall_alert_is_sent_raises_it_after_the_restart(broke
     alerts = stall_alerts(broker, timeout=60)
     assert [a["deal_id"] for a in alerts] == ["stalled-deal"], "the alert was lost"
     wait_until(lambda: stalled_in_the_table(survivor), 30, what="the stall remembered")
+
+
+BIG_ACCOUNT_DEALS = 20_000
+
+
+def won_deal(i, account="Megacorp"):
+    """Deal ids as long as CRMs make them (a HubSpot/Salesforce id with its object prefix)."""
+    return {"event_id": f"won-{i}", "deal_id": f"opportunity-0065g00000{i:08d}AAC-salesforce",
+            "source": "api", "stage": "won",
+            "occurred_at": "2024-03-01T00:00:00Z", "amount": 100 + i % 7, "account": account}
+
+
+def test_an_account_with_20000_won_deals_keeps_its_lifetime_value_and_later_events_flow(broker, workers):
+    """One row per account held every credited deal: at ~15,000 it outgrew a producer request
+    and the account's credits partition stopped for good."""
+    worker = workers()
+    worker.wait_ready()
+    replay(broker, [won_deal(i) for i in range(BIG_ACCOUNT_DEALS)])
+    revenue = sum(100 + i % 7 for i in range(BIG_ACCOUNT_DEALS))
+
+    def lifetime_value():
+        samples = worker.samples()
+        return samples and total(samples, "funnel_customer_lifetime_value_gsum")
+
+    wait_until(lambda: lifetime_value() == revenue, 180, what=f"lifetime value {revenue}",
+               show=lifetime_value)
+    later = [won_deal(i) for i in range(BIG_ACCOUNT_DEALS, BIG_ACCOUNT_DEALS + 10)]
+    later.append(won_deal(0, account="Smallco") | {"event_id": "moved-0",
+                                                    "occurred_at": "2024-03-02T00:00:00Z"})
+    replay(broker, later)
+    expected = revenue + sum(100 + i % 7 for i in range(BIG_ACCOUNT_DEALS, BIG_ACCOUNT_DEALS + 10))
+    wait_until(lambda: credits_settled(worker.samples()) and lifetime_value() == expected, 60,
+               what="the later credits", show=lifetime_value)
+    samples = worker.samples()
+    assert total(samples, "funnel_customers") == 2
+    assert total(samples, "funnel_won_revenue") == expected
