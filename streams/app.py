@@ -43,7 +43,7 @@ from streams.processor import (
 )
 from streams.publisher import MAX_CHECK_LAG, KpiPublisher, encode_partial
 from streams.settings import Settings
-from streams.tables import ErasureTable, FoldedTable, RawTable
+from streams.tables import ErasureTable, FoldedTable, RawTable, Rebalances
 
 log = logging.getLogger("funnel_kpi")
 # Prometheus text format 0.0.4; aiohttp adds the charset itself.
@@ -163,21 +163,25 @@ class FunnelWorker:
 
     def _declare_tables(self) -> None:
         settings, add = self.settings, self.app.tables.add
+        self.rebalances = Rebalances()
         self.deals = add(FoldedTable(
             self.app, settings, name="deals", folds=self.deal_processor.folds,
             source_topic=self.ticks_topic.get_topic_name(),
             contributions=self.deal_processor.contributions_of_stored,
-            on_ready=self._ready_callback("deals"), partitions=settings.partitions,
+            on_ready=self._ready_callback("deals"), rebalances=self.rebalances,
+            partitions=settings.partitions,
         ))
         self.customers = add(FoldedTable(
             self.app, settings, name="customers", folds=self.customer_processor.folds,
             source_topic=self.credits_topic.get_topic_name(),
             contributions=self.customer_processor.contributions_of_stored,
-            on_ready=self._ready_callback("customers"), partitions=settings.partitions,
+            on_ready=self._ready_callback("customers"), rebalances=self.rebalances,
+            partitions=settings.partitions,
         ))
         self.erasures = add(ErasureTable(self.app, settings, self.deal_processor.erased,
                                          on_ready=self._ready_callback("erasures"),
-                                         name="erasures", partitions=settings.partitions))
+                                         rebalances=self.rebalances, name="erasures",
+                                         partitions=settings.partitions))
         self.publisher_state = add(RawTable(self.app, settings, name="publisher", partitions=1))
         self.app.on_partitions_revoked.connect(self._on_revoked)
 
@@ -244,6 +248,7 @@ class FunnelWorker:
         self.broker_answered_at = time.monotonic()
 
     async def _on_revoked(self, app: faust.App, revoked: set[TP], **_: Any) -> None:
+        self.rebalances.revoked()  # first: a recovery completing from here on is overtaken
         for name in self.ready_parts:
             self.ready_parts[name] = False
         self.metrics.ready.set(0)

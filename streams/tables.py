@@ -38,23 +38,68 @@ class RawTable(faust.Table):
         self.key_serializer = self.value_serializer = "raw"
 
 
-class ErasureTable(RawTable):
-    """Pseudonyms of erased people; loaded into the deal processor once recovered, so an
-    erasure survives restarts and rebalances (events are read only after that)."""
+class Rebalances:
+    """Which assignment is current. Faust may complete the recovery of an assignment that a
+    later rebalance replaced; rebuilding folds and reading events then would export and process
+    partitions another worker owns, so such a completion is ignored (the current assignment's
+    own completion follows)."""
 
-    def __init__(self, app: faust.App, settings: Settings, erased: set[str],
+    def __init__(self) -> None:
+        self.revocations = 0
+        self.assigned_after = -1  # revocations seen when the tables last got an assignment
+
+    def revoked(self) -> None:
+        self.revocations += 1
+
+    def assigned(self) -> None:
+        self.assigned_after = self.revocations
+
+    def overtaken(self, app: faust.App) -> bool:
+        """A revoke came after the last assignment, or a newer assignment awaits recovery."""
+        return (self.assigned_after != self.revocations
+                or app.tables.recovery.signal_recovery_start.is_set())
+
+
+class RecoveredTable(RawTable):
+    """A table that reports its completed recovery to the worker, unless a rebalance has
+    overtaken it."""
+
+    def __init__(self, app: faust.App, settings: Settings, *, rebalances: Rebalances,
                  on_ready: Callable[[set[int], set[int]], None], **kwargs: Any) -> None:
         super().__init__(app, settings, **kwargs)
-        self.erased = erased
+        self.rebalances = rebalances
         self.on_ready = on_ready
+
+    async def on_rebalance(self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP],
+                           generation_id: int = 0) -> None:
+        self.rebalances.assigned()  # before Faust starts this assignment's recovery
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)
+        if self.rebalances.overtaken(self.app):
+            log.warning("%s: a recovery overtaken by a rebalance completed; ignored", self.name)
+            return
+        self.recovered()
+
+    def recovered(self) -> None:
+        raise NotImplementedError
+
+
+class ErasureTable(RecoveredTable):
+    """Pseudonyms of erased people; loaded into the deal processor once recovered, so an
+    erasure survives restarts and rebalances (events are read only after that)."""
+
+    def __init__(self, app: faust.App, settings: Settings, erased: set[str], **kwargs: Any) -> None:
+        super().__init__(app, settings, **kwargs)
+        self.erased = erased
+
+    def recovered(self) -> None:
         self.erased |= {key.decode() for key in list(self.data.keys())}
         self.on_ready(set(), set())
 
 
-class FoldedTable(RawTable):
+class FoldedTable(RecoveredTable):
     """A table whose values feed in-memory folds of the actively owned partitions only.
 
     Folds are dropped when partitions are revoked (the worker's ``on_partitions_revoked``: every
@@ -65,16 +110,14 @@ class FoldedTable(RawTable):
     def __init__(
         self, app: faust.App, settings: Settings, *, folds: PartitionFolds, source_topic: str,
         contributions: Callable[[Iterable[bytes]], Iterable[tuple[int, Contribution]]],
-        on_ready: Callable[[set[int], set[int]], None], **kwargs: Any,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, settings, **kwargs)
         self.folds = folds
         self.source_topic = source_topic
         self.contributions = contributions
-        self.on_ready = on_ready
 
-    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
-        await super().on_recovery_completed(active_tps, standby_tps)
+    def recovered(self) -> None:
         active = {
             tp.partition for tp in self.app.assignor.assigned_actives()
             if tp.topic == self.source_topic

@@ -4,12 +4,15 @@ outlier."""
 
 import orjson
 import pytest
+from faust.assignor.client_assignment import ClientAssignment
+from faust.types import TP
 from prometheus_client import CollectorRegistry
 
 import streams.processor as processor_module
 from models.aggregates import Fold
 from models.config import Clock, load_config
 from sinks.prometheus import ProcessMetrics
+from streams.broker import free_port
 from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record
 
 CONFIG = load_config()
@@ -115,3 +118,55 @@ def test_a_customers_table_of_the_old_format_is_refused_with_a_clear_error():
     old_row = orjson.dumps([0, "Acme", {"d1": ["default", "USD", 5]}])
     with pytest.raises(ValueError, match="new FUNNEL_APP_ID"):
         list(CustomerProcessor().contributions_of_stored([old_row]))
+
+
+def offline_worker(tmp_path):
+    """A worker built but never started (no broker): its tables' callbacks are called by hand,
+    in the order Faust calls them."""
+    from streams.app import FunnelWorker
+    from streams.settings import Settings
+
+    worker = FunnelWorker(Settings(broker="kafka://127.0.0.1:9", data_dir=tmp_path, partitions=4,
+                                   web_port=free_port()))
+    ticks = worker.ticks_topic.get_topic_name()
+    credits_ = worker.credits_topic.get_topic_name()
+    worker.app.assignor._assignment = ClientAssignment(  # what the group's sync hands over
+        actives={ticks: [0, 1], credits_: [0, 1]}, standbys={})
+    return worker, {TP(ticks, 0), TP(ticks, 1), TP(credits_, 0), TP(credits_, 1)}
+
+
+def served(worker):
+    return (sorted(worker.deal_processor.folds.folds), sorted(worker.events._wanted),
+            worker.is_ready())
+
+
+async def recover(worker, tps, *, rebalance=True):
+    tables = (worker.deals, worker.customers, worker.erasures)
+    if rebalance:
+        for table in tables:
+            await table.on_rebalance(tps, set(), tps, 1)
+    for table in tables:
+        await table.on_recovery_completed(tps, set())
+
+
+def test_a_recovery_completed_after_a_revoke_assigns_and_exports_nothing(tmp_path):
+    import asyncio
+
+    async def scenario():
+        worker, tps = offline_worker(tmp_path)
+        await recover(worker, tps)
+        assert served(worker) == ([0, 1], [0, 1], True)
+        await worker._on_revoked(worker.app, tps)
+        assert served(worker) == ([], [], False)
+        await recover(worker, tps, rebalance=False)  # the revoked assignment's late completion
+        assert served(worker) == ([], [], False)
+        for table in (worker.deals, worker.customers, worker.erasures):
+            await table.on_rebalance(tps, set(), tps, 2)
+        worker.app.tables.recovery.signal_recovery_start.set()  # a newer assignment is recovering
+        await recover(worker, tps, rebalance=False)
+        assert served(worker) == ([], [], False)
+        worker.app.tables.recovery.signal_recovery_start.clear()  # its recovery starts ...
+        await recover(worker, tps, rebalance=False)               # ... and completes
+        assert served(worker) == ([0, 1], [0, 1], True)
+
+    asyncio.run(scenario())
