@@ -92,6 +92,11 @@ class ProcessMetrics:
             "funnel_standby_partitions", "Standby copies of deal partitions held (never exported)",
             registry=registry,
         )
+        self.clock = Gauge(
+            "funnel_clock_timestamp_seconds",
+            "The time windows, periods and stalls are computed at (wall or fleet stream clock)",
+            registry=registry,
+        )
         self.failed_batches = Counter(
             "funnel_failed_batches", "Batches that failed and were taken back, to be read again",
             ["agent"], registry=registry,

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -27,12 +28,13 @@ from prometheus_client.process_collector import ProcessCollector
 
 from models.alerts import Alert
 from models.config import load_config
+from models.snapshot import KpiSnapshot
 from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
 from sinks.redis import RedisSink
 from streams import faust_patches, topics
 from streams.api import SnapshotFeed, register_api
 from streams.events_consumer import RETRY_SECONDS, EventsConsumer
-from streams.outbox import Outbox, in_partition
+from streams.outbox import Outbox, Revoked, in_partition
 from streams.processor import (
     CustomerProcessor,
     DealBatch,
@@ -94,7 +96,7 @@ def _faust_app(settings: Settings) -> faust.App:
 def _records(events: list[Any]) -> list[Record]:
     return [
         Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
-               e.message.offset)
+               e.message.offset, e.message.timestamp)
         for e in events
     ]
 
@@ -130,18 +132,20 @@ class FunnelWorker:
         )
         self.customer_processor = CustomerProcessor()
         self.publisher = KpiPublisher(config, settings.partitions, VERSION)
-        self.feed = SnapshotFeed()
+        self.feed = SnapshotFeed(on_accepted=self._fleet_clock)
         self.redis = (RedisSink(settings.redis_url, self.metrics.sink_errors.labels("redis").inc)
                       if settings.redis_url else None)
         self.app = _faust_app(settings)
         self.ready_parts: dict[str, bool] = {}
         self.broker_answered_at = time.monotonic()
         self.metrics.broker_ack_age.set_function(lambda: time.monotonic() - self.broker_answered_at)
+        self.metrics.clock.set_function(lambda: self.clock.now_ms() / 1000)
         self.active_partitions: set[int] = set()
         # Events batches and ticks both write the deals table: one at a time.
         self.deals_lock = asyncio.Lock()
         self.deals_out = self._outbox()
-        self.events = EventsConsumer(self.app, settings, self.consumer_lag, self.handle_events)
+        self.events = EventsConsumer(self.app, settings, self.consumer_lag, self.handle_events,
+                                     on_lost=self._stop_serving)
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
@@ -248,14 +252,19 @@ class FunnelWorker:
         self.broker_answered_at = time.monotonic()
 
     async def _on_revoked(self, app: faust.App, revoked: set[TP], **_: Any) -> None:
-        self.rebalances.revoked()  # first: a recovery completing from here on is overtaken
-        for name in self.ready_parts:
-            self.ready_parts[name] = False
-        self.metrics.ready.set(0)
+        self._stop_serving()
         await self.events.revoke()
         self.metrics.rebalances.inc()
         self.metrics.publisher.set(0)
         self.publisher.revoked()
+
+    def _stop_serving(self) -> None:
+        """On a revoke, and when the group says this worker is no longer a member (a failed
+        commit): a batch in flight is fenced off from here on, and nothing is exported."""
+        self.rebalances.revoked()  # first: a recovery or a batch completing from here on is overtaken
+        for name in self.ready_parts:
+            self.ready_parts[name] = False
+        self.metrics.ready.set(0)
         # Rebalances are eager (everything is revoked): from now on the next owner reports these
         # partitions, so stop exporting them at once (the sums may dip, never double).
         self.deal_processor.folds.revoke_all()
@@ -305,6 +314,9 @@ class FunnelWorker:
                 async with self.deals_lock:
                     await self._process_deals(records, lagging, "ticks")
                 return
+            except Revoked:
+                await self._hand_over_erasures(records)
+                return
             except Exception:
                 log.exception("ticks of partition %d failed; retrying in %.0f s", partition,
                               RETRY_SECONDS)
@@ -313,30 +325,40 @@ class FunnelWorker:
             if owned is not None and partition not in owned:
                 return
 
+    async def _hand_over_erasures(self, records: list[Record]) -> None:
+        """Erasure requests of a batch fenced off by a revoke: Faust has them as consumed, so
+        they go back on the ticks topic for the partition's next owner (erasing is idempotent)."""
+        for record in records:
+            if record.value and record.value.startswith(b"{"):
+                await self.ticks_topic.send(value=record.value, partition=record.partition)
+
     async def _process_deals(self, records: list[Any], lagging: frozenset[int], agent: str) -> None:
         """One batch, all or nothing. Its stall alerts go out and are acknowledged before the
         deals that remember them are written: a failure or a kill in between raises them again
-        (at least once; ids are deterministic, so consumers drop a repeat). Until the store is
-        written, a failure takes the batch's fold updates back; after, the store and the folds
-        agree and the re-read events are duplicates."""
+        (at least once; ids are deterministic, so consumers drop a repeat). The store takes the
+        writes once the changelog has them; any failure before takes the batch's fold updates
+        back, and a revoke meanwhile fences the batch off (:class:`Revoked`: nothing written)."""
+        revocations = self.rebalances.revocations
+
+        def still_ours() -> bool:
+            return self.rebalances.revocations == revocations
+
         try:
             batch = self.deal_processor.process(records, _reader(self.deals), lagging)
-            await self._alerts_first(batch)
-            self._queue_writes(batch)
-            await self.deals_out.flush()
+            try:
+                if batch.alerts:
+                    for alert in batch.alerts:
+                        self._send_alert(self.deals_out, alert)
+                    await self.deals_out.flush(still_ours)
+                self._queue_writes(batch)
+                await self.deals_out.flush(still_ours)
+            except BaseException:
+                self.deal_processor.undo(batch)
+                raise
+        except Revoked:
+            raise
         except Exception:
             self.metrics.failed_batches.labels(agent).inc()
-            raise
-
-    async def _alerts_first(self, batch: DealBatch) -> None:
-        if not batch.alerts:
-            return
-        for alert in batch.alerts:
-            self._send_alert(self.deals_out, alert)
-        try:
-            await self.deals_out.flush()
-        except Exception:
-            self.deal_processor.undo(batch)
             raise
 
     def _queue_writes(self, batch: DealBatch) -> None:
@@ -412,6 +434,11 @@ class FunnelWorker:
             log.warning("broker did not answer the tick: %r", exc)
             return
         self._broker_answered()
+
+    def _fleet_clock(self, snapshot: KpiSnapshot) -> None:
+        """The stream clock is one for the fleet: adopt the publisher's (the latest of every
+        partition owner's clock)."""
+        self.clock.observe(int(datetime.fromisoformat(snapshot.as_of).timestamp() * 1000))
 
     async def follow_snapshots(self) -> None:
         await self.feed.follow(self.settings.broker)

@@ -27,6 +27,10 @@ Headers = list[tuple[str, bytes]]
 END_MARKER = b"\x00funnel-kpi:end-of-batch"
 
 
+class Revoked(Exception):
+    """A batch fenced off: its partitions were revoked before it wrote anything."""
+
+
 class _PartitionEvent:
     """Stands in for a Faust event: stores only read ``event.message.partition``."""
 
@@ -74,15 +78,15 @@ class Outbox:
         # alerts is acknowledged, before its alerts are sent.
         self.fail_alerts = int(os.environ.get("FUNNEL_TEST_FAIL_ALERT_SENDS", "0"))
         self.crash_before_alerts = os.environ.get("FUNNEL_TEST_CRASH_BEFORE_ALERTS") == "1"
+        # The first N flushes with table writes wait this long before producing (a slow broker).
+        self.slow_flushes = int(os.environ.get("FUNNEL_TEST_SLOW_FLUSHES", "0"))
+        self.slow_seconds = float(os.environ.get("FUNNEL_TEST_SLOW_FLUSH_SECONDS", "0"))
 
     def put(self, table: faust.Table, key: str, value: bytes | None, partition: int) -> None:
-        """Write the table's store now (reads in later batches see it) and queue its changelog;
-        ``None`` deletes the key (a tombstone in the changelog)."""
+        """Queue a table write (``None`` deletes the key: a tombstone in the changelog). The
+        store takes it once the changelog has it: a batch that fails or is fenced by a revoke
+        leaves the store as it was, like the folds."""
         raw_key = key.encode()
-        if value is None:
-            in_partition(partition, table.data.pop, raw_key, None)
-        else:
-            in_partition(partition, table.data.__setitem__, raw_key, value)
         self.pending.append((table.changelog_topic.get_topic_name(), raw_key, value, partition,
                              None, "changelog", table))
         self.writes += 1
@@ -100,9 +104,17 @@ class Outbox:
                    for topic, partition in changelogs]
         await asyncio.gather(*futures)
 
-    async def flush(self) -> None:
-        """Produce everything queued and wait for the broker's acknowledgements."""
+    async def flush(self, still_ours: Callable[[], bool] = lambda: True) -> None:
+        """Produce everything queued, wait for the broker's acknowledgements, then write the
+        tables' stores. ``still_ours`` is asked right before producing: a worker whose partitions
+        were revoked meanwhile writes nothing (:class:`Revoked`; their next owner redoes it)."""
         pending, self.pending = self.pending, []
+        if self.slow_flushes and any(item[6] is not None for item in pending):
+            self.slow_flushes -= 1
+            log.warning("FUNNEL_TEST_SLOW_FLUSHES: holding a batch for %.0f s", self.slow_seconds)
+            await asyncio.sleep(self.slow_seconds)
+        if pending and not still_ours():
+            raise Revoked("partitions revoked while the batch was processed: nothing written")
         producer = self.app.producer
         if self.crash_before_alerts and any(item[5] == "alerts" for item in pending):
             await self._crash_before_alerts(pending)
@@ -128,6 +140,13 @@ class Outbox:
         if failed is not None:
             log.error("writes of a batch failed (%s); its offsets stay uncommitted", failed)
             raise failed
+        for _, key, value, partition, _, _, table in pending:
+            if table is None:
+                continue
+            if value is None:
+                in_partition(partition, table.data.pop, key, None)
+            else:
+                in_partition(partition, table.data.__setitem__, key, value)
         if changelogs:
             await self._end_markers(changelogs)
         if pending:

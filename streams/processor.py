@@ -55,6 +55,7 @@ class Record:
     topic: str
     partition: int
     offset: int
+    timestamp: int | None = None  # the broker's (create or log-append) time, ms
 
 
 @dataclass(slots=True)
@@ -85,12 +86,20 @@ class DealBatch:
     credits: list[Credit] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     erased: list[tuple[str, Record]] = field(default_factory=list)  # (pseudonym, request)
-    # (partition, before, after) of every fold update, in order: what undo() takes back.
+    # (partition, before, after) of every fold update, in order: what undo() takes back, as
+    # long as the folds were not replaced since (``folds_epoch``).
     fold_changes: list[tuple[int, Contribution, Contribution]] = field(default_factory=list)
+    folds_epoch: int = 0
 
 
 class EventClock:
-    """The one clock for windows, stalls and periods: wall time or the latest event time."""
+    """The one clock for windows, stalls and periods: wall time, or the stream clock.
+
+    The stream clock is the latest event time that was not ahead of its record's broker
+    timestamp, taken over the fleet: each worker adopts the latest clock of the published KPI
+    snapshots (the KPI publisher takes the latest of every partition owner's). So one event
+    dated in the future never moves it, and every worker's windows, periods and stalls agree
+    (it lags a worker's own events by up to a tick or two)."""
 
     def __init__(self, mode: Clock) -> None:
         self.mode = mode
@@ -99,6 +108,12 @@ class EventClock:
     def observe(self, ts_ms: int) -> None:
         if ts_ms > self.latest_ms:
             self.latest_ms = ts_ms
+
+    def observe_stored(self, ts_ms: int) -> None:
+        """An event time read back from the store (its broker time is not kept): counted only
+        when not ahead of this host's wall clock."""
+        if ts_ms <= time.time() * 1000:
+            self.observe(ts_ms)
 
     def now_ms(self) -> int:
         return int(time.time() * 1000) if self.mode is Clock.WALL else self.latest_ms
@@ -135,6 +150,7 @@ class PartitionFolds:
     def __init__(self) -> None:
         self.folds: dict[int, Fold] = {}
         self.owned: set[int] | None = None  # None: not managed by a worker (tools, unit tests)
+        self.epoch = 0  # bumped whenever the folds are replaced (rebuild, revocation)
 
     def fold(self, partition: int) -> Fold:
         fold = self.folds.get(partition)
@@ -153,10 +169,12 @@ class PartitionFolds:
                 fold.apply(contribution, 1)
         self.folds = folds
         self.owned = set(active)
+        self.epoch += 1
 
     def revoke_all(self) -> None:
         self.folds = {}
         self.owned = set()
+        self.epoch += 1
 
     def total(self) -> Fold:
         total = Fold()
@@ -197,7 +215,7 @@ class DealProcessor:
 
     def _observe_deal_time(self, deal: Deal) -> None:
         if deal.history:
-            self.clock.observe(deal.history[-1][0])
+            self.clock.observe_stored(deal.history[-1][0])
 
     def _reject(self, batch: DealBatch, record: Record, code: str, reason: str,
                 source: str | None) -> None:
@@ -216,7 +234,7 @@ class DealProcessor:
 
         All or nothing in memory: when it raises, the folds are as before the batch (the store
         still holds the old versions, so a retry must not find this batch's changes in them)."""
-        batch = DealBatch()
+        batch = DealBatch(folds_epoch=self.folds.epoch)
         try:
             self._process(batch, records, load, lagging)
         except BaseException:
@@ -225,7 +243,10 @@ class DealProcessor:
         return batch
 
     def undo(self, batch: DealBatch) -> None:
-        """Take a batch's fold updates back (its writes did not reach the store)."""
+        """Take a batch's fold updates back (its writes did not reach the store). Folds rebuilt
+        since (a revoke and a new assignment while the batch was held) never had them."""
+        if batch.folds_epoch != self.folds.epoch:
+            return
         for partition, before, after in reversed(batch.fold_changes):
             self.folds.fold(partition).replace(after, before)
         batch.fold_changes.clear()
@@ -286,8 +307,8 @@ class DealProcessor:
                 deal, change, stage, stage_ignored=change.stage is not None and stage is None
             )
             ts = change.ts
-            if ts > latest_ms:
-                latest_ms = ts
+            if ts > latest_ms and (record.timestamp is None or ts <= record.timestamp):
+                latest_ms = ts  # an event dated ahead of the broker's time never moves the clock
             source = self._source_label(change.source)
             outcomes[source, outcome] = outcomes.get((source, outcome), 0) + 1
             if outcome is Outcome.ACCEPTED:

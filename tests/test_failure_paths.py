@@ -2,6 +2,8 @@
 memory, a revoke overtakes a late recovery, customer rows stay small, the fleet clock ignores an
 outlier."""
 
+import time
+
 import orjson
 import pytest
 from faust.assignor.client_assignment import ClientAssignment
@@ -11,6 +13,7 @@ from prometheus_client import CollectorRegistry
 import streams.processor as processor_module
 from models.aggregates import Fold
 from models.config import Clock, load_config
+from models.deal import decode_deal, encode_deal
 from sinks.prometheus import ProcessMetrics
 from streams.broker import free_port
 from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record
@@ -170,3 +173,24 @@ def test_a_recovery_completed_after_a_revoke_assigns_and_exports_nothing(tmp_pat
         assert served(worker) == ([0, 1], [0, 1], True)
 
     asyncio.run(scenario())
+
+
+def test_an_event_dated_a_day_ahead_of_the_broker_never_moves_the_stream_clock():
+    proc, _ = deal_processor()
+    store = {}
+    broker_ms = 1_704_067_200_000 + 3_600_000  # an hour after the normal event
+    normal = event("d1", 1, stage="lead")
+    ahead = Record(None, orjson.dumps({"event_id": "x", "deal_id": "d2", "source": "api",
+                                       "stage": "lead", "occurred_at": "2024-01-02T00:00:00Z"}),
+                   "crm.events", 0, 2)
+    for record in (normal, ahead):
+        record.timestamp = broker_ms
+    batch = proc.process([normal, ahead], lambda key, _: store.get(key))
+    store.update((deal_id, value) for deal_id, value, _ in batch.writes)
+    assert proc.clock.now_ms() == 1_704_067_200_000  # the event is counted, the clock stays
+    assert proc.folds.folds[0].counters["open"][("default", "lead")] == 2
+    restarted, _ = deal_processor()
+    future = decode_deal(store["d2"])
+    future.history[-1] = (int(time.time() * 1000) + 86_400_000, *future.history[-1][1:])
+    restarted.folds.rebuild({0}, restarted.contributions_of_stored([store["d1"], encode_deal(future)]))
+    assert restarted.clock.now_ms() == 1_704_067_200_000  # nor does it when read back

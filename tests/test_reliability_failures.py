@@ -1,16 +1,23 @@
 """Failure paths against the real broker and worker processes (issue 18): stall alerts at least
-once, a customer with more won deals than a message can hold."""
+once, a customer with more won deals than a message can hold, a batch held past the rebalance
+timeout, the fleet's stream clock."""
 
 from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 
+from models.deal import decode_deal, encode_deal
 from models.kpis import total
 from streams import topics
+from streams.dataset import dataset_deals
 
-from .conftest import credits_settled, wait_until
-from .test_e2e_pipeline import read_topic, replay
+from .conftest import DATASET, credits_settled, wait_until
+from .test_e2e_pipeline import assert_dataset_values, read_topic, replay
+from .test_reliability_crash import APP_ID, read_all
 
 pytestmark = pytest.mark.broker
 
@@ -96,3 +103,99 @@ def test_an_account_with_20000_won_deals_keeps_its_lifetime_value_and_later_even
     samples = worker.samples()
     assert total(samples, "funnel_customers") == 2
     assert total(samples, "funnel_won_revenue") == expected
+
+
+def latest_deals(broker_url, app_id):
+    """The deals table as its changelog holds it (latest value per key), stall episodes left
+    out (they follow each worker's ticks), re-encoded for comparison."""
+    latest = {}
+    for message in read_all(broker_url, f"{app_id}-deals-changelog"):
+        latest[message.key] = message.value
+    deals = {}
+    for key, value in latest.items():
+        if value:  # end-of-batch markers and tombstones have none
+            deal = decode_deal(value)
+            deal.stall_alert = None
+            deals[key] = encode_deal(deal)
+    return deals
+
+
+def exact(worker_list, timeout=120):
+    """Wait until the workers' summed KPIs are the dataset's literal values."""
+
+    def check():
+        merged = {}
+        for worker in worker_list:
+            samples = worker.samples()
+            if samples is None or (total(samples, "funnel_active_partitions")
+                                   and not total(samples, "funnel_worker_ready")):
+                return None
+            for name, values in samples.items():
+                merged.setdefault(name, []).extend(values)
+        try:
+            assert_dataset_values(merged)
+        except AssertionError:
+            return None
+        return merged
+
+    return wait_until(check, timeout, what="the dataset's literal values")
+
+
+def test_a_batch_held_past_the_rebalance_timeout_writes_nothing_once_revoked(broker, workers):
+    """The first worker's produce path stalls for 12 s (rebalance timeout 6 s) while a second
+    worker joins: the group moves on without it, and its late batch must not land on top of the
+    new owner's writes. Opening events first, closing events after, so the new owner changes
+    the held batch's deals before the held batch would be written."""
+    deals = list(dataset_deals(DATASET))
+    opening = [events[0] for events in deals]
+    closing = [event for events in deals for event in events[1:]]
+    slow = workers("slow", FUNNEL_TEST_SLOW_FLUSHES="1", FUNNEL_TEST_SLOW_FLUSH_SECONDS="12")
+    slow.wait_ready()
+    replay(broker, opening)
+    wait_until(lambda: "FUNNEL_TEST_SLOW_FLUSHES: holding" in slow.log_path.read_text(), 60,
+               what="the held batch")
+    joining = workers("joining")
+    replay(broker, closing)
+    exact([slow, joining])
+    time.sleep(15)  # past the held batch, whatever it did
+    exact([slow, joining])
+    fresh = workers("fresh", FUNNEL_APP_ID="fresh")
+    exact([fresh])
+    assert latest_deals(broker.url, APP_ID) == latest_deals(broker.url, "fresh")
+
+
+def test_the_stream_clock_is_one_for_the_fleet_and_ignores_an_event_dated_a_day_ahead(broker, workers):
+    """With FUNNEL_CLOCK=stream each worker's clock was the latest event time it had seen: one
+    event dated a day ahead moved its owner's clock (windows, periods, stalls) for good."""
+    env = {"FUNNEL_CLOCK": "stream", "FUNNEL_TICK_INTERVAL": "1"}
+    first, second = workers("w1", **env), workers("w2", **env)
+    wait_until(lambda: all(w.samples() and total(w.samples(), "funnel_active_partitions") == 2
+                           and total(w.samples(), "funnel_worker_ready") for w in (first, second)),
+               90, what="two partitions each")
+    normal = [{"event_id": f"n{i}", "deal_id": f"deal-{i}", "source": "api", "stage": "lead",
+               "occurred_at": f"2024-01-{i + 1:02d}T00:00:00Z"} for i in range(20)]
+    ahead = datetime.fromtimestamp(time.time() + 23 * 3600, UTC).isoformat().replace("+00:00", "Z")
+    outlier = {"event_id": "ahead", "deal_id": "deal-ahead", "source": "api", "stage": "lead",
+               "occurred_at": ahead}
+    replay(broker, [*normal, outlier])
+    latest = datetime(2024, 1, 20, tzinfo=UTC).timestamp()
+
+    def clocks():
+        found = []
+        for worker in (first, second):
+            samples = worker.samples()
+            if samples is None:
+                return None
+            found.append((total(samples, "funnel_period_elapsed_ratio", period="year"),
+                          total(samples, "funnel_clock_timestamp_seconds")))
+        return found
+
+    def agreed():
+        found = clocks()
+        events = sum(total(w.samples(), "funnel_events_total", outcome="accepted")
+                     for w in (first, second))
+        return found and events == 21 and found[0] == found[1] and found[0][1] == latest
+
+    wait_until(agreed, 60, what="both clocks at the latest event not ahead", show=clocks)
+    time.sleep(3)  # ticks and snapshots later: still there
+    assert agreed(), clocks()
