@@ -194,3 +194,61 @@ def test_an_event_dated_a_day_ahead_of_the_broker_never_moves_the_stream_clock()
     future.history[-1] = (int(time.time() * 1000) + 86_400_000, *future.history[-1][1:])
     restarted.folds.rebuild({0}, restarted.contributions_of_stored([store["d1"], encode_deal(future)]))
     assert restarted.clock.now_ms() == 1_704_067_200_000  # nor does it when read back
+
+
+def test_a_revoke_waits_for_the_batch_in_flight_at_most_half_the_rebalance_timeout(tmp_path):
+    """A revoke handler that outwaits the rebalance timeout gets the worker dropped from the
+    group while its batch still writes."""
+    import asyncio
+
+    async def scenario():
+        worker, _ = offline_worker(tmp_path)
+        events = worker.events
+        events.settings = events.settings.model_copy(update={"rebalance_timeout": 1.0})
+        held = asyncio.Event()
+
+        async def batch_in_flight():
+            async with events._lock:
+                held.set()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(batch_in_flight())
+        await held.wait()
+        await asyncio.wait_for(events.revoke(), 30)  # returns though the batch still holds on
+        assert events.revocations == 1 and events._wanted == frozenset()
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_that_a_revoke_overtakes_writes_nothing(tmp_path):
+    import asyncio
+
+    from streams.outbox import Revoked
+
+    async def scenario():
+        worker, tps = offline_worker(tmp_path)
+        await recover(worker, tps)
+        real = worker.deal_processor.process
+
+        def revoked_meanwhile(*args):
+            batch = real(*args)
+            worker._stop_serving()  # the group moved on while the batch was processed
+            return batch
+
+        worker.deal_processor.process = revoked_meanwhile
+        with pytest.raises(Revoked):
+            await asyncio.wait_for(worker._process_deals([event("d1", 1, stage="lead")], frozenset(),
+                                                         "events"), 30)
+        assert list(worker.deals.data.keys()) == [] and worker.deals_out.pending == []
+        assert worker.deal_processor.folds.folds == {}
+
+    asyncio.run(scenario())
+
+
+def test_undoing_a_batch_never_touches_folds_rebuilt_since():
+    proc, _ = deal_processor()
+    batch = proc.process([event("d1", 1, stage="lead")], lambda key, _: None)
+    proc.folds.rebuild({0}, ())  # a revoke and a new assignment while the batch was held
+    proc.undo(batch)
+    assert proc.folds.folds[0].snapshot() == Fold().snapshot()
