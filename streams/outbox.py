@@ -127,26 +127,25 @@ class Outbox:
             futures.append(await producer.send(topic, key, value, partition, None, headers))
         results = await asyncio.gather(*futures, return_exceptions=True)
         failed = None
-        changelogs = set()
-        for (topic, _, _, partition, _, sink, table), result in zip(pending, results, strict=True):
+        for (_, _, _, _, _, sink, _), result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
                 self.on_error(sink)
                 failed = result
-            elif table is not None:
-                # What Faust does for its own changelog writes: RocksDB remembers how far
-                # the changelog is reflected locally, so a restart reads only the rest.
-                table.data.set_persisted_offset(TP(result.topic, result.partition), result.offset)
-                changelogs.add((topic, partition))
         if failed is not None:
             log.error("writes of a batch failed (%s); its offsets stay uncommitted", failed)
             raise failed
-        for _, key, value, partition, _, _, table in pending:
+        changelogs = set()
+        for (topic, key, value, partition, _, _, table), result in zip(pending, results, strict=True):
             if table is None:
                 continue
             if value is None:
                 in_partition(partition, table.data.pop, key, None)
             else:
                 in_partition(partition, table.data.__setitem__, key, value)
+            # What Faust does for its own changelog writes: RocksDB remembers how far the
+            # changelog is reflected locally, so a restart reads only the rest.
+            table.data.set_persisted_offset(TP(result.topic, result.partition), result.offset)
+            changelogs.add((topic, partition))
         if changelogs:
             await self._end_markers(changelogs)
         if pending:
