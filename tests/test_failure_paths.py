@@ -21,10 +21,12 @@ from streams.processor import CustomerProcessor, DealProcessor, EventClock, Reco
 CONFIG = load_config()
 
 
-def deal_processor():
+def deal_processor(store=None):
+    """A processor over ``store`` (a dict standing in for the deals table, one partition)."""
     registry = CollectorRegistry()
     proc = DealProcessor(CONFIG, EventClock(Clock.STREAM), ProcessMetrics(registry),
-                         max_skew_ms=86_400_000)
+                         max_skew_ms=86_400_000,
+                         scan=lambda partition: list((store or {}).items()))
     proc.folds.rebuild({0}, ())
     return proc, registry
 
@@ -55,8 +57,8 @@ class FailingContribution:
 
 
 def test_a_batch_that_fails_mid_way_leaves_the_folds_as_the_store_says_on_every_retry(monkeypatch):
-    proc, _ = deal_processor()
     store = {}
+    proc, _ = deal_processor(store)
     first = proc.process([event("d1", 1, stage="lead"), event("d2", 1, stage="lead")],
                          lambda key, _: store.get(key))
     store.update((deal_id, value) for deal_id, value, _ in first.writes)
