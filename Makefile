@@ -3,21 +3,45 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The lock tool lives in its own small venv, so `make lock` works before (and without) .venv.
+LOCK_TOOLS := .lock-tools
+UV := $(LOCK_TOOLS)/bin/uv
+UV_VERSION := 0.13.9
+COMPILE := $(UV) pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+	--custom-compile-command "make lock" --quiet $(if $(UPGRADE),--upgrade)
 
-.PHONY: demo test lint bench reliability tools clean
+.PHONY: demo test lint bench reliability tools lock clean
 
-$(STAMP): pyproject.toml
+# Exactly the locked versions, hash-checked; the project itself without dependencies.
+$(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
-# promtool/prometheus (metric lint, rule tests, dashboard queries), amtool (Alertmanager config);
+$(UV):
+	$(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/pip install -q 'uv==$(UV_VERSION)'
+
+# Regenerate both lock files from pyproject.toml after changing a dependency, and commit them:
+# requirements.lock (runtime + rocksdb: the Docker image) and requirements-dev.lock (dev +
+# embedded: `make test`), constrained to the runtime versions so tests run what ships. Versions
+# already locked are kept; `make lock UPGRADE=1` takes the newest allowed.
+lock: $(UV)
+	$(COMPILE) --extra rocksdb -o requirements.lock
+	$(COMPILE) --extra rocksdb --extra dev -c requirements.lock -o requirements-dev.lock
+
+# promtool/prometheus (metric lint, rule tests, dashboard queries), amtool and alertmanager
+# (Alertmanager config and delivery), nginx + openssl (the reverse-proxy example), stunnel4
+# (Kafka over TLS);
 # Redis for the sink tests.
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v amtool >/dev/null \
+	  && command -v prometheus-alertmanager >/dev/null && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null \
+	  && command -v openssl >/dev/null && command -v stunnel4 >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null; }
+	  apt-get install -y -qq prometheus prometheus-alertmanager nginx-light openssl stunnel4 >/dev/null; }
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --port 6379 --save ""
 
 demo: $(STAMP)
@@ -48,4 +72,4 @@ reliability: $(STAMP) tools
 	$(BIN)/python -m bench.recovery --deals 1000000
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) $(LOCK_TOOLS) data .pytest_cache

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from streams.kafka_client import client_args
+
 COUNTER_PREFIX = b"funnel_events_total{"
 
 
@@ -100,7 +102,7 @@ def drain(count: Callable[[], int | None], expected: int, started_at: float,
                  foreign)
 
 
-async def raw_consume(bootstrap: list[str], topic: str, partitions: int, expected: int,
+async def raw_consume(broker_url: str, topic: str, partitions: int, expected: int,
                       settings: dict) -> float:
     """The ceiling: assign every partition, read from the start, orjson-decode each value.
 
@@ -109,7 +111,7 @@ async def raw_consume(bootstrap: list[str], topic: str, partitions: int, expecte
     import orjson
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+        **client_args(broker_url), enable_auto_commit=False, auto_offset_reset="earliest",
         fetch_max_wait_ms=settings["fetch_max_wait_ms"], fetch_max_bytes=settings["fetch_max_bytes"],
         max_partition_fetch_bytes=settings["max_partition_fetch_bytes"],
     )

@@ -14,13 +14,14 @@ import os
 import faust
 
 from bench.baselines import NAIVE, PARTITIONS
+from streams.kafka_client import faust_args
 
 
 def create_app(broker: str, web_port: int, data_dir: str, *, app_id: str = NAIVE["app_id"],
                table: bool = True) -> faust.App:
     app = faust.App(
         app_id,
-        broker=broker,
+        **faust_args(broker),
         store=NAIVE["store"],
         datadir=data_dir,
         autodiscover=False,

@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bench import baselines, measure, profile, workload
 from bench.procs import FunnelWorker, NaiveApp, http_get
 from streams.broker import EmbeddedBroker, free_port
-from streams.topics import bootstrap_servers
+from streams.kafka_client import client_args
 
 HERE = Path(__file__).resolve().parent
 PHASES = ("throughput", "latency", "profile", "replay", "redis", "memory", "rocksdb", "recovery")
@@ -176,7 +176,7 @@ def phase_throughput(bench: Bench) -> None:
         repeats = baselines.CEILING["repeats"]
         cpu_before = measure.cpu_seconds(os.getpid())
         rates = [asyncio.run(measure.raw_consume(
-            bootstrap_servers(broker.url), "crm.events", baselines.PARTITIONS, n, baselines.CEILING,
+            broker.url, "crm.events", baselines.PARTITIONS, n, baselines.CEILING,
         )) for _ in range(repeats)]
         ceiling = sorted(rates)[len(rates) // 2]
         ceiling_cpu_us = 1e6 * (measure.cpu_seconds(os.getpid()) - cpu_before) / (n * repeats)
@@ -401,7 +401,7 @@ def _memory(bench: Bench, broker: EmbeddedBroker, worker: FunnelWorker, store: s
 async def _topic_size(broker_url: str, topic: str) -> tuple[int, int]:
     """(messages, distinct keys) of a topic, by reading it: Tansu's ListOffsets answers the
     last batch's base offset + 1, not the log end, so end_offsets() undercounts."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(broker_url),
+    consumer = AIOKafkaConsumer(**client_args(broker_url),
                                 enable_auto_commit=False, fetch_max_wait_ms=20,
                                 max_partition_fetch_bytes=16 * 2**20)
     await consumer.start()

@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaProducer
 
 from models.event import encode_event
 from models.kpis import parse_exposition, total
-from streams import topics
+from streams import kafka_client, topics
 from streams.broker import EmbeddedBroker, free_port
 from streams.simulator import Simulation
 
@@ -83,7 +83,7 @@ class Traffic(threading.Thread):
             self.error = exc
 
     async def _run(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap_servers(self.broker_url),
+        producer = AIOKafkaProducer(**kafka_client.client_args(self.broker_url),
                                     linger_ms=5, acks="all")
         await producer.start()
         try:
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
 
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-        asyncio.run(topics.ensure_topics(broker.url, topics.worker_topics("funnel-kpi", PARTITIONS)))
+        asyncio.run(topics.ensure_topics(broker.url, topics.worker_topics("funnel-kpi", PARTITIONS),
+                                         replication_factor=1, app_id="funnel-kpi"))
         port = free_port()
         env = {**os.environ, "FUNNEL_BROKER": broker.url, "FUNNEL_WEB_PORT": str(port),
                "FUNNEL_WEB_BIND": "127.0.0.1", "FUNNEL_DATA_DIR": str(workdir / "data"),

@@ -7,7 +7,7 @@
 Why code: four boards share the data source, the `pipeline` and `window` variables, units, the
 stage-ordering join and the layout grid; writing them once here keeps them consistent. Panels
 query the recording rules of prometheus/rules/funnel_recording.yml wherever a KPI is derived
-(ratios and averages are never re-derived in a panel), and raw contract metrics (DESIGN.md §3)
+(ratios and averages are never re-derived in a panel), and raw contract metrics (docs/design.md §3)
 otherwise. No query pads with `or vector(0)`: a KPI without data shows "No data".
 
 Standard library only. The JSON validates against Grafana's dashboard schema as encoded by
@@ -32,6 +32,10 @@ WINDOWS = ("7d", "30d", "90d")
 
 P = 'pipeline="$pipeline"'
 PW = 'pipeline="$pipeline", window="$window"'
+
+# Raw gauges summed on a board show the truth only while every partition is exported exactly
+# once (a rebalance would show a partial sum): gated like the recording rules.
+COMPLETE = "and on () fleet:funnel_partition_exported:complete"
 
 # Stage order for bar gauges: join the position (funnel_stage_index) as label `idx`, return a
 # table and sort its rows by idx (no stage name is written in a query).
@@ -759,7 +763,8 @@ def revenue() -> Board:
     b.panel(
         "bargauge",
         "Won deal value distribution",
-        [dict(instant(f"sum by (le) (funnel_won_deal_value_bucket{{{P}}})", "{{le}}", fmt="heatmap"))],
+        [dict(instant(f"sum by (le) (funnel_won_deal_value_bucket{{{P}}}) {COMPLETE}", "{{le}}",
+                      fmt="heatmap"))],
         description="Number of won deals per amount bucket (upper bound shown).",
         w=8,
         h=9,
@@ -779,7 +784,8 @@ def revenue() -> Board:
     b.panel(
         "bargauge",
         "Customer lifetime value distribution",
-        [instant(f"sum by (le) (funnel_customer_lifetime_value_bucket{{{P}}})", "{{le}}", fmt="heatmap")],
+        [instant(f"sum by (le) (funnel_customer_lifetime_value_bucket{{{P}}}) {COMPLETE}", "{{le}}",
+                 fmt="heatmap")],
         description="Number of customers per lifetime-value bucket.",
         w=8,
         h=9,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -75,10 +76,17 @@ def recording_rules() -> list[str]:
 
 
 class LivePrometheus:
-    """A throw-away Prometheus (tmp dir, free port, 1s scrape and rule interval)."""
+    """A throw-away Prometheus (tmp dir, free port, 1s scrape and rule interval).
 
-    def __init__(self, metrics_url: str, workdir: Path, *, interval: str = "1s"):
+    ``metrics_url`` is one static target; with ``targets_file`` the targets come from that
+    file instead (file-based service discovery, ``write_targets``), so a test can add and remove
+    workers the way an orchestrator's discovery would.
+    """
+
+    def __init__(self, metrics_url: str, workdir: Path, *, interval: str = "1s",
+                 targets_file: Path | None = None):
         self.metrics_url = metrics_url
+        self.targets_file = targets_file
         self.workdir = Path(workdir)
         self.interval = interval
         self.port = free_port()
@@ -98,9 +106,21 @@ class LivePrometheus:
             f"  - job_name: {JOB}\n"
             f"    scheme: {u.scheme or 'http'}\n"
             f"    metrics_path: {json.dumps(u.path or '/metrics')}\n"
-            "    static_configs:\n"
-            f"      - targets: [{json.dumps(u.netloc)}]\n"
+            + (
+                "    file_sd_configs:\n"
+                f"      - files: [{json.dumps(str(self.targets_file))}]\n"
+                "        refresh_interval: 1s\n"
+                if self.targets_file else
+                "    static_configs:\n"
+                f"      - targets: [{json.dumps(u.netloc)}]\n"
+            )
         )
+
+    def write_targets(self, netlocs: list[str]) -> None:
+        """Replace the discovered targets (``host:port``) at once (rename: never half a file)."""
+        partial = self.targets_file.with_suffix(".partial")
+        partial.write_text(json.dumps([{"targets": netlocs}]))
+        partial.replace(self.targets_file)
 
     def __enter__(self) -> LivePrometheus:
         binary = shutil.which("prometheus")
@@ -168,6 +188,16 @@ class LivePrometheus:
         if result["resultType"] == "scalar":
             return [{"metric": {}, "value": result["result"]}]
         return result["result"]
+
+    def raw_samples(self, selector: str, start: float, end: float) -> list[dict]:
+        """Every sample stored for ``selector`` from ``start`` to ``end`` (Unix seconds) as
+        written, not resampled to steps: the series of a range selector at ``end``."""
+        seconds = math.ceil(end - start) + 1
+        data = self._get("/api/v1/query", {"query": f"{selector}[{seconds}s]", "time": f"{end:.3f}"})
+        if data is None or data.get("status") != "success":
+            raise RuntimeError(f"query failed: {selector!r}: {data}")
+        return [dict(r, values=[(float(t), float(v)) for t, v in r["values"] if float(t) >= start])
+                for r in data["data"]["result"]]
 
     def value(self, expr: str) -> float:
         result = self.query(expr)

@@ -1,4 +1,4 @@
-"""Aggregates as a fold of deal states (DESIGN §3, §6).
+"""Aggregates as a fold of deal states (docs/design.md §3, §6).
 
 Every KPI gauge is a sum over deals of that deal's *contribution*: a tuple of
 ``(family, key, value)`` items computed by a pure function of the deal. The in-memory

@@ -1,4 +1,4 @@
-"""Alert messages on ``funnel.alerts`` (DESIGN §5): stable ids so consumers can dedupe."""
+"""Alert messages on ``funnel.alerts`` (docs/design.md §5): stable ids so consumers can dedupe."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Funnel configuration (DESIGN §1): pipelines, stages, stage maps, targets, timezone, clock.
+"""Funnel configuration (docs/design.md §1): pipelines, stages, stage maps, targets, timezone, clock.
 
 Loaded once at start-up from YAML and validated with pydantic; everything the hot path needs is
 precomputed here (stage positions, map lookups) so the agent only does dict look-ups.

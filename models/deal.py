@@ -1,4 +1,4 @@
-"""Per-deal state and the event-time state machine (DESIGN §2).
+"""Per-deal state and the event-time state machine (docs/design.md §2).
 
 A deal is the only source of truth for every KPI. Each field is last-write-wins by its version
 ``(occurred_at, event_id)`` — the event id breaks ties so the result never depends on arrival
@@ -24,6 +24,10 @@ from models.event import Change
 RECENT_IDS = 32      # dedup memory per deal (ids of the latest events applied)
 MAX_HISTORY = 64     # stage entries kept; beyond it the oldest after the first are dropped
 MAX_OWNERS = 16      # owner assignments kept (for "owner at close")
+# Two entries with the same value this close in time, with no other value between them, are one
+# change seen by two paths (a backfill's history record and the live webhook/CDC event: their
+# ids differ, and Salesforce history times are whole seconds while CDC commit times have ms).
+SAME_CHANGE_MS = 10_000
 FORMAT = 2           # stored layout version of a deal (decode_deal reads 1 as well)
 
 Entry = tuple[int, str, str]  # (occurred_at ms, event_id, value): history and owner entries
@@ -122,10 +126,26 @@ def erase_person(deal: Deal, name: str) -> bool:
 
 
 def _insert(entries: list[Entry], entry: Entry, cap: int) -> bool:
-    """Insert keeping order by version; ``False`` when that version is already there."""
+    """Insert keeping order by version; ``False`` when the entry adds nothing.
+
+    An entry with the same value as a neighbour within ``SAME_CHANGE_MS`` is the same change
+    seen again: of such twins only the latest version is kept (the live event's commit time,
+    never earlier than the history record's), whatever order they arrive in.
+    """
     i = bisect.bisect_left(entries, entry)
     if i < len(entries) and entries[i][0] == entry[0] and entries[i][1] == entry[1]:
         return False
+    ts, _, value = entry
+    twins = [j for j in (i - 1, i) if 0 <= j < len(entries)
+             and entries[j][2] == value and abs(entries[j][0] - ts) <= SAME_CHANGE_MS]
+    if twins:
+        latest = max(entry, *(entries[j] for j in twins))
+        if latest is not entry and len(twins) == 1:
+            return False
+        for j in reversed(twins):
+            del entries[j]
+        entry = latest
+        i = bisect.bisect_left(entries, entry)
     entries.insert(i, entry)
     if len(entries) > cap:
         del entries[1]  # keep the first entry: it anchors the cycle time

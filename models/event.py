@@ -1,4 +1,4 @@
-"""Canonical CRM event v1 (DESIGN §2): the one input format of the deal agent.
+"""Canonical CRM event v1 (docs/design.md §2): the one input format of the deal agent.
 
 Two ways in, one answer: :func:`decode_event` decodes with msgspec into a struct carrying the
 schema's types and bounds first (checked in C) and falls back to the pydantic model only when

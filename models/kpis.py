@@ -1,4 +1,4 @@
-"""Derived KPIs (DESIGN §4), computed from the exported gauges exactly as the recording rules do.
+"""Derived KPIs (docs/design.md §4), computed from the exported gauges exactly as the recording rules do.
 
 Inputs are Prometheus samples (from ``/metrics`` or the collector itself): sums are taken over
 all workers and partitions first, then divided, never averaged. ``docs/kpis.md`` defines each.
@@ -177,7 +177,7 @@ def conversion_checks(
 
 @dataclass(frozen=True)
 class PeriodKpis:
-    """Revenue against the target of the current calendar period (DESIGN §4)."""
+    """Revenue against the target of the current calendar period (docs/design.md §4)."""
 
     period: str
     target: float | None

@@ -1,4 +1,4 @@
-"""Calendar periods (month / quarter / year) in the business timezone (DESIGN §4)."""
+"""Calendar periods (month / quarter / year) in the business timezone (docs/design.md §4)."""
 
 from __future__ import annotations
 

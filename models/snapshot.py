@@ -1,4 +1,4 @@
-"""KPI snapshots on ``funnel.kpis`` (DESIGN §5): the pydantic models are the schema source.
+"""KPI snapshots on ``funnel.kpis`` (docs/design.md §5): the pydantic models are the schema source.
 
 A snapshot is built from samples summed over every partition with the same functions the demo
 uses (:mod:`models.kpis`), which divide sums exactly like the recording rules.

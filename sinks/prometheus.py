@@ -1,9 +1,10 @@
-"""Prometheus exposition (DESIGN §3).
+"""Prometheus exposition (docs/design.md §3).
 
 Business KPIs are gauges computed at scrape time from the folds of actively owned partitions
 (:class:`KpiCollector`); process metrics are plain prometheus-client counters and histograms
-(:class:`ProcessMetrics`). Every known label combination is exported from start-up, zero
-included, so an absent series never hides a zero.
+(:class:`ProcessMetrics`). Every known label combination is exported, zero included, so an
+absent series never hides a zero; a worker exports them once it has rebuilt the folds of a
+partition (:class:`WorkerKpiCollector`), so an absent series means "not known yet", never 0.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ class ProcessMetrics:
 CONFIG_METRICS = frozenset({
     "funnel_stage_probability", "funnel_stage_index", "funnel_stall_after_seconds",
     "funnel_stage_info", "funnel_revenue_target", "funnel_period_elapsed_ratio",
-    "funnel_build_info",
+    "funnel_build_info", "funnel_partitions",
 })
 FAILING_AGENTS = ["events", "ticks", "customers"]
 SINKS = ["dlq", "credits", "kpis", "alerts", "redis"]
@@ -228,11 +229,14 @@ class KpiCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         folds = self.folds()
+        now_ms = self.now_ms()
+        yield from self._config_gauges(now_ms)
+        yield from self._kpis(folds, now_ms)
+
+    def _kpis(self, folds: list[agg.Fold], now_ms: int) -> Iterator[Metric]:
         fold = agg.Fold()
         for part in folds:
             fold.merge(part, skip=agg.HOURLY)
-        now_ms = self.now_ms()
-        yield from self._config_gauges(now_ms)
         for spec in _GAUGES:
             values = fold.counters.get(spec.family, {})
             metric = GaugeMetricFamily(spec.name, spec.doc, labels=spec.labels)
@@ -397,3 +401,47 @@ class KpiCollector(Collector):
         build = GaugeMetricFamily("funnel_build_info", "Build of the worker", labels=("version",))
         build.add_metric((self.version,), 1)
         yield from (probability, index, stall, info, target, elapsed, build)
+
+
+def current_partitions(*tables: dict[int, agg.Fold]) -> dict[int, list[agg.Fold]]:
+    """The folds of each partition present in every table's folds (a table's folds hold only
+    partitions rebuilt for the present assignment; a partition's tables move together)."""
+    shared = set.intersection(*(set(folds) for folds in tables))
+    return {partition: [folds[partition] for folds in tables] for partition in shared}
+
+
+class WorkerKpiCollector(KpiCollector):
+    """A worker's /metrics: the KPI gauges of exactly the partitions it lists in
+    ``funnel_partition_exported``, and no KPI gauge at all (not even zeros) while it has none.
+
+    ``exported`` returns the folds of the partitions whose folds are current (rebuilt for the
+    present assignment), by partition. One call per scrape, so the partition list and the
+    gauges of a scrape always agree: the recording rules sum a KPI only while every partition
+    is listed exactly once across the fleet (prometheus/rules/funnel_recording.yml), and a
+    rebalance shows as a gap, never as a partial sum.
+    """
+
+    def __init__(
+        self, config: FunnelConfig, exported: Callable[[], dict[int, list[agg.Fold]]],
+        now_ms: Callable[[], int], version: str, partitions: int,
+    ) -> None:
+        super().__init__(config, lambda: [], now_ms, version)
+        self.exported = exported
+        self.partitions = partitions
+
+    def collect(self) -> Iterator[Metric]:
+        exported = self.exported()
+        now_ms = self.now_ms()
+        yield from self._config_gauges(now_ms)
+        count = GaugeMetricFamily("funnel_partitions",
+                                  "Partitions of crm.events and the internal topics (config)")
+        count.add_metric((), self.partitions)
+        listed = GaugeMetricFamily(
+            "funnel_partition_exported",
+            "1 for each partition whose KPIs this worker exports (folds rebuilt and current)",
+            labels=("partition",))
+        for partition in sorted(exported):
+            listed.add_metric((str(partition),), 1)
+        yield from (count, listed)
+        if exported:
+            yield from self._kpis([fold for folds in exported.values() for fold in folds], now_ms)

@@ -19,12 +19,12 @@ from typing import Any
 
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from aiokafka.errors import IllegalStateError, KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from models.config import load_config
 from models.event import encode_event
-from streams import topics
+from streams import kafka_client, topics
 from streams.ingest import METRICS_CONTENT_TYPE, ensure_raw_topics
 from streams.producer import ensure_event_topics
 from streams.settings import Settings
@@ -103,6 +103,12 @@ class AdaptMetrics:
         self.retries = Counter(
             "funnel_adapt_retries", "Batches retried after a broker error", registry=registry
         )
+        self.lag = Gauge(
+            "funnel_adapt_consumer_lag_messages",
+            "Raw messages not adapted yet, per assigned raw-topic partition",
+            ["topic", "partition"],
+            registry=registry,
+        )
         for source in SOURCES:
             self.events.labels(source)
             for outcome in ("ok", "dlq"):
@@ -129,18 +135,19 @@ class Bridge:
         self.producer: AIOKafkaProducer | None = None
         self.runner: web.AppRunner | None = None
         self.last_poll = time.monotonic()
+        self.lagging: set[tuple[str, str]] = set()  # (topic, partition) children of the lag gauge
 
     async def start(self) -> Bridge:
         await ensure_event_topics(self.settings)
         await ensure_raw_topics(self.settings, list(self.topic_sources))
-        servers = topics.bootstrap_servers(self.settings.broker)
+        connect = kafka_client.client_args(self.settings.broker)
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=servers, acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024
+            **connect, acks="all", linger_ms=5, max_request_size=4 * 1024 * 1024
         )
         await self.producer.start()
         self.consumer = AIOKafkaConsumer(
             *self.topic_sources,
-            bootstrap_servers=servers,
+            **connect,
             group_id=f"{self.settings.app_id}-adapt",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -172,6 +179,7 @@ class Bridge:
         assert self.consumer is not None
         failures = 0
         while not stop.is_set():
+            await self._measure_lag()
             batch = await self.consumer.getmany(timeout_ms=500, max_records=self.sources.adapt_batch)
             self.last_poll = time.monotonic()
             if not batch:
@@ -223,6 +231,26 @@ class Bridge:
                 self._count(source, result)
         await asyncio.gather(*pending)
         await self.consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
+
+    async def _measure_lag(self) -> None:
+        """Raw-topic lag before the next fetch: what the CRMs sent that is not adapted yet."""
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        gauge = self.metrics.lag
+        for topic, partition in list(self.lagging):
+            if TopicPartition(topic, int(partition)) not in assigned:
+                gauge.remove(topic, partition)
+                self.lagging.discard((topic, partition))
+        for tp in assigned:
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:  # not fetched yet
+                continue
+            try:
+                position = await self.consumer.position(tp)
+            except IllegalStateError:  # unassigned meanwhile (a rebalance)
+                continue
+            gauge.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+            self.lagging.add((tp.topic, str(tp.partition)))
 
     def _count(self, source: str, result: Adapted) -> None:
         metrics = self.metrics

@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from models.snapshot import KpiSnapshot
-from streams import topics
+from streams import kafka_client, topics
 
 log = logging.getLogger("funnel_kpi.api")
 
@@ -48,7 +48,7 @@ class SnapshotFeed:
     async def follow(self, broker_url: str) -> None:
         while True:
             consumer = AIOKafkaConsumer(
-                topics.KPIS, bootstrap_servers=topics.bootstrap_servers(broker_url),
+                topics.KPIS, **kafka_client.client_args(broker_url),
                 auto_offset_reset="earliest", enable_auto_commit=False, group_id=None,
             )
             try:

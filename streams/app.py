@@ -29,9 +29,9 @@ from prometheus_client.process_collector import ProcessCollector
 from models.alerts import Alert
 from models.config import load_config
 from models.snapshot import KpiSnapshot
-from sinks.prometheus import REJECTION_REASONS, SINKS, KpiCollector, ProcessMetrics
+from sinks.prometheus import REJECTION_REASONS, SINKS, ProcessMetrics, WorkerKpiCollector, current_partitions
 from sinks.redis import RedisSink
-from streams import faust_patches, topics
+from streams import faust_patches, kafka_client, topics
 from streams.api import SnapshotFeed, register_api
 from streams.events_consumer import RETRY_SECONDS, EventsConsumer
 from streams.outbox import Outbox, Revoked, in_partition
@@ -66,7 +66,7 @@ def _faust_app(settings: Settings) -> faust.App:
     heartbeat = min(3.0, settings.session_timeout / 3)
     return faust.App(
         settings.app_id,
-        broker=settings.broker,
+        **kafka_client.faust_args(settings.broker),
         store=settings.store,
         datadir=str(settings.data_dir),
         autodiscover=False,
@@ -118,6 +118,7 @@ class FunnelWorker:
         self.clock = EventClock(settings.clock or config.clock)
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
+        self.registry.register(faust_patches.PatchCalls())
         self.metrics = ProcessMetrics(self.registry)
         self.metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS, SINKS)
         self.consumer_lag = Gauge(
@@ -133,7 +134,8 @@ class FunnelWorker:
         self.customer_processor = CustomerProcessor()
         self.publisher = KpiPublisher(config, settings.partitions, VERSION)
         self.feed = SnapshotFeed(on_accepted=self._fleet_clock)
-        self.redis = (RedisSink(settings.redis_url, self.metrics.sink_errors.labels("redis").inc)
+        self.redis = (RedisSink(settings.redis_url.get_secret_value(),
+                                self.metrics.sink_errors.labels("redis").inc)
                       if settings.redis_url else None)
         self.app = _faust_app(settings)
         self.ready_parts: dict[str, bool] = {}
@@ -153,10 +155,11 @@ class FunnelWorker:
 
     # -- declarations -----------------------------------------------------------------------
 
-    def _topic(self, *names: str, partitions: int | None = None, **kwargs: Any) -> faust.TopicT:
-        return self.app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
+    def _topic(self, name: str, partitions: int | None = None, **kwargs: Any) -> faust.TopicT:
+        return self.app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
                               value_serializer="raw",
-                              partitions=partitions or self.settings.partitions, **kwargs)
+                              partitions=partitions or self.settings.partitions,
+                              config=topics.topic_configs(name, self.settings.app_id), **kwargs)
 
     def _declare_topics(self) -> None:
         app_id = self.settings.app_id
@@ -201,11 +204,11 @@ class FunnelWorker:
             app.task(self.redis.run)
 
     def _declare_web(self) -> None:
-        self.registry.register(KpiCollector(
+        self.registry.register(WorkerKpiCollector(
             self.config,
-            lambda: [*self.deal_processor.folds.folds.values(),
-                     *self.customer_processor.folds.folds.values()],
-            self.clock.now_ms, VERSION,
+            lambda: current_partitions(self.deal_processor.folds.folds,
+                                       self.customer_processor.folds.folds),
+            self.clock.now_ms, VERSION, self.settings.partitions,
         ))
         registry = self.registry
 
@@ -213,8 +216,9 @@ class FunnelWorker:
         async def metrics_view(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
             return web.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
 
+        token = self.settings.api_token
         register_api(self.app, self.feed, pipelines=list(self.config.pipelines),
-                     readiness=self.readiness, token=self.settings.api_token)
+                     readiness=self.readiness, token=token.get_secret_value() if token else None)
 
     # -- readiness and rebalances ---------------------------------------------------------------
 
@@ -266,7 +270,8 @@ class FunnelWorker:
             self.ready_parts[name] = False
         self.metrics.ready.set(0)
         # Rebalances are eager (everything is revoked): from now on the next owner reports these
-        # partitions, so stop exporting them at once (the sums may dip, never double).
+        # partitions, so stop exporting them at once (the recording rules show a gap until every
+        # partition is exported again, exactly once).
         self.deal_processor.folds.revoke_all()
         self.customer_processor.folds.revoke_all()
 

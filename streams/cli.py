@@ -1,6 +1,8 @@
-"""``funnel-kpi``: broker, worker, replay, simulate, demo, ingest, adapt.
+"""``funnel-kpi``: broker, worker, replay, simulate, demo, ingest, adapt, backfill.
 
-Every setting is a ``FUNNEL_*`` environment variable and a flag of the same name; flags win.
+Every setting is a ``FUNNEL_*`` environment variable and a flag of the same name (flags win),
+except secrets: environment or ``FUNNEL_<NAME>_FILE`` only, as a command line shows in ``ps``.
+A start-up failure is one line ``funnel-kpi: ...`` and exit code 2 (:mod:`streams.startup`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ import time
 from pathlib import Path
 
 from models.config import ConfigError
+from streams.kafka_client import BrokerUnavailable
 from streams.settings import Settings
+from streams.startup import StartupError, is_secret, load_settings
 
-WORKER_SETTINGS = list(Settings.model_fields)
+WORKER_SETTINGS = [name for name in Settings.model_fields if not is_secret(Settings, name)]
 
 
 def _add_settings(parser: argparse.ArgumentParser, names: list[str]) -> None:
-    group = parser.add_argument_group("settings (flag or environment variable)")
+    group = parser.add_argument_group(
+        "settings (flag or environment variable; secrets: environment or FUNNEL_<NAME>_FILE only)")
     for name in names:
+        if is_secret(Settings, name):
+            raise ValueError(f"{name} is a secret: no flag")
         info = Settings.model_fields[name]
         default = info.default if info.default is not None else "unset"
         group.add_argument(
@@ -37,7 +44,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         name: value for name, value in vars(args).items()
         if name in Settings.model_fields and value is not None
     }
-    return Settings(**overrides)
+    return load_settings(Settings, **overrides)
 
 
 def _configure_logging(level: str) -> None:
@@ -69,6 +76,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.engine import check_engine
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    check_engine(settings.allow_untested_engine)  # before importing the patched internals
+
     import faust
     import uvloop
 
@@ -76,12 +89,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from streams import topics
     from streams.app import FunnelWorker
 
-    settings = _settings(args)
-    _configure_logging(settings.log_level)
     load_config(settings.config)  # fail fast, before touching the broker
     asyncio.run(topics.ensure_topics(
         settings.broker, topics.worker_topics(settings.app_id, settings.partitions),
-        replication_factor=settings.replication_factor,
+        replication_factor=settings.replication_factor, app_id=settings.app_id,
     ))
     # uvloop: with asyncio's own loop, selector, callbacks and transports took ~12 % of the
     # worker's CPU (bench/PROFILE.md).
@@ -183,6 +194,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return _serve(run_adapt, settings, from_args(args))
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from streams.backfill.runner import run
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    return run(args, settings)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="funnel-kpi", description="Real-time sales-funnel KPIs from CRM change events.",
@@ -220,8 +239,10 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="broker + worker + simulator with a live KPI table")
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--deals", type=int, default=3000)
-    demo.add_argument("--rate", type=float, default=300.0, help="simulated events/s")
+    demo.add_argument("--deals", type=int, default=3000,
+                      help="deals created over the simulated 120 days (90 seeded at once, 30 live)")
+    demo.add_argument("--rate", type=float, default=20.0,
+                      help="events/s of the live part, after the seeded quarter")
     demo.add_argument("--duration", type=float, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
     _add_settings(demo, ["web_port", "config"])
@@ -243,6 +264,17 @@ def parser() -> argparse.ArgumentParser:
                           "session_timeout", "web_bind", "log_level"])
     add_flags(adapt, ADAPT_SETTINGS)
     adapt.set_defaults(run=cmd_adapt)
+
+    from streams.backfill.runner import add_arguments
+
+    backfill = sub.add_parser(
+        "backfill", help="read a CRM's deals and their history through its API → crm.events",
+        description="Credentials come from the environment only: FUNNEL_HUBSPOT_ACCESS_TOKEN, "
+        "FUNNEL_PIPEDRIVE_API_TOKEN, FUNNEL_SALESFORCE_ACCESS_TOKEN, or the same names with _FILE.",
+    )
+    add_arguments(backfill)
+    _add_settings(backfill, ["broker", "partitions", "replication_factor", "config", "log_level"])
+    backfill.set_defaults(run=cmd_backfill)
     return root
 
 
@@ -250,11 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
+    except StartupError as exc:
+        return _refuse(str(exc))
     except ConfigError as exc:
-        print(f"funnel-kpi: config error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(f"config error: {exc} (FUNNEL_CONFIG)")
+    except BrokerUnavailable as exc:
+        return _refuse(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def _refuse(message: str) -> int:
+    """One line on stderr (YAML errors span lines), exit code 2."""
+    print("funnel-kpi: " + " ".join(message.split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,12 @@
 """``funnel-kpi demo``: embedded broker + worker + simulator, and a live KPI table.
 
+The simulation covers the last ``HISTORY_DAYS + LIVE_DAYS`` days up to now. Its first
+``HISTORY_DAYS`` (a past quarter) are sent at once, so won deals, win rate, cycle times and the
+leaderboard have values within seconds of start; the last ``LIVE_DAYS`` follow at the demo's
+pace as live traffic. The worker runs on the stream clock (the latest ``occurred_at``): windows,
+periods and stalls are judged at the simulation's "now", which reaches the real now when the
+live part ends. A wall clock would call deals stalled that the live part has yet to move.
+
 The table is computed from the worker's own ``/metrics`` with the same functions as KPI
 snapshots (:mod:`models.kpis`), so what the demo shows is what Prometheus would show.
 """
@@ -18,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 from models.config import load_config
@@ -25,7 +33,10 @@ from models.kpis import Samples, parse_exposition, pipeline_kpis, total
 from streams.broker import EmbeddedBroker, free_port, wait_for_port
 from streams.producer import produce
 from streams.settings import Settings
-from streams.simulator import Simulation
+from streams.simulator import DAY_S, Simulation
+
+HISTORY_DAYS = 90   # seeded at once: a past quarter
+LIVE_DAYS = 30      # then played at the demo's pace, up to now
 
 
 def _money(value: float | None) -> str:
@@ -43,6 +54,16 @@ def _pct(value: float | None) -> str:
 
 def _days(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 86400:.1f} d"
+
+
+def seeded_traffic(seed: int, deals: int, now: float) -> tuple[list[dict], list[dict]]:
+    """The simulation split in send order: the history to seed at once, then the live part."""
+    events = Simulation(seed=seed, deals=deals, days=HISTORY_DAYS + LIVE_DAYS, end=now).events()
+    live_from = now - LIVE_DAYS * DAY_S
+    split = next((i for i, event in enumerate(events)
+                  if datetime.fromisoformat(event["occurred_at"]).timestamp() >= live_from),
+                 len(events))
+    return events[:split], events[split:]
 
 
 def render(samples: Samples, url: str, pipeline: str, currency: str) -> str:
@@ -110,13 +131,17 @@ def run_demo(settings: Settings, *, seed: int, rate: float, deals: int,
     worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     producer_settings = Settings(broker=broker.url, partitions=4)
-    events = Simulation(seed=seed, deals=deals).events()
+    history, live = seeded_traffic(seed, deals, datetime.now(UTC).timestamp())
+    print(f"seeding {len(history):,} events of the past {HISTORY_DAYS} days, then "
+          f"{len(live):,} live events of the last {LIVE_DAYS} days at {rate:,.0f}/s", flush=True)
     stop = threading.Event()
-    feed = itertools.takewhile(lambda _: not stop.is_set(), events)
-    feeder = threading.Thread(
-        target=lambda: asyncio.run(produce(producer_settings, feed, rate=rate, progress=False)),
-        daemon=True,
-    )
+
+    async def feed() -> None:
+        for events, pace in ((history, 0.0), (live, rate)):
+            sending = itertools.takewhile(lambda _: not stop.is_set(), events)
+            await produce(producer_settings, sending, rate=pace, progress=False)
+
+    feeder = threading.Thread(target=lambda: asyncio.run(feed()), daemon=True)
     feeder.start()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     started = time.monotonic()

@@ -7,15 +7,14 @@ from __future__ import annotations
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from streams import topics
+from streams import kafka_client, topics
 from streams.settings import Settings
 
 
 async def request_erasure(settings: Settings, name: str) -> None:
-    await topics.ensure_topics(settings.broker, topics.worker_topics(settings.app_id,
-                                                                     settings.partitions))
-    producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap_servers(settings.broker),
-                                acks="all")
+    await topics.ensure_topics(settings.broker, topics.worker_topics(settings.app_id, settings.partitions),
+                               replication_factor=settings.replication_factor, app_id=settings.app_id)
+    producer = AIOKafkaProducer(**kafka_client.client_args(settings.broker), acks="all")
     await producer.start()
     try:
         value = orjson.dumps({"erase": name})

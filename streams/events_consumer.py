@@ -30,7 +30,7 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Gauge
 
-from streams import topics
+from streams import kafka_client, topics
 from streams.outbox import Revoked
 from streams.settings import Settings
 
@@ -134,7 +134,7 @@ class EventsConsumer:
 
     async def run(self) -> None:
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=topics.bootstrap_servers(self.settings.broker),
+            **kafka_client.client_args(self.settings.broker),
             enable_auto_commit=False, auto_offset_reset="earliest",
             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
         )

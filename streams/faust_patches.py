@@ -1,20 +1,43 @@
 """Fixes to faust-streaming 0.15 behaviour that loses or delays events; applied once per process.
 
 Each is reproduced in ``bench/RELIABILITY-FINDINGS.md`` (F1, F4, F7) or measured (fetch wait).
-They patch Faust classes in place because Faust offers no hook at these points.
+They patch Faust classes in place because Faust offers no hook at these points. Each counts its
+calls (``funnel_faust_patch_calls_total{patch}``): a Faust or aiokafka release that stops calling
+a replaced function would silently undo its fix, and tests/test_engine.py sees every count move
+in a real recovery and rebalance. The engine versions are pinned and checked (streams/engine.py).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from faust.transport.consumer import Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, ensure_aiokafka_TP
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 _faust_new_offset = Consumer._new_offset
 _faust_perform_seek = Consumer.perform_seek
+
+PATCHES = ("create_worker_consumer", "flow_control_resume", "new_offset", "perform_seek")
+CALLS: Counter[str] = Counter()  # patch -> calls in this process
+
+
+class PatchCalls(Collector):
+    """``funnel_faust_patch_calls_total{patch}``: calls of each patched function."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "funnel_faust_patch_calls", "Calls of each patched Faust/aiokafka function "
+            "(streams/faust_patches.py) in this process", labels=["patch"],
+        )
+        for patch in PATCHES:
+            family.add_metric([patch], CALLS[patch])
+        yield family
 
 
 def apply(fetch_max_wait_ms: int) -> None:
@@ -33,6 +56,7 @@ def _set_fetch_max_wait(ms: int) -> None:
         return
 
     def create(self: AIOKafkaConsumerThread, transport: Any) -> Any:
+        CALLS["create_worker_consumer"] += 1
         consumer = original(self, transport)
         consumer._fetch_max_wait_ms = ms
         return consumer
@@ -47,6 +71,7 @@ def _resume_without_dropping(self: FlowControlEvent) -> None:
     consume; mode's resume() then clears the agents' queues and those events are lost until the
     next rebalance. Clear only when resuming from a real suspension (queues filled before it are
     stale and re-read after the seek)."""
+    CALLS["flow_control_resume"] += 1
     was_suspended = self._suspend.is_set()
     self._suspend.clear()
     self._resume.set()
@@ -64,6 +89,7 @@ def _new_offset_from_committed(self: Consumer, tp: TP) -> int | None:
     past without being processed. F4: offsets re-delivered after the end-of-recovery seek are
     acknowledged twice, and Faust's run search stops at the first repeat.
     """
+    CALLS["new_offset"] += 1
     acked = self._acked[tp]
     if not acked:
         return None
@@ -85,6 +111,7 @@ async def _perform_seek_rewinding(self: Consumer) -> None:
     without a committed offset (or committed at 0), so their dropped records were never read.
     Rewind those stream partitions to their beginning, as ``auto_offset_reset=earliest`` means,
     and remember where that is as the offset the first commit must start from."""
+    CALLS["perform_seek"] += 1
     await _faust_perform_seek(self)
     changelogs = self.app.tables.changelog_topics
     uncommitted = [tp for tp in self.assignment()

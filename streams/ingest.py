@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from streams import topics
+from streams import kafka_client, topics
 from streams.settings import Settings
 from streams.sources import hubspot, pipedrive
 from streams.sources.common import Malformed
@@ -56,12 +56,13 @@ async def ensure_raw_topics(settings: Settings, names: list[str]) -> None:
             settings.broker,
             dict.fromkeys(names, settings.partitions),
             replication_factor=settings.replication_factor,
+            configs=dict.fromkeys(names, topics.KEEP_ALL),
         )
 
 
 def start_producer_args(settings: Settings, max_message: int) -> dict:
     return {
-        "bootstrap_servers": topics.bootstrap_servers(settings.broker),
+        **kafka_client.client_args(settings.broker),
         "acks": "all",
         "linger_ms": 0,
         "max_request_size": max_message + 64 * 1024,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer
 
 from models.event import encode_event
-from streams import topics
+from streams import kafka_client, topics
 from streams.settings import Settings
 
 
@@ -58,7 +58,7 @@ class Progress:
 
 async def start_producer(settings: Settings) -> AIOKafkaProducer:
     producer = AIOKafkaProducer(
-        bootstrap_servers=topics.bootstrap_servers(settings.broker),
+        **kafka_client.client_args(settings.broker),
         linger_ms=5, max_batch_size=256 * 1024, acks="all",
     )
     await producer.start()

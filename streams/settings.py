@@ -1,18 +1,24 @@
-"""Runtime settings from ``FUNNEL_*`` environment variables (and CLI flags that override them)."""
+"""Runtime settings from ``FUNNEL_*`` environment variables (and CLI flags that override them).
+
+Secrets (``SecretStr`` fields) have no flag: they come from the environment or from a file named
+by ``FUNNEL_<NAME>_FILE`` (:mod:`streams.secrets`), and are never printed.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
 from models.config import Clock
+from streams.secrets import SecretFileSettings
 
 
-class Settings(BaseSettings):
-    """Every field is ``FUNNEL_<NAME>`` in the environment and ``--<name>`` on the command line."""
+class Settings(SecretFileSettings):
+    """Every field is ``FUNNEL_<NAME>`` in the environment and ``--<name>`` on the command line,
+    except secrets (``SecretStr``): environment or ``FUNNEL_<NAME>_FILE`` only."""
 
     model_config = SettingsConfigDict(env_prefix="FUNNEL_", extra="ignore")
 
@@ -22,8 +28,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="worker state directory (RocksDB tables)")
     config: Path | None = Field(None, description="funnel config YAML (default: the shipped funnel.yaml)")
     clock: Clock | None = Field(None, description="wall | stream (default: the config's clock, wall)")
-    redis_url: str | None = Field(None, description="Redis URL for the optional KPI sink")
-    api_token: str | None = Field(None, description="bearer token required by the /kpis API (unset: open)")
+    redis_url: SecretStr | None = Field(
+        None, description="Redis URL for the optional KPI sink (secret: may hold a password)",
+    )
+    api_token: SecretStr | None = Field(
+        None, description="bearer token required by the /kpis API (unset: open)",
+    )
     store: str = Field("memory://", description="table store: memory:// or rocksdb://")
     rocksdb_block_cache_mb: int = Field(16, ge=1, description="RocksDB block cache per table partition, MiB")
     rocksdb_write_buffer_mb: int = Field(
@@ -53,3 +63,7 @@ class Settings(BaseSettings):
     session_timeout: float = Field(10.0, gt=0, description="consumer group session timeout, seconds")
     rebalance_timeout: float = Field(10.0, gt=0, description="consumer group rebalance timeout, seconds")
     log_level: str = Field("info", description="debug | info | warning | error")
+    allow_untested_engine: bool = Field(
+        False, description="start on faust-streaming/mode-streaming/aiokafka versions other than the "
+        "tested pins (streams/faust_patches.py replaces their internals)",
+    )

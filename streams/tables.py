@@ -11,6 +11,7 @@ import faust
 from faust.types import TP
 
 from models.aggregates import Contribution
+from streams import topics
 from streams.processor import PartitionFolds
 from streams.settings import Settings
 
@@ -33,8 +34,10 @@ class RawTable(faust.Table):
             "write_buffer_size": settings.rocksdb_write_buffer_mb * mib,
             "max_write_buffer_number": 2,
         } if settings.store.startswith("rocksdb") else None
+        changelog = topics.changelog_topic(settings.app_id, kwargs["name"])
         super().__init__(app, key_type=bytes, value_type=bytes, beacon=app.tables.beacon,
-                         default=None, options=options, **kwargs)
+                         default=None, options=options,
+                         extra_topic_configs=topics.topic_configs(changelog, settings.app_id), **kwargs)
         self.key_serializer = self.value_serializer = "raw"
 
 

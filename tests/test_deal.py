@@ -1,4 +1,4 @@
-"""The deal state machine (DESIGN §2): every case, in every arrival order."""
+"""The deal state machine (docs/design.md §2): every case, in every arrival order."""
 
 import itertools
 

@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from models.config import Clock, load_config
 from models.kpis import parse_exposition, pipeline_kpis, total
-from sinks.prometheus import KpiCollector, ProcessMetrics
+from sinks.prometheus import KpiCollector, ProcessMetrics, WorkerKpiCollector, current_partitions
 from streams.dataset import dataset_events
-from streams.processor import DealProcessor, EventClock, Record
+from streams.processor import DealProcessor, EventClock, PartitionFolds, Record
 
 from .conftest import DATASET
 
@@ -235,3 +235,44 @@ def test_window_and_period_sums_kept_between_scrapes_equal_a_rebuild_from_the_ta
     samples = parse_exposition(kept.decode())
     assert total(samples, "funnel_deals_closed_window", window="90d") > 0
     assert total(samples, "funnel_won_revenue_period", period="year") > 0
+
+
+def test_a_worker_exports_kpis_only_of_partitions_whose_folds_are_all_rebuilt():
+    """Issue 18: no KPI gauge at all (not even zeros) before a partition's deal and customer
+    folds are rebuilt, and funnel_partition_exported lists exactly the partitions whose gauges
+    the same scrape carries, so the recording rules can tell a complete fleet from a partial one."""
+    registry = CollectorRegistry()
+    clock = EventClock(Clock.STREAM)
+    proc = DealProcessor(CONFIG, clock, ProcessMetrics(registry), max_skew_ms=86_400_000)
+    customers = PartitionFolds()
+    registry.register(WorkerKpiCollector(
+        CONFIG, lambda: current_partitions(proc.folds.folds, customers.folds), clock.now_ms, "t", 4))
+    created = orjson.dumps({"event_id": "e1", "deal_id": "d1", "occurred_at": "2024-05-01T10:00:00Z",
+                            "stage": "sql", "amount": 10.0})
+
+    def scrape():
+        text = generate_latest(registry)
+        assert promtool_check(text).returncode == 0
+        samples = parse_exposition(text.decode())
+        exported = {labels["partition"] for labels, value in samples.get("funnel_partition_exported", [])
+                    if value == 1}
+        return samples, exported
+
+    proc.folds.revoke_all()
+    customers.revoke_all()  # a rebalance: nothing owned until rebuilt
+    samples, exported = scrape()
+    assert exported == set() and "funnel_deals_open" not in samples
+    assert total(samples, "funnel_partitions") == 4  # config gauges stay
+    proc.folds.rebuild({0, 1}, ())
+    samples, exported = scrape()  # deals rebuilt, customers not yet
+    assert exported == set() and "funnel_deals_open" not in samples
+    customers.rebuild({0, 1}, ())
+    batch = proc.process([Record(b"d1", created, "crm.events", 1, 0)], lambda key, record: None)
+    assert batch.writes
+    samples, exported = scrape()
+    assert exported == {"0", "1"}
+    assert total(samples, "funnel_deals_open", stage="sql") == 1
+    assert total(samples, "funnel_deals_open", stage="lead") == 0  # every known series, zeros too
+    proc.folds.revoke_all()
+    samples, exported = scrape()
+    assert exported == set() and "funnel_deals_open" not in samples

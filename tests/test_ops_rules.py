@@ -20,7 +20,7 @@ RULE_FILES = sorted((PROM / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROM / "tests").glob("*.yml"))
 RUNBOOKS = REPO / "docs" / "runbooks"
 
-# DESIGN.md §3 metric contract, plus the three config gauges agreed with the worker
+# docs/design.md §3 metric contract, plus the three config gauges agreed with the worker
 # (funnel_stage_index, funnel_stage_info, funnel_open_value_period; docs/operations-view.md).
 CONTRACT = {
     "funnel_deals_open",
@@ -57,6 +57,12 @@ CONTRACT = {
     "funnel_stage_info",
     "funnel_open_value_period",
     "funnel_broker_ack_age_seconds",  # worker health (issue 7): no broker answer for N s
+    "funnel_partition_exported",  # partitions whose KPIs a worker exports (issue 18): the gate
+    "funnel_partitions",
+    # the CRM edge (issue 15): the webhook receiver and the adapter
+    "funnel_ingest_requests_total",
+    "funnel_adapt_messages_total",
+    "funnel_adapt_consumer_lag_messages",
 }
 GAUGE_HISTOGRAMS = {
     "funnel_won_deal_value",
@@ -73,8 +79,10 @@ CONFIG_GAUGES = {
     "funnel_build_info",
     "funnel_stage_index",
     "funnel_stage_info",
+    "funnel_partitions",
 }
 DERIVED_OPS = ("ratio", "avg", "p50", "p90", "per_second")
+RUNBOOK_BASE = "{{ with $externalLabels.runbook_base_url }}{{ . }}/{{ end }}"
 
 
 def tool(name: str) -> str:
@@ -152,8 +160,10 @@ def test_alert_conventions(rule):
     assert rule["labels"]["severity"] in {"critical", "warning", "info"}
     ann = rule["annotations"]
     assert {"summary", "description", "runbook_url"} <= set(ann)
-    assert ann["runbook_url"] == f"docs/runbooks/{name}.md"
-    assert (REPO / ann["runbook_url"]).is_file(), f"missing runbook {ann['runbook_url']}"
+    # absolute with the external label runbook_base_url (FUNNEL_RUNBOOK_BASE_URL), else relative
+    path = f"docs/runbooks/{name}.md"
+    assert ann["runbook_url"] == RUNBOOK_BASE + path
+    assert (REPO / path).is_file(), f"missing runbook {path}"
     assert re.fullmatch(r"\d+[mh]", rule.get("for", "")), "every alert needs a for:"
 
 
@@ -174,7 +184,8 @@ def test_runbook_sections(rule):
 
 def test_no_runbook_without_alert():
     names = {r["alert"] for r in alerts()}
-    assert {p.stem for p in RUNBOOKS.glob("*.md")} == names
+    runbooks = {p.stem for p in RUNBOOKS.glob("*.md") if p.name != "README.md"}  # README: the index
+    assert runbooks == names
 
 
 # ------------------------------------------------------------------ recording rules
@@ -239,3 +250,18 @@ def test_recording_rules_name_no_stage_and_copy_no_threshold():
         # ratios guard their denominators: division by a `> 0` filtered aggregate
         if r["record"].endswith(":ratio") or r["record"].endswith(":avg"):
             assert "> 0" in r["expr"], f"{r['record']}: unguarded denominator"
+
+
+def test_every_kpi_rule_is_gated_on_every_partition_exported_once():
+    """Without the gate a KPI rule records partial sums during every rebalance, and sums counted
+    twice while a dead worker's last scrape lingers (issue 18; tests/test_board_routine_ops.py).
+    The gate comes first in its group so that the rules below see this evaluation's value."""
+    gate = "fleet:funnel_partition_exported:complete"
+    group = [r for r in records() if r["_group"] == "funnel.kpis"]
+    assert group[0]["record"] == gate
+    recorded = {r["record"] for r in group}
+    for r in group[1:]:
+        expr = r["expr"]
+        business = metric_names(expr) - CONFIG_GAUGES or any(name in expr for name in recorded)
+        if business:
+            assert expr.rstrip().endswith(f"and on () {gate}"), f"{r['record']}: not gated"

@@ -1,6 +1,6 @@
 """What every CRM adapter shares: the error type, the result, and strict value parsers.
 
-Adapters are pure functions from a raw payload to canonical events (DESIGN §2). Every value they
+Adapters are pure functions from a raw payload to canonical events (docs/design.md §2). Every value they
 copy out of a CRM payload goes through a parser here, so a bad value becomes :class:`Malformed`
 with a reason instead of a crash or a guess, and every event they emit has passed the very schema
 the deal agent applies (:class:`models.event.CrmEvent`).

@@ -1,7 +1,8 @@
 """Settings of the CRM edge (``funnel-kpi ingest``) and the bridge (``funnel-kpi adapt``).
 
 Kept apart from the worker's :class:`streams.settings.Settings` (same ``FUNNEL_`` prefix) so the
-worker never sees webhook secrets. Secrets are ``SecretStr``: never printed, never logged.
+worker never sees webhook secrets. Secrets are ``SecretStr``: never printed, never logged, no
+flag; from the environment or a ``FUNNEL_<NAME>_FILE`` (:mod:`streams.secrets`).
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import json
 from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from streams.secrets import SecretFileSettings
 from streams.sources.debezium import DEFAULT_COLUMNS
+from streams.startup import load_settings
 
 SIGNATURE_VERSIONS = ("v1", "v2", "v3")
 
 
-class SourceSettings(BaseSettings):
-    """Every field is ``FUNNEL_<NAME>`` in the environment and ``--<name>`` on the command line."""
+class SourceSettings(SecretFileSettings):
+    """Every field is ``FUNNEL_<NAME>`` in the environment and ``--<name>`` on the command line,
+    except secrets (``SecretStr``): environment or ``FUNNEL_<NAME>_FILE`` only."""
 
     model_config = SettingsConfigDict(env_prefix="FUNNEL_", extra="ignore")
 
@@ -160,4 +164,4 @@ def from_args(args: argparse.Namespace) -> SourceSettings:
         for name, value in vars(args).items()
         if name in SourceSettings.model_fields and value is not None
     }
-    return SourceSettings(**overrides)
+    return load_settings(SourceSettings, **overrides)

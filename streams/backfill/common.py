@@ -1,0 +1,87 @@
+"""What the CRM readers share: a page of results, a CRM stage, time helpers, ``--since``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from streams.sources.common import Adapted, Context, Malformed, checked, from_iso
+
+
+@dataclass
+class Page:
+    """One page of deals turned into events; ``cursor`` resumes after it (None: the last)."""
+
+    deals: int
+    events: list[dict[str, Any]]
+    cursor: str | None
+    skipped: Counter = field(default_factory=Counter)
+    rejects: list[Malformed] = field(default_factory=list)
+
+    def add(self, adapted: Adapted) -> None:
+        self.events += adapted.events
+        self.skipped.update(adapted.skipped)
+        self.rejects += adapted.rejects
+
+
+@dataclass(frozen=True)
+class CrmStage:
+    """A stage as the CRM defines it, for ``--print-stage-map``."""
+
+    pipeline_id: str
+    pipeline_label: str
+    stage_id: str
+    label: str
+    probability: float | None  # 0..1
+    closed: bool = False
+    won: bool = False
+
+
+def epoch_ms(value: object, where: str, *, naive_utc: bool = False) -> int:
+    """An ISO 8601 timestamp as epoch ms (the webhook payloads' unit)."""
+    text = from_iso(value, where, naive_utc=naive_utc)
+    return round(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def adapt_all(adapt: Callable[[Any, Context], Adapted], payloads: list[Any], ctx: Context) -> Adapted:
+    """Run payloads in the live format through the live adapter, one result for all."""
+    out = Adapted()
+    for payload in payloads:
+        part = adapt(payload, ctx)
+        out.events += part.events
+        out.skipped += part.skipped
+        out.rejects += part.rejects
+    return out
+
+
+def direct(event: dict[str, Any], out: Adapted) -> None:
+    """An event no live payload can express (e.g. a HubSpot deal's company), checked the same way."""
+    try:
+        out.events.append(checked(event))
+    except Malformed as exc:
+        out.rejects.append(exc)
+
+
+def limit_history(events: list[dict[str, Any]], since: str) -> list[dict[str, Any]]:
+    """``--since``: each deal's changes from ``since`` on, plus the last value of every field
+    before it (so every deal still ends in its true state; older history is left out)."""
+    kept: list[dict[str, Any]] = []
+    before: dict[tuple[str, str], dict[str, Any]] = {}
+    for event in events:
+        if event["occurred_at"] >= since:
+            kept.append(event)
+            continue
+        for name in _FIELDS:
+            if name in event:
+                key = (event["deal_id"], name)
+                if key not in before or (before[key]["occurred_at"], before[key]["event_id"]) < (
+                    event["occurred_at"], event["event_id"]):
+                    before[key] = event
+    latest = {id(event): event for event in before.values()}
+    return [*latest.values(), *kept]
+
+
+_FIELDS = ("stage", "amount", "currency", "owner", "account", "expected_close_at", "deleted")

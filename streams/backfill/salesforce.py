@@ -1,0 +1,154 @@
+"""Salesforce: ``Opportunity`` and ``OpportunityHistory`` by SOQL ``queryAll`` → CDC events.
+
+Each ``OpportunityHistory`` row (one per change of StageName, Amount, CloseDate, at its
+``CreatedDate``) becomes the change event CDC would have sent, carrying the fields that changed
+since the previous row; owner, account and currency (not in the history) come from the
+opportunity as of its ``SystemModstamp``. They go through the live adapter
+(:mod:`streams.sources.salesforce`). Event ids: ``salesforce:history-<row Id>:0:<opportunity>``
+and ``salesforce:current-<modstamp ms>:0:<opportunity>``. ``queryAll`` includes deleted rows, so
+a deal deleted mid-run is read as deleted, never lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+from simple_salesforce import Salesforce
+
+from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms
+from streams.backfill.http import Api, RateLimit, TimeoutSession
+from streams.backfill.settings import BackfillSettings
+from streams.sources import salesforce as live
+from streams.sources.common import Adapted, Context, Malformed, as_dict
+
+NAME = "salesforce"
+DEFAULT_RATE = "25/1"  # Salesforce limits calls per 24 h (Sforce-Limit-Info), not per second
+CHUNK = 200  # opportunities whose history one query reads (keeps the SOQL short)
+OPPORTUNITY = ("SELECT Id, StageName, Amount, CurrencyIsoCode, CloseDate, OwnerId, AccountId, IsDeleted, "
+               "CreatedDate, SystemModstamp FROM Opportunity")
+HISTORY = ("SELECT Id, OpportunityId, StageName, Amount, CloseDate, CreatedDate FROM OpportunityHistory "
+           "WHERE OpportunityId IN ({ids}) ORDER BY OpportunityId, CreatedDate, Id")
+STAGES = ("SELECT ApiName, MasterLabel, DefaultProbability, IsClosed, IsWon, SortOrder FROM OpportunityStage "
+          "WHERE IsActive = true ORDER BY SortOrder")
+TRACKED = ("StageName", "Amount", "CloseDate")
+
+
+class BudgetSpent(RuntimeError):
+    """The org's daily API calls are used up to the configured share: stop, resume later."""
+
+
+def deal_events(opp: dict[str, Any], history: list[dict[str, Any]], ctx: Context) -> Adapted:
+    """One opportunity and its history rows → canonical events (pure)."""
+    opp_id = opp.get("Id")
+    rows = sorted(history, key=lambda r: (epoch_ms(r.get("CreatedDate"), "OpportunityHistory.CreatedDate"),
+                                          str(r.get("Id"))))
+    docs = []
+    previous: dict[str, Any] = {}
+    for row in rows:
+        fields = {name: row.get(name) for name in TRACKED if row.get(name) != previous.get(name)}
+        previous = row
+        if any(value is not None for value in fields.values()):
+            docs.append(_doc("UPDATE" if docs else "CREATE", f"history-{row.get('Id')}", opp_id,
+                             epoch_ms(row.get("CreatedDate"), "OpportunityHistory.CreatedDate"), fields))
+    current = {name: opp.get(name) for name in ("OwnerId", "AccountId", "CurrencyIsoCode")}
+    if not docs:  # no history rows readable: the opportunity as created, now
+        current.update({name: opp.get(name) for name in TRACKED})
+    modstamp = epoch_ms(opp.get("SystemModstamp") or opp.get("CreatedDate"), "Opportunity.SystemModstamp")
+    docs.append(_doc("DELETE" if opp.get("IsDeleted") else "UPDATE", f"current-{modstamp}", opp_id,
+                     modstamp, current))
+    return adapt_all(live.adapt, docs, ctx)
+
+
+def _doc(change: str, transaction: str, opp_id: Any, ms: int, fields: dict[str, Any]) -> dict[str, Any]:
+    header = {"entityName": "Opportunity", "recordIds": [opp_id], "changeType": change,
+              "transactionKey": transaction, "sequenceNumber": 0, "commitTimestamp": ms}
+    return {"ChangeEventHeader": header, **fields}
+
+
+def stages_of(records: list[dict[str, Any]]) -> list[CrmStage]:
+    """``OpportunityStage`` rows → stages (StageName holds the label; probability in percent)."""
+    return [CrmStage("default", "Opportunity", str(r["MasterLabel"]), str(r["MasterLabel"]),
+                     None if r.get("DefaultProbability") is None else float(r["DefaultProbability"]) / 100,
+                     bool(r.get("IsClosed")), bool(r.get("IsWon")))
+            for r in records]
+
+
+class Reader:
+    """Salesforce's REST API through simple-salesforce (an OAuth access token, no login)."""
+
+    name = NAME
+
+    def __init__(self, settings: BackfillSettings, ctx: Context) -> None:
+        if not settings.salesforce_instance_url:
+            raise ValueError("set FUNNEL_SALESFORCE_INSTANCE_URL (https://<your domain>.my.salesforce.com)")
+        self.ctx = ctx
+        self.budget = settings.salesforce_api_budget
+        self.api = Api(NAME, RateLimit(*settings.rate(DEFAULT_RATE)), settings.backfill_retries)
+        session = TimeoutSession(settings.backfill_timeout)
+        if settings.salesforce_ca_bundle is not None:
+            session.verify = str(settings.salesforce_ca_bundle)
+        self.sf = Salesforce(instance_url=settings.salesforce_instance_url,
+                             session_id=settings.secret("salesforce_access_token"),
+                             version=settings.salesforce_api_version, session=session)
+
+    def _call(self, what: str, request: Any) -> dict[str, Any]:
+        doc = self.api.call(what, request)
+        usage = self.sf.api_usage.get("api-usage")
+        if usage is not None and usage.total and usage.used >= self.budget * usage.total:
+            raise BudgetSpent(f"the org has used {usage.used} of its {usage.total} daily API calls "
+                              f"(FUNNEL_SALESFORCE_API_BUDGET={self.budget}); run again later to resume")
+        return as_dict(doc, f"Salesforce {what} answer")
+
+    def _query(self, what: str, soql: str) -> Iterator[list[dict[str, Any]]]:
+        """queryAll (deleted rows included), one batch of records per answer."""
+        result = self._call(what, lambda: self.sf.query(soql, include_deleted=True))
+        while True:
+            yield result.get("records") or []
+            if result.get("done", True):
+                return
+            locator = str(result["nextRecordsUrl"]).rsplit("/", 1)[-1]
+            result = self._call(what, partial(self.sf.query_more, locator, include_deleted=True))
+
+    def count(self) -> int | None:
+        return self._call("deal count", lambda: self.sf.query(
+            "SELECT COUNT() FROM Opportunity", include_deleted=True)).get("totalSize")
+
+    def pages(self, cursor: str | None) -> Iterator[Page]:
+        where = "" if cursor is None else f" WHERE Id > '{_soql_id(cursor)}'"
+        pending: list[dict[str, Any]] = []
+        batches = self._query("opportunities", f"{OPPORTUNITY}{where} ORDER BY Id")
+        for batch in batches:
+            pending += batch
+            while len(pending) >= CHUNK:
+                yield self._page(pending[:CHUNK], more=True)
+                del pending[:CHUNK]
+        yield self._page(pending, more=False)
+
+    def _page(self, opps: list[dict[str, Any]], more: bool) -> Page:
+        page = Page(len(opps), [], str(opps[-1]["Id"]) if opps and more else None)
+        if not opps:
+            return page
+        ids = ",".join(f"'{_soql_id(opp.get('Id'))}'" for opp in opps)
+        history: dict[str, list[dict[str, Any]]] = {}
+        for batch in self._query("history", HISTORY.format(ids=ids)):
+            for row in batch:
+                history.setdefault(row.get("OpportunityId"), []).append(row)
+        for opp in opps:
+            try:
+                page.add(deal_events(opp, history.get(opp.get("Id"), []), self.ctx))
+            except Malformed as exc:
+                page.rejects.append(exc)
+        return page
+
+    def stages(self) -> list[CrmStage]:
+        records = [r for batch in self._query("stages", STAGES) for r in batch]
+        return stages_of(records)
+
+
+def _soql_id(value: object) -> str:
+    """A record id safe inside a SOQL literal (ids are 15/18 alphanumerics)."""
+    if not (isinstance(value, str) and value.isalnum() and len(value) in (15, 18)):
+        raise Malformed("bad_id", f"not a Salesforce record id: {value!r:.40}")
+    return value

@@ -1,0 +1,59 @@
+"""Start-up failures the user fixes: one line naming the setting or resource and what to do.
+
+The CLI prints them as ``funnel-kpi: <message>`` and exits with code 2, without a traceback and
+without the value of any secret setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar, get_args
+
+from pydantic import BaseModel, SecretStr, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StartupError(Exception):
+    """A setting, file or resource that stops a command from starting."""
+
+
+def is_secret(model: type[BaseModel], field: str) -> bool:
+    """Secret settings are typed ``SecretStr`` (alone or in a union)."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return False
+    annotation = info.annotation
+    return annotation is SecretStr or SecretStr in get_args(annotation)
+
+
+def env_name(model: type[BaseModel], field: str) -> str:
+    prefix = model.model_config.get("env_prefix", "")
+    return f"{prefix}{field}".upper()
+
+
+def settings_error(exc: ValidationError, model: type[BaseModel]) -> StartupError:
+    """One line for every invalid setting: its variable, the value unless secret, the reason."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = env_name(model, field) if field else model.__name__
+        shown = _shown_input(error.get("input"))
+        value = "" if is_secret(model, field) or shown is None else f"={shown}"
+        problems.append(f"{name}{value}: {error['msg']}")
+    return StartupError("invalid setting " + "; ".join(problems)
+                        + " (fix the environment variable, its flag, or for a secret its _FILE)")
+
+
+def _shown_input(value: Any) -> str | None:
+    """The offending input if it is a plain value (not the whole settings mapping)."""
+    if isinstance(value, (str, int, float, bool)):
+        return repr(value)
+    return None
+
+
+def load_settings(model: type[M], **overrides: Any) -> M:
+    """``model(**overrides)`` (flags), reading the environment; invalid: :class:`StartupError`."""
+    try:
+        return model(**overrides)
+    except ValidationError as exc:
+        raise settings_error(exc, model) from None

