@@ -15,7 +15,7 @@ from models.kpis import total
 from streams import topics
 from streams.dataset import dataset_deals
 
-from .conftest import DATASET, credits_settled, wait_until
+from .conftest import DATASET, credits_settled, exported_once, wait_until
 from .test_e2e_pipeline import assert_dataset_values, read_topic, replay
 from .test_reliability_crash import APP_ID, read_all
 
@@ -132,6 +132,8 @@ def exact(worker_list, timeout=120):
                 return None
             for name, values in samples.items():
                 merged.setdefault(name, []).extend(values)
+        if not exported_once(merged):
+            return None
         try:
             assert_dataset_values(merged)
         except AssertionError:
