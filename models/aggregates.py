@@ -159,12 +159,10 @@ def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
     return tuple(items)
 
 
-def customer_contribution(account: str, credits: dict[str, list]) -> Contribution:
-    """One account's contribution: a customer per pipeline, lifetime value per currency."""
-    totals: dict[tuple[str, str], int] = {}
-    for pipeline, currency, micro in credits.values():
-        totals[(pipeline, currency)] = totals.get((pipeline, currency), 0) + micro
-    items: list[Item] = [(CUSTOMERS, (pl,), 1) for pl in {pl for pl, _ in totals}]
+def customer_contribution(account: str, totals: dict[tuple[str, str], int]) -> Contribution:
+    """One account's contribution: a customer per pipeline, lifetime value per currency.
+    ``totals``: (pipeline, currency) → won micro units, for each pair with a credited deal."""
+    items: list[Item] = [(CUSTOMERS, (pl,), 1) for pl in sorted({pl for pl, _ in totals})]
     items.extend((CLV, key, total) for key, total in totals.items())
     items.extend((ACCOUNTS, (*key, account), total) for key, total in totals.items())
     return tuple(items)

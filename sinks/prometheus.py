@@ -93,6 +93,15 @@ class ProcessMetrics:
             "funnel_standby_partitions", "Standby copies of deal partitions held (never exported)",
             registry=registry,
         )
+        self.clock = Gauge(
+            "funnel_clock_timestamp_seconds",
+            "The time windows, periods and stalls are computed at (wall or fleet stream clock)",
+            registry=registry,
+        )
+        self.failed_batches = Counter(
+            "funnel_failed_batches", "Batches that failed and were taken back, to be read again",
+            ["agent"], registry=registry,
+        )
         self._events_children: dict[tuple[str, str], Callable[[float], None]] = {}
 
     def counted(self, outcomes: dict[tuple[str, Outcome], int], lags: dict[str, list[int]]) -> None:
@@ -120,6 +129,8 @@ class ProcessMetrics:
             self.rejections.labels(reason)
         for sink in sinks:
             self.sink_errors.labels(sink)
+        for agent in FAILING_AGENTS:
+            self.failed_batches.labels(agent)
 
 
 # Gauges that come from the config and the clock, identical on every worker (aggregate with max).
@@ -128,6 +139,7 @@ CONFIG_METRICS = frozenset({
     "funnel_stage_info", "funnel_revenue_target", "funnel_period_elapsed_ratio",
     "funnel_build_info", "funnel_partitions",
 })
+FAILING_AGENTS = ["events", "ticks", "customers"]
 SINKS = ["dlq", "credits", "kpis", "alerts", "redis"]
 REJECTION_REASONS = ["empty", "too_large", "invalid_json", "invalid_event", "future_timestamp",
                      "ancient_timestamp", "unknown_pipeline", "unmapped_stage"]

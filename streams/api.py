@@ -28,8 +28,9 @@ log = logging.getLogger("funnel_kpi.api")
 class SnapshotFeed:
     """The latest valid snapshot per pipeline from ``funnel.kpis``; older pairs are dropped."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_accepted: Callable[[KpiSnapshot], None] = lambda snapshot: None) -> None:
         self.latest: dict[str, KpiSnapshot] = {}
+        self.on_accepted = on_accepted
 
     def offer(self, raw: bytes) -> bool:
         try:
@@ -41,6 +42,7 @@ class SnapshotFeed:
         if current is not None and pair <= (current.generation, current.sequence):
             return False
         self.latest[snapshot.pipeline] = snapshot
+        self.on_accepted(snapshot)
         return True
 
     async def follow(self, broker_url: str) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -27,16 +28,24 @@ from prometheus_client.process_collector import ProcessCollector
 
 from models.alerts import Alert
 from models.config import load_config
+from models.snapshot import KpiSnapshot
 from sinks.prometheus import REJECTION_REASONS, SINKS, ProcessMetrics, WorkerKpiCollector, current_partitions
 from sinks.redis import RedisSink
 from streams import faust_patches, kafka_client, topics
 from streams.api import SnapshotFeed, register_api
-from streams.events_consumer import EventsConsumer
-from streams.outbox import Outbox, in_partition
-from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record, Rejection
+from streams.events_consumer import RETRY_SECONDS, EventsConsumer
+from streams.outbox import Outbox, Revoked, in_partition
+from streams.processor import (
+    CustomerProcessor,
+    DealBatch,
+    DealProcessor,
+    EventClock,
+    Record,
+    Rejection,
+)
 from streams.publisher import MAX_CHECK_LAG, KpiPublisher, encode_partial
 from streams.settings import Settings
-from streams.tables import ErasureTable, FoldedTable, RawTable
+from streams.tables import ErasureTable, FoldedTable, RawTable, Rebalances
 
 log = logging.getLogger("funnel_kpi")
 # Prometheus text format 0.0.4; aiohttp adds the charset itself.
@@ -87,7 +96,7 @@ def _faust_app(settings: Settings) -> faust.App:
 def _records(events: list[Any]) -> list[Record]:
     return [
         Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
-               e.message.offset)
+               e.message.offset, e.message.timestamp)
         for e in events
     ]
 
@@ -124,7 +133,7 @@ class FunnelWorker:
         )
         self.customer_processor = CustomerProcessor()
         self.publisher = KpiPublisher(config, settings.partitions, VERSION)
-        self.feed = SnapshotFeed()
+        self.feed = SnapshotFeed(on_accepted=self._fleet_clock)
         self.redis = (RedisSink(settings.redis_url.get_secret_value(),
                                 self.metrics.sink_errors.labels("redis").inc)
                       if settings.redis_url else None)
@@ -132,11 +141,13 @@ class FunnelWorker:
         self.ready_parts: dict[str, bool] = {}
         self.broker_answered_at = time.monotonic()
         self.metrics.broker_ack_age.set_function(lambda: time.monotonic() - self.broker_answered_at)
+        self.metrics.clock.set_function(lambda: self.clock.now_ms() / 1000)
         self.active_partitions: set[int] = set()
         # Events batches and ticks both write the deals table: one at a time.
         self.deals_lock = asyncio.Lock()
         self.deals_out = self._outbox()
-        self.events = EventsConsumer(self.app, settings, self.consumer_lag, self.handle_events)
+        self.events = EventsConsumer(self.app, settings, self.consumer_lag, self.handle_events,
+                                     on_lost=self._stop_serving)
         self._declare_topics()
         self._declare_tables()
         self._declare_agents()
@@ -159,21 +170,25 @@ class FunnelWorker:
 
     def _declare_tables(self) -> None:
         settings, add = self.settings, self.app.tables.add
+        self.rebalances = Rebalances()
         self.deals = add(FoldedTable(
             self.app, settings, name="deals", folds=self.deal_processor.folds,
             source_topic=self.ticks_topic.get_topic_name(),
-            contribution=self.deal_processor.contribution_of_stored,
-            on_ready=self._ready_callback("deals"), partitions=settings.partitions,
+            contributions=self.deal_processor.contributions_of_stored,
+            on_ready=self._ready_callback("deals"), rebalances=self.rebalances,
+            partitions=settings.partitions,
         ))
         self.customers = add(FoldedTable(
             self.app, settings, name="customers", folds=self.customer_processor.folds,
             source_topic=self.credits_topic.get_topic_name(),
-            contribution=self.customer_processor.contribution_of_stored,
-            on_ready=self._ready_callback("customers"), partitions=settings.partitions,
+            contributions=self.customer_processor.contributions_of_stored,
+            on_ready=self._ready_callback("customers"), rebalances=self.rebalances,
+            partitions=settings.partitions,
         ))
         self.erasures = add(ErasureTable(self.app, settings, self.deal_processor.erased,
                                          on_ready=self._ready_callback("erasures"),
-                                         name="erasures", partitions=settings.partitions))
+                                         rebalances=self.rebalances, name="erasures",
+                                         partitions=settings.partitions))
         self.publisher_state = add(RawTable(self.app, settings, name="publisher", partitions=1))
         self.app.on_partitions_revoked.connect(self._on_revoked)
 
@@ -241,13 +256,19 @@ class FunnelWorker:
         self.broker_answered_at = time.monotonic()
 
     async def _on_revoked(self, app: faust.App, revoked: set[TP], **_: Any) -> None:
-        for name in self.ready_parts:
-            self.ready_parts[name] = False
-        self.metrics.ready.set(0)
+        self._stop_serving()
         await self.events.revoke()
         self.metrics.rebalances.inc()
         self.metrics.publisher.set(0)
         self.publisher.revoked()
+
+    def _stop_serving(self) -> None:
+        """On a revoke, and when the group says this worker is no longer a member (a failed
+        commit): a batch in flight is fenced off from here on, and nothing is exported."""
+        self.rebalances.revoked()  # first: a recovery or a batch completing from here on is overtaken
+        for name in self.ready_parts:
+            self.ready_parts[name] = False
+        self.metrics.ready.set(0)
         # Rebalances are eager (everything is revoked): from now on the next owner reports these
         # partitions, so stop exporting them at once (the recording rules show a gap until every
         # partition is exported again, exactly once).
@@ -272,9 +293,10 @@ class FunnelWorker:
         return stream.take_events(self.settings.batch_size, self.settings.batch_within)
 
     async def handle_events(self, records: list[Any]) -> None:
-        """A batch of ``crm.events`` records from the events consumer."""
+        """A batch of ``crm.events`` records from the events consumer (which re-reads it when
+        this raises)."""
         async with self.deals_lock:
-            await self._process_deals(records, frozenset())
+            await self._process_deals(records, frozenset(), "events")
 
     async def deal_agent(self, stream: faust.StreamT) -> None:
         """Ticks and erasure requests, one partition at a time, taking turns with the events
@@ -284,14 +306,68 @@ class FunnelWorker:
             for record in _records(events):
                 by_partition.setdefault(record.partition, []).append(record)
             for partition, records in by_partition.items():
-                lagging = (frozenset([partition]) if await self.events.lag(partition) > MAX_CHECK_LAG
-                           else frozenset())
-                async with self.deals_lock:
-                    await self._process_deals(records, lagging)
+                await self._ticks_until_done(partition, records)
 
-    async def _process_deals(self, records: list[Any], lagging: frozenset[int]) -> None:
+    async def _ticks_until_done(self, partition: int, records: list[Record]) -> None:
+        """Ticks and erasures are consumed by Faust's stream, which never reads them again: a
+        failed batch is retried here until it goes through (stall alerts that did not go out
+        are raised again) or the partition is no longer ours (its next owner checks it)."""
+        while True:
+            lagging = (frozenset([partition]) if await self.events.lag(partition) > MAX_CHECK_LAG
+                       else frozenset())
+            try:
+                async with self.deals_lock:
+                    await self._process_deals(records, lagging, "ticks")
+                return
+            except Revoked:
+                await self._hand_over_erasures(records)
+                return
+            except Exception:
+                log.exception("ticks of partition %d failed; retrying in %.0f s", partition,
+                              RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)
+            owned = self.deal_processor.folds.owned
+            if owned is not None and partition not in owned:
+                return
+
+    async def _hand_over_erasures(self, records: list[Record]) -> None:
+        """Erasure requests of a batch fenced off by a revoke: Faust has them as consumed, so
+        they go back on the ticks topic for the partition's next owner (erasing is idempotent)."""
+        for record in records:
+            if record.value and record.value.startswith(b"{"):
+                await self.ticks_topic.send(value=record.value, partition=record.partition)
+
+    async def _process_deals(self, records: list[Any], lagging: frozenset[int], agent: str) -> None:
+        """One batch, all or nothing. Its stall alerts go out and are acknowledged before the
+        deals that remember them are written: a failure or a kill in between raises them again
+        (at least once; ids are deterministic, so consumers drop a repeat). The store takes the
+        writes once the changelog has them; any failure before takes the batch's fold updates
+        back, and a revoke meanwhile fences the batch off (:class:`Revoked`: nothing written)."""
+        revocations = self.rebalances.revocations
+
+        def still_ours() -> bool:
+            return self.rebalances.revocations == revocations
+
+        try:
+            batch = self.deal_processor.process(records, _reader(self.deals), lagging)
+            try:
+                if batch.alerts:
+                    for alert in batch.alerts:
+                        self._send_alert(self.deals_out, alert)
+                    await self.deals_out.flush(still_ours)
+                self._queue_writes(batch)
+                await self.deals_out.flush(still_ours)
+            except BaseException:
+                self.deal_processor.undo(batch)
+                raise
+        except Revoked:
+            raise
+        except Exception:
+            self.metrics.failed_batches.labels(agent).inc()
+            raise
+
+    def _queue_writes(self, batch: DealBatch) -> None:
         out = self.deals_out
-        batch = self.deal_processor.process(records, _reader(self.deals), lagging)
         for deal_id, value, record in batch.writes:
             out.put(self.deals, deal_id, value, record.partition)
         for pseudonym, record in batch.erased:
@@ -301,9 +377,6 @@ class FunnelWorker:
         for credit in batch.credits:
             out.send(self.credits_topic.get_topic_name(), credit.account.encode(),
                      credit.encode(), sink="credits")
-        for alert in batch.alerts:
-            self._send_alert(out, alert)
-        await out.flush()
 
     async def customer_agent(self, stream: faust.StreamT) -> None:
         out = self._outbox()
@@ -366,6 +439,11 @@ class FunnelWorker:
             log.warning("broker did not answer the tick: %r", exc)
             return
         self._broker_answered()
+
+    def _fleet_clock(self, snapshot: KpiSnapshot) -> None:
+        """The stream clock is one for the fleet: adopt the publisher's (the latest of every
+        partition owner's clock)."""
+        self.clock.observe(int(datetime.fromisoformat(snapshot.as_of).timestamp() * 1000))
 
     async def follow_snapshots(self) -> None:
         await self.feed.follow(self.settings.broker)

@@ -19,16 +19,27 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    IllegalStateError,
+    KafkaError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Gauge
 
 from streams import kafka_client, topics
+from streams.outbox import Revoked
 from streams.settings import Settings
 
 log = logging.getLogger("funnel_kpi.events")
 # After a failed batch (its writes were not acknowledged): wait, then re-read it.
 RETRY_SECONDS = 1.0
+# Commit errors that mean this worker is no longer a member of the group's current generation.
+MEMBERSHIP_LOST = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError,
+                   RebalanceInProgressError)
 
 
 class FaustGroup:
@@ -67,8 +78,11 @@ class EventsConsumer:
     """
 
     def __init__(self, app: faust.App, settings: Settings, lag_gauge: Gauge,
-                 handle: Callable[[list[Any]], Awaitable[None]]) -> None:
+                 handle: Callable[[list[Any]], Awaitable[None]],
+                 on_lost: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
+        self.on_lost = on_lost
+        self.revocations = 0  # a batch commits only if no revoke came while it ran
         self.group = FaustGroup(app)
         self.lag_gauge = lag_gauge
         self.handle = handle
@@ -85,11 +99,21 @@ class EventsConsumer:
         self._wake.set()
 
     async def revoke(self) -> None:
-        """Stop reading; returns after the batch in flight is done and committed."""
+        """Stop reading; returns after the batch in flight is done, or after half the rebalance
+        timeout (a worker that overstays it is dropped from the group while it still writes).
+        A batch that outlives a revoke neither writes (``FunnelWorker``) nor commits."""
         self._wanted = frozenset()
         self._wake.clear()
-        async with self._lock:
+        self.revocations += 1
+        try:
+            await asyncio.wait_for(self._lock.acquire(), self.settings.rebalance_timeout / 2)
+        except TimeoutError:
+            log.warning("a batch still in flight at a revoke: fenced off, it writes nothing more")
+            return
+        try:
             await self._apply_assignment()
+        finally:
+            self._lock.release()
 
     async def lag(self, partition: int) -> int:
         """Events of a partition not processed yet (fetched ones included); 0 while the
@@ -170,20 +194,38 @@ class EventsConsumer:
             return
         records = [record for messages in fetched.values() for record in messages]
         offsets = {tp: messages[-1].offset + 1 for tp, messages in fetched.items()}
+        # On every fetch, so a partition whose batch keeps failing shows its lag growing.
+        self._report_lag({tp: messages[0].offset for tp, messages in fetched.items()})
+        revocations = self.revocations
         try:
             await self.handle(records)
+        except Revoked:
+            # Nothing written: whoever owns these partitions next (maybe this worker again, with
+            # the same assignment) reads them again.
+            await self._seek_to_committed(list(fetched))
+            return
         except Exception:
             log.exception("a batch of %d events failed; re-reading it in %.0f s",
                           len(records), RETRY_SECONDS)
             await asyncio.sleep(RETRY_SECONDS)
             await self._seek_to_committed(list(fetched))
             return
+        if revocations != self.revocations:
+            return  # written before the revoke fenced it; the next owner re-reads (duplicates)
         for tp, offset in offsets.items():
             self.positions[tp.partition] = offset
         self._report_lag(offsets)
         try:
             await self.group.commit(offsets)
-        except KafkaError as exc:  # a rebalance: the next owner re-reads these (duplicates)
+        except MEMBERSHIP_LOST as exc:
+            # The group has moved on without this worker (or is rebalancing): its partitions
+            # may be someone else's already. Stop as on a revoke; Faust rejoins and reassigns.
+            log.warning("commit of %s offsets refused (%r): stopping as on a revoke",
+                        topics.EVENTS, exc)
+            self._wanted = frozenset()
+            self.revocations += 1
+            self.on_lost()
+        except KafkaError as exc:  # e.g. a timeout: the next commit covers these offsets
             log.warning("commit of %s offsets failed: %r", topics.EVENTS, exc)
 
     def _report_lag(self, offsets: dict[TopicPartition, int]) -> None:

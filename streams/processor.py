@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -55,6 +55,7 @@ class Record:
     topic: str
     partition: int
     offset: int
+    timestamp: int | None = None  # the broker's (create or log-append) time, ms
 
 
 @dataclass(slots=True)
@@ -85,10 +86,21 @@ class DealBatch:
     credits: list[Credit] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     erased: list[tuple[str, Record]] = field(default_factory=list)  # (pseudonym, request)
+    # Partitions whose folds this batch changed: undo() rebuilds them from the store, unless the
+    # folds were replaced since (``folds_epoch``). (Keeping each change to take it back held
+    # every contribution of the batch alive: +30 % CPU per event in garbage collection.)
+    changed: set[int] = field(default_factory=set)
+    folds_epoch: int = 0
 
 
 class EventClock:
-    """The one clock for windows, stalls and periods: wall time or the latest event time."""
+    """The one clock for windows, stalls and periods: wall time, or the stream clock.
+
+    The stream clock is the latest event time that was not ahead of its record's broker
+    timestamp, taken over the fleet: each worker adopts the latest clock of the published KPI
+    snapshots (the KPI publisher takes the latest of every partition owner's). So one event
+    dated in the future never moves it, and every worker's windows, periods and stalls agree
+    (it lags a worker's own events by up to a tick or two)."""
 
     def __init__(self, mode: Clock) -> None:
         self.mode = mode
@@ -97,6 +109,12 @@ class EventClock:
     def observe(self, ts_ms: int) -> None:
         if ts_ms > self.latest_ms:
             self.latest_ms = ts_ms
+
+    def observe_stored(self, ts_ms: int) -> None:
+        """An event time read back from the store (its broker time is not kept): counted only
+        when not ahead of this host's wall clock."""
+        if ts_ms <= time.time() * 1000:
+            self.observe(ts_ms)
 
     def now_ms(self) -> int:
         return int(time.time() * 1000) if self.mode is Clock.WALL else self.latest_ms
@@ -133,6 +151,7 @@ class PartitionFolds:
     def __init__(self) -> None:
         self.folds: dict[int, Fold] = {}
         self.owned: set[int] | None = None  # None: not managed by a worker (tools, unit tests)
+        self.epoch = 0  # bumped whenever the folds are replaced (rebuild, revocation)
 
     def fold(self, partition: int) -> Fold:
         fold = self.folds.get(partition)
@@ -151,10 +170,17 @@ class PartitionFolds:
                 fold.apply(contribution, 1)
         self.folds = folds
         self.owned = set(active)
+        self.epoch += 1
+
+    def rebuild_partition(self, partition: int, contributions: Iterable[Contribution]) -> None:
+        """Recompute one owned partition from its stored values (after a failed batch)."""
+        if self.owned is None or partition in self.owned:
+            self.folds[partition] = Fold.of(contributions)
 
     def revoke_all(self) -> None:
         self.folds = {}
         self.owned = set()
+        self.epoch += 1
 
     def total(self) -> Fold:
         total = Fold()
@@ -185,6 +211,9 @@ class DealProcessor:
         # Pseudonyms of erased owners/accounts; events naming them are masked on arrival.
         self.erased: set[str] = set()
 
+    def contributions_of_stored(self, values: Iterable[bytes]) -> Iterator[tuple[int, Contribution]]:
+        return map(self.contribution_of_stored, values)
+
     def contribution_of_stored(self, raw: bytes) -> tuple[int, Contribution]:
         deal = decode_deal(raw)
         self._observe_deal_time(deal)
@@ -192,7 +221,7 @@ class DealProcessor:
 
     def _observe_deal_time(self, deal: Deal) -> None:
         if deal.history:
-            self.clock.observe(deal.history[-1][0])
+            self.clock.observe_stored(deal.history[-1][0])
 
     def _reject(self, batch: DealBatch, record: Record, code: str, reason: str,
                 source: str | None) -> None:
@@ -207,8 +236,37 @@ class DealProcessor:
     def process(self, records: list[Record], load: Callable[[str, Record], bytes | None],
                 lagging: frozenset[int] = frozenset()) -> DealBatch:
         """``lagging``: partitions still catching up a backlog; their stall checks wait (a
-        replay's stream clock runs ahead of deals whose later events are still queued)."""
-        batch = DealBatch()
+        replay's stream clock runs ahead of deals whose later events are still queued).
+
+        All or nothing in memory: when it raises, the folds are as before the batch (the store
+        still holds the old versions, so a retry must not find this batch's changes in them)."""
+        batch = DealBatch(folds_epoch=self.folds.epoch)
+        try:
+            self._process(batch, records, load, lagging)
+        except BaseException:
+            self.undo(batch)
+            raise
+        return batch
+
+    def undo(self, batch: DealBatch) -> None:
+        """Take a batch's fold updates back: its writes did not reach the store, which still
+        holds every deal as before the batch, so the partitions it changed are rebuilt from it.
+        Folds rebuilt since (a revoke and a new assignment while the batch was held) never had
+        them."""
+        if batch.folds_epoch != self.folds.epoch:
+            return
+        for partition in batch.changed:
+            self.folds.rebuild_partition(partition, (
+                self.contribution_of_stored(raw)[1] for _, raw in self.scan(partition)))
+        batch.changed.clear()
+
+    def _replace(self, batch: DealBatch, partition: int, before: Contribution,
+                 after: Contribution) -> None:
+        self.folds.fold(partition).replace(before, after)
+        batch.changed.add(partition)
+
+    def _process(self, batch: DealBatch, records: list[Record],
+                 load: Callable[[str, Record], bytes | None], lagging: frozenset[int]) -> None:
         touched: dict[str, _Touched] = {}
         ticks: dict[int, Record] = {}
         erasures: list[Record] = []
@@ -257,8 +315,8 @@ class DealProcessor:
                 deal, change, stage, stage_ignored=change.stage is not None and stage is None
             )
             ts = change.ts
-            if ts > latest_ms:
-                latest_ms = ts
+            if ts > latest_ms and (record.timestamp is None or ts <= record.timestamp):
+                latest_ms = ts  # an event dated ahead of the broker's time never moves the clock
             source = self._source_label(change.source)
             outcomes[source, outcome] = outcomes.get((source, outcome), 0) + 1
             if outcome is Outcome.ACCEPTED:
@@ -275,7 +333,6 @@ class DealProcessor:
         # ticks and erasures read it and add to it, or a later one would start from the
         # stored version and write over an earlier one's change (and its fold update).
         self.clock.observe(latest_ms)
-        self.metrics.counted(outcomes, lags)
         for deal_id, state in touched.items():
             self._finish(batch, deal_id, state)
         for partition, record in ticks.items():
@@ -283,7 +340,7 @@ class DealProcessor:
                 self._raise_stalls(batch, partition, record, touched, load)
         for record in erasures:
             self._erase(batch, record, touched)
-        return batch
+        self.metrics.counted(outcomes, lags)  # once per batch that went through, not per try
 
     def _masked(self, change: Change) -> Change:
         owner, account = change.owner, change.account
@@ -345,7 +402,7 @@ class DealProcessor:
             before = deal_contribution(deal, self.config)
             deal.stall_alert = [stage, entered]
             after = deal_contribution(deal, self.config)
-            self.folds.fold(partition).replace(before, after)
+            self._replace(batch, partition, before, after)
             touched[deal_id] = _Touched(deal, after, record)
             batch.writes.append((deal_id, encode_deal(deal), record))
             batch.alerts.append(self._stall_alert("deal.stalled", deal, pl, stage, entered, now,
@@ -374,7 +431,7 @@ class DealProcessor:
         after = deal_contribution(deal, self.config)
         partition = state.record.partition
         if state.write:
-            self.folds.fold(partition).replace(state.before, after)
+            self._replace(batch, partition, state.before, after)
         credit = _credit_of(deal, after)
         if credit != state.credit_before or state.resend_credit:
             account = credit[0] if credit else None
@@ -392,39 +449,83 @@ class DealProcessor:
             batch.writes.append((deal_id, encode_deal(deal), state.record))
 
 
+class LegacyCustomerRow(ValueError):
+    """A customers row of the format before issue 18 (one row per account)."""
+
+
+def customer_key(account: str, deal_id: str) -> str:
+    return f"{account}\x00{deal_id}"
+
+
 class CustomerProcessor:
-    """The ``customers`` table: per account, the absolute won contribution of each deal."""
+    """The ``customers`` table: one row per credited (account, deal), the deal's absolute won
+    contribution, so a row stays small however many deals an account wins (one row per
+    account held every deal and outgrew a producer request at ~15,000). Re-sent credits
+    overwrite their row (idempotent); a credit taken back deletes it. The folds count per
+    account, from per-account totals kept in memory and rebuilt with the folds."""
 
     def __init__(self) -> None:
         self.folds = PartitionFolds()
+        # account → (pipeline, currency) → [credited deals, won micro units]
+        self.totals: dict[str, dict[tuple[str, str], list[int]]] = {}
 
-    def contribution_of_stored(self, raw: bytes) -> tuple[int, Contribution]:
-        partition, account, credits = orjson.loads(raw)
-        return partition, customer_contribution(account, credits)
+    def contributions_of_stored(self, values: Iterable[bytes]) -> Iterator[tuple[int, Contribution]]:
+        """Every stored account's contribution (recomputes the per-account totals)."""
+        totals: dict[str, dict[tuple[str, str], list[int]]] = {}
+        partitions: dict[str, int] = {}
+        for raw in values:
+            row = orjson.loads(raw)
+            if len(row) != 5:
+                raise LegacyCustomerRow(
+                    "the customers table holds rows of the format before issue 18 (one row per "
+                    "account): rebuild under a new FUNNEL_APP_ID (docs/operations.md, "
+                    "\"Upgrading from a version before issue 18\")")
+            partition, account, pipeline, currency, micro = row
+            partitions[account] = partition
+            _add_credit(totals.setdefault(account, {}), pipeline, currency, micro, 1)
+        self.totals = totals
+        for account, by_key in totals.items():
+            yield partitions[account], customer_contribution(account, _micro(by_key))
 
     def process(
         self, records: list[Record], load: Callable[[str, Record], bytes | None]
-    ) -> list[tuple[str, bytes, Record]]:
-        touched: dict[str, tuple[dict[str, list], Contribution, Record]] = {}
+    ) -> list[tuple[str, bytes | None, Record]]:
+        """(key, row or None to delete it, credit record) to write."""
+        before: dict[str, tuple[Contribution, Record]] = {}
+        rows: dict[str, tuple[bytes | None, Record]] = {}
         for record in records:
             if record.key is None or record.value is None:
                 continue
             account = record.key.decode()
             deal_id, pipeline, currency, micro = orjson.loads(record.value)
-            entry = touched.get(account)
-            if entry is None:
-                raw = load(account, record)
-                credits = orjson.loads(raw)[2] if raw is not None else {}
-                entry = (credits, customer_contribution(account, credits), record)
-            credits = entry[0]
-            if micro is None:
-                credits.pop(deal_id, None)
-            else:
-                credits[deal_id] = [pipeline, currency, micro]
-            touched[account] = (credits, entry[1], record)
-        writes = []
-        for account, (credits, before, record) in touched.items():
-            self.folds.fold(record.partition).replace(before, customer_contribution(account, credits))
-            writes.append((account, compact(orjson.dumps([record.partition, account, credits])),
-                           record))
-        return writes
+            totals = self.totals.setdefault(account, {})
+            if account not in before:
+                before[account] = (customer_contribution(account, _micro(totals)), record)
+            key = customer_key(account, deal_id)
+            old = rows[key][0] if key in rows else load(key, record)
+            if old is not None:
+                _add_credit(totals, *orjson.loads(old)[2:], -1)
+            row = None
+            if micro is not None:
+                _add_credit(totals, pipeline, currency, micro, 1)
+                row = compact(orjson.dumps([record.partition, account, pipeline, currency, micro]))
+            rows[key] = (row, record)
+        for account, (contribution, record) in before.items():
+            after = customer_contribution(account, _micro(self.totals[account]))
+            self.folds.fold(record.partition).replace(contribution, after)
+            if not self.totals[account]:
+                del self.totals[account]
+        return [(key, row, record) for key, (row, record) in rows.items()]
+
+
+def _add_credit(totals: dict[tuple[str, str], list[int]], pipeline: str, currency: str,
+                micro: int, sign: int) -> None:
+    entry = totals.setdefault((pipeline, currency), [0, 0])
+    entry[0] += sign
+    entry[1] += sign * micro
+    if not entry[0]:
+        del totals[(pipeline, currency)]
+
+
+def _micro(totals: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], int]:
+    return {key: micro for key, (_, micro) in totals.items()}

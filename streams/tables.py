@@ -4,7 +4,7 @@ publisher's state."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import faust
@@ -41,23 +41,68 @@ class RawTable(faust.Table):
         self.key_serializer = self.value_serializer = "raw"
 
 
-class ErasureTable(RawTable):
-    """Pseudonyms of erased people; loaded into the deal processor once recovered, so an
-    erasure survives restarts and rebalances (events are read only after that)."""
+class Rebalances:
+    """Which assignment is current. Faust may complete the recovery of an assignment that a
+    later rebalance replaced; rebuilding folds and reading events then would export and process
+    partitions another worker owns, so such a completion is ignored (the current assignment's
+    own completion follows)."""
 
-    def __init__(self, app: faust.App, settings: Settings, erased: set[str],
+    def __init__(self) -> None:
+        self.revocations = 0
+        self.assigned_after = -1  # revocations seen when the tables last got an assignment
+
+    def revoked(self) -> None:
+        self.revocations += 1
+
+    def assigned(self) -> None:
+        self.assigned_after = self.revocations
+
+    def overtaken(self, app: faust.App) -> bool:
+        """A revoke came after the last assignment, or a newer assignment awaits recovery."""
+        return (self.assigned_after != self.revocations
+                or app.tables.recovery.signal_recovery_start.is_set())
+
+
+class RecoveredTable(RawTable):
+    """A table that reports its completed recovery to the worker, unless a rebalance has
+    overtaken it."""
+
+    def __init__(self, app: faust.App, settings: Settings, *, rebalances: Rebalances,
                  on_ready: Callable[[set[int], set[int]], None], **kwargs: Any) -> None:
         super().__init__(app, settings, **kwargs)
-        self.erased = erased
+        self.rebalances = rebalances
         self.on_ready = on_ready
+
+    async def on_rebalance(self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP],
+                           generation_id: int = 0) -> None:
+        self.rebalances.assigned()  # before Faust starts this assignment's recovery
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)
+        if self.rebalances.overtaken(self.app):
+            log.warning("%s: a recovery overtaken by a rebalance completed; ignored", self.name)
+            return
+        self.recovered()
+
+    def recovered(self) -> None:
+        raise NotImplementedError
+
+
+class ErasureTable(RecoveredTable):
+    """Pseudonyms of erased people; loaded into the deal processor once recovered, so an
+    erasure survives restarts and rebalances (events are read only after that)."""
+
+    def __init__(self, app: faust.App, settings: Settings, erased: set[str], **kwargs: Any) -> None:
+        super().__init__(app, settings, **kwargs)
+        self.erased = erased
+
+    def recovered(self) -> None:
         self.erased |= {key.decode() for key in list(self.data.keys())}
         self.on_ready(set(), set())
 
 
-class FoldedTable(RawTable):
+class FoldedTable(RecoveredTable):
     """A table whose values feed in-memory folds of the actively owned partitions only.
 
     Folds are dropped when partitions are revoked (the worker's ``on_partitions_revoked``: every
@@ -67,17 +112,15 @@ class FoldedTable(RawTable):
 
     def __init__(
         self, app: faust.App, settings: Settings, *, folds: PartitionFolds, source_topic: str,
-        contribution: Callable[[bytes], tuple[int, Contribution]],
-        on_ready: Callable[[set[int], set[int]], None], **kwargs: Any,
+        contributions: Callable[[Iterable[bytes]], Iterable[tuple[int, Contribution]]],
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, settings, **kwargs)
         self.folds = folds
         self.source_topic = source_topic
-        self.contribution = contribution
-        self.on_ready = on_ready
+        self.contributions = contributions
 
-    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
-        await super().on_recovery_completed(active_tps, standby_tps)
+    def recovered(self) -> None:
         active = {
             tp.partition for tp in self.app.assignor.assigned_actives()
             if tp.topic == self.source_topic
@@ -86,12 +129,8 @@ class FoldedTable(RawTable):
             tp.partition for tp in self.app.assignor.assigned_standbys()
             if tp.topic == self.changelog_topic.get_topic_name()
         }
-        self.folds.rebuild(active, self._stored_contributions())
+        self.folds.rebuild(active, self.contributions(
+            value for value in self.data.values() if value is not None))
         log.info("%s: aggregates rebuilt for active partitions %s (standby %s, not exported)",
                  self.name, sorted(active), sorted(standby))
         self.on_ready(active, standby)
-
-    def _stored_contributions(self) -> Iterator[tuple[int, Contribution]]:
-        for value in self.data.values():
-            if value is not None:
-                yield self.contribution(value)

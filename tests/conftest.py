@@ -143,6 +143,15 @@ def credits_settled(samples: Samples | None) -> bool:
     return abs(total(samples, "funnel_customer_lifetime_value_gsum") - revenue) < 0.005
 
 
+def exported_once(merged: Samples) -> bool:
+    """Every partition exported by exactly one of the workers whose samples are merged (the gate
+    of the recording rules): only then do summed KPI gauges mean the whole funnel."""
+    partitions = int(max((value for _, value in merged.get("funnel_partitions", [])), default=0))
+    exported = [labels["partition"] for labels, value in merged.get("funnel_partition_exported", [])
+                if value == 1]
+    return partitions > 0 and len(exported) == partitions == len(set(exported))
+
+
 def settled(worker_list, expected_events: int, timeout: float = 90) -> Samples:
     """Wait until the workers have counted every event and report the summed samples. Workers
     that own partitions must be ready: during a rebalance nothing is exported, and credits
@@ -159,7 +168,8 @@ def settled(worker_list, expected_events: int, timeout: float = 90) -> Samples:
             for name, values in samples.items():
                 merged.setdefault(name, []).extend(values)
         counted = total(merged, "funnel_events_total")
-        return merged if counted >= expected_events and credits_settled(merged) else None
+        done = counted >= expected_events and exported_once(merged) and credits_settled(merged)
+        return merged if done else None
 
     return wait_until(check, timeout, what=f"{expected_events} events counted")
 

@@ -55,8 +55,11 @@ def run(proc, store, customers, cstore, raws, batch=50, partitions=1):
             outputs.append(result)
             credit_records = [Record(c.account.encode(), c.encode(), "credits", 0, 0)
                               for c in result.credits]
-            for account, value, _ in customers.process(credit_records, cstore.load):
-                cstore.data[account] = value
+            for key, value, _ in customers.process(credit_records, cstore.load):
+                if value is None:
+                    cstore.data.pop(key, None)
+                else:
+                    cstore.data[key] = value
     return outputs
 
 
@@ -140,7 +143,7 @@ def test_incremental_folds_equal_folds_rebuilt_from_the_table():
         run(proc, store, customers, cstore, simulated(seed), batch=37, partitions=3)
         assert {p: f.snapshot() for p, f in proc.folds.folds.items()} == rebuilt(proc, store, 3)
         crebuilt = CustomerProcessor()
-        crebuilt.folds.rebuild({0}, (crebuilt.contribution_of_stored(v) for v in cstore.data.values()))
+        crebuilt.folds.rebuild({0}, crebuilt.contributions_of_stored(cstore.data.values()))
         assert customers.folds.total().snapshot() == crebuilt.folds.total().snapshot()
 
 

@@ -1,0 +1,203 @@
+"""Failure paths against the real broker and worker processes (issue 18): stall alerts at least
+once, a customer with more won deals than a message can hold, a batch held past the rebalance
+timeout, the fleet's stream clock."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from models.deal import decode_deal, encode_deal
+from models.kpis import total
+from streams import topics
+from streams.dataset import dataset_deals
+
+from .conftest import DATASET, credits_settled, exported_once, wait_until
+from .test_e2e_pipeline import assert_dataset_values, read_topic, replay
+from .test_reliability_crash import APP_ID, read_all
+
+pytestmark = pytest.mark.broker
+
+
+def stalling_events():
+    """A lead entered on 1 January and another deal's event on 10 February: with the stream
+    clock the first one is 40 days in ``lead`` (stall_after 30d) at the next tick."""
+    return [
+        {"event_id": "s1", "deal_id": "stalled-deal", "source": "api", "stage": "lead",
+         "occurred_at": "2024-01-01T00:00:00Z", "amount": 10.0},
+        {"event_id": "f1", "deal_id": "fresh-deal", "source": "api", "stage": "lead",
+         "occurred_at": "2024-02-10T00:00:00Z", "amount": 20.0},
+    ]
+
+
+def stall_alerts(broker, timeout):
+    found = read_topic(broker, topics.ALERTS, lambda messages: any(
+        orjson.loads(m.value)["type"] == "deal.stalled" for m in messages), timeout=timeout)
+    return [alert for alert in (orjson.loads(m.value) for m in found)
+            if alert["type"] == "deal.stalled"]
+
+
+def stalled_in_the_table(worker):
+    samples = worker.samples()
+    return samples is not None and total(samples, "funnel_deals_stalled", stage="lead") == 1
+
+
+def test_a_stall_alert_whose_send_fails_goes_out_on_the_retry(broker, workers):
+    worker = workers(FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1", FUNNEL_TEST_FAIL_ALERT_SENDS="1")
+    worker.wait_ready()
+    replay(broker, stalling_events())
+    wait_until(lambda: stalled_in_the_table(worker), 60, what="the lead stalled")
+    alerts = stall_alerts(broker, timeout=30)
+    assert [a["deal_id"] for a in alerts] == ["stalled-deal"], "the alert was lost"
+    assert total(worker.samples(), "funnel_failed_batches_total", agent="ticks") >= 1
+
+
+def test_a_kill_before_the_stall_alert_is_sent_raises_it_after_the_restart(broker, workers):
+    doomed = workers("w1", FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1",
+                     FUNNEL_TEST_CRASH_BEFORE_ALERTS="1")
+    doomed.wait_ready()
+    replay(broker, stalling_events())
+    wait_until(lambda: doomed.process.poll() is not None, 60, what="the kill before the alert")
+    assert doomed.process.returncode == 137
+    survivor = workers("w2", FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1")
+    survivor.wait_ready(90)
+    alerts = stall_alerts(broker, timeout=60)
+    assert [a["deal_id"] for a in alerts] == ["stalled-deal"], "the alert was lost"
+    wait_until(lambda: stalled_in_the_table(survivor), 30, what="the stall remembered")
+
+
+BIG_ACCOUNT_DEALS = 20_000
+
+
+def won_deal(i, account="Megacorp"):
+    """Deal ids as long as CRMs make them (a HubSpot/Salesforce id with its object prefix)."""
+    return {"event_id": f"won-{i}", "deal_id": f"opportunity-0065g00000{i:08d}AAC-salesforce",
+            "source": "api", "stage": "won",
+            "occurred_at": "2024-03-01T00:00:00Z", "amount": 100 + i % 7, "account": account}
+
+
+def test_an_account_with_20000_won_deals_keeps_its_lifetime_value_and_later_events_flow(broker, workers):
+    """One row per account held every credited deal: at ~15,000 it outgrew a producer request
+    and the account's credits partition stopped for good."""
+    worker = workers()
+    worker.wait_ready()
+    replay(broker, [won_deal(i) for i in range(BIG_ACCOUNT_DEALS)])
+    revenue = sum(100 + i % 7 for i in range(BIG_ACCOUNT_DEALS))
+
+    def lifetime_value():
+        samples = worker.samples()
+        return samples and total(samples, "funnel_customer_lifetime_value_gsum")
+
+    wait_until(lambda: lifetime_value() == revenue, 180, what=f"lifetime value {revenue}",
+               show=lifetime_value)
+    later = [won_deal(i) for i in range(BIG_ACCOUNT_DEALS, BIG_ACCOUNT_DEALS + 10)]
+    later.append(won_deal(0, account="Smallco") | {"event_id": "moved-0",
+                                                    "occurred_at": "2024-03-02T00:00:00Z"})
+    replay(broker, later)
+    expected = revenue + sum(100 + i % 7 for i in range(BIG_ACCOUNT_DEALS, BIG_ACCOUNT_DEALS + 10))
+    wait_until(lambda: credits_settled(worker.samples()) and lifetime_value() == expected, 60,
+               what="the later credits", show=lifetime_value)
+    samples = worker.samples()
+    assert total(samples, "funnel_customers") == 2
+    assert total(samples, "funnel_won_revenue") == expected
+
+
+def latest_deals(broker_url, app_id):
+    """The deals table as its changelog holds it (latest value per key), stall episodes left
+    out (they follow each worker's ticks), re-encoded for comparison."""
+    latest = {}
+    for message in read_all(broker_url, f"{app_id}-deals-changelog"):
+        latest[message.key] = message.value
+    deals = {}
+    for key, value in latest.items():
+        if value:  # end-of-batch markers and tombstones have none
+            deal = decode_deal(value)
+            deal.stall_alert = None
+            deals[key] = encode_deal(deal)
+    return deals
+
+
+def exact(worker_list, timeout=120):
+    """Wait until the workers' summed KPIs are the dataset's literal values."""
+
+    def check():
+        merged = {}
+        for worker in worker_list:
+            samples = worker.samples()
+            if samples is None or (total(samples, "funnel_active_partitions")
+                                   and not total(samples, "funnel_worker_ready")):
+                return None
+            for name, values in samples.items():
+                merged.setdefault(name, []).extend(values)
+        if not exported_once(merged):
+            return None
+        try:
+            assert_dataset_values(merged)
+        except AssertionError:
+            return None
+        return merged
+
+    return wait_until(check, timeout, what="the dataset's literal values")
+
+
+def test_a_batch_held_past_the_rebalance_timeout_writes_nothing_once_revoked(broker, workers):
+    """The first worker's produce path stalls for 12 s (rebalance timeout 6 s) while a second
+    worker joins: the group moves on without it, and its late batch must not land on top of the
+    new owner's writes. Opening events first, closing events after, so the new owner changes
+    the held batch's deals before the held batch would be written."""
+    deals = list(dataset_deals(DATASET))
+    opening = [events[0] for events in deals]
+    closing = [event for events in deals for event in events[1:]]
+    slow = workers("slow", FUNNEL_TEST_SLOW_FLUSHES="1", FUNNEL_TEST_SLOW_FLUSH_SECONDS="12")
+    slow.wait_ready()
+    replay(broker, opening)
+    wait_until(lambda: "FUNNEL_TEST_SLOW_FLUSHES: holding" in slow.log_path.read_text(), 60,
+               what="the held batch")
+    joining = workers("joining")
+    replay(broker, closing)
+    exact([slow, joining])
+    time.sleep(15)  # past the held batch, whatever it did
+    exact([slow, joining])
+    fresh = workers("fresh", FUNNEL_APP_ID="fresh")
+    exact([fresh])
+    assert latest_deals(broker.url, APP_ID) == latest_deals(broker.url, "fresh")
+
+
+def test_the_stream_clock_is_one_for_the_fleet_and_ignores_an_event_dated_a_day_ahead(broker, workers):
+    """With FUNNEL_CLOCK=stream each worker's clock was the latest event time it had seen: one
+    event dated a day ahead moved its owner's clock (windows, periods, stalls) for good."""
+    env = {"FUNNEL_CLOCK": "stream", "FUNNEL_TICK_INTERVAL": "1"}
+    first, second = workers("w1", **env), workers("w2", **env)
+    wait_until(lambda: all(w.samples() and total(w.samples(), "funnel_active_partitions") == 2
+                           and total(w.samples(), "funnel_worker_ready") for w in (first, second)),
+               90, what="two partitions each")
+    normal = [{"event_id": f"n{i}", "deal_id": f"deal-{i}", "source": "api", "stage": "lead",
+               "occurred_at": f"2024-01-{i + 1:02d}T00:00:00Z"} for i in range(20)]
+    ahead = datetime.fromtimestamp(time.time() + 23 * 3600, UTC).isoformat().replace("+00:00", "Z")
+    outlier = {"event_id": "ahead", "deal_id": "deal-ahead", "source": "api", "stage": "lead",
+               "occurred_at": ahead}
+    replay(broker, [*normal, outlier])
+    latest = datetime(2024, 1, 20, tzinfo=UTC).timestamp()
+
+    def clocks():
+        found = []
+        for worker in (first, second):
+            samples = worker.samples()
+            if samples is None:
+                return None
+            found.append((total(samples, "funnel_period_elapsed_ratio", period="year"),
+                          total(samples, "funnel_clock_timestamp_seconds")))
+        return found
+
+    def agreed():
+        found = clocks()
+        events = sum(total(w.samples(), "funnel_events_total", outcome="accepted")
+                     for w in (first, second))
+        return found and events == 21 and found[0] == found[1] and found[0][1] == latest
+
+    wait_until(agreed, 60, what="both clocks at the latest event not ahead", show=clocks)
+    time.sleep(3)  # ticks and snapshots later: still there
+    assert agreed(), clocks()
