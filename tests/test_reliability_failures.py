@@ -245,6 +245,8 @@ def test_a_recovery_overtaken_by_a_join_never_has_two_workers_export_one_partiti
         started.append(w3)
         wait_until(lambda: "completion released by a revoke" in w2.log_path.read_text()[held_at:], 90,
                    what="w2's completion overtaken by w3's join")
+        # Not before: while the group rebalances, w1 and a stale w2 may still export all 8.
+        wait_until(lambda: exported_by(w3.samples() or {}), 90, what="w3 exporting partitions")
         exact([w1, w2, w3], timeout=180)
     print(f"{rounds.rounds} scrape rounds, {rounds.complete} exporting every partition")
     assert rounds.complete, "no scrape round exported every partition"
