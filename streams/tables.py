@@ -52,7 +52,7 @@ class Rebalances:
     def __init__(self) -> None:
         self.revocations = 0
         self.assigned_after = -1  # revocations seen when the tables last got an assignment
-        self.revoke = asyncio.Event()  # set, and replaced, at each revoke
+        self.revoke = asyncio.Event()  # set, and replaced, at each revoke (for a test hook)
 
     def revoked(self) -> None:
         self.revocations += 1
