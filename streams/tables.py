@@ -3,7 +3,9 @@ publisher's state."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,9 +52,12 @@ class Rebalances:
     def __init__(self) -> None:
         self.revocations = 0
         self.assigned_after = -1  # revocations seen when the tables last got an assignment
+        self.revoke = asyncio.Event()  # set, and replaced, at each revoke (for a test hook)
 
     def revoked(self) -> None:
         self.revocations += 1
+        self.revoke.set()  # wakes whoever waits for this revoke
+        self.revoke = asyncio.Event()
 
     def assigned(self) -> None:
         self.assigned_after = self.revocations
@@ -72,6 +77,8 @@ class RecoveredTable(RawTable):
         super().__init__(app, settings, **kwargs)
         self.rebalances = rebalances
         self.on_ready = on_ready
+        # Tests only: each recovery completion is held this long, or until a revoke comes.
+        self.slow_recovery = float(os.environ.get("FUNNEL_TEST_SLOW_RECOVERY_SECONDS", "0"))
 
     async def on_rebalance(self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP],
                            generation_id: int = 0) -> None:
@@ -80,10 +87,26 @@ class RecoveredTable(RawTable):
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         await super().on_recovery_completed(active_tps, standby_tps)
+        if self.slow_recovery:
+            await self._hold_completion()
         if self.rebalances.overtaken(self.app):
             log.warning("%s: a recovery overtaken by a rebalance completed; ignored", self.name)
             return
         self.recovered()
+
+    async def _hold_completion(self) -> None:
+        """``FUNNEL_TEST_SLOW_RECOVERY_SECONDS``: a completion released by a revoke arrives when
+        Faust's own stale completions do (its recovery's last round trips answered while the
+        group rebalances, before the next assignment); Faust runs table callbacks as tasks of
+        their own, so a revoke or a new assignment meanwhile does not cancel them."""
+        log.warning("FUNNEL_TEST_SLOW_RECOVERY_SECONDS: %s: holding a recovery completion", self.name)
+        try:
+            await asyncio.wait_for(self.rebalances.revoke.wait(), self.slow_recovery)
+            log.warning("FUNNEL_TEST_SLOW_RECOVERY_SECONDS: %s: completion released by a revoke",
+                        self.name)
+        except TimeoutError:
+            log.warning("FUNNEL_TEST_SLOW_RECOVERY_SECONDS: %s: completion released after %.0f s",
+                        self.name, self.slow_recovery)
 
     def recovered(self) -> None:
         raise NotImplementedError

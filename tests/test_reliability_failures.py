@@ -1,9 +1,11 @@
 """Failure paths against the real broker and worker processes (issue 18): stall alerts at least
 once, a customer with more won deals than a message can hold, a batch held past the rebalance
-timeout, the fleet's stream clock."""
+timeout, a recovery overtaken by a join, the fleet's stream clock."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -14,9 +16,11 @@ from models.deal import decode_deal, encode_deal
 from models.kpis import total
 from streams import topics
 from streams.dataset import dataset_deals
+from streams.producer import produce
+from streams.settings import Settings
 
 from .conftest import DATASET, credits_settled, exported_once, wait_until
-from .test_e2e_pipeline import assert_dataset_values, read_topic, replay
+from .test_e2e_pipeline import assert_dataset_values, dataset_events, read_topic, replay
 from .test_reliability_crash import APP_ID, read_all
 
 pytestmark = pytest.mark.broker
@@ -164,6 +168,95 @@ def test_a_batch_held_past_the_rebalance_timeout_writes_nothing_once_revoked(bro
     fresh = workers("fresh", FUNNEL_APP_ID="fresh")
     exact([fresh])
     assert latest_deals(broker.url, APP_ID) == latest_deals(broker.url, "fresh")
+
+
+def exported_by(samples) -> frozenset[str]:
+    return frozenset(labels["partition"] for labels, value
+                     in samples.get("funnel_partition_exported", []) if value == 1)
+
+
+class ScrapeRounds:
+    """Scrapes every worker's /metrics in turn, a round about every 100 ms, in a thread of its
+    own: which workers exported each partition in a round, and whether the summed KPIs of a
+    round that exports every partition once are the dataset's literal values."""
+
+    def __init__(self, worker_list) -> None:
+        self.workers = worker_list  # the test appends the workers it starts
+        self.rounds = self.complete = 0
+        self.doubled: list[tuple[int, dict[str, list[str]]]] = []
+        self.exports: dict[str, set[frozenset[str]]] = {}  # each worker's distinct exported sets
+        self.wrong: list[tuple[int, str]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ScrapeRounds:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.1):
+            self._round()
+
+    def _round(self) -> None:
+        merged, exporters = {}, {}
+        for worker in list(self.workers):
+            samples = worker.samples() or {}
+            exported = exported_by(samples)
+            self.exports.setdefault(worker.name, set()).add(exported)
+            for partition in exported:
+                exporters.setdefault(partition, []).append(worker.name)
+            for name, values in samples.items():
+                merged.setdefault(name, []).extend(values)
+        self.rounds += 1
+        doubled = {partition: names for partition, names in exporters.items() if len(names) > 1}
+        if doubled:
+            self.doubled.append((self.rounds, doubled))
+        if exported_once(merged):
+            self.complete += 1
+            try:
+                assert_dataset_values(merged)
+            except AssertionError as exc:
+                self.wrong.append((self.rounds, str(exc)))
+
+
+def test_a_recovery_overtaken_by_a_join_never_has_two_workers_export_one_partition(broker, workers):
+    """w2's recovery completions are held until the next revoke (when Faust delivers a stale
+    completion: its recovery's last round trips answered during a rebalance), at most 30 s; w3
+    joins while the first one is held. With 8 partitions and standby replicas the sticky
+    assignor moves one of w2's four partitions to w3: serving the stale completion exported it
+    beside its new owner until w2's current completion (F12)."""
+    env = {"FUNNEL_PARTITIONS": "8"}
+    w1 = workers("w1", **env)
+    w1.wait_ready()
+    asyncio.run(produce(Settings(broker=broker.url, partitions=8), dataset_events(), progress=False))
+    exact([w1])
+    started = [w1]
+    with ScrapeRounds(started) as rounds:
+        w2 = workers("w2", FUNNEL_TEST_SLOW_RECOVERY_SECONDS="30", **env)
+        started.append(w2)
+        wait_until(lambda: "holding a recovery completion" in w2.log_path.read_text(), 90,
+                   what="w2's recovery completion held")
+        held_at = len(w2.log_path.read_text())
+        w3 = workers("w3", **env)
+        started.append(w3)
+        wait_until(lambda: "completion released by a revoke" in w2.log_path.read_text()[held_at:], 90,
+                   what="w2's completion overtaken by w3's join")
+        # Not before: while the group rebalances, w1 and a stale w2 may still export all 8.
+        wait_until(lambda: exported_by(w3.samples() or {}), 90, what="w3 exporting partitions")
+        exact([w1, w2, w3], timeout=180)
+    print(f"{rounds.rounds} scrape rounds, {rounds.complete} exporting every partition")
+    assert rounds.complete, "no scrape round exported every partition"
+    assert not rounds.doubled, (f"{len(rounds.doubled)} of {rounds.rounds} scrape rounds with a "
+                                f"partition exported twice, first: {rounds.doubled[0]}")
+    assert not rounds.wrong, (f"{len(rounds.wrong)} of {rounds.complete} complete scrape rounds "
+                              f"with wrong KPIs, first: {rounds.wrong[0]}")
+    (w1_beside_w2,) = {exported for exported in rounds.exports["w1"] if len(exported) == 4}
+    moved = exported_by(w3.samples()) - w1_beside_w2
+    assert moved, "none of w2's partitions moved to w3: a stale completion would have been harmless"
 
 
 def test_the_stream_clock_is_one_for_the_fleet_and_ignores_an_event_dated_a_day_ahead(broker, workers):
