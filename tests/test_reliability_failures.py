@@ -1,10 +1,12 @@
 """Failure paths against the real broker and worker processes (issue 18): stall alerts at least
 once, a customer with more won deals than a message can hold, a batch held past the rebalance
-timeout, a recovery overtaken by a join, the fleet's stream clock."""
+timeout or frozen while the group moves on, a recovery overtaken by a join, the fleet's stream
+clock."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from datetime import UTC, datetime
@@ -125,7 +127,9 @@ def latest_deals(broker_url, app_id):
 
 
 def exact(worker_list, timeout=120):
-    """Wait until the workers' summed KPIs are the dataset's literal values."""
+    """Wait until the workers' summed KPIs are the dataset's literal values; on a timeout, say
+    what was last in the way."""
+    last = ["nothing checked"]
 
     def check():
         merged = {}
@@ -133,18 +137,21 @@ def exact(worker_list, timeout=120):
             samples = worker.samples()
             if samples is None or (total(samples, "funnel_active_partitions")
                                    and not total(samples, "funnel_worker_ready")):
+                last[0] = f"{worker.name} not answering or not ready"
                 return None
             for name, values in samples.items():
                 merged.setdefault(name, []).extend(values)
         if not exported_once(merged):
+            last[0] = "not every partition exported exactly once"
             return None
         try:
             assert_dataset_values(merged)
-        except AssertionError:
+        except AssertionError as exc:
+            last[0] = f"wrong KPIs: {exc}"
             return None
         return merged
 
-    return wait_until(check, timeout, what="the dataset's literal values")
+    return wait_until(check, timeout, what="the dataset's literal values", show=lambda: last[0])
 
 
 def test_a_batch_held_past_the_rebalance_timeout_writes_nothing_once_revoked(broker, workers):
@@ -152,22 +159,64 @@ def test_a_batch_held_past_the_rebalance_timeout_writes_nothing_once_revoked(bro
     worker joins: the group moves on without it, and its late batch must not land on top of the
     new owner's writes. Opening events first, closing events after, so the new owner changes
     the held batch's deals before the held batch would be written."""
-    deals = list(dataset_deals(DATASET))
-    opening = [events[0] for events in deals]
-    closing = [event for events in deals for event in events[1:]]
-    slow = workers("slow", FUNNEL_TEST_SLOW_FLUSHES="1", FUNNEL_TEST_SLOW_FLUSH_SECONDS="12")
-    slow.wait_ready()
-    replay(broker, opening)
-    wait_until(lambda: "FUNNEL_TEST_SLOW_FLUSHES: holding" in slow.log_path.read_text(), 60,
-               what="the held batch")
+    opening, closing = opening_and_closing()
+    slow = holding_a_batch(broker, workers, opening, seconds=12)
     joining = workers("joining")
     replay(broker, closing)
     exact([slow, joining])
     time.sleep(15)  # past the held batch, whatever it did
     exact([slow, joining])
+    assert_a_replay_from_scratch_agrees(workers, broker)
+
+
+def opening_and_closing():
+    """The dataset's opening events, and the events that close its deals."""
+    deals = list(dataset_deals(DATASET))
+    return [events[0] for events in deals], [event for events in deals for event in events[1:]]
+
+
+def holding_a_batch(broker, workers, opening, seconds: float):
+    """A worker whose first batch of table writes waits ``seconds`` before producing."""
+    slow = workers("slow", FUNNEL_TEST_SLOW_FLUSHES="1", FUNNEL_TEST_SLOW_FLUSH_SECONDS=str(seconds))
+    slow.wait_ready()
+    replay(broker, opening)
+    wait_until(lambda: "FUNNEL_TEST_SLOW_FLUSHES: holding" in slow.log_path.read_text(), 60,
+               what="the held batch")
+    return slow
+
+
+def assert_a_replay_from_scratch_agrees(workers, broker):
+    """KPIs and the deals changelog equal those of a replay from scratch under a new app id."""
     fresh = workers("fresh", FUNNEL_APP_ID="fresh")
     exact([fresh])
     assert latest_deals(broker.url, APP_ID) == latest_deals(broker.url, "fresh")
+
+
+FROZEN_HOLD_SECONDS = 90
+
+
+def test_a_worker_frozen_with_a_batch_in_flight_writes_nothing_once_the_group_moved_on(broker, workers):
+    """Tansu waits for a slow but live member, so a held produce path alone never drops the
+    first worker from the group. Frozen (SIGSTOP: no heartbeats) while it holds a batch, it is
+    dropped after the session timeout; the second worker takes every partition and closes the
+    held batch's deals. Woken (SIGCONT) before the hold ends, the first worker learns at its next
+    heartbeat that it lost its membership, with the stale batch still in flight: that batch must
+    write nothing (F13)."""
+    opening, closing = opening_and_closing()
+    slow = holding_a_batch(broker, workers, opening, seconds=FROZEN_HOLD_SECONDS)
+    held_at = time.monotonic()
+    slow.process.send_signal(signal.SIGSTOP)
+    try:
+        joining = workers("joining")
+        replay(broker, closing)
+        exact([joining], timeout=FROZEN_HOLD_SECONDS - 30)  # every partition, every deal closed
+    finally:
+        slow.process.send_signal(signal.SIGCONT)
+    woken_at = time.monotonic()
+    assert woken_at - held_at < FROZEN_HOLD_SECONDS - 10, "woken too late: the batch was no longer held"
+    time.sleep(held_at + FROZEN_HOLD_SECONDS + 5 - woken_at)  # past the held batch, whatever it did
+    exact([slow, joining])
+    assert_a_replay_from_scratch_agrees(workers, broker)
 
 
 def exported_by(samples) -> frozenset[str]:
