@@ -2,8 +2,10 @@
 # Entrypoint of the alertmanager service: renders the config from the template
 # (prometheus/alertmanager.yml) and starts Alertmanager with the arguments given.
 # An integration is dropped while what it needs is empty (a secret file in ALERTMANAGER_FILES,
-# or a .env value); a line ending in "# from VAR" gets VAR's value. POSIX sh and sed only: the
-# prom/alertmanager image has busybox, no Python.
+# or a .env value); a line ending in "# from VAR" gets VAR's value, one ending in
+# "# from secret NAME" the first line of the secret file NAME (for a setting Alertmanager 0.25
+# reads from no file: the webhook URL). POSIX sh and sed only: the prom/alertmanager image has
+# busybox, no Python.
 set -eu
 template=${ALERTMANAGER_TEMPLATE:-/etc/alertmanager/alertmanager.yml}
 secrets=${ALERTMANAGER_FILES:-/run/secrets/alertmanager}
@@ -27,7 +29,7 @@ has_value() { if [ -n "$1" ]; then echo 1; else echo 0; fi; }
 integration pagerduty "$(has_file pagerduty_routing_key)" "no $secrets/pagerduty_routing_key"
 integration slack "$(has_file slack_api_url)" "no $secrets/slack_api_url"
 integration email "$(has_value "${ALERTMANAGER_EMAIL_TO:-}")" "ALERTMANAGER_EMAIL_TO is empty"
-integration webhook "$(has_value "${ALERTMANAGER_WEBHOOK_URL:-}")" "ALERTMANAGER_WEBHOOK_URL is empty"
+integration webhook "$(has_file webhook_url)" "no $secrets/webhook_url"
 [ -s "$secrets/smtp_password" ] || drop email_auth
 [ -s "$secrets/webhook_bearer_token" ] || drop webhook_auth
 if [ -n "${ALERTMANAGER_EMAIL_TO:-}" ]; then
@@ -41,17 +43,24 @@ if [ -n "${ALERTMANAGER_EMAIL_TO:-}" ]; then
     fi
 fi
 
-# "# from VAR" lines: the value as a YAML double-quoted string, escaped for sed's replacement.
+# "# from <source>" lines: the value as a YAML double-quoted string, escaped for sed.
+put() { # source (as the template names it), value
+    case "$2" in *'
+'*) fail "$1 must be one line" ;; esac
+    quoted=$(printf '%s' "$2" | sed -e 's/[\\"]/\\&/g' -e 's/[\\&|]/\\&/g')
+    script="$script s|^\\([ -]*[a-z_]*: \\).*# from $1\$|\\1\"$quoted\"|;"
+}
 for var in ALERTMANAGER_SLACK_CHANNEL ALERTMANAGER_EMAIL_TO ALERTMANAGER_EMAIL_FROM \
-    ALERTMANAGER_SMTP_SMARTHOST ALERTMANAGER_SMTP_USERNAME ALERTMANAGER_WEBHOOK_URL; do
+    ALERTMANAGER_SMTP_SMARTHOST ALERTMANAGER_SMTP_USERNAME; do
     eval "value=\${$var:-}"
-    case "$value" in *'
-'*) fail "$var must be one line" ;; esac
-    quoted=$(printf '%s' "$value" | sed -e 's/[\\"]/\\&/g' -e 's/[\\&|]/\\&/g')
-    script="$script s|^\\([ -]*[a-z_]*: \\).*# from $var\$|\\1\"$quoted\"|;"
+    put "$var" "$value"
 done
+if [ -s "$secrets/webhook_url" ]; then
+    put "secret webhook_url" "$(head -n 1 "$secrets/webhook_url" | tr -d '\r')"
+fi
 script="$script s|/run/secrets/alertmanager/|$secrets/|g;"
 
+umask 077 # the rendered file may hold the webhook URL: readable by Alertmanager's user only
 sed -e "$script" "$template" >"$rendered.tmp"
 mv "$rendered.tmp" "$rendered"
 exec "$binary" "$@"

@@ -271,15 +271,22 @@ class Stack:
         return f"127.0.0.1:{self.port(host, port)}"
 
     def paths(self, service: str) -> dict[str, str]:
-        """Volume target -> local path: bind mounts to the host file, named volumes to tmp."""
+        """Mount target -> local path: bind mounts and secrets to the host file, named volumes
+        to tmp."""
         out = {}
+        for secret in self.services[service].get("secrets", []):
+            if isinstance(secret, str):
+                secret = {"source": secret}
+            name, target = secret["source"], secret.get("target")
+            declared = (self.compose.get("secrets") or {}).get(name)
+            if declared is None or "file" not in declared:
+                raise ComposeError(f"{service}: secret {name} is not declared with a file")
+            target = target if target and target.startswith("/") else f"/run/secrets/{target or name}"
+            out[target] = self._host_path(service, declared["file"])
         for volume in self.services[service].get("volumes", []):
             source, target = str(volume).split(":")[:2]
             if source.startswith((".", "/")):
-                local = (self.project_dir / source).resolve()
-                if not local.exists():
-                    raise ComposeError(f"{service}: bind mount source {source} does not exist")
-                out[target] = str(local)
+                out[target] = self._host_path(service, source)
             else:
                 if source not in (self.compose.get("volumes") or {}):
                     raise ComposeError(f"{service}: volume {source} is not declared")
@@ -287,6 +294,13 @@ class Stack:
                 local.mkdir(parents=True, exist_ok=True)
                 out[target] = str(local)
         return out
+
+    def _host_path(self, service: str, source: str) -> str:
+        """A bind source as Docker needs it: existing (Compose creates no missing secret file)."""
+        local = (self.project_dir / source).resolve()
+        if not local.exists():
+            raise ComposeError(f"{service}: bind mount source {source} does not exist")
+        return str(local)
 
     def rewrite(self, service: str, value: str) -> str:
         """A value as the local process needs it: hosts, ports and paths of this machine."""

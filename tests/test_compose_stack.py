@@ -57,6 +57,7 @@ def env_values(tmp: Path, sink: AlertSink) -> dict[str, str]:
     secrets_dir = tmp / "secrets"
     secrets_dir.mkdir()
     (secrets_dir / "webhook_bearer_token").write_text(WEBHOOK_TOKEN + "\n")
+    (secrets_dir / "webhook_url").write_text(sink.url("/alerts") + "\n")
     return {
         "GRAFANA_ADMIN_USER": "admin",
         "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(8),
@@ -71,7 +72,6 @@ def env_values(tmp: Path, sink: AlertSink) -> dict[str, str]:
         "FUNNEL_INGEST_PUBLIC_URL": PUBLIC_URL,
         "FUNNEL_INGEST_MAX_BODY": str(MAX_BODY),
         "FUNNEL_SECRETS_DIR": str(secrets_dir),
-        "ALERTMANAGER_WEBHOOK_URL": sink.url("/alerts"),
     }
 
 

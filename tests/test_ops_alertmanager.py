@@ -83,7 +83,7 @@ def test_a_first_start_needs_no_integration(tmp_path):
     ("pagerduty", {"pagerduty_routing_key": "R0UT1NGKEY\n"}, {}),
     ("slack", {"slack_api_url": "https://hooks.slack.com/services/T0/B0/X\n"}, {}),
     ("email", {}, EMAIL),
-    ("webhook", {}, {"ALERTMANAGER_WEBHOOK_URL": "https://alerts.corp.test/in"}),
+    ("webhook", {"webhook_url": "https://alerts.corp.test/in\n"}, {}),
 ])
 def test_each_integration_is_on_exactly_when_configured(tmp_path, name, secrets, env):
     config, said = render(tmp_path, secrets, **env)
@@ -95,12 +95,12 @@ def test_each_integration_is_on_exactly_when_configured(tmp_path, name, secrets,
 
 def test_everything_on_with_values_from_env_and_files_from_the_secrets_folder(tmp_path):
     secrets = {"pagerduty_routing_key": "k", "slack_api_url": "https://hooks.slack.com/x",
-               "smtp_password": "pw", "webhook_bearer_token": "tok"}
+               "smtp_password": "pw", "webhook_bearer_token": "tok",
+               "webhook_url": "https://a.test/x?y=1&z=2|\"q\"\r\n"}
     odd = 'ops "team" \\ & | <alerts@corp.test>'
     config, _ = render(tmp_path, secrets, **{**EMAIL, "ALERTMANAGER_EMAIL_FROM": odd,
                                              "ALERTMANAGER_SMTP_USERNAME": "alerts",
-                                             "ALERTMANAGER_SLACK_CHANNEL": "#funnel",
-                                             "ALERTMANAGER_WEBHOOK_URL": "https://a.test/x?y=1&z=2"})
+                                             "ALERTMANAGER_SLACK_CHANNEL": "#funnel"})
     by_name = receivers(config)
     folder = tmp_path / "secrets"
     email = by_name["email"]["email_configs"][0]
@@ -113,7 +113,8 @@ def test_everything_on_with_values_from_env_and_files_from_the_secrets_folder(tm
     pagerduty = by_name["pagerduty"]["pagerduty_configs"][0]
     assert pagerduty["routing_key_file"] == f"{folder}/pagerduty_routing_key"
     webhook = by_name["webhook"]["webhook_configs"][0]
-    assert webhook["url"] == "https://a.test/x?y=1&z=2"
+    assert webhook["url"] == 'https://a.test/x?y=1&z=2|"q"'  # first line of the file, as written
+    assert (tmp_path / "rendered.yml").stat().st_mode & 0o777 == 0o600  # it holds that URL
     assert webhook["http_config"]["authorization"]["credentials_file"] == f"{folder}/webhook_bearer_token"
     # routed by severity: pages for critical only, chat and mail for critical and warning, the
     # webhook gets everything
@@ -156,14 +157,14 @@ def test_the_shipped_config_delivers_by_severity_to_slack_and_the_webhook(tmp_pa
         folder.mkdir()
         (folder / "slack_api_url").write_text(sink.url("/slack") + "\n")
         (folder / "webhook_bearer_token").write_text("t0ken\n")
+        (folder / "webhook_url").write_text(sink.url("/hook") + "\n")
         log = (tmp_path / "alertmanager.log").open("wb")
         process = subprocess.Popen(
             ["/bin/sh", RENDER, f"--config.file={tmp_path / 'rendered.yml'}",
              f"--storage.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
              "--cluster.listen-address=", "--web.external-url=http://alerts.funnel.test:9093"],
             env={"PATH": "/usr/bin:/bin", "ALERTMANAGER_TEMPLATE": str(TEMPLATE),
-                 "ALERTMANAGER_FILES": str(folder), "ALERTMANAGER_BIN": tool("prometheus-alertmanager"),
-                 "ALERTMANAGER_WEBHOOK_URL": sink.url("/hook")},
+                 "ALERTMANAGER_FILES": str(folder), "ALERTMANAGER_BIN": tool("prometheus-alertmanager")},
             stdout=log, stderr=subprocess.STDOUT,
         )
         try:

@@ -251,3 +251,22 @@ def test_dockerfile():
     copied = re.findall(r"^COPY (\S+)", text, re.M)
     for src in copied:
         assert (REPO / src).exists(), f"Dockerfile copies missing {src}"
+
+
+def test_alert_secrets_reach_alertmanager_as_a_compose_secret_needing_no_file():
+    """The notification secrets are the compose secret `alertmanager` (the ./secrets folder, which
+    the repository holds, so a first start needs no file), mounted where the entrypoint reads."""
+    resolved = interpolate(COMPOSE, FIRST_START_ENV)
+    declared = resolved["secrets"]["alertmanager"]
+    assert declared == {"file": "./secrets"}
+    assert (REPO / declared["file"]).is_dir()
+    service = RESOLVED["alertmanager"]
+    assert service["secrets"] == [{"source": "alertmanager", "target": "/run/secrets/alertmanager"}]
+    assert service["environment"]["ALERTMANAGER_FILES"] == "/run/secrets/alertmanager"
+    assert not any("secrets" in str(v) for v in service.get("volumes", []))
+    template = (REPO / "prometheus/alertmanager.yml").read_text()
+    files = set(re.findall(r"/run/secrets/alertmanager/(\w+)", template))
+    files |= set(re.findall(r"# from secret ([a-z_]+)$", template, re.M))
+    documented = set(re.findall(r"^\| `(\w+)` \|", (REPO / "secrets/README.md").read_text(), re.M))
+    assert files == documented == {"pagerduty_routing_key", "slack_api_url", "smtp_password",
+                                   "webhook_bearer_token", "webhook_url"}
