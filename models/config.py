@@ -1,4 +1,5 @@
-"""Funnel configuration (docs/design.md §1): pipelines, stages, stage maps, targets, timezone, clock.
+"""Funnel configuration (docs/design.md §1): pipelines, stages, stage maps, targets, owners,
+timezone, clock.
 
 Loaded once at start-up from YAML and validated with pydantic; everything the hot path needs is
 precomputed here (stage positions, map lookups) so the agent only does dict look-ups.
@@ -135,6 +136,23 @@ class FunnelConfig(_Strict):
         default_factory=dict
     )
     conversion_drop: ConversionDrop = Field(default_factory=ConversionDrop)
+    # Owner id as events carry it (e.g. hubspot:owner:123) → display name. Only a label of
+    # funnel_owner_info: state and KPIs stay keyed by the id, which live events and the
+    # backfill share, so a rename never splits a rep in two.
+    owners: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("owners", mode="before")
+    @classmethod
+    def _owner_names(cls, value: object) -> object:
+        """Ids and names must be non-empty strings: YAML reads ``123: Jane`` as an int key."""
+        if not isinstance(value, dict):
+            return value
+        for owner, name in value.items():
+            if not isinstance(owner, str) or not owner.strip():
+                raise ValueError(f"owner id {owner!r} must be a non-empty string (quote it)")
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"{owner}: the name must be a non-empty string, not {name!r}")
+        return value
 
     @field_validator("timezone")
     @classmethod

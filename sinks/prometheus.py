@@ -137,7 +137,7 @@ class ProcessMetrics:
 CONFIG_METRICS = frozenset({
     "funnel_stage_probability", "funnel_stage_index", "funnel_stall_after_seconds",
     "funnel_stage_info", "funnel_revenue_target", "funnel_period_elapsed_ratio",
-    "funnel_build_info", "funnel_partitions",
+    "funnel_build_info", "funnel_partitions", "funnel_owner_info",
 })
 FAILING_AGENTS = ["events", "ticks", "customers"]
 SINKS = ["dlq", "credits", "kpis", "alerts", "redis"]
@@ -400,7 +400,12 @@ class KpiCollector(Collector):
             elapsed.add_metric((period,), elapsed_ratio(now_ms, self.config.zone, period))
         build = GaugeMetricFamily("funnel_build_info", "Build of the worker", labels=("version",))
         build.add_metric((self.version,), 1)
-        yield from (probability, index, stall, info, target, elapsed, build)
+        owners = GaugeMetricFamily(
+            "funnel_owner_info", "Configured display name of a sales rep (owner id as in events)",
+            labels=("owner", "name"))
+        for owner, name in sorted(self.config.owners.items()):
+            owners.add_metric((owner, name), 1)
+        yield from (probability, index, stall, info, target, elapsed, build, owners)
 
 
 def current_partitions(*tables: dict[int, agg.Fold]) -> dict[int, list[agg.Fold]]:

@@ -49,6 +49,10 @@ def test_minimal_config(tmp_path):
         (BASE + "surprise: 1", "surprise"),
         (BASE.replace("outcome: lost", "outcome: won"), "exactly one won and one lost"),
         (BASE.replace("probability: 0.1", "probability: 2"), "probability"),
+        (BASE + "owners: {123: Jane Doe}", "owner id 123 must be a non-empty string (quote it)"),
+        (BASE + "owners: {'hubspot:owner:1': ''}", "hubspot:owner:1: the name must be a non-empty string"),
+        (BASE + "owners: {'pipedrive:user:2': 7}", "pipedrive:user:2: the name must be a non-empty string"),
+        (BASE + "owners: [Jane Doe]", "owners: Input should be a valid dictionary"),
     ],
 )
 def test_config_errors_name_file_and_field(tmp_path, text, words):
@@ -57,6 +61,14 @@ def test_config_errors_name_file_and_field(tmp_path, text, words):
         load_config(path)
     assert str(path) in str(err.value)
     assert words in str(err.value)
+
+
+def test_owners_map_ids_to_display_names(tmp_path):
+    text = BASE + ('owners: {"hubspot:owner:123": "Jane \\"JD\\" Doe: EMEA",\n'
+                   '         "salesforce:005x": "Zoë Ångström"}\n')
+    config = load_config(write(tmp_path, text))
+    assert config.owners == {"hubspot:owner:123": 'Jane "JD" Doe: EMEA', "salesforce:005x": "Zoë Ångström"}
+    assert load_config(write(tmp_path, BASE)).owners == {}
 
 
 def test_open_stage_after_closed_is_refused(tmp_path):

@@ -276,3 +276,25 @@ def test_a_worker_exports_kpis_only_of_partitions_whose_folds_are_all_rebuilt():
     proc.folds.revoke_all()
     samples, exported = scrape()
     assert exported == set() and "funnel_deals_open" not in samples
+
+
+def test_owner_names_are_info_series_and_the_rep_series_keep_the_id():
+    """funnel_owner_info carries each configured name (quotes, backslashes and unicode escaped
+    and promtool-clean); funnel_rep_won_revenue stays keyed by the id events carry."""
+    names = {"hubspot:owner:1": 'Jane "JD" O\'Neil \\ Zoë: EMEA', "hubspot:owner:2": "Li Wei"}
+    config = CONFIG.model_copy(update={"owners": names})
+    registry = CollectorRegistry()
+    clock = EventClock(Clock.STREAM)
+    proc = DealProcessor(config, clock, ProcessMetrics(registry), max_skew_ms=86_400_000)
+    registry.register(KpiCollector(config, lambda: list(proc.folds.folds.values()), clock.now_ms, "t"))
+    won = orjson.dumps({"event_id": "e1", "deal_id": "d1", "occurred_at": "2024-05-01T10:00:00Z",
+                        "stage": "won", "amount": 10.0, "owner": "hubspot:owner:1"})
+    proc.folds.rebuild({0}, ())
+    assert proc.process([Record(b"d1", won, "crm.events", 0, 0)], lambda key, record: None).writes
+    text = generate_latest(registry)
+    result = promtool_check(text)
+    assert result.returncode == 0, result.stdout + result.stderr
+    samples = parse_exposition(text.decode())
+    info = sorted((labels["owner"], labels["name"], value) for labels, value in samples["funnel_owner_info"])
+    assert info == [("hubspot:owner:1", names["hubspot:owner:1"], 1), ("hubspot:owner:2", "Li Wei", 1)]
+    assert [labels["owner"] for labels, _ in samples["funnel_rep_won_revenue"]] == ["hubspot:owner:1"]

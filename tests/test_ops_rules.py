@@ -59,6 +59,7 @@ CONTRACT = {
     "funnel_broker_ack_age_seconds",  # worker health (issue 7): no broker answer for N s
     "funnel_partition_exported",  # partitions whose KPIs a worker exports (issue 18): the gate
     "funnel_partitions",
+    "funnel_owner_info",  # rep display names from the config (the leaderboard's names)
     # the CRM edge (issue 15): the webhook receiver and the adapter
     "funnel_ingest_requests_total",
     "funnel_adapt_messages_total",
@@ -80,6 +81,7 @@ CONFIG_GAUGES = {
     "funnel_stage_index",
     "funnel_stage_info",
     "funnel_partitions",
+    "funnel_owner_info",
 }
 DERIVED_OPS = ("ratio", "avg", "p50", "p90", "per_second")
 RUNBOOK_BASE = "{{ with $externalLabels.runbook_base_url }}{{ . }}/{{ end }}"
