@@ -769,15 +769,24 @@ def revenue() -> Board:
         w=8,
         h=9,
     )
+    # Series stay keyed by owner id; `rep` is the configured name (funnel_owner_info) when there
+    # is one, else the id: `or on (owner, currency)` adds only the reps the join left out.
+    top_reps = f"topk(10, pipeline_owner_currency:funnel_rep_won_revenue:sum{{{P}}})"
+    leaderboard = (
+        f"label_replace({top_reps} * on (owner) group_left (name) owner:funnel_owner_info:max, "
+        '"rep", "$1", "name", "(.+)")\n'
+        f'or on (owner, currency) label_replace({top_reps}, "rep", "$1", "owner", "(.+)")'
+    )
     b.panel(
         "table",
         "Sales leaderboard (top 10 reps)",
-        [instant(f"topk(10, pipeline_owner_currency:funnel_rep_won_revenue:sum{{{P}}})", fmt="table")],
-        description="Reps by won revenue (owner at close).",
+        [instant(leaderboard, fmt="table")],
+        description="Reps by won revenue (owner at close); the rep's name from the funnel config "
+        "`owners`, else the owner id.",
         w=8,
         h=9,
         transformations=[
-            hide_columns("Time", "pipeline"),
+            hide_columns("Time", "__name__", "pipeline", "owner", "name"),
             {"id": "sortBy", "options": {"fields": {}, "sort": [{"field": "Value", "desc": True}]}},
         ],
     )

@@ -12,13 +12,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
+from models.config import DEFAULT_CONFIG
 from models.kpis import Samples, parse_exposition, total
 from streams.broker import EmbeddedBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT.parent / "shared" / "datasets" / "crm-sales-opportunities"
 DATASET_EVENTS = 15_511  # 8,800 deals: one event each, two for the 6,711 closed ones
+# The live worker's config names one rep (the dataset's owner ids are the reps' names): the
+# leaderboard shows that name, and every other rep by id.
+LIVE_OWNER_NAMES = {"Darcel Schlecht": "D. Schlecht (Central)"}
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition",
@@ -176,14 +181,18 @@ def settled(worker_list, expected_events: int, timeout: float = 90) -> Samples:
 
 @pytest.fixture(scope="module")
 def live_metrics_url(tmp_path_factory):
-    """/metrics of a real worker after the dataset replay, stream clock at 2017-12-31."""
+    """/metrics of a real worker after the dataset replay, stream clock at 2017-12-31, with the
+    shipped config plus ``LIVE_OWNER_NAMES``."""
     from streams.dataset import dataset_events
     from streams.producer import produce
     from streams.settings import Settings
 
     workdir = tmp_path_factory.mktemp("live-worker")
+    config = workdir / "funnel.yaml"
+    shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config.write_text(yaml.safe_dump({**shipped, "owners": LIVE_OWNER_NAMES}))
     with EmbeddedBroker(log_path=workdir / "broker.log") as running:
-        worker = WorkerProcess(running.url, workdir, FUNNEL_CLOCK="stream").start()
+        worker = WorkerProcess(running.url, workdir, FUNNEL_CLOCK="stream", FUNNEL_CONFIG=str(config)).start()
         try:
             worker.wait_ready()
             run_async(produce(Settings(broker=running.url, partitions=4),

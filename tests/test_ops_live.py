@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import LIVE_OWNER_NAMES
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -174,6 +176,21 @@ def test_headline_panels_show_the_dataset_values(prom, variables):
     order = sorted(funnel, key=lambda r: int(r["metric"]["idx"]))
     values = [float(r["value"][1]) for r in order]
     assert values == sorted(values, reverse=True), "reached must not grow along the funnel"
+
+
+def test_leaderboard_shows_each_rep_once_by_name_when_configured_else_by_id(prom, variables):
+    """The live worker's config names the top rep only (LIVE_OWNER_NAMES): that row carries the
+    name as `rep`, the nine others their owner id, and no rep appears twice."""
+    board = _panel_result(prom, variables, "funnel-revenue", "Sales leaderboard (top 10 reps)")
+    owners = [r["metric"]["owner"] for r in board]
+    assert len(owners) == len(set(owners)) == 10
+    top = prom.query('topk(10, pipeline_owner_currency:funnel_rep_won_revenue:sum{pipeline="default"})')
+    assert set(owners) == {r["metric"]["owner"] for r in top}
+    for row in board:
+        owner, rep = row["metric"]["owner"], row["metric"]["rep"]
+        assert rep == LIVE_OWNER_NAMES.get(owner, owner), row
+        assert row["metric"].get("name") == LIVE_OWNER_NAMES.get(owner), row
+    assert {r["metric"]["rep"] for r in board} >= {LIVE_OWNER_NAMES[TOP_REP]}
 
 
 def test_dashboards_doc_renders(prom, variables, tmp_path):
