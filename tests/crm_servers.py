@@ -97,13 +97,15 @@ class CrmServer:
 
 
 class HubSpotServer(CrmServer):
-    """CRM v3: deals list (``after`` paging, ``archived``), search (total), deal pipelines."""
+    """CRM v3: deals list (``after`` paging, ``archived``), search (total), deal pipelines,
+    owners (``after`` paging, ``archived``)."""
 
     def __init__(self, doc: dict[str, Any], page_size: int = 2, delete_after_first_page: str | None = None):
         super().__init__()
         self.active = list(doc["deals"])
         self.archived = list(doc["archived"])
         self.pipelines = doc["pipelines"]
+        self.owners = doc["owners"]
         self.page_size = page_size
         self.delete_after_first_page = delete_after_first_page
 
@@ -116,16 +118,20 @@ class HubSpotServer(CrmServer):
             return 200, {"total": len(self.active) + len(self.archived), "results": []}, {}
         if request.path == "/crm/v3/pipelines/deals":
             return 200, self.pipelines, {}
-        if request.path != "/crm/v3/objects/deals":
-            return 404, {"message": "not found"}, {}
         archived = request.args.get("archived", "").lower() == "true"
         after = int(request.args.get("after", "0"))  # HubSpot's cursor follows the object ids
-        with self.lock:
-            deals = sorted(self.archived if archived else self.active, key=lambda d: int(d["id"]))
-            rest = [d for d in deals if int(d["id"]) > after]
-            results = json.loads(json.dumps(rest[:self.page_size]))
-            if not archived and after == 0 and self.delete_after_first_page:
-                self._archive(self.delete_after_first_page)
+        if request.path.rstrip("/") == "/crm/v3/owners":
+            rest = [o for o in self.owners["archived" if archived else "active"] if int(o["id"]) > after]
+            results = rest[:self.page_size]
+        elif request.path == "/crm/v3/objects/deals":
+            with self.lock:
+                deals = sorted(self.archived if archived else self.active, key=lambda d: int(d["id"]))
+                rest = [d for d in deals if int(d["id"]) > after]
+                results = json.loads(json.dumps(rest[:self.page_size]))
+                if not archived and after == 0 and self.delete_after_first_page:
+                    self._archive(self.delete_after_first_page)
+        else:
+            return 404, {"message": "not found"}, {}
         body: dict[str, Any] = {"results": results}
         if len(rest) > self.page_size:
             last = results[-1]["id"]
@@ -141,7 +147,7 @@ class HubSpotServer(CrmServer):
 
 class PipedriveServer(CrmServer):
     """v2 deals (cursor paging, ``status=deleted``), v1 deal flow (offset paging), summary,
-    v2 pipelines and stages; authenticated with the ``x-api-token`` header."""
+    v2 pipelines and stages, v1 users; authenticated with the ``x-api-token`` header."""
 
     def __init__(self, doc: dict[str, Any], page_size: int = 2, flow_page: int = 25,
                  delete_at_flow: int | None = None):
@@ -178,6 +184,8 @@ class PipedriveServer(CrmServer):
                 pagination["next_start"] = start + self.flow_page
             return 200, {"success": True, "data": items[start:start + self.flow_page],
                          "additional_data": {"pagination": pagination}}, {}
+        if path == "/api/v1/users":
+            return 200, {"success": True, "data": self.doc["users"]}, {}
         if path == "/api/v1/deals/summary":
             return 200, {"success": True, "data": {"total_count": len(self.active)}}, {}
         if path in ("/api/v2/pipelines", "/api/v2/stages"):
@@ -206,8 +214,8 @@ class PipedriveServer(CrmServer):
 
 
 class SalesforceServer(CrmServer):
-    """REST query/queryAll with ``nextRecordsUrl`` paging over Opportunity, OpportunityHistory and
-    OpportunityStage (the SOQL the backfill sends is read just enough to filter), over TLS (the
+    """REST query/queryAll with ``nextRecordsUrl`` paging over Opportunity, OpportunityHistory,
+    OpportunityStage and User (the SOQL the backfill sends is read just enough to filter), over TLS (the
     client only speaks https); every answer carries ``Sforce-Limit-Info``."""
 
     VERSION = "59.0"
@@ -249,6 +257,8 @@ class SalesforceServer(CrmServer):
             return [r for r in self.doc["history"] if r["OpportunityId"] in ids]
         if "FROM OpportunityStage" in soql:
             return self.doc["stages"]
+        if "FROM User" in soql:
+            return self.doc["users"]
         after = re.search(r"WHERE Id > '(\w+)'", soql)
         chosen = [o for o in self.opportunities if not after or o["Id"] > after[1]]
         return sorted(chosen, key=lambda o: o["Id"])

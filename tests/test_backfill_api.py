@@ -19,7 +19,7 @@ from models.config import load_config
 from streams.backfill import hubspot, pipedrive, runner, salesforce
 from streams.backfill.common import Page
 from streams.backfill.settings import SECRETS, BackfillSettings
-from streams.backfill.stage_map import render
+from streams.backfill.stage_map import render, render_owners
 from streams.settings import Settings
 
 from .crm_servers import TOKEN, HubSpotServer, PipedriveServer, SalesforceServer, tls_files
@@ -205,26 +205,57 @@ def test_salesforce_stops_resumably_when_the_daily_api_budget_is_spent(tls):
         assert len(server.arrivals) == 5
 
 
+# The owners each CRM's fixture yields: HubSpot's first + last name, else the email (333), no
+# queue without either (444), archived owners too (555, read after the active pages); inactive
+# Pipedrive users and Salesforce users too; quotes, colons, # and unicode kept exactly.
+OWNERS = {
+    "hubspot": {"hubspot:owner:111": "Jane Doe", "hubspot:owner:222": 'José "Pepe" Núñez: EMEA',
+                "hubspot:owner:333": "sam@example.com", "hubspot:owner:555": "Ole Ask"},
+    "pipedrive": {"pipedrive:user:18487521": "Ravi Patel", "pipedrive:user:18487522": "Chloë O'Brien"},
+    "salesforce": {"salesforce:005SM000000146PYAQ": "Ana Lima",
+                   "salesforce:005SM000000146QYAQ": "王芳 (Fang) #2",
+                   "salesforce:005SM000000146RYAQ": "Automated Process"},
+}
+# A fault on an owners request: it goes through the same rate limit and retries as the deals.
+OWNER_FAULTS = {"hubspot": {"GET /crm/v3/owners/ archived=false after=222": ["429"]},
+                "pipedrive": {"/api/v1/users status= cursor=": ["500"]},
+                "salesforce": {"/services/data/v59.0/queryAll/ SELECT Id, Name FROM User": ["timeout"]}}
+
+
 @pytest.mark.parametrize("crm", ["hubspot", "pipedrive", "salesforce"])
-def test_printed_stage_map_loads_as_funnel_config(crm, tls, tmp_path):
+def test_printed_stage_map_and_owners_load_as_funnel_config(crm, tls, tmp_path):
     context, cert = tls
     server = {"hubspot": lambda: HubSpotServer(hubspot_doc()),
               "pipedrive": lambda: PipedriveServer(pipedrive_doc()),
               "salesforce": lambda: SalesforceServer(salesforce_doc(), context)}[crm]()
     with server:
+        server.faults = copy.deepcopy(OWNER_FAULTS[crm])
         options = {"hubspot": {"hubspot_api_url": server.url, "hubspot_access_token": TOKEN},
                    "pipedrive": {"pipedrive_api_url": server.url, "pipedrive_api_token": TOKEN},
                    "salesforce": {"salesforce_instance_url": server.url, "salesforce_access_token": TOKEN,
                                   "salesforce_ca_bundle": cert}}[crm]
         reader = {"hubspot": hubspot, "pipedrive": pipedrive, "salesforce": salesforce}[crm].Reader(
             settings(**options), CTX)
-        text = render(crm, reader.stages(), CTX.config)
-    block = yaml.safe_load(text)["stage_maps"][crm]
+        text = render(crm, reader.stages(), reader.owners(), CTX.config)
+        assert_good_citizen(server, reader)
+        assert server.played == OWNER_FAULTS[crm]
+    if crm == "hubspot":  # two pages of active owners (after=222), then the archived ones
+        owner_requests = [key for _, key in server.arrivals if "/crm/v3/owners" in key]
+        assert owner_requests == ["GET /crm/v3/owners/ archived=false after=0",
+                                  "GET /crm/v3/owners/ archived=false after=222",
+                                  "GET /crm/v3/owners/ archived=false after=222",  # after its 429
+                                  "GET /crm/v3/owners/ archived=true after=0"]
+    printed = yaml.safe_load(text)
+    assert list(printed) == ["stage_maps", "owners"]
+    assert printed["owners"] == OWNERS[crm]
+    block = printed["stage_maps"][crm]
     shipped = yaml.safe_load(SHIPPED.read_text())
     shipped["stage_maps"][crm] = {**shipped["stage_maps"].get(crm, {}), **block}
+    shipped["owners"] = printed["owners"]
     path = tmp_path / "funnel.yaml"
     path.write_text(yaml.safe_dump(shipped))
-    load_config(path)  # the printed block is a valid stage map of the funnel config
+    # The printed blocks make a valid funnel config, and its owner ids are those the deals carry.
+    assert load_config(path).owners == OWNERS[crm]
     # Closed stages by outcome, open ones by the nearest probability (the shipped stages have
     # 0.05, 0.10, 0.20, 0.40); Pipedrive's stages are all open (won/lost is the deal status).
     expected = {"hubspot": {"appointmentscheduled": "sql", "contractsent": "opportunity", "closedwon": "won",
@@ -233,6 +264,60 @@ def test_printed_stage_map_loads_as_funnel_config(crm, tls, tmp_path):
                 "salesforce": {"Prospecting": "mql", "Needs Analysis": "sql", "Closed Won": "won",
                                "Closed Lost": "lost", "Negotiation/Review": "opportunity"}}[crm]
     assert {k: block["default"][k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("crm", ["hubspot", "pipedrive", "salesforce"])
+def test_owner_names_are_keyed_by_the_ids_the_backfilled_deals_carry(crm, tls):
+    """Every owner a backfilled deal of the fixture carries has its name in the owners block."""
+    context, cert = tls
+    doc = {"hubspot": hubspot_doc, "pipedrive": pipedrive_doc, "salesforce": salesforce_doc}[crm]()
+    server = {"hubspot": lambda: HubSpotServer(doc), "pipedrive": lambda: PipedriveServer(doc),
+              "salesforce": lambda: SalesforceServer(doc, context)}[crm]()
+    with server:
+        options = {"hubspot": {"hubspot_api_url": server.url, "hubspot_access_token": TOKEN},
+                   "pipedrive": {"pipedrive_api_url": server.url, "pipedrive_api_token": TOKEN},
+                   "salesforce": {"salesforce_instance_url": server.url, "salesforce_access_token": TOKEN,
+                                  "salesforce_ca_bundle": cert}}[crm]
+        reader = {"hubspot": hubspot, "pipedrive": pipedrive, "salesforce": salesforce}[crm].Reader(
+            settings(**options), CTX)
+        owners = {event["owner"] for event in read_all(reader).events if event.get("owner")}
+        names = reader.owners()
+    assert owners and owners <= set(names)
+
+
+@pytest.mark.parametrize("name", ['Jane "JD" Doe', "O'Neil: EMEA", "#1 rep", "yes", " padded ",
+                                  "Zoë 王芳 😀", "tab\tand\nnewline",
+                                  "back\\slash", "nel\x85ls\u2028", "{flow}, [x]", "null"])
+def test_the_owners_block_reads_back_exactly_whatever_the_name(name):
+    printed = yaml.safe_load(render_owners("hubspot", {"hubspot:owner:1": name, "hubspot:owner:2": "Li"}))
+    assert printed == {"owners": {"hubspot:owner:1": name, "hubspot:owner:2": "Li"}}
+
+
+def test_owner_names_from_each_crm_answer():
+    assert hubspot.owners_of({"results": [
+        {"id": "1", "firstName": " Jane ", "lastName": "Doe", "email": "j@x"},
+        {"id": "2", "firstName": "Jane", "lastName": None, "email": "j2@x"},
+        {"id": "3", "firstName": None, "lastName": None, "email": "j3@x"},
+        {"id": "4", "type": "QUEUE"}, {"id": "bad id", "firstName": "X"}, "junk"]}) == {
+        "hubspot:owner:1": "Jane Doe", "hubspot:owner:2": "Jane", "hubspot:owner:3": "j3@x"}
+    assert pipedrive.owners_of([{"id": 7, "name": "Ravi", "active_flag": False}, {"id": 8, "name": ""},
+                                {"id": -1, "name": "X"}]) == {"pipedrive:user:7": "Ravi"}
+    assert salesforce.owners_of([{"Id": "005SM000000146PYAQ", "Name": "Ana Lima"}, {"Id": None, "Name": "X"},
+                                 {"Id": "005SM000000146QYAQ", "Name": None}]) == {
+        "salesforce:005SM000000146PYAQ": "Ana Lima"}
+
+
+def test_print_stage_map_on_the_command_line_prints_both_blocks(tmp_path, capsys):
+    with PipedriveServer(pipedrive_doc()) as server:
+        args = argparse.Namespace(crm="pipedrive", since=None, dry_run=False, print_stage_map=True,
+                                  pipedrive_api_url=server.url, backfill_state_dir=str(tmp_path))
+        with mock_env(FUNNEL_PIPEDRIVE_API_TOKEN=TOKEN):
+            assert runner.run(args, Settings(broker="kafka://127.0.0.1:1")) == 0  # no broker is touched
+    out = capsys.readouterr().out
+    assert '  "pipedrive:user:18487522": "Chloë O\'Brien"\n' in out
+    printed = yaml.safe_load(out)
+    assert printed["owners"] == OWNERS["pipedrive"] and "default" in printed["stage_maps"]["pipedrive"]
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_dry_run_counts_without_producing_and_a_bad_deal_is_reported_not_sent(tmp_path, capsys, caplog):

@@ -27,6 +27,7 @@ DEFAULT_RATE = "100/10"  # private apps: 100 requests per 10 seconds (Free/Start
 # Properties the webhook adapter reads; HubSpot reads at most 50 deals a page with history.
 HISTORY = ["dealstage", "amount", "deal_currency_code", "hubspot_owner_id", "closedate"]
 PAGE_SIZE = 50
+OWNERS_PAGE_SIZE = 100  # the owners API's default page (at most 500)
 
 
 def deal_events(deal: dict[str, Any], ctx: Context) -> Adapted:
@@ -98,6 +99,24 @@ def stages_of(doc: dict[str, Any]) -> list[CrmStage]:
     return stages
 
 
+def owners_of(doc: dict[str, Any]) -> dict[str, str]:
+    """A ``GET /crm/v3/owners`` page → owner id as webhooks carry it → name (first and last
+    name, else the email); an owner without either is left out (the board shows its id)."""
+    owners = {}
+    for owner in doc.get("results") or []:
+        if not isinstance(owner, dict):
+            continue
+        name = " ".join(str(owner.get(k) or "").strip() for k in ("firstName", "lastName")).strip()
+        name = name or str(owner.get("email") or "").strip()
+        try:
+            owner_id = ident(owner.get("id"), "owners.results[].id")
+        except Malformed:
+            continue
+        if name:
+            owners[f"hubspot:owner:{owner_id}"] = name
+    return owners
+
+
 class Reader:
     """The HubSpot API through the official client, pointed at ``FUNNEL_HUBSPOT_API_URL``."""
 
@@ -155,3 +174,21 @@ class Reader:
         pipelines = self.client.crm.pipelines.pipelines_api
         return stages_of(self._json("pipelines", lambda: pipelines.get_all(
             object_type="deals", _preload_content=False, _request_timeout=self.timeout)))
+
+    def owners(self) -> dict[str, str]:
+        """Active owners, then archived ones (reps who left still own won deals); needs the
+        ``crm.objects.owners.read`` scope."""
+        api = self.client.crm.owners.owners_api
+        owners: dict[str, str] = {}
+        for archived in (False, True):
+            after = None
+            while True:
+                doc = self._json(f"{'archived ' if archived else ''}owners page", partial(
+                    api.get_page, limit=OWNERS_PAGE_SIZE, after=after, archived=archived,
+                    _preload_content=False, _request_timeout=self.timeout))
+                for owner, name in owners_of(doc).items():
+                    owners.setdefault(owner, name)  # an active owner's name wins
+                after = ((doc.get("paging") or {}).get("next") or {}).get("after")
+                if after is None:
+                    break
+        return owners

@@ -79,6 +79,23 @@ def stages_of(pipelines: list[dict[str, Any]], stages: list[dict[str, Any]]) -> 
     return out
 
 
+def owners_of(users: list[Any]) -> dict[str, str]:
+    """``GET /v1/users`` → owner id as webhooks carry it → name; deactivated users are kept
+    (their won deals stay on the board)."""
+    owners = {}
+    for user in users:
+        if not isinstance(user, dict):
+            continue
+        name = str(user.get("name") or "").strip()
+        try:
+            owner_id = ident(user.get("id"), "users.data[].id")
+        except Malformed:
+            continue
+        if name:
+            owners[f"pipedrive:user:{owner_id}"] = name
+    return owners
+
+
 class Reader:
     """Pipedrive's REST API with requests (there is no official Python client)."""
 
@@ -160,3 +177,7 @@ class Reader:
     def stages(self) -> list[CrmStage]:
         pipelines = self._get("pipelines", "/api/v2/pipelines").get("data") or []
         return stages_of(pipelines, self._get("stages", "/api/v2/stages").get("data") or [])
+
+    def owners(self) -> dict[str, str]:
+        """Every user of the company (one answer, no paging), with the API token."""
+        return owners_of(self._get("users", "/api/v1/users").get("data") or [])

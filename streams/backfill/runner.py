@@ -46,6 +46,7 @@ class Reader(Protocol):
     def count(self) -> int | None: ...
     def pages(self, cursor: str | None) -> Any: ...
     def stages(self) -> list[CrmStage]: ...
+    def owners(self) -> dict[str, str]: ...
 
 
 class Checkpoint:
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         ctx = context(settings)
         reader = READERS[args.crm](backfill_settings, ctx)
         if args.print_stage_map:
-            sys.stdout.write(render(args.crm, reader.stages(), ctx.config))
+            sys.stdout.write(render(args.crm, reader.stages(), reader.owners(), ctx.config))
             return 0
         since = None if args.since is None else from_iso(args.since, "--since")
         totals = asyncio.run(backfill(reader, settings, backfill_settings.backfill_state_dir, since=since,
@@ -194,7 +195,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave out history before this date/time (each deal's values then are kept)")
     parser.add_argument("--dry-run", action="store_true", help="read and count, produce nothing")
     parser.add_argument("--print-stage-map", action="store_true",
-                        help="print a stage_maps block from the CRM's pipelines and stages, then exit")
+                        help="print a stage_maps block from the CRM's pipelines and stages and an "
+                        "owners block from its owners / users, then exit")
     group = parser.add_argument_group("backfill settings (flag or environment variable; credentials: "
                                       "environment or *_FILE only)")
     for name in FLAGS:

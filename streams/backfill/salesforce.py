@@ -21,7 +21,7 @@ from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms
 from streams.backfill.http import Api, RateLimit, TimeoutSession
 from streams.backfill.settings import BackfillSettings
 from streams.sources import salesforce as live
-from streams.sources.common import Adapted, Context, Malformed, as_dict
+from streams.sources.common import Adapted, Context, Malformed, as_dict, ident
 
 NAME = "salesforce"
 DEFAULT_RATE = "25/1"  # Salesforce limits calls per 24 h (Sforce-Limit-Info), not per second
@@ -32,6 +32,7 @@ HISTORY = ("SELECT Id, OpportunityId, StageName, Amount, CloseDate, CreatedDate 
            "WHERE OpportunityId IN ({ids}) ORDER BY OpportunityId, CreatedDate, Id")
 STAGES = ("SELECT ApiName, MasterLabel, DefaultProbability, IsClosed, IsWon, SortOrder FROM OpportunityStage "
           "WHERE IsActive = true ORDER BY SortOrder")
+USERS = "SELECT Id, Name FROM User"
 TRACKED = ("StageName", "Amount", "CloseDate")
 
 
@@ -73,6 +74,20 @@ def stages_of(records: list[dict[str, Any]]) -> list[CrmStage]:
                      None if r.get("DefaultProbability") is None else float(r["DefaultProbability"]) / 100,
                      bool(r.get("IsClosed")), bool(r.get("IsWon")))
             for r in records]
+
+
+def owners_of(records: list[dict[str, Any]]) -> dict[str, str]:
+    """``User`` rows → owner id as CDC carries it (``salesforce:<OwnerId>``) → ``Name``."""
+    owners = {}
+    for record in records:
+        name = str(record.get("Name") or "").strip()
+        try:
+            owner_id = ident(record.get("Id"), "User.Id")
+        except Malformed:
+            continue
+        if name:
+            owners[f"salesforce:{owner_id}"] = name
+    return owners
 
 
 class Reader:
@@ -145,6 +160,10 @@ class Reader:
     def stages(self) -> list[CrmStage]:
         records = [r for batch in self._query("stages", STAGES) for r in batch]
         return stages_of(records)
+
+    def owners(self) -> dict[str, str]:
+        """Every user, inactive ones too (they still own won opportunities); needs read on User."""
+        return owners_of([r for batch in self._query("users", USERS) for r in batch])
 
 
 def _soql_id(value: object) -> str:

@@ -1,14 +1,18 @@
-"""``--print-stage-map``: a ``stage_maps`` block for the funnel config from the CRM's own stages.
+"""``--print-stage-map``: ``stage_maps`` and ``owners`` blocks for the funnel config from the CRM.
 
 Each CRM stage is mapped to the canonical stage of the same name, else by outcome (closed won →
 the ``won`` stage, closed lost → the ``lost`` stage), else to the open stage whose probability is
-nearest. The block is printed for the user to review and paste: never written to a file.
+nearest. The CRM's owners / users give the reps' display names, keyed by the owner id exactly as
+the events carry it. The blocks are printed for the user to review and paste: never written to
+a file.
 """
 
 from __future__ import annotations
 
 import json
 import re
+
+import yaml
 
 from models.config import FunnelConfig, Pipeline
 from streams.backfill.common import CrmStage
@@ -45,8 +49,24 @@ def canonical_stage(stage: CrmStage, pipeline: Pipeline) -> tuple[str, str]:
     return nearest.name, "nearest probability"
 
 
-def render(source: str, stages: list[CrmStage], config: FunnelConfig) -> str:
-    """The YAML block (JSON-quoted keys, so any stage id or label is valid YAML)."""
+def yaml_quoted(text: str) -> str:
+    """``text`` as one double-quoted YAML scalar: quotes, colons, ``#``, control characters and
+    any unicode (an emoji too, which JSON would write as a surrogate pair YAML cannot read)."""
+    return yaml.safe_dump(text, default_style='"', allow_unicode=True, width=float("inf")).rstrip("\n")
+
+
+def render_owners(source: str, owners: dict[str, str]) -> str:
+    """The ``owners`` block: owner id as the events carry it → the name the CRM shows."""
+    lines = [f"# Display names of {source}'s owners, for the leaderboard (funnel_owner_info): put them",
+             "# under owners in your funnel config. Events and KPIs keep the ids.",
+             "owners:" if owners else "owners: {}"]
+    lines += [f"  {yaml_quoted(owner)}: {yaml_quoted(name)}" for owner, name in owners.items()]
+    return "\n".join(lines) + "\n"
+
+
+def render(source: str, stages: list[CrmStage], owners: dict[str, str], config: FunnelConfig) -> str:
+    """The YAML blocks, stage_maps then owners (JSON-quoted stage ids, YAML-quoted owners, so any
+    stage id, label or name is valid YAML)."""
     lines = [f"# Stage map for {source} read from the CRM: review it, then put it under stage_maps in",
              "# your funnel config (FUNNEL_CONFIG). Nothing was written.",
              "stage_maps:", f"  {source}:"]
@@ -65,4 +85,4 @@ def render(source: str, stages: list[CrmStage], config: FunnelConfig) -> str:
             probability = "" if stage.probability is None else f", probability {stage.probability:g}"
             lines.append(f"      {json.dumps(stage.stage_id)}: {canonical}  # {json.dumps(stage.label)}"
                          f"{probability}: {why}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + render_owners(source, owners)
