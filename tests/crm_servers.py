@@ -216,15 +216,20 @@ class PipedriveServer(CrmServer):
 class SalesforceServer(CrmServer):
     """REST query/queryAll with ``nextRecordsUrl`` paging over Opportunity, OpportunityHistory,
     OpportunityStage and User (the SOQL the backfill sends is read just enough to filter), over TLS (the
-    client only speaks https); every answer carries ``Sforce-Limit-Info``."""
+    client only speaks https); every answer carries ``Sforce-Limit-Info``. ``multi_currency=False``
+    is an org with one currency: Opportunity has no ``CurrencyIsoCode``, and a query naming it
+    gets Salesforce's ``INVALID_FIELD`` answer."""
 
     VERSION = "59.0"
 
     def __init__(self, doc: dict[str, Any], tls: Any, page_size: int = 2, history_page: int = 25,
-                 daily_limit: int = 15000, delete_after_first_page: str | None = None):
+                 daily_limit: int = 15000, delete_after_first_page: str | None = None,
+                 multi_currency: bool = True):
         super().__init__(ssl_context=tls)
         self.doc = doc
-        self.opportunities = [dict(o) for o in doc["opportunities"]]
+        self.multi_currency = multi_currency
+        self.opportunities = [{k: v for k, v in o.items() if multi_currency or k != "CurrencyIsoCode"}
+                              for o in doc["opportunities"]]
         self.page_size, self.history_page, self.daily_limit = page_size, history_page, daily_limit
         self.used = 0
         self.cursors: dict[str, list[dict[str, Any]]] = {}
@@ -240,7 +245,15 @@ class SalesforceServer(CrmServer):
             headers = {"Sforce-Limit-Info": f"api-usage={self.used}/{self.daily_limit}"}
             base = f"/services/data/v{self.VERSION}/queryAll"
             if request.path.rstrip("/") == base:
-                records = self._select(parse_qs(request.query_string.decode())["q"][0])
+                soql = parse_qs(request.query_string.decode())["q"][0]
+                if not self.multi_currency and "CurrencyIsoCode" in soql:
+                    column = soql.index("CurrencyIsoCode") + 1
+                    return 400, [{"errorCode": "INVALID_FIELD", "message": (
+                        f"\n{soql}\n^\nERROR at Row:1:Column:{column}\nNo such column 'CurrencyIsoCode' on "
+                        "entity 'Opportunity'. If you are attempting to use a custom field, be sure to "
+                        "append the '__c' after the custom field name. Please reference your WSDL or the "
+                        "describe call for the appropriate names.")}], headers
+                records = self._select(soql)
                 if records is None:
                     return 200, {"totalSize": len(self.opportunities), "done": True, "records": []}, headers
                 return 200, self._batch(records, 0), headers

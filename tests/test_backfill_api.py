@@ -383,3 +383,27 @@ def test_a_refused_token_stops_the_run_with_the_reason(capsys, tmp_path):
         assert len(server.arrivals) == 1  # a 401 is not retried
     error = capsys.readouterr().err
     assert "pipedrive: deal count failed after 1 tries: HTTP 401 (check the access token)" in error
+
+
+def test_a_single_currency_salesforce_org_is_read_without_currency_iso_code(tls):
+    """Most orgs have one currency and no Opportunity.CurrencyIsoCode: the refused query is asked
+    again without it (one call more), and the deals are those of the live session, with no
+    currency (CDC sends none there either), so they count in the config's default_currency."""
+    context, cert = tls
+    with SalesforceServer(salesforce_doc(), context, multi_currency=False) as server:
+        reader = salesforce.Reader(salesforce_settings(server, cert), CTX)
+        read = read_all(reader)
+        refused = [k for _, k in server.arrivals if "CurrencyIsoCode" in k]
+        assert refused == [f"/services/data/v59.0/queryAll/ {salesforce.OPPORTUNITY[:60]}"]
+        assert reader.opportunity == salesforce.SINGLE_CURRENCY
+        resumed = list(reader.pages("006SM0000001Tb5YAE"))  # asks without the field straight away
+        assert sum(p.deals for p in resumed) > 0
+        assert sum("CurrencyIsoCode" in k for _, k in server.arrivals) == 1
+    assert read.rejects == []
+    assert all("currency" not in event for event in read.events)
+    deals, _ = apply(read.events)
+    live, _ = apply([{k: v for k, v in e.items() if k != "currency"} for e in live_events("salesforce")])
+    assert set(deals) >= set(live)
+    for deal_id, deal in live.items():
+        assert kpi_state(deals[deal_id]) == kpi_state(deal), deal_id
+    assert len(deals["salesforce:006SM0000001Tc1YAE"].history) == 60

@@ -6,11 +6,15 @@ since the previous row; owner, account and currency (not in the history) come fr
 opportunity as of its ``SystemModstamp``. They go through the live adapter
 (:mod:`streams.sources.salesforce`). Event ids: ``salesforce:history-<row Id>:0:<opportunity>``
 and ``salesforce:current-<modstamp ms>:0:<opportunity>``. ``queryAll`` includes deleted rows, so
-a deal deleted mid-run is read as deleted, never lost.
+a deal deleted mid-run is read as deleted, never lost. An org without multiple currencies has no
+``CurrencyIsoCode``: its deals carry no currency, as its CDC events, and count in the config's
+``default_currency``.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -18,16 +22,19 @@ from typing import Any
 from simple_salesforce import Salesforce
 
 from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms
-from streams.backfill.http import Api, RateLimit, TimeoutSession
+from streams.backfill.http import Api, ApiError, RateLimit, TimeoutSession
 from streams.backfill.settings import BackfillSettings
 from streams.sources import salesforce as live
 from streams.sources.common import Adapted, Context, Malformed, as_dict, ident
+
+log = logging.getLogger("funnel_kpi")
 
 NAME = "salesforce"
 DEFAULT_RATE = "25/1"  # Salesforce limits calls per 24 h (Sforce-Limit-Info), not per second
 CHUNK = 200  # opportunities whose history one query reads (keeps the SOQL short)
 OPPORTUNITY = ("SELECT Id, StageName, Amount, CurrencyIsoCode, CloseDate, OwnerId, AccountId, IsDeleted, "
                "CreatedDate, SystemModstamp FROM Opportunity")
+SINGLE_CURRENCY = OPPORTUNITY.replace(" CurrencyIsoCode,", "")  # the field exists with multi-currency only
 HISTORY = ("SELECT Id, OpportunityId, StageName, Amount, CloseDate, CreatedDate FROM OpportunityHistory "
            "WHERE OpportunityId IN ({ids}) ORDER BY OpportunityId, CreatedDate, Id")
 STAGES = ("SELECT ApiName, MasterLabel, DefaultProbability, IsClosed, IsWon, SortOrder FROM OpportunityStage "
@@ -100,6 +107,7 @@ class Reader:
             raise ValueError("set FUNNEL_SALESFORCE_INSTANCE_URL (https://<your domain>.my.salesforce.com)")
         self.ctx = ctx
         self.budget = settings.salesforce_api_budget
+        self.opportunity = OPPORTUNITY
         self.api = Api(NAME, RateLimit(*settings.rate(DEFAULT_RATE)), settings.backfill_retries)
         session = TimeoutSession(settings.backfill_timeout)
         if settings.salesforce_ca_bundle is not None:
@@ -133,13 +141,27 @@ class Reader:
     def pages(self, cursor: str | None) -> Iterator[Page]:
         where = "" if cursor is None else f" WHERE Id > '{_soql_id(cursor)}'"
         pending: list[dict[str, Any]] = []
-        batches = self._query("opportunities", f"{OPPORTUNITY}{where} ORDER BY Id")
-        for batch in batches:
+        for batch in self._opportunities(where):
             pending += batch
             while len(pending) >= CHUNK:
                 yield self._page(pending[:CHUNK], more=True)
                 del pending[:CHUNK]
         yield self._page(pending, more=False)
+
+    def _opportunities(self, where: str) -> Iterator[list[dict[str, Any]]]:
+        """Opportunity batches; the query drops ``CurrencyIsoCode`` once the org refuses it."""
+        batches = self._query("opportunities", f"{self.opportunity}{where} ORDER BY Id")
+        try:
+            first = next(batches)
+        except ApiError as exc:
+            if self.opportunity == SINGLE_CURRENCY or not _no_currency_field(exc):
+                raise
+            log.info("salesforce: the org has one currency (no Opportunity.CurrencyIsoCode); deals "
+                     "count in the config's default_currency")
+            self.opportunity = SINGLE_CURRENCY
+            batches = self._query("opportunities", f"{self.opportunity}{where} ORDER BY Id")
+            first = next(batches)
+        return itertools.chain([first], batches)
 
     def _page(self, opps: list[dict[str, Any]], more: bool) -> Page:
         page = Page(len(opps), [], str(opps[-1]["Id"]) if opps and more else None)
@@ -164,6 +186,11 @@ class Reader:
     def owners(self) -> dict[str, str]:
         """Every user, inactive ones too (they still own won opportunities); needs read on User."""
         return owners_of([r for batch in self._query("users", USERS) for r in batch])
+
+
+def _no_currency_field(exc: ApiError) -> bool:
+    """Salesforce's INVALID_FIELD answer to ``CurrencyIsoCode`` in a single-currency org."""
+    return exc.status == 400 and "CurrencyIsoCode" in str(exc.__cause__)
 
 
 def _soql_id(value: object) -> str:
