@@ -222,20 +222,30 @@ OWNER_FAULTS = {"hubspot": {"GET /crm/v3/owners/ archived=false after=222": ["42
                 "salesforce": {"/services/data/v59.0/queryAll/ SELECT Id, Name FROM User": ["timeout"]}}
 
 
-@pytest.mark.parametrize("crm", ["hubspot", "pipedrive", "salesforce"])
-def test_printed_stage_map_and_owners_load_as_funnel_config(crm, tls, tmp_path):
+def local_crm(crm: str, tls) -> tuple:
+    """(the CRM's local server with its fixture, reader for a started server)."""
     context, cert = tls
     server = {"hubspot": lambda: HubSpotServer(hubspot_doc()),
               "pipedrive": lambda: PipedriveServer(pipedrive_doc()),
               "salesforce": lambda: SalesforceServer(salesforce_doc(), context)}[crm]()
+
+    def reader_of(started):
+        options = {"hubspot": {"hubspot_api_url": started.url, "hubspot_access_token": TOKEN},
+                   "pipedrive": {"pipedrive_api_url": started.url, "pipedrive_api_token": TOKEN},
+                   "salesforce": {"salesforce_instance_url": started.url, "salesforce_access_token": TOKEN,
+                                  "salesforce_ca_bundle": cert}}[crm]
+        module = {"hubspot": hubspot, "pipedrive": pipedrive, "salesforce": salesforce}[crm]
+        return module.Reader(settings(**options), CTX)
+
+    return server, reader_of
+
+
+@pytest.mark.parametrize("crm", ["hubspot", "pipedrive", "salesforce"])
+def test_printed_stage_map_and_owners_load_as_funnel_config(crm, tls, tmp_path):
+    server, reader_of = local_crm(crm, tls)
     with server:
         server.faults = copy.deepcopy(OWNER_FAULTS[crm])
-        options = {"hubspot": {"hubspot_api_url": server.url, "hubspot_access_token": TOKEN},
-                   "pipedrive": {"pipedrive_api_url": server.url, "pipedrive_api_token": TOKEN},
-                   "salesforce": {"salesforce_instance_url": server.url, "salesforce_access_token": TOKEN,
-                                  "salesforce_ca_bundle": cert}}[crm]
-        reader = {"hubspot": hubspot, "pipedrive": pipedrive, "salesforce": salesforce}[crm].Reader(
-            settings(**options), CTX)
+        reader = reader_of(server)
         text = render(crm, reader.stages(), reader.owners(), CTX.config)
         assert_good_citizen(server, reader)
         assert server.played == OWNER_FAULTS[crm]
@@ -269,17 +279,9 @@ def test_printed_stage_map_and_owners_load_as_funnel_config(crm, tls, tmp_path):
 @pytest.mark.parametrize("crm", ["hubspot", "pipedrive", "salesforce"])
 def test_owner_names_are_keyed_by_the_ids_the_backfilled_deals_carry(crm, tls):
     """Every owner a backfilled deal of the fixture carries has its name in the owners block."""
-    context, cert = tls
-    doc = {"hubspot": hubspot_doc, "pipedrive": pipedrive_doc, "salesforce": salesforce_doc}[crm]()
-    server = {"hubspot": lambda: HubSpotServer(doc), "pipedrive": lambda: PipedriveServer(doc),
-              "salesforce": lambda: SalesforceServer(doc, context)}[crm]()
+    server, reader_of = local_crm(crm, tls)
     with server:
-        options = {"hubspot": {"hubspot_api_url": server.url, "hubspot_access_token": TOKEN},
-                   "pipedrive": {"pipedrive_api_url": server.url, "pipedrive_api_token": TOKEN},
-                   "salesforce": {"salesforce_instance_url": server.url, "salesforce_access_token": TOKEN,
-                                  "salesforce_ca_bundle": cert}}[crm]
-        reader = {"hubspot": hubspot, "pipedrive": pipedrive, "salesforce": salesforce}[crm].Reader(
-            settings(**options), CTX)
+        reader = reader_of(server)
         owners = {event["owner"] for event in read_all(reader).events if event.get("owner")}
         names = reader.owners()
     assert owners and owners <= set(names)

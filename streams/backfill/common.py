@@ -1,4 +1,5 @@
-"""What the CRM readers share: a page of results, a CRM stage, time helpers, ``--since``."""
+"""What the CRM readers share: a page of results, a CRM stage, owner names, time helpers,
+``--since``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from streams.sources.common import Adapted, Context, Malformed, checked, from_iso
+from streams.sources.common import Adapted, Context, Malformed, checked, from_iso, ident
 
 
 @dataclass
@@ -25,6 +26,25 @@ class Page:
         self.events += adapted.events
         self.skipped.update(adapted.skipped)
         self.rejects += adapted.rejects
+
+
+def owner_names(records: list[Any], prefix: str, id_field: str, where: str,
+                name_of: Callable[[dict[str, Any]], str]) -> dict[str, str]:
+    """CRM users → owner id as the live events carry it (``prefix`` + id) → display name, for
+    ``--print-stage-map``; a record without a readable id or a name is left out (the board then
+    shows the id)."""
+    owners = {}
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        name = name_of(record).strip()
+        try:
+            owner_id = ident(record.get(id_field), where)
+        except Malformed:
+            continue
+        if name:
+            owners[f"{prefix}{owner_id}"] = name
+    return owners
 
 
 @dataclass(frozen=True)

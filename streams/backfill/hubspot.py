@@ -16,7 +16,7 @@ import orjson
 from hubspot import HubSpot
 from hubspot.crm.deals import PublicObjectSearchRequest
 
-from streams.backfill.common import CrmStage, Page, direct, epoch_ms
+from streams.backfill.common import CrmStage, Page, direct, epoch_ms, owner_names
 from streams.backfill.http import Api, RateLimit
 from streams.backfill.settings import BackfillSettings
 from streams.sources import hubspot as live
@@ -102,19 +102,11 @@ def stages_of(doc: dict[str, Any]) -> list[CrmStage]:
 def owners_of(doc: dict[str, Any]) -> dict[str, str]:
     """A ``GET /crm/v3/owners`` page → owner id as webhooks carry it → name (first and last
     name, else the email); an owner without either is left out (the board shows its id)."""
-    owners = {}
-    for owner in doc.get("results") or []:
-        if not isinstance(owner, dict):
-            continue
+    def name_of(owner: dict[str, Any]) -> str:
         name = " ".join(str(owner.get(k) or "").strip() for k in ("firstName", "lastName")).strip()
-        name = name or str(owner.get("email") or "").strip()
-        try:
-            owner_id = ident(owner.get("id"), "owners.results[].id")
-        except Malformed:
-            continue
-        if name:
-            owners[f"hubspot:owner:{owner_id}"] = name
-    return owners
+        return name or str(owner.get("email") or "")
+
+    return owner_names(doc.get("results") or [], "hubspot:owner:", "id", "owners.results[].id", name_of)
 
 
 class Reader:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms
+from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms, owner_names
 from streams.backfill.http import Api, ApiError, RateLimit, TimeoutSession
 from streams.backfill.settings import BackfillSettings
 from streams.sources import pipedrive as live
@@ -82,18 +82,8 @@ def stages_of(pipelines: list[dict[str, Any]], stages: list[dict[str, Any]]) -> 
 def owners_of(users: list[Any]) -> dict[str, str]:
     """``GET /v1/users`` → owner id as webhooks carry it → name; deactivated users are kept
     (their won deals stay on the board)."""
-    owners = {}
-    for user in users:
-        if not isinstance(user, dict):
-            continue
-        name = str(user.get("name") or "").strip()
-        try:
-            owner_id = ident(user.get("id"), "users.data[].id")
-        except Malformed:
-            continue
-        if name:
-            owners[f"pipedrive:user:{owner_id}"] = name
-    return owners
+    return owner_names(users, "pipedrive:user:", "id", "users.data[].id",
+                       lambda user: str(user.get("name") or ""))
 
 
 class Reader:

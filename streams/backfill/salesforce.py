@@ -21,11 +21,11 @@ from typing import Any
 
 from simple_salesforce import Salesforce
 
-from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms
+from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms, owner_names
 from streams.backfill.http import Api, ApiError, RateLimit, TimeoutSession
 from streams.backfill.settings import BackfillSettings
 from streams.sources import salesforce as live
-from streams.sources.common import Adapted, Context, Malformed, as_dict, ident
+from streams.sources.common import Adapted, Context, Malformed, as_dict
 
 log = logging.getLogger("funnel_kpi")
 
@@ -85,16 +85,7 @@ def stages_of(records: list[dict[str, Any]]) -> list[CrmStage]:
 
 def owners_of(records: list[dict[str, Any]]) -> dict[str, str]:
     """``User`` rows → owner id as CDC carries it (``salesforce:<OwnerId>``) → ``Name``."""
-    owners = {}
-    for record in records:
-        name = str(record.get("Name") or "").strip()
-        try:
-            owner_id = ident(record.get("Id"), "User.Id")
-        except Malformed:
-            continue
-        if name:
-            owners[f"salesforce:{owner_id}"] = name
-    return owners
+    return owner_names(records, "salesforce:", "Id", "User.Id", lambda record: str(record.get("Name") or ""))
 
 
 class Reader:
