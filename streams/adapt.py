@@ -22,7 +22,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import IllegalStateError, KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from models.config import load_config
 from models.event import encode_event
 from streams import kafka_client, topics
 from streams.ingest import METRICS_CONTENT_TYPE, ensure_raw_topics
@@ -30,7 +29,7 @@ from streams.producer import ensure_event_topics
 from streams.settings import Settings
 from streams.sources import debezium, hubspot, pipedrive, salesforce
 from streams.sources.common import Adapted, Context, Malformed
-from streams.sources.settings import SourceSettings
+from streams.sources.settings import SourceSettings, context
 
 log = logging.getLogger("funnel_kpi.adapt")
 SOURCES = ("hubspot", "pipedrive", "salesforce", "debezium")
@@ -279,15 +278,6 @@ class Bridge:
     async def _healthz(self, request: web.Request) -> web.Response:
         stalled = time.monotonic() - self.last_poll > 60
         return web.json_response({"status": "stalled" if stalled else "ok"}, status=503 if stalled else 200)
-
-
-def context(settings: Settings, sources: SourceSettings) -> Context:
-    return Context(
-        load_config(settings.config),
-        lifecycle_pipeline=sources.lifecycle_pipeline,
-        lead_pipeline=sources.salesforce_lead_pipeline,
-        debezium_columns=sources.debezium_columns,
-    ).check()
 
 
 async def run_adapt(settings: Settings, sources: SourceSettings, stop: asyncio.Event) -> None:

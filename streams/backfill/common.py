@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from streams.sources.common import Adapted, Context, Malformed, checked, from_iso, ident
+from streams.sources.common import Adapted, Context, Malformed, from_iso, ident
 
 
 @dataclass
@@ -77,12 +77,15 @@ def adapt_all(adapt: Callable[[Any, Context], Adapted], payloads: list[Any], ctx
     return out
 
 
-def direct(event: dict[str, Any], out: Adapted) -> None:
-    """An event no live payload can express (e.g. a HubSpot deal's company), checked the same way."""
-    try:
-        out.events.append(checked(event))
-    except Malformed as exc:
-        out.rejects.append(exc)
+def resume(cursor: str | None, passes: tuple[str, ...]) -> Iterator[tuple[str, str | None, str | None]]:
+    """The paging passes (current deals, then deleted ones) from a checkpoint cursor
+    ``<pass>:<after>``: (pass, where in it to start, the cursor that starts the next pass, None
+    after the last)."""
+    done, _, after = (cursor or f"{passes[0]}:").partition(":")
+    start = passes.index(done)
+    for i, kind in enumerate(passes[start:], start):
+        yield kind, after or None, f"{passes[i + 1]}:" if i + 1 < len(passes) else None
+        after = ""
 
 
 def limit_history(events: list[dict[str, Any]], since: str) -> list[dict[str, Any]]:

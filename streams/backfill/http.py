@@ -12,10 +12,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 import urllib3
+
+if TYPE_CHECKING:
+    from streams.backfill.settings import BackfillSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,6 +90,11 @@ class Api:
         self.name, self.limit, self.retries, self.backoff = name, limit, retries, backoff
         self.calls = 0
         self.retried = 0
+
+    @classmethod
+    def for_crm(cls, name: str, settings: BackfillSettings, default_rate: str) -> Api:
+        """Paced by ``FUNNEL_BACKFILL_RATE`` (else the CRM's default), ``FUNNEL_BACKFILL_RETRIES``."""
+        return cls(name, RateLimit(*settings.rate(default_rate)), settings.backfill_retries)
 
     def call(self, what: str, request: Callable[[], T]) -> T:
         for attempt in range(self.retries + 1):

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms, owner_names
-from streams.backfill.http import Api, ApiError, RateLimit, TimeoutSession
+from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms, owner_names, resume
+from streams.backfill.http import Api, ApiError, TimeoutSession
 from streams.backfill.settings import BackfillSettings
 from streams.sources import pipedrive as live
 from streams.sources.common import Adapted, Context, Malformed, as_dict, from_epoch, ident
@@ -94,7 +94,7 @@ class Reader:
     def __init__(self, settings: BackfillSettings, ctx: Context) -> None:
         self.ctx = ctx
         self.base = settings.pipedrive_api_url.rstrip("/")
-        self.api = Api(NAME, RateLimit(*settings.rate(DEFAULT_RATE)), settings.backfill_retries)
+        self.api = Api.for_crm(NAME, settings, DEFAULT_RATE)
         self.session = TimeoutSession(settings.backfill_timeout)
         self.session.headers["x-api-token"] = settings.secret("pipedrive_api_token")
 
@@ -112,13 +112,10 @@ class Reader:
     def pages(self, cursor: str | None) -> Iterator[Page]:
         """Deals that are not deleted (with their flow), then the deleted ones; the cursor names
         the pass."""
-        passes = ["active", "deleted"]
-        done, _, after = (cursor or "active:").partition(":")
-        for kind in passes[passes.index(done):]:
-            yield from self._pass(kind == "deleted", after or None, last=kind == passes[-1])
-            after = ""
+        for kind, after, then in resume(cursor, ("active", "deleted")):
+            yield from self._pass(kind == "deleted", after, then)
 
-    def _pass(self, deleted: bool, after: str | None, last: bool) -> Iterator[Page]:
+    def _pass(self, deleted: bool, after: str | None, then: str | None) -> Iterator[Page]:
         kind = "deleted" if deleted else "active"
         while True:
             params: dict[str, Any] = {"limit": PAGE_SIZE, "sort_by": "id", "sort_direction": "asc"}
@@ -129,7 +126,7 @@ class Reader:
             doc = self._get(f"{kind} deals page", "/api/v2/deals", **params)
             after = (doc.get("additional_data") or {}).get("next_cursor")
             deals = doc.get("data") or []
-            page = Page(len(deals), [], f"{kind}:{after}" if after else (None if last else "deleted:"))
+            page = Page(len(deals), [], f"{kind}:{after}" if after else then)
             for deal in deals:
                 try:
                     deal = as_dict(deal, "data[]")

@@ -22,7 +22,6 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from models.config import load_config
 from models.event import encode_event
 from streams import topics
 from streams.backfill import hubspot, pipedrive, salesforce
@@ -32,8 +31,8 @@ from streams.backfill.settings import FLAGS, BackfillSettings
 from streams.backfill.stage_map import render
 from streams.producer import ensure_event_topics, start_producer
 from streams.settings import Settings
-from streams.sources.common import Context, Malformed, from_iso
-from streams.sources.settings import SourceSettings
+from streams.sources.common import Malformed, from_iso
+from streams.sources.settings import SourceSettings, context
 
 log = logging.getLogger(__name__)
 READERS = {"hubspot": hubspot.Reader, "pipedrive": pipedrive.Reader, "salesforce": salesforce.Reader}
@@ -162,19 +161,13 @@ def _report(page: Page, totals: Totals) -> None:
         totals.rejects.append(exc.reason)
 
 
-def context(settings: Settings) -> Context:
-    sources = SourceSettings()
-    return Context(load_config(settings.config), lifecycle_pipeline=sources.lifecycle_pipeline,
-                   lead_pipeline=sources.salesforce_lead_pipeline).check()
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """The CLI command: ``args`` has ``crm``, ``since``, ``dry_run``, ``print_stage_map``."""
     options = {name: value for name, value in vars(args).items()
                if name in BackfillSettings.model_fields and value is not None}
     try:
         backfill_settings = BackfillSettings(**options)
-        ctx = context(settings)
+        ctx = context(settings, SourceSettings())
         reader = READERS[args.crm](backfill_settings, ctx)
         if args.print_stage_map:
             sys.stdout.write(render(args.crm, reader.stages(), reader.owners(), ctx.config))

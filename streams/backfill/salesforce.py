@@ -22,7 +22,7 @@ from typing import Any
 from simple_salesforce import Salesforce
 
 from streams.backfill.common import CrmStage, Page, adapt_all, epoch_ms, owner_names
-from streams.backfill.http import Api, ApiError, RateLimit, TimeoutSession
+from streams.backfill.http import Api, ApiError, TimeoutSession
 from streams.backfill.settings import BackfillSettings
 from streams.sources import salesforce as live
 from streams.sources.common import Adapted, Context, Malformed, as_dict
@@ -50,16 +50,15 @@ class BudgetSpent(RuntimeError):
 def deal_events(opp: dict[str, Any], history: list[dict[str, Any]], ctx: Context) -> Adapted:
     """One opportunity and its history rows → canonical events (pure)."""
     opp_id = opp.get("Id")
-    rows = sorted(history, key=lambda r: (epoch_ms(r.get("CreatedDate"), "OpportunityHistory.CreatedDate"),
-                                          str(r.get("Id"))))
+    rows = sorted(((epoch_ms(r.get("CreatedDate"), "OpportunityHistory.CreatedDate"), str(r.get("Id")), r)
+                   for r in history), key=lambda timed: timed[:2])
     docs = []
     previous: dict[str, Any] = {}
-    for row in rows:
+    for ms, row_id, row in rows:
         fields = {name: row.get(name) for name in TRACKED if row.get(name) != previous.get(name)}
         previous = row
         if any(value is not None for value in fields.values()):
-            docs.append(_doc("UPDATE" if docs else "CREATE", f"history-{row.get('Id')}", opp_id,
-                             epoch_ms(row.get("CreatedDate"), "OpportunityHistory.CreatedDate"), fields))
+            docs.append(_doc("UPDATE" if docs else "CREATE", f"history-{row_id}", opp_id, ms, fields))
     current = {name: opp.get(name) for name in ("OwnerId", "AccountId", "CurrencyIsoCode")}
     if not docs:  # no history rows readable: the opportunity as created, now
         current.update({name: opp.get(name) for name in TRACKED})
@@ -99,7 +98,7 @@ class Reader:
         self.ctx = ctx
         self.budget = settings.salesforce_api_budget
         self.opportunity = OPPORTUNITY
-        self.api = Api(NAME, RateLimit(*settings.rate(DEFAULT_RATE)), settings.backfill_retries)
+        self.api = Api.for_crm(NAME, settings, DEFAULT_RATE)
         session = TimeoutSession(settings.backfill_timeout)
         if settings.salesforce_ca_bundle is not None:
             session.verify = str(settings.salesforce_ca_bundle)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from models.config import load_config
 from streams.secrets import SecretFileSettings
+from streams.sources.common import Context
 from streams.sources.debezium import DEFAULT_COLUMNS
 from streams.startup import load_settings
+
+if TYPE_CHECKING:
+    from streams.settings import Settings
 
 SIGNATURE_VERSIONS = ("v1", "v2", "v3")
 
@@ -165,3 +170,13 @@ def from_args(args: argparse.Namespace) -> SourceSettings:
         if name in SourceSettings.model_fields and value is not None
     }
     return load_settings(SourceSettings, **overrides)
+
+
+def context(settings: Settings, sources: SourceSettings) -> Context:
+    """What every adapter reads: the funnel config and these settings, checked (adapt, backfill)."""
+    return Context(
+        load_config(settings.config),
+        lifecycle_pipeline=sources.lifecycle_pipeline,
+        lead_pipeline=sources.salesforce_lead_pipeline,
+        debezium_columns=sources.debezium_columns,
+    ).check()
