@@ -42,6 +42,7 @@ from streams.processor import (
     EventClock,
     Record,
     Rejection,
+    is_erasure,
 )
 from streams.publisher import MAX_CHECK_LAG, KpiPublisher, encode_partial
 from streams.settings import Settings
@@ -95,8 +96,7 @@ def _faust_app(settings: Settings) -> faust.App:
 
 def _records(events: list[Any]) -> list[Record]:
     return [
-        Record(e.message.key, e.message.value, e.message.topic, e.message.partition,
-               e.message.offset, e.message.timestamp)
+        Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
         for e in events
     ]
 
@@ -128,7 +128,7 @@ class FunnelWorker:
         self.deal_processor = DealProcessor(
             config, self.clock, self.metrics, max_skew_ms=int(settings.max_future_skew * 1000),
             min_occurred_ms=int(settings.min_occurred_at.timestamp() * 1000),
-            ticks_topic=topics.ticks_topic(settings.app_id), scan=self._scan_partition,
+            ticks_topic=topics.ticks_topic(settings.app_id), scan=self._scan_partitions,
             max_stalls_per_tick=settings.stall_alerts_per_tick,
         )
         self.customer_processor = CustomerProcessor()
@@ -275,10 +275,11 @@ class FunnelWorker:
         self.deal_processor.folds.revoke_all()
         self.customer_processor.folds.revoke_all()
 
-    def _scan_partition(self, partition: int) -> Iterator[tuple[str, bytes]]:
-        """Every stored deal of one partition (erasures only: a full scan)."""
+    def _scan_partitions(self, partitions: frozenset[int]) -> Iterator[tuple[str, bytes]]:
+        """Every stored deal of the given partitions (erasures, undoing a failed batch: a full
+        scan)."""
         for key, value in list(self.deals.data.items()):
-            if value is not None and orjson.loads(value)[2] == partition:
+            if value is not None and orjson.loads(value)[2] in partitions:
                 yield key.decode(), value
 
     # -- agents ---------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ class FunnelWorker:
         """Erasure requests of a batch fenced off by a revoke: Faust has them as consumed, so
         they go back on the ticks topic for the partition's next owner (erasing is idempotent)."""
         for record in records:
-            if record.value and record.value.startswith(b"{"):
+            if is_erasure(record):
                 await self.ticks_topic.send(value=record.value, partition=record.partition)
 
     async def _process_deals(self, records: list[Any], lagging: frozenset[int], agent: str) -> None:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from models.config import ConfigError
-from streams.kafka_client import BrokerUnavailable
 from streams.settings import Settings
 from streams.startup import StartupError, is_secret, load_settings
 
@@ -286,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
         return _refuse(str(exc))
     except ConfigError as exc:
         return _refuse(f"config error: {exc} (FUNNEL_CONFIG)")
-    except BrokerUnavailable as exc:
-        return _refuse(str(exc))
     except KeyboardInterrupt:
         return 130
 

@@ -98,13 +98,17 @@ class EventsConsumer:
         self._wanted = frozenset(partitions)
         self._wake.set()
 
+    def _fence(self) -> None:
+        """Read nothing more, and fence the batch in flight (its revocation count is stale)."""
+        self._wanted = frozenset()
+        self.revocations += 1
+
     async def revoke(self) -> None:
         """Stop reading; returns after the batch in flight is done, or after half the rebalance
         timeout (a worker that overstays it is dropped from the group while it still writes).
         A batch that outlives a revoke neither writes (``FunnelWorker``) nor commits."""
-        self._wanted = frozenset()
+        self._fence()
         self._wake.clear()
-        self.revocations += 1
         try:
             await asyncio.wait_for(self._lock.acquire(), self.settings.rebalance_timeout / 2)
         except TimeoutError:
@@ -222,8 +226,7 @@ class EventsConsumer:
             # may be someone else's already. Stop as on a revoke; Faust rejoins and reassigns.
             log.warning("commit of %s offsets refused (%r): stopping as on a revoke",
                         topics.EVENTS, exc)
-            self._wanted = frozenset()
-            self.revocations += 1
+            self._fence()
             self.on_lost()
         except KafkaError as exc:  # e.g. a timeout: the next commit covers these offsets
             log.warning("commit of %s offsets failed: %r", topics.EVENTS, exc)

@@ -21,6 +21,8 @@ from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.startup import StartupError, env_name
+
 if TYPE_CHECKING:
     from faust.types.auth import CredentialsT
 
@@ -28,7 +30,7 @@ Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 Mechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
-class BrokerUnavailable(RuntimeError):
+class BrokerUnavailable(StartupError):
     """The broker cannot be reached or refuses this client; the message says which setting to check."""
 
 
@@ -135,7 +137,7 @@ def load_security() -> KafkaSecurity:
         return KafkaSecurity()
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = "".join(f"FUNNEL_KAFKA_{part}".upper() for part in error["loc"][:1])
+        where = env_name(KafkaSecurity, str(error["loc"][0])) if error["loc"] else ""
         raise BrokerUnavailable(f"{where or 'Kafka security settings'}: {error['msg']}") from None
 
 

@@ -120,7 +120,7 @@ class Outbox:
             await self._crash_before_alerts(pending)
         futures = []
         for topic, key, value, partition, headers, sink, _ in pending:
-            if sink == "alerts" and self.fail_alerts:
+            if self.fail_alerts and sink == "alerts":
                 self.fail_alerts -= 1
                 futures.append(_refused(topic))
                 continue
