@@ -34,14 +34,14 @@ lock: $(UV)
 
 # promtool/prometheus (metric lint, rule tests, dashboard queries), amtool and alertmanager
 # (Alertmanager config and delivery), nginx + openssl (the reverse-proxy example), stunnel4
-# (Kafka over TLS);
-# Redis for the sink tests.
+# (Kafka over TLS), redis-server (the Redis sink, and the compose stack's password-protected
+# Redis); Redis on 127.0.0.1:6379 for the sink tests.
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v amtool >/dev/null \
 	  && command -v prometheus-alertmanager >/dev/null && PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null \
-	  && command -v openssl >/dev/null && command -v stunnel4 >/dev/null \
+	  && command -v openssl >/dev/null && command -v stunnel4 >/dev/null && command -v redis-server >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq prometheus prometheus-alertmanager nginx-light openssl stunnel4 >/dev/null; }
+	  apt-get install -y -qq prometheus prometheus-alertmanager nginx-light openssl stunnel4 redis-server >/dev/null; }
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --port 6379 --save ""
 
 demo: $(STAMP)
