@@ -240,6 +240,7 @@ class Stack:
         self.processes: dict[str, Process] = {}
         self.ports: dict[tuple[str, str], int] = {}  # (service, container port) -> local port
         self.broker: EmbeddedBroker | None = None
+        self.created_topics: set[str] = set()  # what kafka-init created
 
     # ---------------------------------------------------------------- preflight (no process)
     def preflight(self) -> None:
@@ -323,7 +324,7 @@ class Stack:
     # ---------------------------------------------------------------- third-party stand-ins
     def start_kafka(self) -> None:
         self.broker = EmbeddedBroker(log_path=self.workdir / "kafka.log")
-        self.broker.__enter__()
+        self.broker.start()
 
     def run_kafka_init(self) -> None:
         """kafka-init's own script, with kafka-topics.sh answered against the local broker."""
@@ -461,7 +462,7 @@ class Stack:
         for process in reversed(list(self.processes.values())):
             process.stop()
         if self.broker is not None:
-            self.broker.__exit__(None, None, None)
+            self.broker.stop()
 
     def __enter__(self) -> Stack:
         return self if self.processes or self.broker else self.start()

@@ -40,9 +40,16 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
     raise TimeoutError(f"{what} not reached within {timeout:.0f}s (last: {shown!r})")
 
 
-def scrape(url: str) -> Samples | None:
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``funnel-kpi *args`` as a subprocess in the repo, output captured as text; ``kwargs`` go
+    to subprocess.run (env, timeout, ...)."""
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, **kwargs)
+
+
+def scrape(url: str, timeout: float = 3) -> Samples | None:
     try:
-        with urllib.request.urlopen(url, timeout=3) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return parse_exposition(response.read().decode())
     except OSError:
         return None
@@ -148,12 +155,26 @@ def credits_settled(samples: Samples | None) -> bool:
     return abs(total(samples, "funnel_customer_lifetime_value_gsum") - revenue) < 0.005
 
 
+def merged(samples_list: list[Samples]) -> Samples:
+    """The samples of several workers as one: each metric's values, in order."""
+    out: Samples = {}
+    for samples in samples_list:
+        for name, values in samples.items():
+            out.setdefault(name, []).extend(values)
+    return out
+
+
+def exported_partitions(samples: Samples) -> list[str]:
+    """The partitions the samples export (value 1), once per exporting worker."""
+    return [labels["partition"] for labels, value in samples.get("funnel_partition_exported", [])
+            if value == 1]
+
+
 def exported_once(merged: Samples) -> bool:
     """Every partition exported by exactly one of the workers whose samples are merged (the gate
     of the recording rules): only then do summed KPI gauges mean the whole funnel."""
     partitions = int(max((value for _, value in merged.get("funnel_partitions", [])), default=0))
-    exported = [labels["partition"] for labels, value in merged.get("funnel_partition_exported", [])
-                if value == 1]
+    exported = exported_partitions(merged)
     return partitions > 0 and len(exported) == partitions == len(set(exported))
 
 
@@ -163,18 +184,18 @@ def settled(worker_list, expected_events: int, timeout: float = 90) -> Samples:
     would "add up" at zero."""
 
     def check():
-        merged: Samples = {}
+        found: list[Samples] = []
         for worker in worker_list:
             samples = worker.samples()
             if samples is None:
                 return None
             if total(samples, "funnel_active_partitions") and not total(samples, "funnel_worker_ready"):
                 return None
-            for name, values in samples.items():
-                merged.setdefault(name, []).extend(values)
-        counted = total(merged, "funnel_events_total")
-        done = counted >= expected_events and exported_once(merged) and credits_settled(merged)
-        return merged if done else None
+            found.append(samples)
+        summed = merged(found)
+        counted = total(summed, "funnel_events_total")
+        done = counted >= expected_events and exported_once(summed) and credits_settled(summed)
+        return summed if done else None
 
     return wait_until(check, timeout, what=f"{expected_events} events counted")
 

@@ -13,10 +13,8 @@ start pending. The test prints the gaps per operation.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 
@@ -25,11 +23,11 @@ from streams.producer import produce
 from streams.settings import Settings
 
 from .conftest import DATASET, wait_until
+from .test_ops_live import lp
 from .test_reliability_scale import Truth
 
 pytestmark = pytest.mark.broker
 
-REPO = Path(__file__).resolve().parent.parent
 PARTITIONS = 8
 SESSION_TIMEOUT = 6
 ENV = {"FUNNEL_PARTITIONS": str(PARTITIONS), "FUNNEL_STANDBY_REPLICAS": "1",
@@ -47,17 +45,6 @@ KPI_RULES = (
     "pipeline:funnel_customers:sum",
 )
 KPI_ALERTS = ("FunnelStalledDealsHigh", "FunnelStageConversionDrop", "FunnelWinRateDrop")
-
-
-def _live_prometheus():
-    spec = importlib.util.spec_from_file_location("live_prometheus",
-                                                  REPO / "grafana" / "live_prometheus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lp = _live_prometheus()
 
 
 def series_key(metric: dict) -> tuple:

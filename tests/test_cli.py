@@ -14,12 +14,7 @@ from streams.settings import Settings
 from streams.simulator import DAY_S
 from streams.startup import is_secret
 
-from .conftest import ROOT, scrape, wait_until
-
-
-def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, **kwargs)
+from .conftest import ROOT, cli, scrape, wait_until
 
 
 def test_worker_help_lists_every_setting_but_secrets_with_its_variable():

@@ -22,7 +22,7 @@ import pytest
 import redis
 import yaml
 
-from models.kpis import parse_exposition, total
+from models.kpis import total
 from streams.sources import hubspot, pipedrive
 
 from .alert_sink import AlertSink
@@ -35,7 +35,7 @@ from .compose_harness import (
     topology_problems,
     write_env_file,
 )
-from .conftest import wait_until
+from .conftest import merged, scrape, wait_until
 from .test_sources_common import CTX, fixture, raw
 
 pytestmark = pytest.mark.broker
@@ -111,9 +111,10 @@ def stack(tmp_path_factory):
 
 def answers(stack: Stack, service: str, port: int, path: str) -> bool:
     try:
-        return stack.get(service, port, path) is not None
+        stack.get(service, port, path)
     except OSError:
         return False
+    return True
 
 
 # ------------------------------------------------------------------ helpers
@@ -141,16 +142,19 @@ def send_pipedrive(stack: Stack, body: bytes) -> int:
     return post(stack, "/webhooks/pipedrive", body, {"Authorization": f"Basic {auth}"})
 
 
+def worker_metrics(stack: Stack, name: str) -> dict | None:
+    """A worker's /metrics (the Stack.get timeout), None when it does not answer."""
+    return scrape(stack.url(name, 6066, "/metrics"), timeout=5)
+
+
 def worker_samples(stack: Stack) -> dict | None:
-    merged: dict = {}
+    found = []
     for name in ("worker-1", "worker-2"):
-        try:
-            samples = parse_exposition(stack.get(name, 6066, "/metrics").decode())
-        except OSError:
+        samples = worker_metrics(stack, name)
+        if samples is None:
             return None
-        for metric, values in samples.items():
-            merged.setdefault(metric, []).extend(values)
-    return merged
+        found.append(samples)
+    return merged(found)
 
 
 def prom_value(stack: Stack, query: str) -> float | None:
@@ -254,9 +258,8 @@ def test_an_edited_config_file_takes_effect_on_restart(stack):
     def targets():
         values = []
         for name in ("worker-1", "worker-2"):
-            try:
-                samples = parse_exposition(stack.get(name, 6066, "/metrics").decode())
-            except OSError:
+            samples = worker_metrics(stack, name)
+            if samples is None:
                 return None
             values.append(total(samples, "funnel_revenue_target", currency="USD", period="quarter"))
         return values

@@ -7,14 +7,14 @@ refusals (wrong CA, unreachable broker) are one line and exit code 2.
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from bench.tls_broker import TlsBroker, TlsFiles, make_ca
 from streams.broker import free_port
 
-from .conftest import DATASET, DATASET_EVENTS, ROOT, WorkerProcess, settled
+from .conftest import DATASET, DATASET_EVENTS, WorkerProcess, settled
+from .conftest import cli as run_cli
 from .test_e2e_pipeline import assert_dataset_values
 
 pytestmark = pytest.mark.broker
@@ -27,8 +27,7 @@ def tls_broker(tmp_path):
 
 
 def cli(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    return run_cli(*args, env={**os.environ, **env}, timeout=timeout)
 
 
 def assert_one_line_exit_2(result: subprocess.CompletedProcess, starts: str) -> str:

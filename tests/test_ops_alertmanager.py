@@ -39,6 +39,18 @@ def tool(name: str) -> str:
     return path
 
 
+def render_env(folder: Path, binary: str = "/bin/true", **env: str) -> dict[str, str]:
+    """The entrypoint's environment: the template, the secrets folder, Alertmanager's binary."""
+    return {"PATH": "/usr/bin:/bin", "ALERTMANAGER_TEMPLATE": str(TEMPLATE),
+            "ALERTMANAGER_FILES": str(folder), "ALERTMANAGER_BIN": binary, **env}
+
+
+def run_render(config_file: Path, folder: Path, **env: str) -> subprocess.CompletedProcess:
+    """The entrypoint with `true` as Alertmanager, writing ``config_file``."""
+    return subprocess.run(["/bin/sh", RENDER, f"--config.file={config_file}"],
+                          env=render_env(folder, **env), capture_output=True, text=True, timeout=30)
+
+
 def render(tmp: Path, secrets: dict[str, str] | None = None, **env: str) -> tuple[dict, str]:
     """Run the entrypoint with `true` as Alertmanager: (the rendered config, what it said)."""
     folder = tmp / "secrets"
@@ -46,12 +58,7 @@ def render(tmp: Path, secrets: dict[str, str] | None = None, **env: str) -> tupl
     for name, value in (secrets or {}).items():
         (folder / name).write_text(value)
     rendered = tmp / "rendered.yml"
-    res = subprocess.run(
-        ["/bin/sh", RENDER, f"--config.file={rendered}"],
-        env={"PATH": "/usr/bin:/bin", "ALERTMANAGER_TEMPLATE": str(TEMPLATE),
-             "ALERTMANAGER_FILES": str(folder), "ALERTMANAGER_BIN": "/bin/true", **env},
-        capture_output=True, text=True, timeout=30,
-    )
+    res = run_render(rendered, folder, **env)
     assert res.returncode == 0, res.stderr
     check = subprocess.run([tool("amtool"), "check-config", rendered], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -128,13 +135,7 @@ def test_everything_on_with_values_from_env_and_files_from_the_secrets_folder(tm
 
 
 def test_an_email_setup_missing_its_sender_is_a_clear_error(tmp_path):
-    res = subprocess.run(
-        ["/bin/sh", RENDER, f"--config.file={tmp_path / 'out.yml'}"],
-        env={"PATH": "/usr/bin:/bin", "ALERTMANAGER_TEMPLATE": str(TEMPLATE),
-             "ALERTMANAGER_FILES": str(tmp_path), "ALERTMANAGER_BIN": "/bin/true",
-             "ALERTMANAGER_EMAIL_TO": "a@corp.test"},
-        capture_output=True, text=True, timeout=30,
-    )
+    res = run_render(tmp_path / "out.yml", tmp_path, ALERTMANAGER_EMAIL_TO="a@corp.test")
     assert res.returncode == 1
     assert "e-mail needs ALERTMANAGER_EMAIL_FROM" in res.stderr
 
@@ -163,8 +164,7 @@ def test_the_shipped_config_delivers_by_severity_to_slack_and_the_webhook(tmp_pa
             ["/bin/sh", RENDER, f"--config.file={tmp_path / 'rendered.yml'}",
              f"--storage.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
              "--cluster.listen-address=", "--web.external-url=http://alerts.funnel.test:9093"],
-            env={"PATH": "/usr/bin:/bin", "ALERTMANAGER_TEMPLATE": str(TEMPLATE),
-                 "ALERTMANAGER_FILES": str(folder), "ALERTMANAGER_BIN": tool("prometheus-alertmanager")},
+            env=render_env(folder, tool("prometheus-alertmanager")),
             stdout=log, stderr=subprocess.STDOUT,
         )
         try:

@@ -21,7 +21,7 @@ from streams.dataset import dataset_deals
 from streams.producer import produce
 from streams.settings import Settings
 
-from .conftest import DATASET, credits_settled, exported_once, wait_until
+from .conftest import DATASET, credits_settled, exported_once, exported_partitions, merged, wait_until
 from .test_e2e_pipeline import assert_dataset_values, dataset_events, read_topic, replay
 from .test_reliability_crash import APP_ID, read_all
 
@@ -132,24 +132,24 @@ def exact(worker_list, timeout=120):
     last = ["nothing checked"]
 
     def check():
-        merged = {}
+        found = []
         for worker in worker_list:
             samples = worker.samples()
             if samples is None or (total(samples, "funnel_active_partitions")
                                    and not total(samples, "funnel_worker_ready")):
                 last[0] = f"{worker.name} not answering or not ready"
                 return None
-            for name, values in samples.items():
-                merged.setdefault(name, []).extend(values)
-        if not exported_once(merged):
+            found.append(samples)
+        summed = merged(found)
+        if not exported_once(summed):
             last[0] = "not every partition exported exactly once"
             return None
         try:
-            assert_dataset_values(merged)
+            assert_dataset_values(summed)
         except AssertionError as exc:
             last[0] = f"wrong KPIs: {exc}"
             return None
-        return merged
+        return summed
 
     return wait_until(check, timeout, what="the dataset's literal values", show=lambda: last[0])
 
@@ -220,8 +220,7 @@ def test_a_worker_frozen_with_a_batch_in_flight_writes_nothing_once_the_group_mo
 
 
 def exported_by(samples) -> frozenset[str]:
-    return frozenset(labels["partition"] for labels, value
-                     in samples.get("funnel_partition_exported", []) if value == 1)
+    return frozenset(exported_partitions(samples))
 
 
 class ScrapeRounds:
@@ -251,23 +250,23 @@ class ScrapeRounds:
             self._round()
 
     def _round(self) -> None:
-        merged, exporters = {}, {}
+        found, exporters = [], {}
         for worker in list(self.workers):
             samples = worker.samples() or {}
             exported = exported_by(samples)
             self.exports.setdefault(worker.name, set()).add(exported)
             for partition in exported:
                 exporters.setdefault(partition, []).append(worker.name)
-            for name, values in samples.items():
-                merged.setdefault(name, []).extend(values)
+            found.append(samples)
+        summed = merged(found)
         self.rounds += 1
         doubled = {partition: names for partition, names in exporters.items() if len(names) > 1}
         if doubled:
             self.doubled.append((self.rounds, doubled))
-        if exported_once(merged):
+        if exported_once(summed):
             self.complete += 1
             try:
-                assert_dataset_values(merged)
+                assert_dataset_values(summed)
             except AssertionError as exc:
                 self.wrong.append((self.rounds, str(exc)))
 

@@ -24,7 +24,7 @@ from streams.dataset import dataset_deals
 from streams.producer import produce
 from streams.settings import Settings
 
-from .conftest import DATASET, credits_settled, wait_until
+from .conftest import DATASET, credits_settled, merged, wait_until
 from .test_e2e_pipeline import assert_dataset_values
 
 pytestmark = pytest.mark.broker
@@ -78,14 +78,6 @@ def same(seen: Truth, truth: Truth) -> bool:
     return (seen.won, seen.lost, dict(seen.open)) == (truth.won, truth.lost, dict(truth.open)) \
         and abs(seen.won_revenue - truth.won_revenue) < 0.01 \
         and all(abs(seen.open_value[s] - truth.open_value[s]) < 0.01 for s in truth.open_value)
-
-
-def merged(samples_list: list[Samples]) -> Samples:
-    out: Samples = {}
-    for samples in samples_list:
-        for name, values in samples.items():
-            out.setdefault(name, []).extend(values)
-    return out
 
 
 class Sampler(threading.Thread):

@@ -16,7 +16,7 @@ from streams.settings import Settings
 from streams.sources.settings import SourceSettings
 from streams.startup import StartupError, is_secret
 
-from .conftest import ROOT
+from .conftest import ROOT, cli
 
 SECRET = "s3cr3t-value-never-shown"
 COMMANDS = ["worker", "replay", "simulate", "erase", "demo", "ingest", "adapt"]
@@ -26,10 +26,7 @@ ARGS = {"replay": ["events.jsonl"], "erase": ["someone"]}
 def refused(*args: str, **env: str) -> str:
     """Run the CLI; assert the one-line refusal and return it."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args], cwd=ROOT, capture_output=True, text=True,
-        env={**clean, "FUNNEL_BROKER": "kafka://127.0.0.1:1", **env}, timeout=120,
-    )
+    result = cli(*args, env={**clean, "FUNNEL_BROKER": "kafka://127.0.0.1:1", **env}, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
@@ -98,12 +95,10 @@ def test_no_secret_has_a_command_line_flag():
                if is_secret(model, name)]
     assert {"api_token", "redis_url", "hubspot_client_secret", "pipedrive_basic_auth"} <= set(secrets)
     for command in COMMANDS:
-        help_text = subprocess.run([sys.executable, "-m", "streams.cli", command, "--help"], cwd=ROOT,
-                                   capture_output=True, text=True, check=True).stdout
+        help_text = cli(command, "--help", check=True).stdout
         for name in secrets:
             assert f"--{name.replace('_', '-')}" not in help_text, (command, name)
-    result = subprocess.run([sys.executable, "-m", "streams.cli", "worker", "--api-token", SECRET],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = cli("worker", "--api-token", SECRET)
     assert result.returncode == 2 and "unrecognized arguments" in result.stderr
 
 
