@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from unittest.mock import patch
 
 from bench import baselines, measure, workload
 from bench.procs import FunnelWorker, http_get
@@ -30,29 +31,21 @@ def _run(mode: str, workdir: Path, messages: list, files: TlsFiles, timeout: flo
     folder.mkdir()
     broker = TlsBroker(files, folder) if mode == "tls" else EmbeddedBroker(log_path=folder / "broker.log")
     env = broker.env() if isinstance(broker, TlsBroker) else {"FUNNEL_BROKER": broker.url}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)  # the bench's own clients (producer, raw consumer) read them too
-    try:
-        with broker:
-            n = len(messages)
-            send_s = asyncio.run(workload.send(broker.url, messages))
-            ceiling = asyncio.run(measure.raw_consume(broker.url, "crm.events", baselines.PARTITIONS, n,
-                                                      baselines.CEILING))
-            with FunnelWorker(broker.url, folder, f"funnel-{mode}", **env) as worker:
-                pids = [worker.pid, broker.process.pid]
-                if isinstance(broker, TlsBroker):
-                    pids.append(broker.stunnel.pid)
-                drained = measure.drain(worker.count, n, worker.started_at, worker.check_alive,
-                                        timeout=timeout, pids=tuple(pids))
-                counted = measure.events_total(http_get(worker.url) or b"")
-                if counted != n:
-                    raise AssertionError(f"{mode}: funnel_events_total = {counted}, expected {n}")
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # the bench's own clients (producer, raw consumer) read them too
+    with patch.dict(os.environ, env), broker:
+        n = len(messages)
+        send_s = asyncio.run(workload.send(broker.url, messages))
+        ceiling = asyncio.run(measure.raw_consume(broker.url, "crm.events", baselines.PARTITIONS, n,
+                                                  baselines.CEILING))
+        with FunnelWorker(broker.url, folder, f"funnel-{mode}", **env) as worker:
+            pids = [worker.pid, broker.process.pid]
+            if isinstance(broker, TlsBroker):
+                pids.append(broker.stunnel.pid)
+            drained = measure.drain(worker.count, n, worker.started_at, worker.check_alive,
+                                    timeout=timeout, pids=tuple(pids))
+            counted = measure.events_total(http_get(worker.url) or b"")
+            if counted != n:
+                raise AssertionError(f"{mode}: funnel_events_total = {counted}, expected {n}")
     cpu = drained.cpu_us_per_event()
     return {"mode": mode, "send_s": send_s, "ceiling": ceiling, "worker": drained.rate,
             "startup_s": drained.startup_s, "worker_cpu_us": cpu[0], "broker_cpu_us": cpu[1],
