@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import measure, workload
 from bench.procs import FunnelWorker
-from streams.broker import EmbeddedBroker
+from streams.tools.broker import EmbeddedBroker
 
 
 def drain(broker: EmbeddedBroker, workdir: Path, tree: Path, name: str, events: int,

@@ -2,7 +2,7 @@
 
 ``python -m bench.backfill [--deals 1000]`` serves synthetic deals (5 stage changes, an amount
 and an owner each) from the test servers in the vendors' formats at their real page sizes, runs
-``streams.backfill.runner.backfill`` into an embedded broker with the rate limit lifted, and
+``streams.crm.backfill.runner.backfill`` into an embedded broker with the rate limit lifted, and
 prints one line per CRM. With the default rate limits the API calls, not the backfill, set the
 pace: seconds per 1,000 deals = calls per 1,000 deals / requests per second.
 """
@@ -15,11 +15,11 @@ import ssl
 import tempfile
 from pathlib import Path
 
-from streams.backfill import hubspot, pipedrive, salesforce
-from streams.backfill.runner import backfill
-from streams.backfill.settings import BackfillSettings
-from streams.broker import EmbeddedBroker
-from streams.settings import Settings
+from streams.crm.backfill import hubspot, pipedrive, salesforce
+from streams.crm.backfill.runner import backfill
+from streams.crm.backfill.settings import BackfillSettings
+from streams.kafka.settings import Settings
+from streams.tools.broker import EmbeddedBroker
 from tests.crm_servers import TOKEN, HubSpotServer, PipedriveServer, SalesforceServer, tls_files
 from tests.test_sources_common import CTX
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.kafka_client import client_args
+from streams.kafka.client import client_args
 
 COUNTER_PREFIX = b"funnel_events_total{"
 

@@ -14,7 +14,7 @@ import os
 import faust
 
 from bench.baselines import NAIVE, PARTITIONS
-from streams.kafka_client import faust_args
+from streams.kafka.client import faust_args
 
 
 def create_app(broker: str, web_port: int, data_dir: str, *, app_id: str = NAIVE["app_id"],

@@ -19,7 +19,7 @@ import orjson
 from bench import measure
 from bench.baselines import WORKER_ENV
 from models.kpis import Samples, parse_exposition, total
-from streams.broker import free_port
+from streams.tools.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ class FunnelWorker(Proc):
 
     def __init__(self, broker_url: str, workdir: Path, name: str = "funnel", *,
                  data_dir: Path | None = None, root: Path = ROOT, **env: str) -> None:
-        super().__init__([sys.executable, "-m", "streams.cli", "worker"], workdir, name, {}, root)
+        super().__init__([sys.executable, "-m", "streams.tools.cli", "worker"], workdir, name, {}, root)
         self.data_dir = data_dir or self.data_dir
         self.env.update({
             **WORKER_ENV,

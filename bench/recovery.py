@@ -31,7 +31,7 @@ from pathlib import Path
 from bench.baselines import PARTITIONS
 from bench.procs import FunnelWorker
 from bench.workload import encode, open_deals, send
-from streams.broker import EmbeddedBroker
+from streams.tools.broker import EmbeddedBroker
 
 
 def phases(worker: FunnelWorker) -> tuple[float | None, float | None]:

@@ -29,8 +29,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench import baselines, measure, profile, workload
 from bench.procs import FunnelWorker, NaiveApp, http_get
-from streams.broker import EmbeddedBroker, free_port
-from streams.kafka_client import client_args
+from streams.kafka.client import client_args
+from streams.tools.broker import EmbeddedBroker, free_port
 
 HERE = Path(__file__).resolve().parent
 PHASES = ("throughput", "latency", "profile", "replay", "redis", "memory", "rocksdb", "recovery")

@@ -39,9 +39,10 @@ from aiokafka import AIOKafkaProducer
 
 from models.event import encode_event
 from models.kpis import parse_exposition, total
-from streams import kafka_client, topics
-from streams.broker import EmbeddedBroker, free_port
-from streams.simulator import Simulation
+from streams.kafka import client as kafka_client
+from streams.kafka import topics
+from streams.tools.broker import EmbeddedBroker, free_port
+from streams.tools.simulator import Simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 4
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                "FUNNEL_WEB_BIND": "127.0.0.1", "FUNNEL_DATA_DIR": str(workdir / "data"),
                "FUNNEL_PARTITIONS": str(PARTITIONS), "FUNNEL_STORE": args.store,
                "FUNNEL_LOG_LEVEL": "warning", "FUNNEL_RECOVERY_CONSISTENCY_CHECK": "false"}
-        worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT,
+        worker = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], cwd=ROOT,
                                   env=env, stdout=(workdir / "worker.log").open("ab"),
                                   stderr=subprocess.STDOUT)
         try:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from models import aggregates as agg
 from models.config import Clock, load_config
 from sinks.prometheus import KpiCollector, ProcessMetrics
-from streams.processor import DealBatch, DealProcessor, EventClock
+from streams.worker.processor import DealBatch, DealProcessor, EventClock
 
 DAY = agg.DAY_MS
 

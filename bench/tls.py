@@ -23,7 +23,7 @@ from unittest.mock import patch
 from bench import baselines, measure, workload
 from bench.procs import FunnelWorker, http_get
 from bench.tls_broker import TlsBroker, TlsFiles
-from streams.broker import EmbeddedBroker
+from streams.tools.broker import EmbeddedBroker
 
 
 def _run(mode: str, workdir: Path, messages: list, files: TlsFiles, timeout: float) -> dict:

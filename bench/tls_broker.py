@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from streams.broker import EmbeddedBroker, _die_with_parent, free_port, wait_for_port
+from streams.tools.broker import EmbeddedBroker, _die_with_parent, free_port, wait_for_port
 
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from bench.baselines import PARTITIONS
 from models.event import encode_event
-from streams.dataset import dataset_events
-from streams.producer import ensure_event_topics, start_producer
-from streams.settings import Settings
-from streams.simulator import Simulation
+from streams.kafka.settings import Settings
+from streams.tools.dataset import dataset_events
+from streams.tools.producer import ensure_event_topics, start_producer
+from streams.tools.simulator import Simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT.parent / "shared" / "datasets" / "crm-sales-opportunities"

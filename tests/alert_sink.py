@@ -7,7 +7,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from streams.broker import free_port
+from streams.tools.broker import free_port
 
 
 class AlertSink:

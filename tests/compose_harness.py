@@ -27,10 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from streams import topics
-from streams.broker import EmbeddedBroker, free_port
-from streams.cli import parser as cli_parser
-from streams.sources.settings import SourceSettings
+from streams.crm.sources.settings import SourceSettings
+from streams.kafka import topics
+from streams.tools.broker import EmbeddedBroker, free_port
+from streams.tools.cli import parser as cli_parser
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

@@ -16,7 +16,7 @@ import yaml
 
 from models.config import DEFAULT_CONFIG
 from models.kpis import Samples, parse_exposition, total
-from streams.broker import EmbeddedBroker, free_port
+from streams.tools.broker import EmbeddedBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = ROOT.parent / "shared" / "datasets" / "crm-sales-opportunities"
@@ -43,7 +43,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """``funnel-kpi *args`` as a subprocess in the repo, output captured as text; ``kwargs`` go
     to subprocess.run (env, timeout, ...)."""
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "streams.tools.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, **kwargs)
 
 
@@ -87,7 +87,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", "streams.tools.cli", "worker"], cwd=ROOT, env=self.env,
             stdout=log, stderr=subprocess.STDOUT,
         )
         return self
@@ -204,9 +204,9 @@ def settled(worker_list, expected_events: int, timeout: float = 90) -> Samples:
 def live_metrics_url(tmp_path_factory):
     """/metrics of a real worker after the dataset replay, stream clock at 2017-12-31, with the
     shipped config plus ``LIVE_OWNER_NAMES``."""
-    from streams.dataset import dataset_events
-    from streams.producer import produce
-    from streams.settings import Settings
+    from streams.kafka.settings import Settings
+    from streams.tools.dataset import dataset_events
+    from streams.tools.producer import produce
 
     workdir = tmp_path_factory.mktemp("live-worker")
     config = workdir / "funnel.yaml"

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from streams.broker import free_port
+from streams.tools.broker import free_port
 
 TOKEN = "test-token-4711"
 SLOW = 2.5  # seconds a "timeout" fault holds the answer (clients are given 1 s)

@@ -10,10 +10,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from models.kpis import total
-from streams.broker import EmbeddedBroker
-from streams.producer import produce
-from streams.settings import Settings
-from streams.simulator import Simulation
+from streams.kafka.settings import Settings
+from streams.tools.broker import EmbeddedBroker
+from streams.tools.producer import produce
+from streams.tools.simulator import Simulation
 
 from .conftest import ROOT, WorkerProcess, run_async, settled, wait_until
 

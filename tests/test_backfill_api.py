@@ -16,11 +16,11 @@ import yaml
 
 import models
 from models.config import load_config
-from streams.backfill import hubspot, pipedrive, runner, salesforce
-from streams.backfill.common import Page
-from streams.backfill.settings import SECRETS, BackfillSettings
-from streams.backfill.stage_map import render, render_owners
-from streams.settings import Settings
+from streams.crm.backfill import hubspot, pipedrive, runner, salesforce
+from streams.crm.backfill.common import Page
+from streams.crm.backfill.settings import SECRETS, BackfillSettings
+from streams.crm.backfill.stage_map import render, render_owners
+from streams.kafka.settings import Settings
 
 from .crm_servers import TOKEN, HubSpotServer, PipedriveServer, SalesforceServer, tls_files
 from .test_backfill_convergence import kpi_state, live_events

@@ -15,12 +15,12 @@ import pytest
 
 from models.aggregates import stays_of
 from models.deal import SAME_CHANGE_MS, Deal, Outcome
-from streams.backfill import hubspot, pipedrive, salesforce
-from streams.backfill.common import Page, limit_history
-from streams.sources import hubspot as live_hubspot
-from streams.sources import pipedrive as live_pipedrive
-from streams.sources import salesforce as live_salesforce
-from streams.sources.common import from_epoch
+from streams.crm.backfill import hubspot, pipedrive, salesforce
+from streams.crm.backfill.common import Page, limit_history
+from streams.crm.sources import hubspot as live_hubspot
+from streams.crm.sources import pipedrive as live_pipedrive
+from streams.crm.sources import salesforce as live_salesforce
+from streams.crm.sources.common import from_epoch
 
 from .test_sources_common import CONFIG, CTX, apply, fixture, kpis, raw
 

@@ -14,10 +14,10 @@ import sys
 import pytest
 
 from models.kpis import total
-from streams.backfill import hubspot
-from streams.backfill.common import Page
-from streams.producer import produce
-from streams.settings import Settings
+from streams.crm.backfill import hubspot
+from streams.crm.backfill.common import Page
+from streams.kafka.settings import Settings
+from streams.tools.producer import produce
 
 from .conftest import ROOT, run_async, wait_until
 from .crm_servers import TOKEN, HubSpotServer
@@ -87,7 +87,7 @@ def test_backfill_killed_and_resumed_beside_the_live_session_counts_every_change
                "FUNNEL_HUBSPOT_API_URL": server.url, "FUNNEL_HUBSPOT_ACCESS_TOKEN_FILE": str(token_file),
                "FUNNEL_BACKFILL_RATE": "4/1", "FUNNEL_BACKFILL_STATE_DIR": str(tmp_path / "state")}
         checkpoint = tmp_path / "state" / "backfill-hubspot.json"
-        command = [sys.executable, "-m", "streams.cli", "backfill", "hubspot"]
+        command = [sys.executable, "-m", "streams.tools.cli", "backfill", "hubspot"]
         first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             wait_until(lambda: checkpoint.exists() and json.loads(checkpoint.read_text())["deals"] >= 10, 90,

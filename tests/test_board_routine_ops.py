@@ -18,9 +18,9 @@ from itertools import pairwise
 
 import pytest
 
-from streams.dataset import dataset_deals
-from streams.producer import produce
-from streams.settings import Settings
+from streams.kafka.settings import Settings
+from streams.tools.dataset import dataset_deals
+from streams.tools.producer import produce
 
 from .conftest import DATASET, wait_until
 from .test_ops_live import lp

@@ -8,11 +8,11 @@ from datetime import datetime
 import pytest
 
 from models.kpis import pipeline_kpis, total
-from streams.broker import free_port
-from streams.demo import HISTORY_DAYS, LIVE_DAYS, seeded_traffic
-from streams.settings import Settings
-from streams.simulator import DAY_S
-from streams.startup import is_secret
+from streams.kafka.settings import Settings
+from streams.kafka.startup import is_secret
+from streams.tools.broker import free_port
+from streams.tools.demo import HISTORY_DAYS, LIVE_DAYS, seeded_traffic
+from streams.tools.simulator import DAY_S
 
 from .conftest import ROOT, cli, scrape, wait_until
 
@@ -82,7 +82,7 @@ def test_demo_shows_every_kpi_within_30_seconds_of_start():
     port = free_port()
     started = time.monotonic()
     demo = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "demo", "--duration", "45", "--web-port", str(port)],
+        [sys.executable, "-m", "streams.tools.cli", "demo", "--duration", "45", "--web-port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

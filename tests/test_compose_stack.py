@@ -23,7 +23,7 @@ import redis
 import yaml
 
 from models.kpis import total
-from streams.sources import hubspot, pipedrive
+from streams.crm.sources import hubspot, pipedrive
 
 from .alert_sink import AlertSink
 from .compose_harness import (

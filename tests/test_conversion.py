@@ -4,8 +4,8 @@ import orjson
 
 from models.config import ConversionDrop, load_config
 from models.kpis import conversion_checks
-from streams.processor import Record
-from streams.publisher import KpiPublisher
+from streams.worker.processor import Record
+from streams.worker.publisher import KpiPublisher
 
 RULE = ConversionDrop()
 ORDER = {"default": ["lead", "mql", "sql", "opportunity"]}

@@ -12,7 +12,7 @@ from models import aggregates as agg
 from models.config import load_config
 from models.deal import Deal, apply_change
 from models.event import decode_event, encode_event
-from streams.dataset import dataset_events
+from streams.tools.dataset import dataset_events
 
 DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "crm-sales-opportunities"
 CONFIG = load_config()

@@ -19,8 +19,8 @@ import redis
 
 from models.kpis import pipeline_kpis, total
 from models.schemas import SCHEMA_DIR
-from streams import topics
-from streams.broker import free_port, wait_for_port
+from streams.kafka import topics
+from streams.tools.broker import free_port, wait_for_port
 
 from .conftest import DATASET_EVENTS, credits_settled, settled, wait_until
 from .test_e2e_pipeline import dataset_events, read_topic, replay

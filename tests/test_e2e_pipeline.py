@@ -12,11 +12,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from models.kpis import pipeline_kpis, total
-from streams import topics
-from streams.dataset import dataset_deals
-from streams.producer import produce
-from streams.settings import Settings
-from streams.simulator import Simulation
+from streams.kafka import topics
+from streams.kafka.settings import Settings
+from streams.tools.dataset import dataset_deals
+from streams.tools.producer import produce
+from streams.tools.simulator import Simulation
 
 from .conftest import DATASET, DATASET_EVENTS, credits_settled, settled, wait_until
 

@@ -1,6 +1,6 @@
 """The engine is pinned, locked and checked: exact versions of faust-streaming, mode-streaming and
 aiokafka everywhere (pyproject, locks, the running venv), a worker that refuses others, and every
-patched function in streams/faust_patches.py seen called by real workers through a real recovery
+patched function in streams/worker/faust_patches.py seen called by real workers through a real recovery
 and rebalance (a release that stopped calling one would silently undo its fix)."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from importlib.metadata import version
 import pytest
 
 from models.kpis import Samples
-from streams import engine, faust_patches
-from streams.producer import produce
-from streams.settings import Settings
-from streams.simulator import Simulation
+from streams.kafka.settings import Settings
+from streams.tools.producer import produce
+from streams.tools.simulator import Simulation
+from streams.worker import engine, faust_patches
 
 from .conftest import ROOT, settled, wait_until
 
@@ -55,7 +55,7 @@ def run_worker_with_aiokafka(tmp_path, **env: str) -> subprocess.CompletedProces
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: aiokafka\nVersion: 0.15.0\n")
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")}
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "streams.tools.cli", "worker"], cwd=ROOT, capture_output=True, text=True,
         env={**clean, "PYTHONPATH": str(dist.parent), "FUNNEL_BROKER": "kafka://127.0.0.1:1",
              "FUNNEL_CONFIG": str(tmp_path / "absent.yaml"), **env}, timeout=120,
     )
@@ -66,7 +66,7 @@ def test_a_worker_refuses_an_untested_engine_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         "funnel-kpi: untested stream engine: aiokafka 0.15.0 (tested: 0.14.0); "
-        "streams/faust_patches.py replaces their internals and events could be lost. Install the "
+        "streams/worker/faust_patches.py replaces their internals and events could be lost. Install the "
         "locked versions (pip install --require-hashes -r requirements.lock), or set "
         "FUNNEL_ALLOW_UNTESTED_ENGINE=true if you have run the patch tests on these versions"
     ]

@@ -39,7 +39,7 @@ def test_erase_an_owner_and_an_account(broker, workers):
     settled([worker], DATASET_EVENTS)
     for name in (NAME, "Codehow"):
         result = subprocess.run(
-            [sys.executable, "-m", "streams.cli", "erase", name, "--broker", broker.url,
+            [sys.executable, "-m", "streams.tools.cli", "erase", name, "--broker", broker.url,
              "--partitions", "4"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
     pseudonym = erased_name(NAME)

@@ -10,13 +10,13 @@ from faust.assignor.client_assignment import ClientAssignment
 from faust.types import TP
 from prometheus_client import CollectorRegistry
 
-import streams.processor as processor_module
+import streams.worker.processor as processor_module
 from models.aggregates import Fold
 from models.config import Clock, load_config
 from models.deal import decode_deal, encode_deal
 from sinks.prometheus import ProcessMetrics
-from streams.broker import free_port
-from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record
+from streams.tools.broker import free_port
+from streams.worker.processor import CustomerProcessor, DealProcessor, EventClock, Record
 
 CONFIG = load_config()
 
@@ -128,8 +128,8 @@ def test_a_customers_table_of_the_old_format_is_refused_with_a_clear_error():
 def offline_worker(tmp_path):
     """A worker built but never started (no broker): its tables' callbacks are called by hand,
     in the order Faust calls them."""
-    from streams.app import FunnelWorker
-    from streams.settings import Settings
+    from streams.kafka.settings import Settings
+    from streams.worker.app import FunnelWorker
 
     worker = FunnelWorker(Settings(broker="kafka://127.0.0.1:9", data_dir=tmp_path, partitions=4,
                                    web_port=free_port()))
@@ -226,7 +226,7 @@ def test_a_revoke_waits_for_the_batch_in_flight_at_most_half_the_rebalance_timeo
 def test_a_batch_that_a_revoke_overtakes_writes_nothing(tmp_path):
     import asyncio
 
-    from streams.outbox import Revoked
+    from streams.worker.outbox import Revoked
 
     async def scenario():
         worker, tps = offline_worker(tmp_path)

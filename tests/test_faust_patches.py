@@ -1,4 +1,4 @@
-"""The offset Faust commits (streams.faust_patches), on a real but unstarted Faust consumer.
+"""The offset Faust commits (streams.worker.faust_patches), on a real but unstarted Faust consumer.
 
 F7 (bench/RELIABILITY-FINDINGS.md): records fetched and dropped before a partition's first
 commit were committed past, so customer credits were lost after crashes.
@@ -10,7 +10,7 @@ import faust
 import pytest
 from faust.types import TP
 
-from streams import faust_patches
+from streams.worker import faust_patches
 
 TOPIC_PARTITION = TP("funnel-kpi-customer-credits", 0)
 

@@ -17,13 +17,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from models.event import decode_event
 from models.kpis import parse_exposition, total
-from streams import topics
-from streams.adapt import Bridge, context
-from streams.broker import free_port
-from streams.ingest import IngestServer
-from streams.settings import Settings
-from streams.sources import debezium, hubspot, pipedrive, salesforce
-from streams.sources.settings import SourceSettings
+from streams.crm.adapt import Bridge, context
+from streams.crm.sources import debezium, hubspot, pipedrive, salesforce
+from streams.crm.sources.settings import SourceSettings
+from streams.http.ingest import IngestServer
+from streams.kafka import topics
+from streams.kafka.settings import Settings
+from streams.tools.broker import free_port
 
 from .conftest import wait_until
 from .test_sources_common import CONFIG, CTX, fixture, raw

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.broker import EmbeddedBroker
-from streams.sources import hubspot
+from streams.crm.sources import hubspot
+from streams.tools.broker import EmbeddedBroker
 
 from .test_ingest_e2e import BASIC, SECRET, Edge, read
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from streams.kafka_client import BrokerUnavailable, KafkaSecurity, client_args, faust_args, load_security
+from streams.kafka.client import BrokerUnavailable, KafkaSecurity, client_args, faust_args, load_security
 
 from .conftest import ROOT
 
@@ -77,8 +77,9 @@ def test_every_kafka_client_is_built_with_the_security_helper():
     found = client_constructions()
     files = {file for file, *_ in found}
     # The scan must see the clients it guards (a scan that finds nothing would pass).
-    assert {"streams/app.py", "streams/events_consumer.py", "streams/producer.py", "streams/ingest.py",
-            "streams/adapt.py", "streams/api.py", "streams/erase.py", "streams/topics.py",
+    assert {"streams/worker/app.py", "streams/worker/events_consumer.py", "streams/tools/producer.py",
+            "streams/http/ingest.py", "streams/crm/adapt.py", "streams/http/api.py", "streams/tools/erase.py",
+            "streams/kafka/topics.py",
             "bench/naive_app.py", "bench/measure.py", "bench/soak.py", "bench/run.py"} <= files
     bare = [f"{file}:{line} {client}" for file, line, client, ok in found if not ok]
     assert not bare, "Kafka clients built without kafka_client.client_args/faust_args: " + ", ".join(bare)
@@ -184,7 +185,7 @@ def test_the_password_never_shows_in_the_settings_repr():
 
 
 def test_no_security_setting_is_a_command_line_flag():
-    from streams.cli import parser
+    from streams.tools.cli import parser
 
     flags = parser().format_help() + "".join(
         action.format_help() for action in parser()._subparsers._group_actions[0].choices.values()

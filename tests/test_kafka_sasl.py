@@ -3,7 +3,7 @@ real SCRAM server in front of it (tests/scram_proxy.py says why) for a whole run
 
 import pytest
 
-from streams.broker import EmbeddedBroker, free_port
+from streams.tools.broker import EmbeddedBroker, free_port
 
 from .conftest import DATASET, DATASET_EVENTS, WorkerProcess, settled
 from .scram_proxy import ScramGate

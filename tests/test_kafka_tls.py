@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from bench.tls_broker import TlsBroker, TlsFiles, make_ca
-from streams.broker import free_port
+from streams.tools.broker import free_port
 
 from .conftest import DATASET, DATASET_EVENTS, WorkerProcess, settled
 from .conftest import cli as run_cli

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from models.config import Clock, load_config
 from models.kpis import parse_exposition, pipeline_kpis, total
 from sinks.prometheus import KpiCollector, ProcessMetrics, WorkerKpiCollector, current_partitions
-from streams.dataset import dataset_events
-from streams.processor import DealProcessor, EventClock, PartitionFolds, Record
+from streams.tools.dataset import dataset_events
+from streams.worker.processor import DealProcessor, EventClock, PartitionFolds, Record
 
 from .conftest import DATASET
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streams.broker import free_port
+from streams.tools.broker import free_port
 
 from .alert_sink import AlertSink
 from .conftest import wait_until

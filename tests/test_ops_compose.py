@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streams.sources.settings import INGEST_SETTINGS
+from streams.crm.sources.settings import INGEST_SETTINGS
 
 from .compose_harness import interpolate, read_env_file
 

@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 from models.config import Clock, load_config
 from models.deal import decode_deal, erased_name
 from sinks.prometheus import ProcessMetrics
-from streams.processor import CustomerProcessor, DealProcessor, EventClock, Record
-from streams.simulator import Simulation
+from streams.tools.simulator import Simulation
+from streams.worker.processor import CustomerProcessor, DealProcessor, EventClock, Record
 
 CONFIG = load_config()
 

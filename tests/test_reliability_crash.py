@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from models.deal import decode_deal
 from models.kpis import pipeline_kpis, total
-from streams import topics
+from streams.kafka import topics
 
 from .conftest import DATASET_EVENTS, credits_settled, wait_until
 from .test_e2e_pipeline import assert_dataset_values, dataset_events, replay

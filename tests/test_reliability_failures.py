@@ -16,10 +16,10 @@ import pytest
 
 from models.deal import decode_deal, encode_deal
 from models.kpis import total
-from streams import topics
-from streams.dataset import dataset_deals
-from streams.producer import produce
-from streams.settings import Settings
+from streams.kafka import topics
+from streams.kafka.settings import Settings
+from streams.tools.dataset import dataset_deals
+from streams.tools.producer import produce
 
 from .conftest import DATASET, credits_settled, exported_once, exported_partitions, merged, wait_until
 from .test_e2e_pipeline import assert_dataset_values, dataset_events, read_topic, replay

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from models.kpis import total
-from streams import topics
-from streams.broker import EmbeddedBroker
+from streams.kafka import topics
+from streams.tools.broker import EmbeddedBroker
 
 from .conftest import WorkerProcess, wait_until
 

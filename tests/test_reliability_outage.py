@@ -26,8 +26,8 @@ from aiokafka import AIOKafkaProducer
 
 from models.event import encode_event
 from models.kpis import total
-from streams import topics
-from streams.dataset import dataset_deals
+from streams.kafka import topics
+from streams.tools.dataset import dataset_deals
 
 from .conftest import DATASET, DATASET_EVENTS, settled, wait_until
 from .test_e2e_pipeline import assert_dataset_values, replay

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from models.kpis import Samples, pipeline_kpis, total
-from streams.dataset import dataset_deals
-from streams.producer import produce
-from streams.settings import Settings
+from streams.kafka.settings import Settings
+from streams.tools.dataset import dataset_deals
+from streams.tools.producer import produce
 
 from .conftest import DATASET, credits_settled, merged, wait_until
 from .test_e2e_pipeline import assert_dataset_values

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import free_port
-from streams.sources import hubspot
+from streams.crm.sources import hubspot
+from streams.tools.broker import free_port
 
 from .conftest import wait_until
 from .test_ingest_e2e import SECRET, Edge, read

@@ -7,7 +7,7 @@ import orjson
 
 from models.alerts import stall_alert
 from models.schemas import SCHEMA_DIR, render
-from streams.dataset import dataset_events
+from streams.tools.dataset import dataset_events
 
 from .conftest import DATASET
 

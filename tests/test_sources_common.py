@@ -13,7 +13,7 @@ from models.aggregates import Fold, deal_contribution
 from models.config import ConfigError, load_config
 from models.deal import Deal, Outcome, apply_change
 from models.event import decode_event, encode_event
-from streams.sources.common import Context, Malformed, amount, from_epoch, from_iso, ident
+from streams.crm.sources.common import Context, Malformed, amount, from_epoch, from_iso, ident
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIG = load_config()  # the shipped funnel.yaml

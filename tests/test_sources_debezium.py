@@ -9,8 +9,8 @@ import json
 import pytest
 
 from models.deal import Outcome
-from streams.sources import debezium
-from streams.sources.common import Context, Gap, Malformed
+from streams.crm.sources import debezium
+from streams.crm.sources.common import Context, Gap, Malformed
 
 from .test_sources_common import CONFIG, CTX, apply, assert_order_independent, fixture, kpis, raw
 

@@ -6,8 +6,8 @@ import pytest
 from multidict import CIMultiDict
 
 from models.deal import Outcome
-from streams.sources import hubspot
-from streams.sources.common import Malformed
+from streams.crm.sources import hubspot
+from streams.crm.sources.common import Malformed
 
 from .test_sources_common import CTX, apply, assert_order_independent, fixture, kpis, raw
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 
 from models.deal import Outcome
-from streams.sources import pipedrive
-from streams.sources.common import Malformed
+from streams.crm.sources import pipedrive
+from streams.crm.sources.common import Malformed
 
 from .test_sources_common import CTX, apply, assert_order_independent, fixture, kpis, raw
 

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models.event import decode_event, encode_event
-from streams.adapt import convert
-from streams.sources import debezium, hubspot, pipedrive, salesforce
-from streams.sources.common import Adapted, Malformed
+from streams.crm.adapt import convert
+from streams.crm.sources import debezium, hubspot, pipedrive, salesforce
+from streams.crm.sources.common import Adapted, Malformed
 
 from .test_sources_common import CTX, NOW_MS, SKEW_MS, fixture
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 
 from models.deal import Outcome
-from streams.sources import salesforce
-from streams.sources.common import Gap, Malformed
+from streams.crm.sources import salesforce
+from streams.crm.sources.common import Gap, Malformed
 
 from .test_sources_common import CTX, apply, assert_order_independent, fixture, kpis, raw
 

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from models.config import DEFAULT_CONFIG, Clock, load_config
 from sinks.prometheus import ProcessMetrics
-from streams.processor import DealProcessor, EventClock, Record
+from streams.worker.processor import DealProcessor, EventClock, Record
 
 DAY = 86_400_000
 TICKS = "funnel-kpi-ticks"

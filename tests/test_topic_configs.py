@@ -1,4 +1,4 @@
-"""Topics are created with the configs the design needs (one table, streams/topics.py), the
+"""Topics are created with the configs the design needs (one table, streams/kafka/topics.py), the
 compose stack's kafka-init agrees with it, and a worker warns about an existing topic whose
 configs would lose data."""
 
@@ -13,8 +13,8 @@ import pytest
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams import topics
-from streams.settings import Settings
+from streams.kafka import topics
+from streams.kafka.settings import Settings
 from tests.conftest import ROOT
 
 WEEK_MS = "604800000"
@@ -33,7 +33,7 @@ def test_every_worker_topic_has_configs_and_inputs_keep_everything():
 
 
 def test_the_worker_declares_exactly_the_changelogs_it_creates_with_their_configs():
-    from streams.app import FunnelWorker
+    from streams.worker.app import FunnelWorker
 
     worker = FunnelWorker(Settings(app_id="cfg-test", partitions=3))
     wanted = topics.worker_topics("cfg-test", 3)
@@ -140,7 +140,7 @@ def test_a_worker_restarted_on_topics_it_created_warns_about_nothing(broker, wor
 
 @pytest.mark.broker
 def test_ingest_and_adapt_warn_about_a_raw_topic_with_a_finite_retention(broker, caplog):
-    from streams.ingest import ensure_raw_topics
+    from streams.http.ingest import ensure_raw_topics
 
     asyncio.run(create_topic(broker.url, "crm.raw.pipedrive", 4, {"retention.ms": WEEK_MS}))
     with caplog.at_level(logging.WARNING, logger="funnel_kpi"):

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streams import topics
+from streams.kafka import topics
 
 pytestmark = pytest.mark.broker
 

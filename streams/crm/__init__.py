@@ -1,0 +1,1 @@
+"""CRM input: source adapters, the adapt service and backfills."""

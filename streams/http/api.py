@@ -1,0 +1,119 @@
+"""KPI HTTP API on the worker web port (documented in ``docs/openapi.yaml``).
+
+Any worker answers: each one follows ``funnel.kpis`` with its own group-less consumer and keeps
+the snapshot with the highest ``(generation, sequence)`` per pipeline, exactly as the consumers
+of the topic are told to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import faust
+import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from models.snapshot import KpiSnapshot
+from streams.kafka import client as kafka_client
+from streams.kafka import topics
+
+log = logging.getLogger("funnel_kpi.api")
+
+
+class SnapshotFeed:
+    """The latest valid snapshot per pipeline from ``funnel.kpis``; older pairs are dropped."""
+
+    def __init__(self, on_accepted: Callable[[KpiSnapshot], None] = lambda snapshot: None) -> None:
+        self.latest: dict[str, KpiSnapshot] = {}
+        self.on_accepted = on_accepted
+
+    def offer(self, raw: bytes) -> bool:
+        try:
+            snapshot = KpiSnapshot.model_validate_json(raw)
+        except ValidationError:
+            return False
+        current = self.latest.get(snapshot.pipeline)
+        pair = (snapshot.generation, snapshot.sequence)
+        if current is not None and pair <= (current.generation, current.sequence):
+            return False
+        self.latest[snapshot.pipeline] = snapshot
+        self.on_accepted(snapshot)
+        return True
+
+    async def follow(self, broker_url: str) -> None:
+        while True:
+            consumer = AIOKafkaConsumer(
+                topics.KPIS, **kafka_client.client_args(broker_url),
+                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None,
+            )
+            try:
+                await consumer.start()
+                async for message in consumer:
+                    if message.value is not None:
+                        self.offer(message.value)
+            except KafkaError as exc:
+                log.warning("following %s failed (%s); retrying", topics.KPIS, exc)
+                await asyncio.sleep(2)
+            finally:
+                await consumer.stop()
+
+
+def register_api(app: faust.App, feed: SnapshotFeed, *, pipelines: list[str],
+                 readiness: Callable[[], dict[str, str]], token: str | None) -> None:
+    """``readiness()`` gives ``status`` ("ready", or why not) and the state of each dependency."""
+    def denied(web: faust.web.View, request: faust.web.Request) -> faust.web.Response | None:
+        if not token:
+            return None
+        given = request.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return None
+        return web.json({"error": "missing or wrong bearer token"}, status=401,
+                        headers={"WWW-Authenticate": "Bearer"})
+
+    def json(web: faust.web.View, body: Any, status: int = 200) -> faust.web.Response:
+        return web.bytes(orjson.dumps(body), content_type="application/json", status=status)
+
+    def not_found(web: faust.web.View, pipeline: str) -> faust.web.Response:
+        if pipeline not in pipelines:
+            return json(web, {"error": f"unknown pipeline {pipeline!r}"}, 404)
+        return json(web, {"error": f"no snapshot of {pipeline!r} published yet"}, 404)
+
+    @app.page("/kpis")
+    async def kpi_index(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return denied(web, request) or json(web, {
+            "pipelines": [
+                {"pipeline": name, "published": name in feed.latest,
+                 "as_of": feed.latest[name].as_of if name in feed.latest else None}
+                for name in pipelines
+            ]
+        })
+
+    def snapshot_view(render: Callable[[KpiSnapshot], Any]):
+        async def view(web: faust.web.View, request: faust.web.Request,
+                       pipeline: str) -> faust.web.Response:
+            if (refused := denied(web, request)) is not None:
+                return refused
+            snapshot = feed.latest.get(pipeline)
+            return json(web, render(snapshot)) if snapshot else not_found(web, pipeline)
+        return view
+
+    app.page("/kpis/{pipeline}")(snapshot_view(lambda s: s.model_dump(mode="json")))
+    app.page("/kpis/{pipeline}/leaderboard")(snapshot_view(lambda s: {
+        "pipeline": s.pipeline, "as_of": s.as_of, "currency": s.currency,
+        "leaderboard": [r.model_dump() for r in s.leaderboard],
+    }))
+
+    @app.page("/healthz")
+    async def healthz(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return json(web, {"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        body = readiness()
+        return json(web, body, 200 if body["status"] == "ready" else 503)

@@ -1,0 +1,1 @@
+"""Kafka plumbing: client security, topics, settings, secrets, start-up checks."""

@@ -1,0 +1,247 @@
+"""How every Kafka client in the project connects: bootstrap servers, TLS and SASL.
+
+One place builds the connection arguments, so the Faust app, the events consumer, the
+producers, the receiver, the adapter, the API's reader, ``erase``, the topic admin and the
+bench clients all reach a secured cluster (Confluent Cloud, MSK, Aiven, Strimzi) the same way.
+``tests/test_kafka_client.py`` fails if a client is built without :func:`client_args` or
+:func:`faust_args`. Settings come from the environment only (``FUNNEL_KAFKA_*``): secrets on a
+command line show in ``ps``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.metadata import MetadataRequest
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streams.kafka.startup import StartupError, env_name
+
+if TYPE_CHECKING:
+    from faust.types.auth import CredentialsT
+
+Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+Mechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class BrokerUnavailable(StartupError):
+    """The broker cannot be reached or refuses this client; the message says which setting to check."""
+
+
+class KafkaSecurity(BaseSettings):
+    """``FUNNEL_KAFKA_<NAME>`` environment variables (never flags: they hold secrets)."""
+
+    # Empty means unset: docker compose passes ${VAR:-} through as "".
+    model_config = SettingsConfigDict(env_prefix="FUNNEL_KAFKA_", extra="ignore", env_ignore_empty=True)
+
+    security_protocol: Protocol = Field(
+        "PLAINTEXT", description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL",
+    )
+    sasl_mechanism: Mechanism = Field("PLAIN", description="PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512")
+    sasl_username: str | None = Field(None, description="SASL user name (API key on Confluent Cloud)")
+    sasl_password: SecretStr | None = Field(None, description="SASL password")
+    sasl_password_file: Path | None = Field(
+        None, description="file holding the SASL password (a mounted secret)",
+    )
+    ssl_cafile: Path | None = Field(
+        None, description="CA bundle (PEM) to verify the brokers (unset: system CAs)",
+    )
+    ssl_certfile: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    ssl_keyfile: Path | None = Field(None, description="client private key (PEM) for mutual TLS")
+    ssl_check_hostname: bool = Field(True, description="verify the broker certificate names the host")
+    connect_timeout: float = Field(30.0, gt=0, description="seconds to reach the broker at start-up")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecurity:
+        if self.sasl and not self.sasl_username:
+            raise ValueError(f"{self.security_protocol} needs FUNNEL_KAFKA_SASL_USERNAME")
+        if self.sasl and self.sasl_password is None and self.sasl_password_file is None:
+            raise ValueError(
+                f"{self.security_protocol} needs FUNNEL_KAFKA_SASL_PASSWORD or "
+                "FUNNEL_KAFKA_SASL_PASSWORD_FILE"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("FUNNEL_KAFKA_SSL_CERTFILE and FUNNEL_KAFKA_SSL_KEYFILE go together")
+        return self
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def password(self) -> str:
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        path = self.sasl_password_file
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise BrokerUnavailable(
+                f"cannot read FUNNEL_KAFKA_SASL_PASSWORD_FILE {path}: {exc.strerror}"
+            ) from None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise BrokerUnavailable(f"FUNNEL_KAFKA_{name.upper()} {path}: no such file")
+        try:
+            # What aiokafka.helpers.create_ssl_context does, without its INFO line per client.
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ssl_cafile)
+            if self.ssl_certfile is not None:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        except ssl.SSLError as exc:
+            raise BrokerUnavailable(
+                f"cannot load the TLS files (FUNNEL_KAFKA_SSL_CAFILE/CERTFILE/KEYFILE): {exc.reason or exc}"
+            ) from None
+        context.check_hostname = self.ssl_check_hostname
+        return context
+
+    def aiokafka_args(self) -> dict[str, Any]:
+        """Keyword arguments every aiokafka client (and ``create_conn``) takes."""
+        args: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.tls:
+            args["ssl_context"] = self.ssl_context()
+        if self.sasl:
+            args.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                        sasl_plain_password=self.password())
+        return args
+
+    def faust_credentials(self) -> CredentialsT | None:
+        """Faust's aiokafka driver turns these back into the same aiokafka arguments
+        (``credentials_to_aiokafka_auth``; SCRAM passes through as ``sasl_mechanism``)."""
+        from faust.auth import SASLCredentials, SSLCredentials  # only the worker needs Faust
+
+        if self.sasl:
+            return SASLCredentials(
+                username=self.sasl_username, password=self.password(), mechanism=self.sasl_mechanism,
+                ssl_context=self.ssl_context() if self.tls else None,
+            )
+        if self.tls:
+            return SSLCredentials(self.ssl_context())
+        return None
+
+
+def load_security() -> KafkaSecurity:
+    """The security settings from the environment; a bad value is one line naming the setting."""
+    try:
+        return KafkaSecurity()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = env_name(KafkaSecurity, str(error["loc"][0])) if error["loc"] else ""
+        raise BrokerUnavailable(f"{where or 'Kafka security settings'}: {error['msg']}") from None
+
+
+def bootstrap_servers(broker_url: str) -> list[str]:
+    """``kafka://a:9092;b:9092`` → ``['a:9092', 'b:9092']``."""
+    hosts = []
+    for part in broker_url.replace(",", ";").split(";"):
+        part = part.strip()
+        if part:
+            hosts.append(part.split("://", 1)[-1])
+    return hosts
+
+
+def client_args(broker_url: str, security: KafkaSecurity | None = None) -> dict[str, Any]:
+    """``bootstrap_servers`` plus TLS/SASL arguments for ``AIOKafkaProducer``/``Consumer``/``AdminClient``."""
+    security = security or load_security()
+    return {"bootstrap_servers": bootstrap_servers(broker_url), **security.aiokafka_args()}
+
+
+def faust_args(broker_url: str, security: KafkaSecurity | None = None) -> dict[str, Any]:
+    """``broker`` and ``broker_credentials`` for ``faust.App``."""
+    security = security or load_security()
+    return {"broker": broker_url, "broker_credentials": security.faust_credentials()}
+
+
+async def check_broker(broker_url: str, security: KafkaSecurity | None = None) -> None:
+    """Connect (and authenticate) to a bootstrap server before anything else starts.
+
+    Refused or closed connections are retried until ``FUNNEL_KAFKA_CONNECT_TIMEOUT`` (a broker may still be
+    starting); a TLS or SASL refusal cannot heal by waiting and fails at once. Either way the
+    error is one :class:`BrokerUnavailable` line naming the setting to check.
+    """
+    security = security or load_security()
+    args = security.aiokafka_args()
+    hosts = bootstrap_servers(broker_url)
+    if not hosts:
+        raise BrokerUnavailable(f"FUNNEL_BROKER {broker_url!r} names no host:port")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + security.connect_timeout
+    last = ""
+    while True:
+        for host in hosts:
+            name, _, port = host.rpartition(":")
+            try:
+                await asyncio.wait_for(_ask_metadata(name or port, int(port) if name else 9092, args),
+                                       max(deadline - loop.time(), 0.1))
+            except ssl.SSLError as exc:
+                raise BrokerUnavailable(_tls_failure(host, security, exc)) from None
+            except (TimeoutError, KafkaError, OSError) as exc:
+                tls_cause = _ssl_cause(exc)
+                if tls_cause is not None:
+                    raise BrokerUnavailable(_tls_failure(host, security, tls_cause)) from None
+                if security.sasl and _refused_by_sasl(exc):
+                    raise BrokerUnavailable(_sasl_failure(host, security)) from None
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except KeyError:
+                # aiokafka's SCRAM client reads the server's final message without checking
+                # for an error attribute (``e=``): a wrong password surfaces as KeyError 'v'.
+                raise BrokerUnavailable(_sasl_failure(host, security)) from None
+            else:
+                return
+        if loop.time() >= deadline:
+            raise BrokerUnavailable(
+                f"no Kafka broker reachable at {', '.join(hosts)} within {security.connect_timeout:g}s "
+                f"(FUNNEL_KAFKA_CONNECT_TIMEOUT): {last}; check FUNNEL_BROKER and "
+                f"FUNNEL_KAFKA_SECURITY_PROTOCOL ({security.security_protocol})"
+            )
+        await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
+
+
+async def _ask_metadata(host: str, port: int, args: dict[str, Any]) -> None:
+    """Connect, log in, and get an answer: a broker that demands SASL from a client that
+    offers none accepts the TCP connection and only closes it at the first request."""
+    conn = await create_conn(host, port, **args)
+    try:
+        await conn.send(MetadataRequest([]))
+    finally:
+        conn.close()
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _refused_by_sasl(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in ("sasl", "authenticat"))
+
+
+def _sasl_failure(host: str, security: KafkaSecurity) -> str:
+    return (f"Kafka at {host} refused SASL {security.sasl_mechanism} login as "
+            f"{security.sasl_username!r}: check FUNNEL_KAFKA_SASL_USERNAME and "
+            "FUNNEL_KAFKA_SASL_PASSWORD(_FILE)")
+
+
+def _tls_failure(host: str, security: KafkaSecurity, exc: ssl.SSLError) -> str:
+    reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    return (
+        f"TLS handshake with Kafka at {host} failed ({reason}): check FUNNEL_KAFKA_SSL_CAFILE "
+        f"({security.ssl_cafile or 'system CAs'}), FUNNEL_KAFKA_SSL_CHECK_HOSTNAME and that the "
+        "broker listens with TLS on that port"
+    )

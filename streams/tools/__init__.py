@@ -1,0 +1,1 @@
+"""Command-line tools: cli, demo, simulator, dataset replay, producer, erasure, embedded broker."""

@@ -1,0 +1,1 @@
+"""The worker: Faust wiring, the batch loop, outbox, tables, KPI publisher."""

@@ -1,0 +1,192 @@
+"""Cross-partition KPIs: snapshots on ``funnel.kpis`` and conversion-drop alerts.
+
+Each worker publishes, every tick, a *partial* per partition it owns: the business samples of
+that partition's fold (what ``/metrics`` would show for it alone). Partials go to a topic with
+one partition, so exactly one worker — its owner — combines them: it sums the latest partial of
+every partition, and only once it has them all (never a half-computed snapshot), builds one
+snapshot per pipeline with the functions of :mod:`models.kpis`, and checks conversion drops.
+A new owner bumps the persisted ``generation``, so ``(generation, sequence)`` only increases.
+Partials carry the consumer-group generation they were sent in, and a new owner uses only those
+sent since it took over: the backlog it re-reads holds partials of owners since gone, some from
+the middle of a replay (F8).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+from prometheus_client.registry import Collector
+
+from models import aggregates as agg
+from models.alerts import Alert, alert_id, iso
+from models.config import FunnelConfig
+from models.kpis import ConversionCheck, Samples, conversion_checks, total
+from models.snapshot import KpiSnapshot, build_snapshot
+from sinks.prometheus import CONFIG_METRICS, KpiCollector
+from streams.worker.processor import Record
+
+TOP_CUSTOMERS = 100
+REPUBLISH_SECONDS = 30.0  # an unchanged snapshot is still re-sent this often (liveness)
+GENERATION_KEY = "generation"
+# Conversion is only judged once every partition is this close to its end: while a backlog
+# drains, partitions stand at different points in time and their sum is no real conversion.
+MAX_CHECK_LAG = 1000
+
+
+def collect_samples(collector: Collector) -> Samples:
+    samples: Samples = {}
+    for family in collector.collect():
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
+                   fold: agg.Fold, lag: int = 0, generation: int = 0) -> bytes:
+    """A partition's business samples (config gauges are the publisher's own) and top customers,
+    stamped with the consumer-group generation in which the sender owned the partition."""
+    collector = KpiCollector(config, lambda: [fold], lambda: now_ms, "partial")
+    rows = [
+        [name, labels, value]
+        for name, values in collect_samples(collector).items() if name not in CONFIG_METRICS
+        for labels, value in values if value
+    ]
+    top = sorted(fold.accounts.items(), key=lambda kv: -kv[1])[:TOP_CUSTOMERS]
+    return orjson.dumps([kind, partition, now_ms, rows, [[*key, micro] for key, micro in top], lag,
+                         generation])
+
+
+@dataclass
+class Published:
+    writes: list[tuple[str, bytes, Record]]
+    alerts: list[Alert]
+    snapshots: list[KpiSnapshot]
+
+
+class KpiPublisher:
+    def __init__(self, config: FunnelConfig, partitions: int, version: str) -> None:
+        self.config = config
+        self.partitions = partitions
+        self.version = version
+        # (kind, partition) → ((group generation, as_of), rows, top customers, lag)
+        self.partials: dict[tuple[str, int], tuple[tuple[int, int], list, list, int]] = {}
+        self.generation: int | None = None
+        self.sequence = 0
+        self.since_group_generation = 0  # partials sent in older group generations are ignored
+        self.last: dict[str, tuple[dict, float, KpiSnapshot]] = {}
+        self.order = {
+            name: [stage.name for stage in pipeline.open_stages]
+            for name, pipeline in config.pipelines.items()
+        }
+
+    def revoked(self) -> None:
+        """Another worker may publish now; if we get the partition back we start a generation."""
+        self.generation = None
+        self.partials.clear()
+        self.last.clear()
+
+    def latest(self) -> dict[str, KpiSnapshot]:
+        return {pipeline: snapshot for pipeline, (_, _, snapshot) in self.last.items()}
+
+    def process(self, records: list[Record], load: Callable[[str, Record], bytes | None],
+                group_generation: int) -> Published:
+        """``group_generation``: this worker's consumer-group generation now."""
+        out = Published([], [], [])
+        if not records:
+            return out
+        last = records[-1]
+        if self.generation is None:
+            stored = load(GENERATION_KEY, last)
+            self.generation = (int(stored) if stored else 0) + 1
+            self.sequence = 0
+            self.since_group_generation = group_generation
+            out.writes.append((GENERATION_KEY, str(self.generation).encode(), last))
+        for record in records:
+            kind, partition, as_of, rows, top, lag, *rest = orjson.loads(record.value)  # type: ignore[arg-type]
+            sent_in = rest[0] if rest else 0
+            if sent_in < self.since_group_generation:
+                continue  # sent before this owner took over: possibly by an owner since gone
+            # A newer generation's partial wins whatever its clock says (with the stream clock,
+            # each worker's time is the latest event it has seen); within one, the newer one.
+            order = (sent_in, as_of)
+            if order >= self.partials.get((kind, partition), ((-1, -1), [], [], 0))[0]:
+                self.partials[(kind, partition)] = (order, rows, top, lag)
+        wanted = {(kind, p) for kind in ("deals", "customers") for p in range(self.partitions)}
+        if not wanted <= set(self.partials):
+            return out  # not every partition reported yet: no half-computed state
+        now = max(as_of for (_, as_of), _, _, _ in self.partials.values())
+        samples = self._merged(now)
+        if all(lag <= MAX_CHECK_LAG for _, _, _, lag in self.partials.values()):
+            self._check_conversion(samples, now, last, load, out)
+        self._snapshots(samples, now, out)
+        return out
+
+    def _merged(self, now: int) -> Samples:
+        sums: dict[tuple[str, tuple], float] = {}
+        for _, rows, _, _ in self.partials.values():
+            for name, labels, value in rows:
+                key = (name, tuple(sorted(labels.items())))
+                sums[key] = sums.get(key, 0.0) + value
+        config_only = KpiCollector(self.config, lambda: [], lambda: now, self.version)
+        samples = collect_samples(config_only)  # zeros for every known series + config gauges
+        for name in list(samples):
+            if name not in CONFIG_METRICS:
+                samples[name] = [(labels, 0.0) for labels, _ in samples[name]]
+        for (name, labels), value in sums.items():
+            samples.setdefault(name, []).append((dict(labels), value))
+        return samples
+
+    def _top_customers(self, pipeline: str) -> list[tuple[str, float]]:
+        values: dict[str, float] = {}
+        for _, _, top, _ in self.partials.values():
+            for pl, currency, account, micro in top:
+                if pl == pipeline and currency == self.config.default_currency:
+                    values[account] = values.get(account, 0) + micro / agg.MICRO
+        return sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CUSTOMERS]
+
+    def _snapshots(self, samples: Samples, now: int, out: Published) -> None:
+        generated = time.time()
+        for pipeline in self.config.pipelines:
+            snapshot = build_snapshot(
+                samples, self.config, pipeline, as_of_ms=now, generated_ms=int(generated * 1000),
+                generation=self.generation or 0, sequence=self.sequence + 1,
+                partitions=self.partitions, top_customers=self._top_customers(pipeline),
+            )
+            content = snapshot.model_dump(exclude={"generated_at", "sequence", "as_of"})
+            previous = self.last.get(pipeline)
+            if previous and previous[0] == content and generated - previous[1] < REPUBLISH_SECONDS:
+                continue
+            self.sequence += 1
+            self.last[pipeline] = (content, generated, snapshot)
+            out.snapshots.append(snapshot)
+
+    def _check_conversion(self, samples: Samples, now: int, last: Record,
+                          load: Callable[[str, Record], bytes | None], out: Published) -> None:
+        reached = {
+            (pl, stage): {w: total(samples, "funnel_deals_reached_window", pipeline=pl, stage=stage,
+                                   window=w) for w in agg.WINDOWS}
+            for pl, stages in self.order.items() for stage in stages
+        }
+        for check in conversion_checks(reached, self.order, self.config.conversion_drop):
+            key = f"drop|{check.pipeline}|{check.stage}"
+            raw = load(key, last)
+            open_drop = orjson.loads(raw) if raw else None
+            if check.dropped and open_drop is None:
+                alert = self._alert("conversion.drop", check, now, alert_id(key, now))
+                out.writes.append((key, orjson.dumps({"id": alert.id, "since": now}), last))
+                out.alerts.append(alert)
+            elif not check.dropped and open_drop is not None:
+                out.alerts.append(self._alert("conversion.recovered", check, now,
+                                              alert_id(open_drop["id"], "recovered")))
+                out.writes.append((key, b"null", last))
+
+    def _alert(self, kind: str, check: ConversionCheck, now: int, ident: str) -> Alert:
+        return Alert(
+            id=ident, type=kind, pipeline=check.pipeline, stage=check.stage,  # type: ignore[arg-type]
+            next_stage=check.next_stage, detected_at=iso(now),
+            window=self.config.conversion_drop.window,
+            conversion=check.conversion, baseline=check.baseline,
+        )
