@@ -142,7 +142,7 @@ CONFIG_METRICS = frozenset({
 FAILING_AGENTS = ["events", "ticks", "customers"]
 SINKS = ["dlq", "credits", "kpis", "alerts", "redis"]
 REJECTION_REASONS = ["empty", "too_large", "invalid_json", "invalid_event", "future_timestamp",
-                     "ancient_timestamp", "unknown_pipeline", "unmapped_stage"]
+                     "ancient_timestamp", "unknown_pipeline", "unmapped_stage", "wrong_partition"]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ Keys (``<prefix>`` = ``funnel``):
 - ``<prefix>:leaderboard:<pipeline>``: sorted set, member = owner, score = won revenue;
 - ``<prefix>:clv:<pipeline>``: hash, field = account, value = lifetime value (top customers);
 - ``<prefix>:alerts``: stream of alert JSON (field ``alert``), capped at about 10,000 entries.
-A snapshot's keys are replaced in one MULTI/EXEC transaction, so readers never see two mixed.
+A snapshot's keys are replaced by one script, atomically (readers never see two mixed), and only
+if its ``(generation, sequence)`` is greater than the stored snapshot's: a previous publisher's
+writes, held while Redis was down, or an old fleet's beside a rebuild, may land after newer ones.
 """
 
 from __future__ import annotations
@@ -27,11 +29,35 @@ from models.snapshot import KpiSnapshot
 log = logging.getLogger("funnel_kpi.redis")
 ALERT_STREAM_LEN = 10_000
 PENDING_ALERTS = 10_000
+# KEYS: kpis, leaderboard, clv. ARGV: snapshot JSON, generation, sequence, number of leaderboard
+# rows, then score/member pairs, then field/value pairs of the lifetime values. 1 if written.
+# A stored value that is no snapshot (unreadable, no pair) is replaced.
+WRITE_IF_NEWER = """
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local ok, old = pcall(cjson.decode, stored)
+  if ok and type(old) == 'table' and type(old.generation) == 'number'
+      and type(old.sequence) == 'number' then
+    local generation, sequence = tonumber(ARGV[2]), tonumber(ARGV[3])
+    if generation < old.generation
+        or (generation == old.generation and sequence <= old.sequence) then
+      return 0
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+local board_end = 4 + 2 * tonumber(ARGV[4])
+if board_end > 4 then redis.call('ZADD', KEYS[2], unpack(ARGV, 5, board_end)) end
+if #ARGV > board_end then redis.call('HSET', KEYS[3], unpack(ARGV, board_end + 1)) end
+return 1
+"""
 
 
 class RedisSink:
     def __init__(self, url: str, on_error, prefix: str = "funnel") -> None:
         self.client = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.write_if_newer = self.client.register_script(WRITE_IF_NEWER)
         self.on_error = on_error
         self.prefix = prefix
         self.snapshots: dict[str, KpiSnapshot] = {}
@@ -87,15 +113,13 @@ class RedisSink:
 
     async def _write_snapshot(self, snapshot: KpiSnapshot) -> None:
         p = f"{self.prefix}:%s:{snapshot.pipeline}"
-        async with self.client.pipeline(transaction=True) as tx:
-            tx.set(p % "kpis", snapshot.model_dump_json())
-            tx.delete(p % "leaderboard", p % "clv")
-            if snapshot.leaderboard:
-                tx.zadd(p % "leaderboard", {r.owner: r.won_revenue for r in snapshot.leaderboard})
-            if snapshot.customers.top:
-                tx.hset(p % "clv", mapping={c.account: c.lifetime_value
-                                            for c in snapshot.customers.top})
-            await tx.execute()
+        board = [arg for row in snapshot.leaderboard for arg in (row.won_revenue, row.owner)]
+        values = [arg for c in snapshot.customers.top for arg in (c.account, c.lifetime_value)]
+        await self.write_if_newer(
+            keys=[p % "kpis", p % "leaderboard", p % "clv"],
+            args=[snapshot.model_dump_json(), snapshot.generation, snapshot.sequence,
+                  len(snapshot.leaderboard), *board, *values],
+        )
 
     async def close(self) -> None:
         await self.client.aclose()

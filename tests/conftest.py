@@ -58,7 +58,9 @@ def scrape(url: str, timeout: float = 3) -> Samples | None:
 class WorkerProcess:
     """``funnel-kpi worker`` as a real OS process (so it can be killed with SIGKILL)."""
 
-    def __init__(self, broker_url: str, workdir: Path, name: str = "w1", **env: str) -> None:
+    def __init__(self, broker_url: str, workdir: Path, name: str = "w1",
+                 module: str = "streams.tools.cli", **env: str) -> None:
+        self.module = module  # tests.faults: the same worker with faults injected by the test
         self.port = free_port()
         self.name = name
         self.log_path = workdir / f"{name}.log"
@@ -87,7 +89,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.tools.cli", "worker"], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", self.module, "worker"], cwd=ROOT, env=self.env,
             stdout=log, stderr=subprocess.STDOUT,
         )
         return self

@@ -4,7 +4,7 @@ import orjson
 
 from models.config import ConversionDrop, load_config
 from models.kpis import conversion_checks
-from streams.worker.processor import Record
+from processors.records import Record
 from streams.worker.publisher import KpiPublisher
 
 RULE = ConversionDrop()
@@ -52,7 +52,7 @@ class Table(dict):
 
 def run(publisher, table, records, group_generation=0):
     out = publisher.process(records, table.load, group_generation)
-    for key, value, _ in out.writes:
+    for key, value, _ in out.claim + out.writes:
         table[key] = value
     return [(a.type, a.stage) for a in out.alerts], out
 
@@ -89,10 +89,11 @@ def test_generation_increases_with_every_new_owner_and_sequence_within_it():
     first = KpiPublisher(load_config(), partitions=1, version="t")
     _, out = run(first, table, partials(0, 1, {}))
     pairs = [(s.generation, s.sequence) for s in out.snapshots]
-    assert pairs and all(p == (1, i + 1) for i, p in enumerate(pairs))
+    generation = pairs[0][0]  # a fleet's first claim: the wall clock in ms
+    assert all(p == (generation, i + 1) for i, p in enumerate(pairs))
     second = KpiPublisher(load_config(), partitions=1, version="t")
     _, out = run(second, table, partials(0, 2, {}))
-    assert {s.generation for s in out.snapshots} == {2}
+    assert {s.generation for s in out.snapshots} == {generation + 1}
 
 
 def test_conversion_is_not_judged_while_a_partition_catches_up():
@@ -124,13 +125,14 @@ def test_a_new_owner_never_publishes_partials_sent_before_it_took_over():
     table = Table()
     run(KpiPublisher(load_config(), partitions=1, version="t"), table,
         customer_partials(as_of=1, generation=4, lifetime_value=100), group_generation=4)
+    first_generation = int(table["generation"])
     second = KpiPublisher(load_config(), partitions=1, version="t")
     _, out = run(second, table, customer_partials(as_of=2, generation=4, lifetime_value=40),
                  group_generation=5)
     assert out.snapshots == []
     _, out = run(second, table, customer_partials(as_of=3, generation=5, lifetime_value=100),
                  group_generation=5)
-    assert [s.generation for s in out.snapshots if s.pipeline == "default"] == [2]
+    assert [s.generation for s in out.snapshots if s.pipeline == "default"] == [first_generation + 1]
     assert lifetime_values(out) == [100]
 
 

@@ -1,7 +1,9 @@
 """KPI outputs end to end (real broker, real Redis, real worker processes): snapshots on
 funnel.kpis, Redis and GET /kpis agree with the batch values; Redis outages never touch the
-pipeline; the publisher fails over with increasing (generation, sequence)."""
+pipeline; the publisher fails over with increasing (generation, sequence), a rebuild under a new
+app id takes over from the old fleet, and Redis never takes an older snapshot over a newer one."""
 
+import asyncio
 import json
 import os
 import shutil
@@ -11,19 +13,26 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import jsonschema
 import orjson
 import pytest
 import redis
+from aiokafka import AIOKafkaProducer
 
+from models.config import load_config
 from models.kpis import pipeline_kpis, total
 from models.schemas import SCHEMA_DIR
+from models.snapshot import RepRevenue, build_snapshot
+from sinks.redis import RedisSink
 from streams.kafka import topics
 from streams.tools.broker import free_port, wait_for_port
+from streams.tools.simulator import Simulation
 
 from .conftest import DATASET_EVENTS, credits_settled, settled, wait_until
 from .test_e2e_pipeline import dataset_events, read_topic, replay
+from .test_reliability_crash import stored_positions
 
 pytestmark = pytest.mark.broker
 SNAPSHOT_SCHEMA = json.loads((SCHEMA_DIR / "kpi-snapshot.v1.json").read_text())
@@ -159,18 +168,9 @@ class RedisServer:
             self.process.wait()
 
 
-def committed(broker, partitions=4):
-    """Offsets the worker's group committed on crm.events (OffsetFetch, no group join)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": broker.url.split("//")[1], "group.id": "funnel-kpi",
-                         "enable.auto.commit": False})
-    try:
-        offsets = consumer.committed([TopicPartition(topics.EVENTS, p) for p in range(partitions)],
-                                     timeout=10)
-        return sum(max(tp.offset, 0) for tp in offsets)
-    finally:
-        consumer.close()
+def stored_events(broker):
+    """How far the worker's position rows say it has read crm.events, over all partitions."""
+    return sum(stored_positions(broker.url).values())
 
 
 def test_redis_outage_never_stops_the_pipeline_and_redis_catches_up(broker, workers, tmp_path):
@@ -185,11 +185,11 @@ def test_redis_outage_never_stops_the_pipeline_and_redis_catches_up(broker, work
         progress = []
         while feeder.is_alive():
             time.sleep(1)
-            progress.append(committed(broker))
+            progress.append(stored_events(broker))
         feeder.join()
         settled([worker], DATASET_EVENTS)
-        wait_until(lambda: committed(broker) >= DATASET_EVENTS, 30, what="all offsets committed")
-        assert progress[-1] > progress[0], f"offsets did not move while Redis was down: {progress}"
+        wait_until(lambda: stored_events(broker) >= DATASET_EVENTS, 30, what="all positions stored")
+        assert progress[-1] > progress[0], f"positions did not move while Redis was down: {progress}"
         assert total(worker.samples(), "funnel_sink_errors_total", sink="redis") > 0
         assert "Redis write failed" in worker.log_tail(400)
         base = f"http://127.0.0.1:{worker.port}"
@@ -255,3 +255,98 @@ def test_publisher_fails_over_with_increasing_pairs(broker, workers):
     assert latest["default"]["generation"] > before["default"]["generation"]
     assert_snapshot_is_the_dataset(latest["default"])
     assert os.environ.get("FUNNEL_API_TOKEN") is None
+
+
+def made_snapshot(generation, sequence, leader, as_of_ms=0):
+    """A valid snapshot of pipeline ``default`` whose leaderboard and top customer are ``leader``."""
+    snapshot = build_snapshot({}, load_config(), "default", as_of_ms=as_of_ms, generated_ms=as_of_ms,
+                              generation=generation, sequence=sequence, partitions=4,
+                              top_customers=[(leader, 1000.0)])
+    return snapshot.model_copy(update={"leaderboard": [RepRevenue(owner=leader, won_revenue=1000.0)]})
+
+
+async def written_by_its_own_sink(url, prefix, snapshot):
+    """One publisher's Redis sink writes ``snapshot`` (each publisher has its own)."""
+    errors = []
+    sink = RedisSink(url, lambda: errors.append(1), prefix=prefix)
+    sink.snapshot(snapshot)
+    task = asyncio.create_task(sink.run())
+    try:
+        while sink.snapshots and not errors:
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await sink.close()
+    assert not errors
+
+
+def test_redis_never_takes_an_older_snapshot_over_a_newer_one():
+    url, prefix = "redis://127.0.0.1:6379/12", f"test-{uuid.uuid4().hex}"
+    store = redis.Redis.from_url(url)
+
+    def stored():
+        snapshot = json.loads(store.get(f"{prefix}:kpis:default"))
+        return ((snapshot["generation"], snapshot["sequence"]),
+                [m.decode() for m in store.zrange(f"{prefix}:leaderboard:default", 0, -1)],
+                [f.decode() for f in store.hkeys(f"{prefix}:clv:default")])
+
+    def write(snapshot):
+        asyncio.run(written_by_its_own_sink(url, prefix, snapshot))
+
+    try:
+        # A rebuild's first snapshot, then the old fleet's last one, delivered late (its sink
+        # waited for Redis, or the old fleet still runs beside the new one).
+        write(made_snapshot(1_796_000_000_000, 1, "new fleet"))
+        write(made_snapshot(7, 500, "old fleet"))
+        assert stored() == ((1_796_000_000_000, 1), ["new fleet"], ["new fleet"])
+        # Within a fleet: a previous publisher's snapshot after its successor's.
+        write(made_snapshot(1_796_000_000_001, 2, "successor"))
+        write(made_snapshot(1_796_000_000_000, 9, "predecessor"))
+        write(made_snapshot(1_796_000_000_001, 1, "earlier of the successor"))
+        assert stored() == ((1_796_000_000_001, 2), ["successor"], ["successor"])
+        write(made_snapshot(1_796_000_000_001, 3, "next"))
+        assert stored() == ((1_796_000_000_001, 3), ["next"], ["next"])
+    finally:
+        store.delete(*(f"{prefix}:{kind}:default" for kind in ("kpis", "leaderboard", "clv")))
+        store.close()
+
+
+def produce_raw(broker, topic, key, value):
+    async def send():
+        producer = AIOKafkaProducer(bootstrap_servers=topics.bootstrap_servers(broker.url))
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, value, key=key)
+        finally:
+            await producer.stop()
+    asyncio.run(send())
+
+
+def test_a_rebuild_under_a_new_app_id_serves_its_own_snapshots_and_keeps_its_own_clock(broker, workers):
+    worker = workers(FUNNEL_APP_ID="funnel-kpi-v2", FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1")
+    worker.wait_ready()
+    # The old fleet's last snapshot (a version before snapshots named their fleet): seven
+    # publisher take-overs, its stream clock pushed to 2030 by an event its producer stamped.
+    old_last = made_snapshot(7, 500, "old fleet", as_of_ms=1_900_000_000_000)
+    produce_raw(broker, topics.KPIS, b"default", old_last.model_dump_json().encode())
+    replay(broker, Simulation(seed=3, deals=100, days=30, end=1_700_000_000).events())
+    base = f"http://127.0.0.1:{worker.port}"
+
+    def served():
+        clock = total(worker.samples(), "funnel_clock_timestamp_seconds")
+        try:
+            snapshot = http_json(f"{base}/kpis/default")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:  # nothing read from funnel.kpis yet
+                return None, None, None, clock
+            raise
+        return snapshot["generation"], snapshot["as_of"], snapshot["leaderboard"][:1], clock
+
+    def own_snapshot_and_clock():
+        generation, _, _, clock = served()
+        return generation not in (None, 7) and 1_600_000_000 < clock <= 1_700_000_000
+
+    wait_until(own_snapshot_and_clock, 60, show=served,
+               what="the new fleet's own snapshot on /kpis and its own stream clock")
+    latest, _ = latest_accepted(read_topic(broker, topics.KPIS, lambda found: False, timeout=3))
+    assert latest["default"]["generation"] > 7  # what every consumer of funnel.kpis keeps

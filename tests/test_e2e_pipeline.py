@@ -149,10 +149,11 @@ def test_bad_input_goes_to_the_dlq_with_reason_and_offset(broker, workers):
                                     max_request_size=4 << 20)
         await producer.start()
         try:
-            for i, event in enumerate(good):
-                await producer.send_and_wait(topics.EVENTS, orjson.dumps(event), key=b"k%d" % i)
+            for i, event in enumerate(good):  # keyed by deal id, as the contract says
+                await producer.send_and_wait(topics.EVENTS, orjson.dumps(event),
+                                             key=event["deal_id"].encode())
                 if i < len(bad):
-                    await producer.send_and_wait(topics.EVENTS, bad[i], key=b"bad")
+                    await producer.send_and_wait(topics.EVENTS, bad[i], key=b"deal-0")
         finally:
             await producer.stop()
         consumer = AIOKafkaConsumer(topics.DLQ, bootstrap_servers=topics.bootstrap_servers(broker.url),

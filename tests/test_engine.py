@@ -1,7 +1,7 @@
-"""The engine is pinned, locked and checked: exact versions of faust-streaming, mode-streaming and
-aiokafka everywhere (pyproject, locks, the running venv), a worker that refuses others, and every
-patched function in streams/worker/faust_patches.py seen called by real workers through a real recovery
-and rebalance (a release that stopped calling one would silently undo its fix)."""
+"""The engine is pinned, locked and checked: exact versions of faust-streaming and aiokafka
+everywhere (pyproject, locks, the running venv), a worker that refuses others, and the patched
+function in streams/worker/faust_patches.py seen called by real workers through a real recovery
+and rebalance (a release that stopped calling it would silently undo it)."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def test_the_tested_engine_is_pinned_locked_and_installed():
 
 
 def test_untested_lists_each_other_version():
-    other = {"faust-streaming": "0.15.3", "mode-streaming": "0.8.0", "aiokafka": "missing"}
-    assert engine.untested(other.__getitem__) == {"mode-streaming": "0.8.0", "aiokafka": "missing"}
+    other = {"faust-streaming": "0.15.4", "aiokafka": "missing"}
+    assert engine.untested(other.__getitem__) == other
 
 
 def run_worker_with_aiokafka(tmp_path, **env: str) -> subprocess.CompletedProcess:
@@ -88,7 +88,7 @@ def send(broker_url: str, events: list[dict]) -> None:
 
 
 @pytest.mark.broker
-def test_every_patch_is_called_through_a_real_recovery_and_rebalance(broker, workers):
+def test_the_patch_is_called_by_every_worker_through_a_real_recovery_and_rebalance(broker, workers):
     first_half, second_half = Simulation(seed=11, deals=300, days=60).events(), \
         Simulation(seed=12, deals=300, days=60).events()
     w1 = workers("w1")
@@ -108,11 +108,7 @@ def test_every_patch_is_called_through_a_real_recovery_and_rebalance(broker, wor
         calls = {"w1": patch_calls(w1.samples()), "w2": patch_calls(w2.samples())}
         return calls if all(count > 0 for one in calls.values() for count in one.values()) else None
 
-    # Faust commits the offsets of its streams (ticks, credits) every 2.8 s: the first commit
-    # after the rebalance is what calls the offset patch.
-    after = wait_until(every_patch_called, 90, what="every patch called on both workers",
+    after = wait_until(every_patch_called, 90, what="the patch called on both workers",
                        show=lambda: (patch_calls(w1.samples()), patch_calls(w2.samples())))
     assert set(after["w1"]) == set(after["w2"]) == set(faust_patches.PATCHES)
-    # the rebalance itself went through the patched seek and resume on the first worker
-    assert after["w1"]["perform_seek"] > before["perform_seek"], (before, after["w1"])
-    assert after["w1"]["flow_control_resume"] > before["flow_control_resume"], (before, after["w1"])
+    assert before["create_worker_consumer"] >= 1  # Faust's consumer has our fetch wait

@@ -8,27 +8,29 @@ import orjson
 import pytest
 from faust.assignor.client_assignment import ClientAssignment
 from faust.types import TP
-from prometheus_client import CollectorRegistry
 
-import streams.worker.processor as processor_module
+import processors.deals as processor_module
+import streams.worker.loop as loop_module
 from models.aggregates import Fold
 from models.config import Clock, load_config
 from models.deal import decode_deal, encode_deal
-from sinks.prometheus import ProcessMetrics
+from processors.clock import EventClock
+from processors.customers import CustomerProcessor
+from processors.deals import DealProcessor
+from processors.records import Record
+from streams.kafka import topics
 from streams.tools.broker import free_port
-from streams.worker.processor import CustomerProcessor, DealProcessor, EventClock, Record
+from streams.worker.loop import Batch
 
 CONFIG = load_config()
 
 
 def deal_processor(store=None):
     """A processor over ``store`` (a dict standing in for the deals table, one partition)."""
-    registry = CollectorRegistry()
-    proc = DealProcessor(CONFIG, EventClock(Clock.STREAM), ProcessMetrics(registry),
-                         max_skew_ms=86_400_000,
+    proc = DealProcessor(CONFIG, EventClock(Clock.STREAM), max_skew_ms=86_400_000,
                          scan=lambda partition: list((store or {}).items()))
     proc.folds.rebuild({0}, ())
-    return proc, registry
+    return proc, None
 
 
 def event(deal_id, n, **change):
@@ -60,16 +62,16 @@ def test_a_batch_that_fails_mid_way_leaves_the_folds_as_the_store_says_on_every_
     store = {}
     proc, _ = deal_processor(store)
     first = proc.process([event("d1", 1, stage="lead"), event("d2", 1, stage="lead")],
-                         lambda key, _: store.get(key))
+                         store.get)
     store.update((deal_id, value) for deal_id, value, _ in first.writes)
     monkeypatch.setattr(processor_module, "deal_contribution", FailingContribution("d2"))
     batch = [event("d1", 2, stage="won"), event("d2", 2, stage="won"), event("d3", 2, stage="lead")]
     for _ in range(3):  # what the events consumer does: seek back and read the batch again
         with pytest.raises(ValueError, match="contribution failed"):
-            proc.process(batch, lambda key, _: store.get(key))
+            proc.process(batch, store.get)
         assert proc.folds.folds[0].snapshot() == rebuilt_fold(proc, store)
     monkeypatch.undo()
-    done = proc.process(batch, lambda key, _: store.get(key))
+    done = proc.process(batch, store.get)
     store.update((deal_id, value) for deal_id, value, _ in done.writes)
     assert proc.folds.folds[0].snapshot() == rebuilt_fold(proc, store)
     won = proc.folds.folds[0].counters["closed"][("default", "won")]
@@ -83,11 +85,13 @@ def credit(account, deal_id, micro, pipeline="default", currency="USD"):
 
 
 def apply_credits(customers, store, credits):
-    for key, value, _ in customers.process(credits, lambda key, _: store.get(key)):
+    batch = customers.process(credits, store.get)
+    for key, value, _ in batch.writes:
         if value is None:
             store.pop(key, None)
         else:
             store[key] = value
+    customers.commit(batch)
 
 
 def test_a_customer_row_stays_small_however_many_deals_the_account_wins():
@@ -133,23 +137,24 @@ def offline_worker(tmp_path):
 
     worker = FunnelWorker(Settings(broker="kafka://127.0.0.1:9", data_dir=tmp_path, partitions=4,
                                    web_port=free_port()))
-    ticks = worker.ticks_topic.get_topic_name()
+    anchor = worker.assignment_topic.get_topic_name()
     credits_ = worker.credits_topic.get_topic_name()
     worker.app.assignor._assignment = ClientAssignment(  # what the group's sync hands over
-        actives={ticks: [0, 1], credits_: [0, 1]}, standbys={})
-    return worker, {TP(ticks, 0), TP(ticks, 1), TP(credits_, 0), TP(credits_, 1)}
+        actives={anchor: [0, 1], credits_: [0, 1]}, standbys={})
+    return worker, {TP(anchor, 0), TP(anchor, 1), TP(credits_, 0), TP(credits_, 1)}
 
 
 def served(worker):
-    return (sorted(worker.deal_processor.folds.folds), sorted(worker.events._wanted),
+    return (sorted(worker.deal_processor.folds.folds), sorted(worker.loop._wanted),
             worker.is_ready())
 
 
-async def recover(worker, tps, *, rebalance=True):
-    tables = (worker.deals, worker.customers, worker.erasures)
+async def recover(worker, tps, *, rebalance=True, generation=1):
+    tables = (worker.deals, worker.customers)
     if rebalance:
+        worker.app.consumer_generation_id = generation  # what the group's join hands over
         for table in tables:
-            await table.on_rebalance(tps, set(), tps, 1)
+            await table.on_rebalance(tps, set(), tps, generation)
     for table in tables:
         await table.on_recovery_completed(tps, set())
 
@@ -165,7 +170,8 @@ def test_a_recovery_completed_after_a_revoke_assigns_and_exports_nothing(tmp_pat
         assert served(worker) == ([], [], False)
         await recover(worker, tps, rebalance=False)  # the revoked assignment's late completion
         assert served(worker) == ([], [], False)
-        for table in (worker.deals, worker.customers, worker.erasures):
+        worker.app.consumer_generation_id = 2
+        for table in (worker.deals, worker.customers):
             await table.on_rebalance(tps, set(), tps, 2)
         worker.app.tables.recovery.signal_recovery_start.set()  # a newer assignment is recovering
         await recover(worker, tps, rebalance=False)
@@ -173,6 +179,7 @@ def test_a_recovery_completed_after_a_revoke_assigns_and_exports_nothing(tmp_pat
         worker.app.tables.recovery.signal_recovery_start.clear()  # its recovery starts ...
         await recover(worker, tps, rebalance=False)               # ... and completes
         assert served(worker) == ([0, 1], [0, 1], True)
+        assert worker.loop.epoch == 2
 
     asyncio.run(scenario())
 
@@ -187,7 +194,7 @@ def test_an_event_dated_a_day_ahead_of_the_broker_never_moves_the_stream_clock()
                    "crm.events", 0, 2)
     for record in (normal, ahead):
         record.timestamp = broker_ms
-    batch = proc.process([normal, ahead], lambda key, _: store.get(key))
+    batch = proc.process([normal, ahead], store.get)
     store.update((deal_id, value) for deal_id, value, _ in batch.writes)
     assert proc.clock.now_ms() == 1_704_067_200_000  # the event is counted, the clock stays
     assert proc.folds.folds[0].counters["open"][("default", "lead")] == 2
@@ -200,27 +207,39 @@ def test_an_event_dated_a_day_ahead_of_the_broker_never_moves_the_stream_clock()
 
 def test_a_revoke_waits_for_the_batch_in_flight_at_most_half_the_rebalance_timeout(tmp_path):
     """A revoke handler that outwaits the rebalance timeout gets the worker dropped from the
-    group while its batch still writes."""
+    group while its batch still writes: it returns after half of it, the batch fenced."""
     import asyncio
 
     async def scenario():
         worker, _ = offline_worker(tmp_path)
-        events = worker.events
-        events.settings = events.settings.model_copy(update={"rebalance_timeout": 1.0})
-        held = asyncio.Event()
-
-        async def batch_in_flight():
-            async with events._lock:
-                held.set()
-                await asyncio.sleep(60)
-
-        task = asyncio.create_task(batch_in_flight())
-        await held.wait()
-        await asyncio.wait_for(events.revoke(), 30)  # returns though the batch still holds on
-        assert events.revocations == 1 and events._wanted == frozenset()
-        task.cancel()
+        loop = worker.loop
+        loop.settings = loop.settings.model_copy(update={"rebalance_timeout": 1.0})
+        loop.assign({0, 1}, 1)
+        loop._idle.clear()  # a batch in flight that has not produced anything yet
+        await asyncio.wait_for(loop.revoke(), 30)
+        assert loop.epoch is None and loop._wanted == frozenset()
 
     asyncio.run(scenario())
+
+
+def test_a_revoke_ends_the_process_when_a_batch_is_still_producing(tmp_path, monkeypatch):
+    """Writes already handed to the producer cannot be called back: rather than let them land
+    after the next owner's, the worker exits once the revoke has waited half the timeout."""
+    import asyncio
+
+    exits = []
+    monkeypatch.setattr(loop_module.os, "_exit", exits.append)
+
+    async def scenario():
+        worker, _ = offline_worker(tmp_path)
+        loop = worker.loop
+        loop.settings = loop.settings.model_copy(update={"rebalance_timeout": 1.0})
+        loop._idle.clear()
+        worker.outbox.producing = True
+        await asyncio.wait_for(loop.revoke(), 30)
+
+    asyncio.run(scenario())
+    assert exits == [loop_module.EXIT_UNCONFIRMED_WRITES]
 
 
 def test_a_batch_that_a_revoke_overtakes_writes_nothing(tmp_path):
@@ -235,22 +254,24 @@ def test_a_batch_that_a_revoke_overtakes_writes_nothing(tmp_path):
 
         def revoked_meanwhile(*args):
             batch = real(*args)
-            worker._stop_serving()  # the group moved on while the batch was processed
+            worker.loop.epoch = None  # the group moved on while the batch was processed
             return batch
 
         worker.deal_processor.process = revoked_meanwhile
+        batch = Batch(1, {topics.EVENTS: [event("d1", 1, stage="lead")],
+                          worker.credits_topic.get_topic_name(): [], topics.ERASURES: []},
+                      {0: {topics.EVENTS: 2}}, [])
         with pytest.raises(Revoked):
-            await asyncio.wait_for(worker._process_deals([event("d1", 1, stage="lead")], frozenset(),
-                                                         "events"), 30)
-        assert list(worker.deals.data.keys()) == [] and worker.deals_out.pending == []
-        assert worker.deal_processor.folds.folds == {}
+            await asyncio.wait_for(worker.loop.handle(batch), 30)
+        assert list(worker.deals.data.keys()) == [] and worker.outbox.pending == []
+        assert worker.deal_processor.folds.folds[0].snapshot() == Fold().snapshot()
 
     asyncio.run(scenario())
 
 
 def test_undoing_a_batch_never_touches_folds_rebuilt_since():
     proc, _ = deal_processor()
-    batch = proc.process([event("d1", 1, stage="lead")], lambda key, _: None)
+    batch = proc.process([event("d1", 1, stage="lead")], lambda key: None)
     proc.folds.rebuild({0}, ())  # a revoke and a new assignment while the batch was held
     proc.undo(batch)
     assert proc.folds.folds[0].snapshot() == Fold().snapshot()

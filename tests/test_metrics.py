@@ -11,9 +11,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from models.config import Clock, load_config
 from models.kpis import parse_exposition, pipeline_kpis, total
+from processors.clock import EventClock
+from processors.deals import DealProcessor
+from processors.folds import PartitionFolds
+from processors.records import Record
 from sinks.prometheus import KpiCollector, ProcessMetrics, WorkerKpiCollector, current_partitions
 from streams.tools.dataset import dataset_events
-from streams.worker.processor import DealProcessor, EventClock, PartitionFolds, Record
 
 from .conftest import DATASET
 
@@ -23,7 +26,8 @@ CONFIG = load_config()
 def build(active=None):
     registry = CollectorRegistry()
     clock = EventClock(Clock.STREAM)
-    proc = DealProcessor(CONFIG, clock, ProcessMetrics(registry), max_skew_ms=86_400_000)
+    proc = DealProcessor(CONFIG, clock, max_skew_ms=86_400_000)
+    ProcessMetrics(registry)
     registry.register(KpiCollector(CONFIG, lambda: list(proc.folds.folds.values()), clock.now_ms,
                                    "test"))
     return registry, proc
@@ -64,7 +68,7 @@ def dataset_registry():
         # deals stay on one partition: route by deal id like Kafka would
         for record in records:
             record.partition = hash(orjson.loads(record.value)["deal_id"]) % 2
-        batch = proc.process(records, lambda key, _: table.get(key))
+        batch = proc.process(records, table.get)
         for deal_id, value, _ in batch.writes:
             table[deal_id] = value
     return registry, proc, table
@@ -153,7 +157,7 @@ def test_target_attainment_and_forecast_equal_hand_computed_values(tmp_path):
     config = load_config(tmp_path / "funnel.yaml")
     registry = CollectorRegistry()
     clock = EventClock(Clock.STREAM)
-    proc = DealProcessor(config, clock, ProcessMetrics(registry), max_skew_ms=86_400_000)
+    proc = DealProcessor(config, clock, max_skew_ms=86_400_000)
     registry.register(KpiCollector(config, lambda: list(proc.folds.folds.values()), clock.now_ms, "t"))
 
     def event(i, when, **change):
@@ -171,7 +175,7 @@ def test_target_attainment_and_forecast_equal_hand_computed_values(tmp_path):
     ]
     table = {}
     batch = proc.process([Record(None, raw, "crm.events", 0, i) for i, raw in enumerate(raws)],
-                         lambda key, _: table.get(key))
+                         table.get)
     assert not batch.rejections
     samples = parse_exposition(generate_latest(registry).decode())
     month = period_kpis(samples, "default", "USD", "month")
@@ -218,7 +222,7 @@ def test_window_and_period_sums_kept_between_scrapes_equal_a_rebuild_from_the_ta
         records = [Record(None, value, "crm.events",
                           zlib.crc32(orjson.loads(value)["deal_id"].encode()) % 4, first_offset + i)
                    for i, value in enumerate(chunk)]
-        batch = proc.process(records, lambda key, _: table.get(key))
+        batch = proc.process(records, table.get)
         for deal_id, value, _ in batch.writes:
             table[deal_id] = value
 
@@ -243,7 +247,7 @@ def test_a_worker_exports_kpis_only_of_partitions_whose_folds_are_all_rebuilt():
     the same scrape carries, so the recording rules can tell a complete fleet from a partial one."""
     registry = CollectorRegistry()
     clock = EventClock(Clock.STREAM)
-    proc = DealProcessor(CONFIG, clock, ProcessMetrics(registry), max_skew_ms=86_400_000)
+    proc = DealProcessor(CONFIG, clock, max_skew_ms=86_400_000)
     customers = PartitionFolds()
     registry.register(WorkerKpiCollector(
         CONFIG, lambda: current_partitions(proc.folds.folds, customers.folds), clock.now_ms, "t", 4))
@@ -267,7 +271,7 @@ def test_a_worker_exports_kpis_only_of_partitions_whose_folds_are_all_rebuilt():
     samples, exported = scrape()  # deals rebuilt, customers not yet
     assert exported == set() and "funnel_deals_open" not in samples
     customers.rebuild({0, 1}, ())
-    batch = proc.process([Record(b"d1", created, "crm.events", 1, 0)], lambda key, record: None)
+    batch = proc.process([Record(b"d1", created, "crm.events", 1, 0)], lambda key: None)
     assert batch.writes
     samples, exported = scrape()
     assert exported == {"0", "1"}
@@ -285,12 +289,12 @@ def test_owner_names_are_info_series_and_the_rep_series_keep_the_id():
     config = CONFIG.model_copy(update={"owners": names})
     registry = CollectorRegistry()
     clock = EventClock(Clock.STREAM)
-    proc = DealProcessor(config, clock, ProcessMetrics(registry), max_skew_ms=86_400_000)
+    proc = DealProcessor(config, clock, max_skew_ms=86_400_000)
     registry.register(KpiCollector(config, lambda: list(proc.folds.folds.values()), clock.now_ms, "t"))
     won = orjson.dumps({"event_id": "e1", "deal_id": "d1", "occurred_at": "2024-05-01T10:00:00Z",
                         "stage": "won", "amount": 10.0, "owner": "hubspot:owner:1"})
     proc.folds.rebuild({0}, ())
-    assert proc.process([Record(b"d1", won, "crm.events", 0, 0)], lambda key, record: None).writes
+    assert proc.process([Record(b"d1", won, "crm.events", 0, 0)], lambda key: None).writes
     text = generate_latest(registry)
     result = promtool_check(text)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -10,9 +10,13 @@ from prometheus_client import CollectorRegistry
 
 from models.config import Clock, load_config
 from models.deal import decode_deal, erased_name
+from processors.clock import EventClock
+from processors.customers import CustomerProcessor
+from processors.deals import DealProcessor
+from processors.records import Record
 from sinks.prometheus import ProcessMetrics
 from streams.tools.simulator import Simulation
-from streams.worker.processor import CustomerProcessor, DealProcessor, EventClock, Record
+from streams.worker.step import count
 
 CONFIG = load_config()
 
@@ -23,14 +27,18 @@ class Store:
     def __init__(self):
         self.data = {}
 
-    def load(self, key, record):
+    def load(self, key):
         return self.data.get(key)
 
 
 def processor():
-    registry = CollectorRegistry()
-    return DealProcessor(CONFIG, EventClock(Clock.STREAM), ProcessMetrics(registry),
-                         max_skew_ms=86_400_000), registry
+    return DealProcessor(CONFIG, EventClock(Clock.STREAM), max_skew_ms=86_400_000), CollectorRegistry()
+
+
+def counted(registry, batch):
+    """Export a batch's counts the way the worker does."""
+    count(ProcessMetrics(registry), batch)
+    return batch
 
 
 def records(raws, partition=0):
@@ -55,11 +63,13 @@ def run(proc, store, customers, cstore, raws, batch=50, partitions=1):
             outputs.append(result)
             credit_records = [Record(c.account.encode(), c.encode(), "credits", 0, 0)
                               for c in result.credits]
-            for key, value, _ in customers.process(credit_records, cstore.load):
+            credited = customers.process(credit_records, cstore.load)
+            for key, value, _ in credited.writes:
                 if value is None:
                     cstore.data.pop(key, None)
                 else:
                     cstore.data[key] = value
+            customers.commit(credited)
     return outputs
 
 
@@ -88,7 +98,7 @@ def test_random_bytes_and_near_valid_json_never_crash(raws):
     mixed = []
     for i, raw in enumerate(raws):
         mixed += [raw, valid_event(i)]
-    result = proc.process(records(mixed), store.load)
+    result = counted(registry, proc.process(records(mixed), store.load))
     rejected = {r.record.offset for r in result.rejections}
     assert all(r.reason and r.code for r in result.rejections)
     for offset in rejected:
@@ -110,7 +120,7 @@ def test_unmapped_stage_and_unknown_pipeline_are_rejected_with_reasons():
         orjson.dumps({"event_id": "b", "deal_id": "y", "occurred_at": "2024-01-01T00:00:00Z",
                       "stage": "lead", "pipeline": "nope"}),
     ]
-    result = proc.process(records(raws), Store().load)
+    result = counted(registry, proc.process(records(raws), Store().load))
     assert [(r.code, r.record.offset) for r in result.rejections] == [
         ("unmapped_stage", 0), ("unknown_pipeline", 1)]
     assert "stage_maps.hubspot.default" in result.rejections[0].reason
@@ -203,29 +213,27 @@ def test_an_amount_beyond_the_limit_goes_to_the_dlq_and_the_batch_goes_on():
                          "stage": "lead", "amount": 1e303})
     fine = orjson.dumps({"event_id": "e2", "deal_id": "d2", "occurred_at": "2023-11-14T22:13:20Z",
                          "stage": "lead", "amount": 1e15})
-    batch = proc.process(records([huge, fine]), lambda key, _: None)
+    batch = proc.process(records([huge, fine]), lambda key: None)
     assert [(r.code, "amount" in r.reason) for r in batch.rejections] == [("invalid_event", True)]
     assert [deal_id for deal_id, _, _ in batch.writes] == ["d2"]
 
 
-TICKS = "funnel-kpi-ticks"
 DAY_MS = 86_400_000
 
 
 def erasing_processor(store):
-    """A processor whose ticks topic carries erasure requests; the scan reads ``store``."""
-    return DealProcessor(CONFIG, EventClock(Clock.STREAM), ProcessMetrics(CollectorRegistry()),
-                         max_skew_ms=86_400_000, ticks_topic=TICKS,
+    """A processor that erases; the scan reads ``store``."""
+    return DealProcessor(CONFIG, EventClock(Clock.STREAM), max_skew_ms=86_400_000,
                          scan=lambda partition: list(store.data.items()))
 
 
-def apply_batch(proc, store, batch_records):
-    for deal_id, value, _ in proc.process(batch_records, store.load).writes:
+def apply_batch(proc, store, batch_records, stall_checks=(), erasures=()):
+    for deal_id, value, _ in proc.process(batch_records, store.load, stall_checks, erasures).writes:
         store.data[deal_id] = value
 
 
 def erase_request(name):
-    return Record(None, orjson.dumps({"erase": name}), TICKS, 0, 0)
+    return erased_name(name)
 
 
 def deal_event(i, **change):
@@ -241,7 +249,7 @@ def test_two_erasures_in_one_batch_both_reach_the_stored_deals_and_the_folds():
     store = Store()
     proc = erasing_processor(store)
     apply_batch(proc, store, records([deal_event(i, stage="won") for i in range(3)]))
-    apply_batch(proc, store, [erase_request("Ann"), erase_request("Acme")])
+    apply_batch(proc, store, [], erasures=[erase_request("Ann"), erase_request("Acme")])
     for raw in store.data.values():
         deal = decode_deal(raw)
         assert (deal.owner, deal.value("account")) == (erased_name("Ann"), erased_name("Acme"))
@@ -254,7 +262,7 @@ def test_a_stall_alert_and_an_erasure_in_one_batch_both_stay():
     apply_batch(proc, store, records([deal_event(0, stage="opportunity")]))
     entered = 1_704_067_200_000  # the event's occurred_at
     proc.clock.observe(entered + 40 * DAY_MS)  # past the stage's stall_after (30 days)
-    apply_batch(proc, store, [Record(None, b"tick", TICKS, 0, 0), erase_request("Ann")])
+    apply_batch(proc, store, [], stall_checks=[0], erasures=[erase_request("Ann")])
     deal = decode_deal(store.data["d0"])
     assert deal.owner == erased_name("Ann")
     assert deal.stall_alert == ["opportunity", entered]

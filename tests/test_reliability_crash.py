@@ -1,11 +1,11 @@
 """Crash at the dangerous point, several times in one replay, on both stores (issue 7, item 1).
 
-The worker's test hook ``FUNNEL_TEST_CRASH_AFTER_WRITES=N`` calls ``os._exit(137)`` once the batch
-holding its N-th table write has been acknowledged by the broker (changelog and outputs), before
-the batch's offsets are committed. Each kill is checked to have
-left applied-but-uncommitted events behind (the deals changelog holds more applied events than
-the consumer group has committed offsets for), so the restart really re-reads events whose
-effects are already in the table. After the last kill a worker without the hook finishes the
+The fault ``FAULT_CRASH_AFTER_WRITES=N`` (tests/faults.py) exits with 137 once the batch
+holding the worker's N-th table write has been acknowledged by the broker (changelog and
+outputs), before the batch's position rows are written. Each kill is checked to have left
+applied-but-unrecorded events behind (the deals changelog holds more applied events than its
+position rows say were read), so the restart really re-reads events whose effects are already
+in the table. After the last kill a worker without the hook finishes the
 replay: the KPIs must be the dataset's literal values (nothing lost, nothing counted twice).
 """
 
@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections import Counter
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -39,28 +40,6 @@ KILL_AFTER_WRITES = (1500, 3000, 4000)
 # Small batches make each worker slow enough to commit offsets before its crash point, so
 # kills land both before and after commits.
 BATCH_SIZE = "200"
-
-
-def committed_offsets(broker_url: str, partitions: int = PARTITIONS,
-                      group: str = APP_ID) -> dict[int, int | None]:
-    """The consumer group's committed offsets on crm.events (None: nothing committed).
-
-    A plain consumer with the group id that never subscribes only asks (OffsetFetch); it does
-    not join the group. (AIOKafkaAdminClient.list_consumer_group_offsets cannot decode
-    Tansu's OffsetFetch answer, the consumer's request version can.)
-    """
-
-    async def fetch() -> dict[int, int | None]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap_servers(broker_url),
-                                    group_id=group, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            return {p: await consumer.committed(TopicPartition(topics.EVENTS, p))
-                    for p in range(partitions)}
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(fetch())
 
 
 def read_all(broker_url: str, topic: str, idle_ms: int = 1500) -> list:
@@ -93,20 +72,31 @@ def read_all(broker_url: str, topic: str, idle_ms: int = 1500) -> list:
     return asyncio.run(read())
 
 
+def latest_rows(broker_url: str, app_id: str = APP_ID, table: str = "deals") -> dict[bytes, bytes | None]:
+    """A table's changelog, compacted by hand: the latest value per key."""
+    latest: dict[bytes, bytes | None] = {}
+    for message in read_all(broker_url, f"{app_id}-{table}-changelog"):
+        latest[message.key] = message.value
+    return latest
+
+
+def stored_positions(broker_url: str) -> dict[int, int]:
+    """Where the worker's position rows say it stands in crm.events, per partition read."""
+    return {int(key.decode().rsplit(":", 1)[1]): orjson.loads(value).get(topics.EVENTS, 0)
+            for key, value in latest_rows(broker_url).items()
+            if key.startswith(b"\x00position:") and value}
+
+
 def applied_event_ids(broker_url: str) -> set[str]:
     """Event ids whose effect is in the deals changelog (latest value per deal).
 
     Dataset deals have at most two events, so a stored deal's ``recent_ids`` (32 kept) lists
     all of them.
     """
-    latest: dict[bytes, bytes | None] = {}
-    for message in read_all(broker_url, f"{APP_ID}-deals-changelog"):
-        latest[message.key] = message.value
     applied: set[str] = set()
-    for value in latest.values():
-        if not value:
-            continue
-        applied.update(decode_deal(value).recent_ids)  # end-of-batch markers have no value
+    for key, value in latest_rows(broker_url).items():
+        if value and not key.startswith(b"\x00"):  # position rows and end markers
+            applied.update(decode_deal(value).recent_ids)
     return applied
 
 
@@ -154,14 +144,14 @@ def test_repeated_kills_between_write_and_commit_then_restart_gives_the_literal_
     data_dir = None
     for number, writes in enumerate(KILL_AFTER_WRITES, 1):
         extra = {"FUNNEL_DATA_DIR": data_dir} if data_dir else {}
-        worker = workers(f"crash{number}", FUNNEL_TEST_CRASH_AFTER_WRITES=str(writes),
+        worker = workers(f"crash{number}", module="tests.faults", FAULT_CRASH_AFTER_WRITES=str(writes),
                          **env, **extra)
         data_dir = worker.env["FUNNEL_DATA_DIR"]
         counted = wait_for_exit(worker, 90)
         assert worker.process.returncode == 137, worker.log_tail()
-        assert "FUNNEL_TEST_CRASH_AFTER_WRITES reached" in worker.log_tail(400)
-        committed = committed_offsets(broker.url)
-        committed_events = sum(offset or 0 for offset in committed.values())
+        assert "fault: crash after" in worker.log_tail(400)
+        committed = stored_positions(broker.url)
+        committed_events = sum(committed.values())
         applied = len(applied_event_ids(broker.url))
         print(f"{store} kill {number} after {writes} writes: last scrape counted {counted}, "
               f"committed {committed_events}, applied (changelog) {applied}, "
@@ -171,7 +161,7 @@ def test_repeated_kills_between_write_and_commit_then_restart_gives_the_literal_
         assert applied > committed_events, (committed, applied)
         assert applied < DATASET_EVENTS  # and the replay was not over yet
 
-    restart_from = sum(offset or 0 for offset in committed_offsets(broker.url).values())
+    restart_from = sum(stored_positions(broker.url).values())
     started = time.monotonic()
     final = workers("final", **env, FUNNEL_DATA_DIR=data_dir)
     final.wait_ready(90)
@@ -196,11 +186,11 @@ def test_repeated_kills_between_write_and_commit_then_restart_gives_the_literal_
     assert counted >= DATASET_EVENTS - restart_from
     # ... and the ones already applied before a kill were recognised, not applied twice.
     assert duplicates > 0
-    # Once caught up, the group commits to the end, so a next crash re-reads nothing.
+    # Once caught up, the positions stand at the end, so a next crash re-reads nothing.
     ends = Counter(m.partition for m in read_all(broker.url, topics.EVENTS))
     try:
-        wait_until(lambda: committed_offsets(broker.url) == dict(ends), 15,
-                   what="offsets committed to the end")
+        wait_until(lambda: stored_positions(broker.url) == dict(ends), 15,
+                   what="positions stored at the end")
     finally:
-        print(f"{store} committed after catching up: {committed_offsets(broker.url)}, "
+        print(f"{store} positions after catching up: {stored_positions(broker.url)}, "
               f"ends {dict(sorted(ends.items()))}")

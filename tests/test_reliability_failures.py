@@ -52,18 +52,19 @@ def stalled_in_the_table(worker):
 
 
 def test_a_stall_alert_whose_send_fails_goes_out_on_the_retry(broker, workers):
-    worker = workers(FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1", FUNNEL_TEST_FAIL_ALERT_SENDS="1")
+    worker = workers(FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1", module="tests.faults",
+                     FAULT_FAIL_ALERT_SENDS="1")
     worker.wait_ready()
     replay(broker, stalling_events())
     wait_until(lambda: stalled_in_the_table(worker), 60, what="the lead stalled")
     alerts = stall_alerts(broker, timeout=30)
     assert [a["deal_id"] for a in alerts] == ["stalled-deal"], "the alert was lost"
-    assert total(worker.samples(), "funnel_failed_batches_total", agent="ticks") >= 1
+    assert total(worker.samples(), "funnel_failed_batches_total", agent="loop") >= 1
 
 
 def test_a_kill_before_the_stall_alert_is_sent_raises_it_after_the_restart(broker, workers):
     doomed = workers("w1", FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1",
-                     FUNNEL_TEST_CRASH_BEFORE_ALERTS="1")
+                     module="tests.faults", FAULT_CRASH_BEFORE_ALERTS="1")
     doomed.wait_ready()
     replay(broker, stalling_events())
     wait_until(lambda: doomed.process.poll() is not None, 60, what="the kill before the alert")
@@ -119,7 +120,7 @@ def latest_deals(broker_url, app_id):
         latest[message.key] = message.value
     deals = {}
     for key, value in latest.items():
-        if value:  # end-of-batch markers and tombstones have none
+        if value and not key.startswith(b"\x00"):  # not a position row, an end marker, a tombstone
             deal = decode_deal(value)
             deal.stall_alert = None
             deals[key] = encode_deal(deal)
@@ -177,10 +178,11 @@ def opening_and_closing():
 
 def holding_a_batch(broker, workers, opening, seconds: float):
     """A worker whose first batch of table writes waits ``seconds`` before producing."""
-    slow = workers("slow", FUNNEL_TEST_SLOW_FLUSHES="1", FUNNEL_TEST_SLOW_FLUSH_SECONDS=str(seconds))
+    slow = workers("slow", module="tests.faults", FAULT_SLOW_FLUSHES="1",
+                   FAULT_SLOW_FLUSH_SECONDS=str(seconds))
     slow.wait_ready()
     replay(broker, opening)
-    wait_until(lambda: "FUNNEL_TEST_SLOW_FLUSHES: holding" in slow.log_path.read_text(), 60,
+    wait_until(lambda: "fault: holding a batch" in slow.log_path.read_text(), 60,
                what="the held batch")
     return slow
 
@@ -284,7 +286,7 @@ def test_a_recovery_overtaken_by_a_join_never_has_two_workers_export_one_partiti
     exact([w1])
     started = [w1]
     with ScrapeRounds(started) as rounds:
-        w2 = workers("w2", FUNNEL_TEST_SLOW_RECOVERY_SECONDS="30", **env)
+        w2 = workers("w2", module="tests.faults", FAULT_SLOW_RECOVERY_SECONDS="30", **env)
         started.append(w2)
         wait_until(lambda: "holding a recovery completion" in w2.log_path.read_text(), 90,
                    what="w2's recovery completion held")

@@ -2,14 +2,13 @@
 per stage, one alert per stall episode across a restart."""
 
 import orjson
-from prometheus_client import CollectorRegistry
 
 from models.config import DEFAULT_CONFIG, Clock, load_config
-from sinks.prometheus import ProcessMetrics
-from streams.worker.processor import DealProcessor, EventClock, Record
+from processors.clock import EventClock
+from processors.deals import DealProcessor
+from processors.records import Record
 
 DAY = 86_400_000
-TICKS = "funnel-kpi-ticks"
 BASE = 1_700_000_000_000
 CONFIG = load_config()
 
@@ -19,14 +18,13 @@ class World:
 
     def __init__(self, table=None, config=CONFIG):
         self.clock = EventClock(Clock.STREAM)
-        self.proc = DealProcessor(config, self.clock, ProcessMetrics(CollectorRegistry()),
-                                  max_skew_ms=10 * 365 * DAY, ticks_topic=TICKS)
+        self.proc = DealProcessor(config, self.clock, max_skew_ms=10 * 365 * DAY)
         self.table = {} if table is None else table
         self.proc.folds.rebuild({0}, (self.proc.contribution_of_stored(v) for v in self.table.values()))
         self.offset = 0
 
-    def run(self, records):
-        batch = self.proc.process(records, lambda key, _: self.table.get(key))
+    def run(self, records, stall_checks=()):
+        batch = self.proc.process(records, self.table.get, stall_checks)
         for deal_id, value, _ in batch.writes:
             self.table[deal_id] = value
         return [(a.type, a.deal_id, a.stage) for a in batch.alerts], batch.alerts
@@ -40,7 +38,7 @@ class World:
     def tick(self, day=None):
         if day is not None:
             self.clock.observe(BASE + int(day * DAY))
-        return self.run([Record(None, b"tick", TICKS, 0, 0)])
+        return self.run([], stall_checks=[0])
 
 
 def _iso(ms):
@@ -105,19 +103,9 @@ def test_an_event_that_keeps_the_stay_does_not_unstall():
     assert world.event("d1", 32, amount=12.0) == []
 
 
-def test_stall_checks_wait_while_the_partition_catches_up():
-    world = World()
-    world.event("d1", 0, stage="lead")
-    world.clock.observe(BASE + 31 * DAY)
-    tick = Record(None, b"tick", TICKS, 0, 0)
-    batch = world.proc.process([tick], lambda key, _: world.table.get(key), frozenset({0}))
-    assert batch.alerts == []
-    assert world.tick()[0] == [("deal.stalled", "d1", "lead")]
-
-
 def test_a_tick_raises_at_most_its_cap_longest_stalled_first_and_the_rest_later():
     world = World()
-    world.proc.max_stalls_per_tick = 2
+    world.proc.max_stalls_per_check = 2
     for day, deal in enumerate(["d1", "d2", "d3", "d4", "d5"]):
         world.event(deal, 5 - day, stage="lead")        # d5 entered first, d1 last
     assert [a[1] for a in world.tick(40)[0]] == ["d5", "d4"]

@@ -1,6 +1,6 @@
 """Topics are created with the configs the design needs (one table, streams/kafka/topics.py), the
 compose stack's kafka-init agrees with it, and a worker warns about an existing topic whose
-configs would lose data."""
+configs would lose data, or whose record timestamps its producers set."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_the_worker_declares_exactly_the_changelogs_it_creates_with_their_config
         assert changelog.config == {"cleanup.policy": "compact"}
     assert {f"cfg-test-{name}-changelog" for name in topics.TABLES} == {
         table.changelog_topic.get_topic_name() for table in worker.app.tables.values()}
-    assert worker.ticks_topic.config == topics.topic_configs("cfg-test-ticks", "cfg-test")
+    assert worker.assignment_topic.config == topics.topic_configs("cfg-test-assignment", "cfg-test")
 
 
 def kafka_init_topics() -> dict[str, dict[str, str]]:
@@ -81,6 +81,20 @@ def test_data_loss_risks_name_the_topic_the_config_and_the_fix():
     [risk] = topics.data_loss_risks("x-deals-changelog", topics.COMPACTED, {"cleanup.policy": "delete"})
     assert "'x-deals-changelog' would lose data: cleanup.policy=delete (not compacted" in risk
     assert topics.data_loss_risks("funnel.kpis", topics.COMPACTED, {"cleanup.policy": "compact"}) == []
+
+
+def test_crm_events_records_are_stamped_by_the_broker_and_another_type_is_named():
+    # The stream clock counts an event time only when not ahead of its record's timestamp: a
+    # guard only if the broker sets that timestamp, not the producer (docs/design.md §2).
+    wanted = topics.topic_configs(topics.EVENTS)
+    assert wanted.get("message.timestamp.type") == "LogAppendTime"
+    [risk] = topics.timestamp_risks(topics.EVENTS, wanted, {"message.timestamp.type": "CreateTime"})
+    assert risk.startswith("topic 'crm.events' has message.timestamp.type=CreateTime: ")
+    assert risk.endswith("--entity-name crm.events --add-config message.timestamp.type=LogAppendTime")
+    assert topics.timestamp_risks(topics.EVENTS, wanted, {}) == []  # Tansu: only configs set at creation
+    assert topics.timestamp_risks(topics.EVENTS, wanted, {"message.timestamp.type": "LogAppendTime"}) == []
+    assert topics.timestamp_risks(topics.DLQ, topics.topic_configs(topics.DLQ),
+                                  {"message.timestamp.type": "CreateTime"}) == []
 
 
 async def described(url: str, names: list[str]) -> dict[str, dict[str, str]]:
@@ -129,13 +143,26 @@ def test_a_worker_warns_about_crm_events_with_a_finite_retention(broker, workers
 
 
 @pytest.mark.broker
+def test_start_up_names_an_existing_crm_events_whose_producers_set_the_timestamps(broker, caplog):
+    asyncio.run(create_topic(broker.url, topics.EVENTS, 4, {"message.timestamp.type": "CreateTime"}))
+    with caplog.at_level(logging.WARNING, logger="funnel_kpi"):
+        asyncio.run(topics.ensure_topics(broker.url, topics.worker_topics("funnel-kpi", 4),
+                                         replication_factor=1, app_id="funnel-kpi"))
+    named = [record.getMessage() for record in caplog.records
+             if "message.timestamp.type" in record.getMessage()]
+    assert [message.split(":")[0] for message in named] == [
+        "topic 'crm.events' has message.timestamp.type=CreateTime"]
+
+
+@pytest.mark.broker
 def test_a_worker_restarted_on_topics_it_created_warns_about_nothing(broker, workers):
     first = workers()
     first.wait_ready()
     first.stop()
     second = workers("w2")  # every topic exists now: all are described and judged
     second.wait_ready()
-    assert "would lose data" not in first.log_path.read_text() + second.log_path.read_text()
+    logs = first.log_path.read_text() + second.log_path.read_text()
+    assert "would lose data" not in logs and "message.timestamp.type" not in logs
 
 
 @pytest.mark.broker

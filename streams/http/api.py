@@ -2,7 +2,8 @@
 
 Any worker answers: each one follows ``funnel.kpis`` with its own group-less consumer and keeps
 the snapshot with the highest ``(generation, sequence)`` per pipeline, exactly as the consumers
-of the topic are told to.
+of the topic are told to (whichever fleet published it: a rebuild under a new app id outranks
+the old fleet).
 """
 
 from __future__ import annotations
@@ -27,23 +28,33 @@ log = logging.getLogger("funnel_kpi.api")
 
 
 class SnapshotFeed:
-    """The latest valid snapshot per pipeline from ``funnel.kpis``; older pairs are dropped."""
+    """The latest valid snapshot per pipeline from ``funnel.kpis``; older pairs are dropped.
 
-    def __init__(self, on_accepted: Callable[[KpiSnapshot], None] = lambda snapshot: None) -> None:
+    ``on_accepted(snapshot, fleet)`` hears every snapshot that increases the pair of its own
+    fleet (``fleet``: the app id in its :data:`~streams.kafka.topics.FLEET_HEADER`, ``None`` from
+    versions before it), even while another fleet's pair is higher: both fleets of a rebuild
+    publish until the old one is stopped, and each keeps its own stream clock."""
+
+    def __init__(self, on_accepted: Callable[[KpiSnapshot, str | None], None] =
+                 lambda snapshot, fleet: None) -> None:
         self.latest: dict[str, KpiSnapshot] = {}
+        self.fleet_pairs: dict[tuple[str | None, str], tuple[int, int]] = {}
         self.on_accepted = on_accepted
 
-    def offer(self, raw: bytes) -> bool:
+    def offer(self, raw: bytes, fleet: str | None = None) -> bool:
+        """True if ``raw`` is now the snapshot served for its pipeline."""
         try:
             snapshot = KpiSnapshot.model_validate_json(raw)
         except ValidationError:
             return False
-        current = self.latest.get(snapshot.pipeline)
         pair = (snapshot.generation, snapshot.sequence)
+        if pair > self.fleet_pairs.get((fleet, snapshot.pipeline), (-1, -1)):
+            self.fleet_pairs[(fleet, snapshot.pipeline)] = pair
+            self.on_accepted(snapshot, fleet)
+        current = self.latest.get(snapshot.pipeline)
         if current is not None and pair <= (current.generation, current.sequence):
             return False
         self.latest[snapshot.pipeline] = snapshot
-        self.on_accepted(snapshot)
         return True
 
     async def follow(self, broker_url: str) -> None:
@@ -56,7 +67,8 @@ class SnapshotFeed:
                 await consumer.start()
                 async for message in consumer:
                     if message.value is not None:
-                        self.offer(message.value)
+                        fleet = dict(message.headers).get(topics.FLEET_HEADER)
+                        self.offer(message.value, fleet.decode() if fleet else None)
             except KafkaError as exc:
                 log.warning("following %s failed (%s); retrying", topics.KPIS, exc)
                 await asyncio.sleep(2)

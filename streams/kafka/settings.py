@@ -64,6 +64,6 @@ class Settings(SecretFileSettings):
     rebalance_timeout: float = Field(10.0, gt=0, description="consumer group rebalance timeout, seconds")
     log_level: str = Field("info", description="debug | info | warning | error")
     allow_untested_engine: bool = Field(
-        False, description="start on faust-streaming/mode-streaming/aiokafka versions other than the "
+        False, description="start on faust-streaming/aiokafka versions other than the "
         "tested pins (streams/worker/faust_patches.py replaces their internals)",
     )

@@ -4,7 +4,8 @@ Brokers that auto-create topics (Tansu makes 4 partitions, Kafka ``num.partition
 silently break co-partitioning, and create topics with the broker's default retention (7 days
 on Kafka), which would silently drop old deals from a rebuild. So every command creates its
 topics with :func:`topic_configs` before producing, refuses a topic with another partition
-count, and warns about an existing topic whose configs would lose data.
+count, and warns about an existing topic whose configs would lose data or let producers set the
+record timestamps the stream clock relies on.
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ log = logging.getLogger("funnel_kpi")
 EVENTS = "crm.events"
 DLQ = "crm.events.dlq"
 KPIS = "funnel.kpis"
+# Header of each funnel.kpis message: the app id of the fleet that published it. A header, not a
+# snapshot field: the schema forbids unknown fields, so consumers that validate keep working.
+FLEET_HEADER = "funnel.fleet"
 ALERTS = "funnel.alerts"
+# Erasure requests (pseudonyms only), one fleet or many: a rebuild under a new app id applies them.
+ERASURES = "funnel.erasures"
 RAW_PREFIX = "crm.raw."
 RAW_SOURCES = ("hubspot", "pipedrive", "salesforce", "debezium")
-TABLES = {"deals": True, "customers": True, "erasures": True, "publisher": False}  # partitioned?
+TABLES = {"deals": True, "customers": True, "publisher": False}  # partitioned?
 
 DAY_MS = 86_400_000
 # Every record kept: the topic is an input a rebuild replays (compaction would keep only a deal's
@@ -37,6 +43,11 @@ DAY_MS = 86_400_000
 KEEP_ALL = {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"}
 # Latest value per key, forever: table changelogs and the latest KPI snapshot per pipeline.
 COMPACTED = {"cleanup.policy": "compact"}
+# The broker stamps each record when it appends it. The stream clock counts an event time only
+# when not ahead of its record's timestamp (docs/design.md §2): with CreateTime, the default, that
+# timestamp is whatever the producer set, and the guard against events dated ahead is the
+# producer's word.
+LOG_APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
 
 
 def bounded(days: int) -> dict[str, str]:
@@ -47,15 +58,16 @@ def bounded(days: int) -> dict[str, str]:
 # The one table of topic -> configs; docker-compose.yml's kafka-init creates the public topics
 # with the same configs (tests/test_topic_configs.py checks they agree).
 PUBLIC_TOPICS: dict[str, dict[str, str]] = {
-    EVENTS: KEEP_ALL,
+    EVENTS: {**KEEP_ALL, **LOG_APPEND_TIME},
     DLQ: bounded(30),
     **{RAW_PREFIX + source: KEEP_ALL for source in RAW_SOURCES},
     KPIS: COMPACTED,
     ALERTS: bounded(30),
+    ERASURES: COMPACTED,
 }
 INTERNAL_TOPICS: dict[str, dict[str, str]] = {  # by suffix after "<app_id>-"
     "customer-credits": KEEP_ALL,  # won credits not yet in the customers table
-    "ticks": bounded(30),  # stall checks and erase requests; an erasure is stored once applied
+    "assignment": bounded(7),  # empty: the topic Faust assigns the tables' partitions by
     "partials": bounded(7),  # the publisher keeps only the latest per partition
     **{f"{table}-changelog": COMPACTED for table in TABLES},
 }
@@ -66,10 +78,10 @@ def credits_topic(app_id: str) -> str:
     return f"{app_id}-customer-credits"
 
 
-def ticks_topic(app_id: str) -> str:
-    """Internal: periodic tick records, co-partitioned with crm.events, for work that writes
-    tables on a schedule (Faust timers cannot write tables)."""
-    return f"{app_id}-ticks"
+def assignment_topic(app_id: str) -> str:
+    """Internal, co-partitioned with crm.events and never written: Faust assigns the tables'
+    partitions by the topics its agents read, and the batch loop reads the inputs itself."""
+    return f"{app_id}-assignment"
 
 
 def partials_topic(app_id: str) -> str:
@@ -99,7 +111,7 @@ def worker_topics(app_id: str, partitions: int) -> dict[str, int]:
     created here with their configs, Faust finds them)."""
     return {
         EVENTS: partitions, DLQ: partitions, ALERTS: partitions, KPIS: partitions,
-        credits_topic(app_id): partitions, ticks_topic(app_id): partitions,
+        credits_topic(app_id): partitions, assignment_topic(app_id): partitions, ERASURES: 1,
         partials_topic(app_id): 1,
         **{changelog_topic(app_id, table): partitions if partitioned else 1
            for table, partitioned in TABLES.items()},
@@ -126,6 +138,19 @@ def data_loss_risks(name: str, wanted: Mapping[str, str], found: Mapping[str, st
             f"topics --entity-name {name} --add-config {fix}" for risk in risks]
 
 
+def timestamp_risks(name: str, wanted: Mapping[str, str], found: Mapping[str, str]) -> list[str]:
+    """Why an existing topic's record timestamps (as the broker describes its configs) are not
+    the broker's own that ``wanted`` asks for; empty if they are, or if the broker does not say
+    (Tansu reports only configs set at creation)."""
+    key = "message.timestamp.type"
+    if key not in wanted or found.get(key) in (None, wanted[key]):
+        return []
+    return [f"topic {name!r} has {key}={found[key]}: its record timestamps are set by producers, "
+            f"so the stream clock's guard against events dated ahead (docs/design.md §2) takes "
+            f"their word; fix: kafka-configs.sh --alter --entity-type topics --entity-name {name} "
+            f"--add-config {key}={wanted[key]}"]
+
+
 class TopicMismatch(StartupError):
     """An existing topic has a partition count the worker cannot use."""
 
@@ -137,7 +162,7 @@ async def ensure_topics(
 ) -> None:
     """Create missing topics with their configs (``configs``, else :func:`topic_configs`); raise
     :class:`TopicMismatch` if one exists with other partitions; warn about configs of existing
-    topics that would lose data."""
+    topics that would lose data or take record timestamps from producers."""
     wanted = {name: dict(configs[name]) if configs and name in configs else topic_configs(name, app_id)
               for name in topics}
     await check_broker(broker_url)
@@ -173,7 +198,8 @@ async def ensure_topics(
                 )
         described = await _configs(admin, sorted(present & set(topics)))
         for name, found_configs in described.items():
-            for risk in data_loss_risks(name, wanted[name], found_configs):
+            for risk in [*data_loss_risks(name, wanted[name], found_configs),
+                         *timestamp_risks(name, wanted[name], found_configs)]:
                 log.warning("%s", risk)
     finally:
         await admin.close()

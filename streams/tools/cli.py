@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from models.config import ConfigError
+from streams.kafka import topics
 from streams.kafka.settings import Settings
 from streams.kafka.startup import StartupError, is_secret, load_settings
 
@@ -148,10 +149,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_erase(args: argparse.Namespace) -> int:
     from streams.tools.erase import request_erasure
 
-    settings = _settings(args)
-    asyncio.run(request_erasure(settings, args.name))
-    print(f"erasure of {args.name!r} requested on all {settings.partitions} partitions; "
-          "workers pseudonymise it in state, KPIs and every later event")
+    pseudonym = asyncio.run(request_erasure(_settings(args), args.name))
+    print(f"erasure requested on {topics.ERASURES}: every worker replaces the name by {pseudonym} "
+          "in state, KPIs and every later event, also in a rebuild")
     return 0
 
 
@@ -233,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
 
     erase = sub.add_parser("erase", help="erase a person (owner or account) from state and KPIs")
     erase.add_argument("name", help="the owner or account value to erase, exactly as sent")
-    _add_settings(erase, ["broker", "partitions", "app_id"])
+    _add_settings(erase, ["broker"])
     erase.set_defaults(run=cmd_erase)
 
     demo = sub.add_parser("demo", help="broker + worker + simulator with a live KPI table")

@@ -1,13 +1,13 @@
-"""The Faust worker: topics, tables and thin agents around the processors.
+"""The Faust worker: wiring of the batch loop, the tables, the KPI publisher and the web views.
 
-Flow: ``crm.events`` → events consumer (:mod:`streams.worker.events_consumer`, batches read beside
-Faust's stream) → deal processor (decode, map stage, state machine; :mod:`streams.worker.processor`)
-→ ``deals`` table + per-partition folds → ``/metrics``; won credits re-keyed by account →
-customer agent → ``customers`` table + folds. Ticks (internal topic, co-partitioned: Faust
-assigns the tables by it) drive stall alerts and erasures in the deal agent, one batch at a time
-with the events; partials (one-partition topic) feed the single KPI publisher
-(:mod:`streams.worker.publisher`) → ``funnel.kpis``, alerts, Redis. Invalid input → ``crm.events.dlq``.
-Every agent writes through an :class:`~streams.worker.outbox.Outbox`, acknowledged per batch.
+Flow (docs/design.md §6): ``crm.events`` and customer credits of the partitions Faust
+assigned, and ``funnel.erasures`` → the batch loop (:mod:`streams.worker.loop`) → the processors
+(:mod:`processors`) → one outbox: ``deals``/``customers`` changelogs, alerts, DLQ,
+credits re-keyed by account → per-partition folds → ``/metrics``. Every tick each worker sends
+a partial per owned partition to a one-partition topic; its owner, the KPI publisher
+(:mod:`streams.worker.publisher`), combines them into ``funnel.kpis``, conversion-drop alerts
+and Redis. Faust keeps group membership and assignment (its agent on the empty assignment
+topic anchors the co-partitioned assignment), changelog recovery, standbys, timers and the web server.
 """
 
 from __future__ import annotations
@@ -15,20 +15,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import faust
 import orjson
-from faust.types import TP
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from models.alerts import Alert
 from models.config import load_config
 from models.snapshot import KpiSnapshot
+from processors.clock import EventClock
+from processors.customers import CustomerProcessor
+from processors.deals import DealProcessor
+from processors.records import Record
 from sinks.prometheus import REJECTION_REASONS, SINKS, ProcessMetrics, WorkerKpiCollector, current_partitions
 from sinks.redis import RedisSink
 from streams.http.api import SnapshotFeed, register_api
@@ -36,27 +38,18 @@ from streams.kafka import client as kafka_client
 from streams.kafka import topics
 from streams.kafka.settings import Settings
 from streams.worker import faust_patches
-from streams.worker.events_consumer import RETRY_SECONDS, EventsConsumer
-from streams.worker.outbox import Outbox, Revoked, in_partition
-from streams.worker.processor import (
-    CustomerProcessor,
-    DealBatch,
-    DealProcessor,
-    EventClock,
-    Record,
-    Rejection,
-    is_erasure,
-)
-from streams.worker.publisher import MAX_CHECK_LAG, KpiPublisher, encode_partial
-from streams.worker.tables import ErasureTable, FoldedTable, RawTable, Rebalances
+from streams.worker.loop import BatchLoop, is_position_key, position_key
+from streams.worker.outbox import Outbox
+from streams.worker.publisher import KpiPublisher, encode_partial
+from streams.worker.step import BatchStep, send_alert
+from streams.worker.tables import FoldedTable, RawTable
 
 log = logging.getLogger("funnel_kpi")
 # Prometheus text format 0.0.4; aiohttp adds the charset itself.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
-# DLQ copies of oversized messages are cut to this (brokers refuse > 1 MB by default).
-DLQ_MAX_VALUE = 64 * 1024
 # /readyz says "broker unreachable" after max(3 ticks, this) seconds without a broker answer.
 BROKER_SILENCE_MIN_S = 30.0
+RECOVERED_TABLES = ("deals", "customers")
 
 try:
     VERSION = version("funnel-kpi")
@@ -103,11 +96,10 @@ def _records(events: list[Any]) -> list[Record]:
     ]
 
 
-def _reader(table: RawTable) -> Callable[[str, Record], bytes | None]:
-    get = table.data.get
-
+def _reader(table: RawTable):
+    """The publisher's loader: a key of its one-partition table."""
     def load(key: str, record: Record) -> bytes | None:
-        return in_partition(record.partition, get, key.encode())
+        return table.read(key)
     return load
 
 
@@ -128,10 +120,10 @@ class FunnelWorker:
             ["topic", "partition"], registry=self.registry,
         )
         self.deal_processor = DealProcessor(
-            config, self.clock, self.metrics, max_skew_ms=int(settings.max_future_skew * 1000),
+            config, self.clock, max_skew_ms=int(settings.max_future_skew * 1000),
             min_occurred_ms=int(settings.min_occurred_at.timestamp() * 1000),
-            ticks_topic=topics.ticks_topic(settings.app_id), scan=self._scan_partitions,
-            max_stalls_per_tick=settings.stall_alerts_per_tick,
+            partitions=settings.partitions, scan=self._scan_partitions,
+            max_stalls_per_check=settings.stall_alerts_per_tick,
         )
         self.customer_processor = CustomerProcessor()
         self.publisher = KpiPublisher(config, settings.partitions, VERSION)
@@ -140,18 +132,18 @@ class FunnelWorker:
                                 self.metrics.sink_errors.labels("redis").inc)
                       if settings.redis_url else None)
         self.app = _faust_app(settings)
-        self.ready_parts: dict[str, bool] = {}
+        self.ready_generation: dict[str, int | None] = dict.fromkeys(RECOVERED_TABLES)
         self.broker_answered_at = time.monotonic()
         self.metrics.broker_ack_age.set_function(lambda: time.monotonic() - self.broker_answered_at)
         self.metrics.clock.set_function(lambda: self.clock.now_ms() / 1000)
-        self.active_partitions: set[int] = set()
-        # Events batches and ticks both write the deals table: one at a time.
-        self.deals_lock = asyncio.Lock()
-        self.deals_out = self._outbox()
-        self.events = EventsConsumer(self.app, settings, self.consumer_lag, self.handle_events,
-                                     on_lost=self._stop_serving)
         self._declare_topics()
         self._declare_tables()
+        self.outbox = self._outbox()
+        self.loop = BatchLoop(
+            settings, [topics.EVENTS, self.credits_topic.get_topic_name()], [topics.ERASURES],
+            self.consumer_lag, self._step(), lambda p: self.deals.read(position_key(p)),
+            lambda: self.outbox.producing,
+        )
         self._declare_agents()
         self._declare_web()
 
@@ -165,42 +157,34 @@ class FunnelWorker:
 
     def _declare_topics(self) -> None:
         app_id = self.settings.app_id
-        self.ticks_topic = self._topic(topics.ticks_topic(app_id), internal=True)
+        self.assignment_topic = self._topic(topics.assignment_topic(app_id), internal=True)
         self.credits_topic = self._topic(topics.credits_topic(app_id), internal=True)
         self.partials_topic = self._topic(topics.partials_topic(app_id), partitions=1,
                                           internal=True)
 
     def _declare_tables(self) -> None:
         settings, add = self.settings, self.app.tables.add
-        self.rebalances = Rebalances()
         self.deals = add(FoldedTable(
             self.app, settings, name="deals", folds=self.deal_processor.folds,
-            source_topic=self.ticks_topic.get_topic_name(),
-            contributions=self.deal_processor.contributions_of_stored,
-            on_ready=self._ready_callback("deals"), rebalances=self.rebalances,
-            partitions=settings.partitions,
+            contributions=self.deal_processor.contributions_of_stored, active=self._active,
+            on_ready=self._table_ready, partitions=settings.partitions,
         ))
         self.customers = add(FoldedTable(
             self.app, settings, name="customers", folds=self.customer_processor.folds,
-            source_topic=self.credits_topic.get_topic_name(),
-            contributions=self.customer_processor.contributions_of_stored,
-            on_ready=self._ready_callback("customers"), rebalances=self.rebalances,
-            partitions=settings.partitions,
+            contributions=self.customer_processor.contributions_of_stored, active=self._active,
+            on_ready=self._table_ready, partitions=settings.partitions,
         ))
-        self.erasures = add(ErasureTable(self.app, settings, self.deal_processor.erased,
-                                         on_ready=self._ready_callback("erasures"),
-                                         rebalances=self.rebalances, name="erasures",
-                                         partitions=settings.partitions))
         self.publisher_state = add(RawTable(self.app, settings, name="publisher", partitions=1))
         self.app.on_partitions_revoked.connect(self._on_revoked)
 
     def _declare_agents(self) -> None:
         app = self.app
-        app.agent(self.ticks_topic, name="deal-agent")(self.deal_agent)
-        app.agent(self.credits_topic, name="customer-agent")(self.customer_agent)
+        # Faust assigns the tables' partitions by the topics its agents read: this one, on a
+        # topic nothing is written to, anchors the co-partitioned assignment.
+        app.agent(self.assignment_topic, name="assignment-anchor")(self._anchor)
         app.agent(self.partials_topic, name="kpi-publisher")(self.kpi_publisher)
         app.timer(interval=self.settings.tick_interval)(self.tick)
-        app.task(self.events.run)
+        app.task(self.loop.run)
         app.task(self.follow_snapshots)
         if self.redis is not None:
             app.task(self.redis.run)
@@ -222,24 +206,38 @@ class FunnelWorker:
         register_api(self.app, self.feed, pipelines=list(self.config.pipelines),
                      readiness=self.readiness, token=token.get_secret_value() if token else None)
 
+    def _step(self) -> BatchStep:
+        return BatchStep(
+            deals=self.deal_processor, customers=self.customer_processor, outbox=self.outbox,
+            tables={"deals": self.deals, "customers": self.customers},
+            metrics=self.metrics, credits_topic=self.credits_topic.get_topic_name(),
+            redis=self.redis, epoch=lambda: self.loop.epoch,
+        )
+
     # -- readiness and rebalances ---------------------------------------------------------------
 
-    def _ready_callback(self, name: str) -> Callable[[set[int], set[int]], None]:
-        self.ready_parts[name] = False
+    def _active(self) -> set[int]:
+        return {tp.partition for tp in self.app.assignor.assigned_actives()
+                if tp.topic == self.assignment_topic.get_topic_name()}
 
-        def on_ready(active: set[int], standby: set[int]) -> None:
-            self.ready_parts[name] = True
-            if name == "deals":
-                self.active_partitions = active
-                self.metrics.active_partitions.set(len(active))
-                self.metrics.standby_partitions.set(len(standby))
-            if self.is_ready():
-                self.events.assign(self.active_partitions)
-            self.metrics.ready.set(1 if self.is_ready() else 0)
-        return on_ready
+    def _table_ready(self, name: str, generation: int) -> None:
+        """A table recovered for group generation ``generation``: once all are, the batch loop
+        reads the active partitions in that one epoch."""
+        self.ready_generation[name] = generation
+        if self.is_ready():
+            active = self._active()
+            standby = {tp.partition for tp in self.app.assignor.assigned_standbys()
+                       if tp.topic == self.deals.changelog_topic.get_topic_name()}
+            self.metrics.active_partitions.set(len(active))
+            self.metrics.standby_partitions.set(len(standby))
+            self.loop.assign(active, generation)
+            log.info("serving partitions %s in generation %d (standby %s, not exported)",
+                     sorted(active), generation, sorted(standby))
+        self.metrics.ready.set(1 if self.is_ready() else 0)
 
     def is_ready(self) -> bool:
-        return bool(self.ready_parts) and all(self.ready_parts.values())
+        generations = set(self.ready_generation.values())
+        return len(generations) == 1 and None not in generations
 
     def readiness(self) -> dict[str, str]:
         """For /readyz: ready with recovered tables and a broker that answered lately; Redis is
@@ -254,37 +252,35 @@ class FunnelWorker:
             body["redis"] = "ok" if self.redis.healthy else "unreachable"
         return body
 
-    def _broker_answered(self) -> None:
-        self.broker_answered_at = time.monotonic()
-
-    async def _on_revoked(self, app: faust.App, revoked: set[TP], **_: Any) -> None:
-        self._stop_serving()
-        await self.events.revoke()
+    async def _on_revoked(self, app: faust.App, revoked: set[Any], **_: Any) -> None:
+        """Rebalances are eager (everything is revoked): stop exporting at once (the next owner
+        reports these partitions; the recording rules show a gap until every partition is
+        exported again, exactly once), fence the batch in flight and wait for it."""
+        for table in (self.deals, self.customers):
+            table.generation = None  # a recovery completing from here on is overtaken
+        self.ready_generation = dict.fromkeys(RECOVERED_TABLES)
+        self.metrics.ready.set(0)
+        self.deal_processor.folds.revoke_all()
+        self.customer_processor.folds.revoke_all()
+        await self.loop.revoke()
         self.metrics.rebalances.inc()
         self.metrics.publisher.set(0)
         self.publisher.revoked()
 
-    def _stop_serving(self) -> None:
-        """On a revoke, and when the group says this worker is no longer a member (a failed
-        commit): a batch in flight is fenced off from here on, and nothing is exported."""
-        self.rebalances.revoked()  # first: a recovery or a batch completing from here on is overtaken
-        for name in self.ready_parts:
-            self.ready_parts[name] = False
-        self.metrics.ready.set(0)
-        # Rebalances are eager (everything is revoked): from now on the next owner reports these
-        # partitions, so stop exporting them at once (the recording rules show a gap until every
-        # partition is exported again, exactly once).
-        self.deal_processor.folds.revoke_all()
-        self.customer_processor.folds.revoke_all()
-
-    def _scan_partitions(self, partitions: frozenset[int]) -> Iterator[tuple[str, bytes]]:
-        """Every stored deal of the given partitions (erasures, undoing a failed batch: a full
-        scan)."""
+    def _scan_partitions(self, partitions: frozenset[int] | None) -> Iterator[tuple[str, bytes]]:
+        """Every stored deal of the given partitions, of all with None (erasures, undoing a
+        failed batch: a full scan)."""
         for key, value in list(self.deals.data.items()):
-            if value is not None and orjson.loads(value)[2] in partitions:
+            if value is None or is_position_key(key):
+                continue
+            if partitions is None or orjson.loads(value)[2] in partitions:
                 yield key.decode(), value
 
-    # -- agents ---------------------------------------------------------------------------------
+    # -- agents and timers ----------------------------------------------------------------------
+
+    async def _anchor(self, stream: faust.StreamT) -> None:
+        async for _ in stream:
+            pass
 
     def _sink_error(self, sink: str) -> None:
         self.metrics.sink_errors.labels(sink).inc()
@@ -292,141 +288,61 @@ class FunnelWorker:
     def _outbox(self) -> Outbox:
         return Outbox(self.app, self._sink_error, self._broker_answered)
 
+    def _broker_answered(self) -> None:
+        self.broker_answered_at = time.monotonic()
+
     def _batches(self, stream: faust.StreamT):
         return stream.take_events(self.settings.batch_size, self.settings.batch_within)
 
-    async def handle_events(self, records: list[Any]) -> None:
-        """A batch of ``crm.events`` records from the events consumer (which re-reads it when
-        this raises)."""
-        async with self.deals_lock:
-            await self._process_deals(records, frozenset(), "events")
-
-    async def deal_agent(self, stream: faust.StreamT) -> None:
-        """Ticks and erasure requests, one partition at a time, taking turns with the events
-        batches (each holds the deals lock)."""
-        async for events in self._batches(stream):
-            by_partition: dict[int, list[Record]] = {}
-            for record in _records(events):
-                by_partition.setdefault(record.partition, []).append(record)
-            for partition, records in by_partition.items():
-                await self._ticks_until_done(partition, records)
-
-    async def _ticks_until_done(self, partition: int, records: list[Record]) -> None:
-        """Ticks and erasures are consumed by Faust's stream, which never reads them again: a
-        failed batch is retried here until it goes through (stall alerts that did not go out
-        are raised again) or the partition is no longer ours (its next owner checks it)."""
-        while True:
-            lagging = (frozenset([partition]) if await self.events.lag(partition) > MAX_CHECK_LAG
-                       else frozenset())
-            try:
-                async with self.deals_lock:
-                    await self._process_deals(records, lagging, "ticks")
-                return
-            except Revoked:
-                await self._hand_over_erasures(records)
-                return
-            except Exception:
-                log.exception("ticks of partition %d failed; retrying in %.0f s", partition,
-                              RETRY_SECONDS)
-            await asyncio.sleep(RETRY_SECONDS)
-            owned = self.deal_processor.folds.owned
-            if owned is not None and partition not in owned:
-                return
-
-    async def _hand_over_erasures(self, records: list[Record]) -> None:
-        """Erasure requests of a batch fenced off by a revoke: Faust has them as consumed, so
-        they go back on the ticks topic for the partition's next owner (erasing is idempotent)."""
-        for record in records:
-            if is_erasure(record):
-                await self.ticks_topic.send(value=record.value, partition=record.partition)
-
-    async def _process_deals(self, records: list[Any], lagging: frozenset[int], agent: str) -> None:
-        """One batch, all or nothing. Its stall alerts go out and are acknowledged before the
-        deals that remember them are written: a failure or a kill in between raises them again
-        (at least once; ids are deterministic, so consumers drop a repeat). The store takes the
-        writes once the changelog has them; any failure before takes the batch's fold updates
-        back, and a revoke meanwhile fences the batch off (:class:`Revoked`: nothing written)."""
-        revocations = self.rebalances.revocations
-
-        def still_ours() -> bool:
-            return self.rebalances.revocations == revocations
-
-        try:
-            batch = self.deal_processor.process(records, _reader(self.deals), lagging)
-            try:
-                if batch.alerts:
-                    for alert in batch.alerts:
-                        self._send_alert(self.deals_out, alert)
-                    await self.deals_out.flush(still_ours)
-                self._queue_writes(batch)
-                await self.deals_out.flush(still_ours)
-            except BaseException:
-                self.deal_processor.undo(batch)
-                raise
-        except Revoked:
-            raise
-        except Exception:
-            self.metrics.failed_batches.labels(agent).inc()
-            raise
-
-    def _queue_writes(self, batch: DealBatch) -> None:
-        out = self.deals_out
-        for deal_id, value, record in batch.writes:
-            out.put(self.deals, deal_id, value, record.partition)
-        for pseudonym, record in batch.erased:
-            out.put(self.erasures, pseudonym, b"1", record.partition)
-        for rejection in batch.rejections:
-            self._to_dlq(out, rejection)
-        for credit in batch.credits:
-            out.send(self.credits_topic.get_topic_name(), credit.account.encode(),
-                     credit.encode(), sink="credits")
-
-    async def customer_agent(self, stream: faust.StreamT) -> None:
-        out = self._outbox()
-        async for events in self._batches(stream):
-            for account, value, record in self.customer_processor.process(
-                _records(events), _reader(self.customers)
-            ):
-                out.put(self.customers, account, value, record.partition)
-            await out.flush()
-
     async def kpi_publisher(self, stream: faust.StreamT) -> None:
+        """Partials → snapshots and conversion-drop alerts, made durable in order: a claimed
+        generation is stored before anything of it goes out (never reused for other content),
+        alerts are acknowledged before the state that remembers them (at least once; a repeat
+        has the same id), then that state and the snapshots. A failed batch leaves nothing in
+        the publisher's memory that the store may not hold; the next partials (every tick)
+        redo it."""
         out = self._outbox()
+        fleet = [(topics.FLEET_HEADER, self.settings.app_id.encode())]
         async for events in self._batches(stream):
-            published = self.publisher.process(_records(events), _reader(self.publisher_state),
-                                               self.app.consumer_generation_id)
-            self.metrics.publisher.set(1)
-            for key, value, record in published.writes:
-                out.put(self.publisher_state, key, value, record.partition)
-            for alert in published.alerts:
-                self._send_alert(out, alert)
-            for snapshot in published.snapshots:
-                out.send(topics.KPIS, snapshot.pipeline.encode(),
-                         snapshot.model_dump_json().encode(), sink="kpis")
-            await out.flush()
+            try:
+                published = self.publisher.process(
+                    _records(events), _reader(self.publisher_state), self.app.consumer_generation_id)
+                self.metrics.publisher.set(1)
+                for key, value, record in published.claim:
+                    out.put(self.publisher_state, key, value, record.partition)
+                await out.flush()
+                for alert in published.alerts:
+                    send_alert(out, self.redis, alert)
+                await out.flush()
+                for key, value, record in published.writes:
+                    out.put(self.publisher_state, key, value, record.partition)
+                for snapshot in published.snapshots:
+                    out.send(topics.KPIS, snapshot.pipeline.encode(),
+                             snapshot.model_dump_json().encode(), sink="kpis", headers=fleet)
+                await out.flush()
+            except Exception as exc:
+                self.publisher.failed()
+                log.warning("publishing KPI snapshots failed (%r); the next partials redo it", exc)
+                continue
             if self.redis is not None:
                 for snapshot in published.snapshots:
                     self.redis.snapshot(snapshot)
 
     async def tick(self) -> None:
-        """Ask the deal agent of each owned partition to check stalls (it may write the table),
-        and publish each owned partition's partial for the KPI publisher."""
+        """Publish each owned partition's partial for the KPI publisher."""
         now = self.clock.now_ms()
         sent = []
         for kind, folds in (("deals", self.deal_processor.folds),
                             ("customers", self.customer_processor.folds)):
             for partition, fold in list(folds.folds.items()):
-                lag = 0
-                if kind == "deals":
-                    sent.append(await self.ticks_topic.send(value=b"tick", partition=partition))
-                    lag = await self.events.lag(partition)
+                lag = self.loop.lag(partition) if kind == "deals" else 0
                 sent.append(await self.partials_topic.send(
                     key=f"{kind}:{partition}".encode(), partition=0,
                     value=encode_partial(kind, partition, now, self.config, fold, lag,
                                          self.app.consumer_generation_id),
                 ))
-                # A partial costs about a scrape of its partition: let events batches in
-                # between rather than hold the loop for all of them (latency).
+                # A partial costs about a scrape of its partition: let batches in between
+                # rather than hold the loop for all of them (latency).
                 await asyncio.sleep(0)
         await self._probe_broker(sent)
 
@@ -443,34 +359,12 @@ class FunnelWorker:
             return
         self._broker_answered()
 
-    def _fleet_clock(self, snapshot: KpiSnapshot) -> None:
-        """The stream clock is one for the fleet: adopt the publisher's (the latest of every
-        partition owner's clock)."""
-        self.clock.observe(int(datetime.fromisoformat(snapshot.as_of).timestamp() * 1000))
+    def _fleet_clock(self, snapshot: KpiSnapshot, fleet: str | None) -> None:
+        """The stream clock is one for the fleet: adopt its publisher's (the latest of every
+        partition owner's clock), never another fleet's (a rebuild under a new app id, or the
+        old fleet beside it: their clocks stand elsewhere)."""
+        if fleet == self.settings.app_id:
+            self.clock.observe(int(datetime.fromisoformat(snapshot.as_of).timestamp() * 1000))
 
     async def follow_snapshots(self) -> None:
         await self.feed.follow(self.settings.broker)
-
-    # -- outputs --------------------------------------------------------------------------------
-
-    def _to_dlq(self, out: Outbox, rejection: Rejection) -> None:
-        record = rejection.record
-        value = record.value or b""
-        headers = [
-            ("funnel.reason", rejection.reason.encode()),
-            ("funnel.reason.code", rejection.code.encode()),
-            ("funnel.source.topic", record.topic.encode()),
-            ("funnel.source.partition", str(record.partition).encode()),
-            ("funnel.source.offset", str(record.offset).encode()),
-        ]
-        if len(value) > DLQ_MAX_VALUE:  # the whole message stays in crm.events at that offset
-            headers.append(("funnel.original.size", str(len(value)).encode()))
-            value = value[:DLQ_MAX_VALUE]
-        out.send(topics.DLQ, record.key, value, headers=headers, sink="dlq")
-        self.metrics.dlq.inc()
-
-    def _send_alert(self, out: Outbox, alert: Alert) -> None:
-        if self.redis is not None:
-            self.redis.alert(alert)
-        out.send(topics.ALERTS, (alert.deal_id or alert.pipeline).encode(),
-                 alert.model_dump_json(exclude_none=True).encode(), sink="alerts")

@@ -1,7 +1,7 @@
-"""The stream engine this project is tested on: :mod:`streams.worker.faust_patches` replaces private
-internals of these three packages, and the fixes for lost events depend on them. Another release
-may rename or stop calling what the patches replace, silently bringing event loss back, so the
-worker refuses to start on other versions unless told otherwise."""
+"""The stream engine this project is tested on: :mod:`streams.worker.faust_patches` replaces a
+private factory of faust-streaming and sets a private attribute of aiokafka's consumer. Another
+release may rename or stop calling what the patch replaces, so the worker refuses to start on
+other versions of these two unless told otherwise."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from streams.kafka.startup import StartupError
 log = logging.getLogger("funnel_kpi")
 
 # Keep equal to the exact pins in pyproject.toml (tests/test_engine.py checks).
-TESTED = {"faust-streaming": "0.15.3", "mode-streaming": "0.7.1", "aiokafka": "0.14.0"}
+TESTED = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
 
 
 def _installed(name: str) -> str:
@@ -31,7 +31,7 @@ def untested(installed: Callable[[str], str] = _installed) -> dict[str, str]:
 
 
 def check_engine(allow_untested: bool) -> None:
-    """Refuse (or, when allowed, warn about) an untested faust-streaming/mode-streaming/aiokafka."""
+    """Refuse (or, when allowed, warn about) an untested faust-streaming or aiokafka."""
     found = untested()
     if not found:
         return

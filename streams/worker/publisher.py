@@ -5,10 +5,12 @@ that partition's fold (what ``/metrics`` would show for it alone). Partials go t
 one partition, so exactly one worker — its owner — combines them: it sums the latest partial of
 every partition, and only once it has them all (never a half-computed snapshot), builds one
 snapshot per pipeline with the functions of :mod:`models.kpis`, and checks conversion drops.
-A new owner bumps the persisted ``generation``, so ``(generation, sequence)`` only increases.
-Partials carry the consumer-group generation they were sent in, and a new owner uses only those
-sent since it took over: the backlog it re-reads holds partials of owners since gone, some from
-the middle of a replay (F8).
+A new owner claims the next persisted ``generation``, so ``(generation, sequence)`` only
+increases; a fleet's first claim (a new app id, or its state deleted) is the wall clock in ms,
+above every older fleet's however often that one's publisher moved since. Partials carry the
+consumer-group generation they were sent in, and a new owner uses only those sent since it took
+over: the backlog it re-reads holds partials of owners since gone, some from the middle of a
+replay (F8).
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from models.alerts import Alert, alert_id, iso
 from models.config import FunnelConfig
 from models.kpis import ConversionCheck, Samples, conversion_checks, total
 from models.snapshot import KpiSnapshot, build_snapshot
+from processors.records import Record
 from sinks.prometheus import CONFIG_METRICS, KpiCollector
-from streams.worker.processor import Record
 
 TOP_CUSTOMERS = 100
 REPUBLISH_SECONDS = 30.0  # an unchanged snapshot is still re-sent this often (liveness)
 GENERATION_KEY = "generation"
+# When the fleet first claimed a generation (ms): in conversion-drop alert ids, so a fleet rebuilt
+# with empty tables never reuses an older fleet's.
+FLEET_KEY = "fleet"
 # Conversion is only judged once every partition is this close to its end: while a backlog
 # drains, partitions stand at different points in time and their sum is no real conversion.
 MAX_CHECK_LAG = 1000
@@ -61,8 +66,13 @@ def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
 
 @dataclass
 class Published:
-    writes: list[tuple[str, bytes, Record]]
+    """A batch's outputs, in the order they must become durable: ``claim`` (a new generation)
+    before anything else, so a generation never goes out unless stored; ``alerts`` before the
+    ``writes`` that remember them, so an alert is never remembered unless sent."""
+
+    claim: list[tuple[str, bytes, Record]]
     alerts: list[Alert]
+    writes: list[tuple[str, bytes, Record]]
     snapshots: list[KpiSnapshot]
 
 
@@ -74,6 +84,7 @@ class KpiPublisher:
         # (kind, partition) → ((group generation, as_of), rows, top customers, lag)
         self.partials: dict[tuple[str, int], tuple[tuple[int, int], list, list, int]] = {}
         self.generation: int | None = None
+        self.fleet = 0  # FLEET_KEY, read with each claim
         self.sequence = 0
         self.since_group_generation = 0  # partials sent in older group generations are ignored
         self.last: dict[str, tuple[dict, float, KpiSnapshot]] = {}
@@ -83,9 +94,15 @@ class KpiPublisher:
         }
 
     def revoked(self) -> None:
-        """Another worker may publish now; if we get the partition back we start a generation."""
-        self.generation = None
+        """Another worker may publish now; if we get the partition back we claim a generation."""
+        self.failed()
         self.partials.clear()
+
+    def failed(self) -> None:
+        """A batch's outputs were not all acknowledged: keep nothing the store may not hold. The
+        next batch claims a generation again (above the stored one: snapshots of this one may
+        be out) and sends every pipeline's snapshot."""
+        self.generation = None
         self.last.clear()
 
     def latest(self) -> dict[str, KpiSnapshot]:
@@ -94,16 +111,13 @@ class KpiPublisher:
     def process(self, records: list[Record], load: Callable[[str, Record], bytes | None],
                 group_generation: int) -> Published:
         """``group_generation``: this worker's consumer-group generation now."""
-        out = Published([], [], [])
+        out = Published([], [], [], [])
         if not records:
             return out
         last = records[-1]
         if self.generation is None:
-            stored = load(GENERATION_KEY, last)
-            self.generation = (int(stored) if stored else 0) + 1
-            self.sequence = 0
+            self._claim(last, load, out)
             self.since_group_generation = group_generation
-            out.writes.append((GENERATION_KEY, str(self.generation).encode(), last))
         for record in records:
             kind, partition, as_of, rows, top, lag, *rest = orjson.loads(record.value)  # type: ignore[arg-type]
             sent_in = rest[0] if rest else 0
@@ -123,6 +137,21 @@ class KpiPublisher:
             self._check_conversion(samples, now, last, load, out)
         self._snapshots(samples, now, out)
         return out
+
+    def _claim(self, last: Record, load: Callable[[str, Record], bytes | None],
+               out: Published) -> None:
+        """Become the publisher: the generation after the stored one, or for a fleet's first
+        claim the wall clock in ms. Consumers keep the greater ``(generation, sequence)``: a
+        rebuild's snapshots outrank the old fleet's, whose generations count up from its own
+        first claim, one per take-over."""
+        stored, fleet = load(GENERATION_KEY, last), load(FLEET_KEY, last)
+        now_ms = int(time.time() * 1000)
+        self.generation = int(stored) + 1 if stored else now_ms
+        self.fleet = int(fleet) if fleet else now_ms
+        self.sequence = 0
+        out.claim.append((GENERATION_KEY, str(self.generation).encode(), last))
+        if not fleet:
+            out.claim.append((FLEET_KEY, str(self.fleet).encode(), last))
 
     def _merged(self, now: int) -> Samples:
         sums: dict[tuple[str, tuple], float] = {}
@@ -173,15 +202,21 @@ class KpiPublisher:
         for check in conversion_checks(reached, self.order, self.config.conversion_drop):
             key = f"drop|{check.pipeline}|{check.stage}"
             raw = load(key, last)
-            open_drop = orjson.loads(raw) if raw else None
-            if check.dropped and open_drop is None:
-                alert = self._alert("conversion.drop", check, now, alert_id(key, now))
-                out.writes.append((key, orjson.dumps({"id": alert.id, "since": now}), last))
-                out.alerts.append(alert)
-            elif not check.dropped and open_drop is not None:
+            # {"episode": n} between drops, with "id" and "since" during one; before episodes
+            # were counted: null between drops, no "episode".
+            state = (orjson.loads(raw) if raw else None) or {}
+            episode, open_id = state.get("episode", 0), state.get("id")
+            if check.dropped and open_id is None:
+                # Only stored state in the id: a check redone after a failed batch (or by the
+                # next publisher) sends the same one.
+                ident = alert_id(key, self.fleet, episode + 1)
+                out.alerts.append(self._alert("conversion.drop", check, now, ident))
+                out.writes.append((key, orjson.dumps({"id": ident, "since": now,
+                                                      "episode": episode + 1}), last))
+            elif not check.dropped and open_id is not None:
                 out.alerts.append(self._alert("conversion.recovered", check, now,
-                                              alert_id(open_drop["id"], "recovered")))
-                out.writes.append((key, b"null", last))
+                                              alert_id(open_id, "recovered")))
+                out.writes.append((key, orjson.dumps({"episode": episode}), last))
 
     def _alert(self, kind: str, check: ConversionCheck, now: int, ident: str) -> Alert:
         return Alert(

@@ -1,0 +1,28 @@
+"""What a processor reads and rejects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Record:
+    """One consumed message (aiokafka's ``ConsumerRecord`` has the same fields and is used as
+    it is on the worker's path)."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int | None = None  # the broker's (log-append or create) time, ms
+
+
+@dataclass(slots=True)
+class Rejection:
+    """A record that goes to the DLQ: ``code`` labels the metric, ``reason`` tells a person."""
+
+    record: Record
+    code: str
+    reason: str
+    source: str = "unknown"  # the source label it is counted under

@@ -1,0 +1,247 @@
+"""The one batch loop: every input that changes state goes through it.
+
+One group-less ``AIOKafkaConsumer`` reads, for each partition whose tables Faust recovered for
+this worker, ``crm.events`` and the customer credits, and the whole of ``funnel.erasures``, and
+hands each fetched batch — with the stall checks that are due — to the worker's ``handle``, one
+batch at a time. Where it stands in each partitioned input is stored with the state it
+produced: a position row in the ``deals`` table, written after the batch's writes are
+acknowledged, restored by table recovery, and never expired by the broker (a group's committed
+offsets of topics it does not subscribe to are deleted after ``offsets.retention.minutes``).
+The erasures are read from their beginning at every assignment (applying one again changes
+nothing). Faust keeps group membership, assignment, changelog recovery and standbys; its agents
+carry nothing whose loss matters.
+
+One assignment epoch fences everything: the consumer-group generation whose tables were
+recovered. A revoke clears it, so a batch in flight writes nothing (:class:`Revoked`), and waits
+for that batch; a batch whose writes are already on their way when the revoke has waited half
+the rebalance timeout makes the process exit, because on Apache Kafka the group moves on
+without a member that overstays the rebalance timeout, and a write landing after the next
+owner's would be kept by compaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import Gauge
+
+from processors.records import Record
+from streams.kafka import client as kafka_client
+from streams.kafka.settings import Settings
+from streams.worker.outbox import Revoked
+
+log = logging.getLogger("funnel_kpi.loop")
+# After a failed batch (its writes were not acknowledged): wait, then read it again.
+RETRY_SECONDS = 1.0
+# Stall checks wait while a partition is further behind than this (a backlog's stream clock
+# runs ahead of deals whose later events are still queued).
+MAX_CHECK_LAG = 1000
+# Exit status when a revoked batch's writes could not be confirmed in time (EX_TEMPFAIL).
+EXIT_UNCONFIRMED_WRITES = 75
+
+
+def position_key(partition: int) -> str:
+    """The deals-table key of a partition's position row (no deal id starts with NUL)."""
+    return f"\x00position:{partition}"
+
+
+def is_position_key(key: bytes) -> bool:
+    return key.startswith(b"\x00")
+
+
+@dataclass(slots=True)
+class Batch:
+    """One fetch: records by input topic, the positions after them, the stall checks due."""
+
+    epoch: int
+    records: dict[str, list[Record]]
+    positions: dict[int, dict[str, int]]  # partition → topic → next offset, for every input
+    stall_checks: list[int]
+
+
+class BatchLoop:
+    def __init__(self, settings: Settings, inputs: list[str], shared: list[str], lag_gauge: Gauge,
+                 handle: Callable[[Batch], Awaitable[None]],
+                 stored_position: Callable[[int], bytes | None],
+                 producing: Callable[[], bool]) -> None:
+        self.settings = settings
+        self.inputs = inputs  # co-partitioned; crm.events first: its lag gates the stall checks
+        self.shared = shared  # one partition, read whole by every worker
+        self.shared_positions: dict[str, int] = {}
+        self.lag_gauge = lag_gauge
+        self.handle = handle
+        self.stored_position = stored_position
+        self.producing = producing
+        self.epoch: int | None = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.positions: dict[int, dict[str, int]] = {}
+        self._assigned: frozenset[int] = frozenset()
+        self._assigned_epoch: int | None = None
+        self._wanted: frozenset[int] = frozenset()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._next_check = 0.0
+
+    # -- assignment ----------------------------------------------------------------------------
+
+    def assign(self, partitions: set[int], epoch: int) -> None:
+        """Tables are recovered for these active partitions in group generation ``epoch``."""
+        self.epoch = epoch
+        self._wanted = frozenset(partitions)
+        self._wake.set()
+
+    async def revoke(self) -> None:
+        """Fence the batch in flight and read nothing more; return once that batch is done."""
+        self.epoch = None
+        self._wanted = frozenset()
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.settings.rebalance_timeout / 2)
+        except TimeoutError:
+            if self.producing():
+                log.critical("a revoked batch's writes are still unconfirmed after %.0f s: exiting "
+                             "so they cannot land after the next owner's",
+                             self.settings.rebalance_timeout / 2)
+                os._exit(EXIT_UNCONFIRMED_WRITES)
+            log.warning("a batch still in flight at a revoke: fenced off, it writes nothing")
+
+    def owned(self) -> frozenset[int]:
+        return self._assigned if self.epoch is not None else frozenset()
+
+    async def _apply_assignment(self) -> None:
+        assert self.consumer is not None
+        wanted, epoch = self._wanted, self.epoch
+        for partition in self._assigned - wanted:
+            self.positions.pop(partition, None)
+            for topic in self.inputs:
+                with contextlib.suppress(KeyError):
+                    self.lag_gauge.remove(topic, str(partition))
+        self._assigned, self._assigned_epoch = wanted, epoch
+        self.shared_positions = {}
+        if not wanted:
+            self.consumer.unsubscribe()
+            return
+        self.consumer.assign([TopicPartition(topic, p) for p in sorted(wanted) for topic in self.inputs]
+                             + [TopicPartition(topic, 0) for topic in self.shared])
+        for partition in wanted:
+            raw = self.stored_position(partition)
+            self.positions[partition] = orjson.loads(raw) if raw else {}
+        await self._seek(wanted)
+        # The first check waits an interval: until the first fetches, no backlog is known.
+        self._next_check = time.monotonic() + self.settings.tick_interval
+        log.info("reading %s partitions %s (epoch %s)", ", ".join(self.inputs), sorted(wanted), epoch)
+
+    async def _seek(self, partitions: frozenset[int] | set[int]) -> None:
+        """Back to the stored positions; an input never read starts at its beginning."""
+        assert self.consumer is not None
+        for topic in self.shared:
+            tp = TopicPartition(topic, 0)
+            if topic in self.shared_positions:
+                self.consumer.seek(tp, self.shared_positions[topic])
+            else:
+                await self.consumer.seek_to_beginning(tp)
+        for partition in partitions:
+            stored = self.positions.get(partition, {})
+            for topic in self.inputs:
+                tp = TopicPartition(topic, partition)
+                if topic in stored:
+                    self.consumer.seek(tp, stored[topic])
+                else:
+                    await self.consumer.seek_to_beginning(tp)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            **kafka_client.client_args(self.settings.broker),
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+        )
+        await self.consumer.start()
+        try:
+            while True:
+                await self._wake.wait()
+                if (self._wanted, self.epoch) != (self._assigned, self._assigned_epoch):
+                    await self._apply_assignment()
+                if not self._assigned or self.epoch is None:
+                    self._wake.clear()
+                    continue
+                await self._next_batch(self.epoch)
+        finally:
+            await self.consumer.stop()
+
+    async def _next_batch(self, epoch: int) -> None:
+        assert self.consumer is not None
+        fetched = await self.consumer.getmany(
+            timeout_ms=self.settings.fetch_max_wait_ms, max_records=self.settings.batch_size,
+        )
+        if epoch != self.epoch or self._wanted != self._assigned:
+            return  # the assignment changed meanwhile: seek from the stored positions first
+        checks = self._checks_due()
+        if not fetched and not checks:
+            return
+        batch = Batch(epoch, {topic: [] for topic in self.inputs + self.shared},
+                      {p: dict(self.positions.get(p, {})) for p in self._assigned}, checks)
+        shared = dict(self.shared_positions)
+        for tp, messages in fetched.items():
+            batch.records[tp.topic].extend(messages)
+            if tp.topic in self.shared:
+                shared[tp.topic] = messages[-1].offset + 1
+            else:
+                batch.positions[tp.partition][tp.topic] = messages[-1].offset + 1
+        self._report_lag({tp: messages[0].offset for tp, messages in fetched.items()
+                          if tp.topic in self.inputs})
+        self._idle.clear()
+        try:
+            await self.handle(batch)
+        except Revoked:
+            await self._seek_back(fetched)  # nothing written: whoever owns them next reads them
+            return
+        except Exception:
+            log.exception("a batch of %d records failed; reading it again in %.0f s",
+                          sum(map(len, fetched.values())), RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)
+            await self._seek_back(fetched)
+            return
+        finally:
+            self._idle.set()
+        if epoch == self.epoch:
+            self.positions, self.shared_positions = batch.positions, shared
+            self._report_lag({tp: messages[-1].offset + 1 for tp, messages in fetched.items()
+                              if tp.topic in self.inputs})
+
+    async def _seek_back(self, fetched: dict) -> None:
+        if self.epoch is not None and self._wanted == self._assigned:
+            await self._seek({tp.partition for tp in fetched if tp.topic in self.inputs})
+
+    def _checks_due(self) -> list[int]:
+        """Every tick interval, the owned partitions not catching up a backlog."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return []
+        self._next_check = now + self.settings.tick_interval
+        return [p for p in sorted(self._assigned) if self.lag(p) <= MAX_CHECK_LAG]
+
+    def lag(self, partition: int) -> int:
+        """``crm.events`` records of a partition not processed yet (0 before its first fetch)."""
+        if self.consumer is None or partition not in self._assigned:
+            return 0
+        highwater = self.consumer.highwater(TopicPartition(self.inputs[0], partition))
+        position = self.positions.get(partition, {}).get(self.inputs[0], 0)
+        return max(highwater - position, 0) if highwater is not None else 0
+
+    def _report_lag(self, offsets: dict[TopicPartition, int]) -> None:
+        assert self.consumer is not None
+        for tp, position in offsets.items():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                self.lag_gauge.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
