@@ -6,7 +6,7 @@ uses (:mod:`models.kpis`), which divide sums exactly like the recording rules.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from models.aggregates import WINDOWS
 from models.alerts import iso
@@ -73,15 +73,18 @@ class PeriodTarget(_Model):
 
 class KpiSnapshot(_Model):
     """Every derived KPI of one pipeline, all-time and per window; ``(generation, sequence)``
-    only increases: consumers drop a message that does not increase it."""
+    only increases, across fleets too (a rebuild under a new app id outranks the old fleet):
+    consumers keep a snapshot only if its pair is greater than the last one they kept."""
 
     schema_version: int = SNAPSHOT_SCHEMA_VERSION
     pipeline: str
     currency: str
     as_of: str
     generated_at: str
-    generation: int
-    sequence: int
+    generation: int = Field(description=(
+        "Claimed by each new publisher: the previous one + 1 within a fleet (one app id); a "
+        "fleet's first is the wall clock in ms, so it outranks every older fleet's."))
+    sequence: int = Field(description="Counts up from 1 within a generation.")
     partitions: int
     open_deals: float
     pipeline_value: float
