@@ -9,6 +9,7 @@ import time
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError
 
 from models.kpis import total
 from processors.deals import kafka_partition
@@ -41,7 +42,14 @@ def reset_group_offsets(broker_url: str, offset: int = 0) -> None:
         finally:
             await consumer.stop()
 
-    asyncio.run(commit())
+    def committed() -> bool:
+        try:
+            asyncio.run(commit())
+        except CommitFailedError:  # the stopped member is dropped after the session timeout
+            return False
+        return True
+
+    wait_until(committed, 30, what="the group's offsets reset from outside")
 
 
 def test_expired_group_offsets_never_replay_the_history(broker, workers):

@@ -66,9 +66,10 @@ def test_a_worker_refuses_an_untested_engine_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
         "funnel-kpi: untested stream engine: aiokafka 0.15.0 (tested: 0.14.0); "
-        "streams/worker/faust_patches.py replaces their internals and events could be lost. Install the "
-        "locked versions (pip install --require-hashes -r requirements.lock), or set "
-        "FUNNEL_ALLOW_UNTESTED_ENGINE=true if you have run the patch tests on these versions"
+        "streams/worker/faust_patches.py replaces a private part of them, and another release may "
+        "stop calling it. Install the locked versions (pip install --require-hashes -r "
+        "requirements.lock), or set FUNNEL_ALLOW_UNTESTED_ENGINE=true if tests/test_engine.py "
+        "passes on these versions"
     ]
 
 

@@ -123,6 +123,20 @@ def test_customer_rows_are_idempotent_under_re_sent_and_moved_credits():
     assert fold.counters["customers"] == {("default",): 1}
 
 
+def test_a_customer_batch_whose_rows_were_not_written_changes_nothing_on_the_redelivery():
+    """Issue 22.2: the processor once moved totals and folds before the flush; a failed flush
+    and the redelivery counted one credit of 100 as 200 (or, the other way, a rebuild lost it)."""
+    customers, store = CustomerProcessor(), {}
+    customers.folds.rebuild({0}, ())
+    customers.process([credit("Acme", "d1", 100)], store.get)  # its flush fails: not committed
+    assert customers.folds.folds[0].accounts == {}
+    apply_credits(customers, store, [credit("Acme", "d1", 100)])  # the redelivery goes through
+    assert customers.folds.folds[0].accounts == {("default", "USD", "Acme"): 100}
+    rebuilt = CustomerProcessor()
+    rebuilt.folds.rebuild({0}, rebuilt.contributions_of_stored(store.values()))
+    assert rebuilt.folds.folds[0].snapshot() == customers.folds.folds[0].snapshot()
+
+
 def test_a_customers_table_of_the_old_format_is_refused_with_a_clear_error():
     old_row = orjson.dumps([0, "Acme", {"d1": ["default", "USD", 5]}])
     with pytest.raises(ValueError, match="new FUNNEL_APP_ID"):

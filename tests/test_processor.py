@@ -267,3 +267,34 @@ def test_a_stall_alert_and_an_erasure_in_one_batch_both_stay():
     assert deal.owner == erased_name("Ann")
     assert deal.stall_alert == ["opportunity", entered]
     assert {p: f.snapshot() for p, f in proc.folds.folds.items()} == rebuilt(proc, store, 1)
+
+
+def test_an_event_on_another_partition_than_its_deal_goes_to_the_dlq():
+    """Issue 22.4: a producer keying by something else than the deal id puts a deal's events on
+    two partitions; applied there, the deal would be two rows (RocksDB) or drift the folds."""
+    from processors.deals import kafka_partition
+
+    proc = DealProcessor(CONFIG, EventClock(Clock.STREAM), max_skew_ms=86_400_000, partitions=4)
+    store = Store()
+    home = kafka_partition(b"d1", 4)
+
+    def on(partition, key, event_id, **change):
+        value = orjson.dumps({"event_id": event_id, "deal_id": "d1", "source": "api",
+                              "occurred_at": "2024-01-01T00:00:00Z", **change})
+        return Record(key, value, "crm.events", partition, 0)
+
+    first = proc.process([on(home, b"d1", "a", stage="lead"), on(home, b"acct", "b", amount=5.0)],
+                         store.load)
+    assert not first.rejections  # keyed otherwise but on the deal's own partition: fine
+    store.data.update((deal_id, value) for deal_id, value, _ in first.writes)
+    elsewhere = (home + 1) % 4
+    later = proc.process([on(elsewhere, b"acct", "c", stage="won")], store.load)
+    new = proc.process([Record(b"acct", orjson.dumps({"event_id": "d", "deal_id": "d2", "stage": "lead",
+                                                      "occurred_at": "2024-01-01T00:00:00Z"}),
+                               "crm.events", (kafka_partition(b"d2", 4) + 1) % 4, 0)], store.load)
+    assert [(r.code, r.reason.split(":")[0]) for r in later.rejections + new.rejections] == [
+        ("wrong_partition", f"deal 'd1' is held on partition {home}, this event came on {elsewhere} "
+                            "(key b'acct')"),
+        ("wrong_partition", f"deal 'd2' belongs on partition {kafka_partition(b'd2', 4)}, this event "
+                            f"came on {(kafka_partition(b'd2', 4) + 1) % 4} (key b'acct')")]
+    assert later.writes == [] and new.writes == []

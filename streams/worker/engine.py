@@ -40,8 +40,8 @@ def check_engine(allow_untested: bool) -> None:
         log.warning("untested stream engine: %s; running anyway (FUNNEL_ALLOW_UNTESTED_ENGINE)", described)
         return
     raise StartupError(
-        f"untested stream engine: {described}; streams/worker/faust_patches.py replaces their internals "
-        "and events could be lost. Install the locked versions (pip install --require-hashes -r "
-        "requirements.lock), or set FUNNEL_ALLOW_UNTESTED_ENGINE=true if you have run the patch "
-        "tests on these versions"
+        f"untested stream engine: {described}; streams/worker/faust_patches.py replaces a private "
+        "part of them, and another release may stop calling it. Install the locked versions (pip "
+        "install --require-hashes -r requirements.lock), or set FUNNEL_ALLOW_UNTESTED_ENGINE=true "
+        "if tests/test_engine.py passes on these versions"
     )
