@@ -53,7 +53,9 @@ class Settings(SecretFileSettings):
     )
     batch_size: int = Field(10000, ge=1, description="events handled per batch")
     batch_within: float = Field(0.2, gt=0, description="seconds to wait for a batch to fill")
-    tick_interval: float = Field(10.0, gt=0, description="seconds between stall checks (a timed step of the batch loop) and partials")
+    tick_interval: float = Field(
+        10.0, gt=0, description="seconds between stall checks (a step of the batch loop) and partials",
+    )
     stall_alerts_per_tick: int = Field(
         200, ge=1, description="most deal.stalled alerts one partition raises per tick (more wait a tick)",
     )
