@@ -9,8 +9,8 @@ production classes in this process according to ``FAULT_*`` variables, then runs
 - ``FAULT_CRASH_BEFORE_ALERTS=1``: exit 137 when a batch's alerts are about to be produced;
 - ``FAULT_SLOW_FLUSHES=N`` and ``FAULT_SLOW_FLUSH_SECONDS=S``: the first N flushes with table
   writes wait S seconds before the fence (a slow worker);
-- ``FAULT_HOLD_SENDS_SECONDS=S``: the first changelog record produced waits S seconds inside the
-  producer's ``send``, after every check of the worker's (a send held on its way to the
+- ``FAULT_HOLD_SENDS_SECONDS=S``: the first records produced with a deals changelog write wait S
+  seconds inside the producer, after every check of the worker's (sends held on their way to the
   broker);
 - ``FAULT_SLOW_RECOVERY_SECONDS=S``: each table's recovery completion is held S seconds or until
   a revoke (Faust runs table callbacks as tasks of their own, so a revoke does not cancel them).
@@ -26,11 +26,10 @@ from collections.abc import Callable
 
 import faust
 from aiokafka.errors import KafkaError
-from faust.transport.drivers.aiokafka import Producer
 
 from streams.tools import cli
 from streams.worker.loop import is_position_key
-from streams.worker.outbox import Outbox
+from streams.worker.outbox import BatchProducer, Outbox
 from streams.worker.tables import FoldedTable
 
 log = logging.getLogger("funnel_kpi.faults")
@@ -115,17 +114,18 @@ def _held_sends() -> None:
     hold = [_number("FAULT_HOLD_SENDS_SECONDS")]
     if not hold[0]:
         return
-    real = Producer.send
+    real = BatchProducer.produce
 
-    async def send(self: Producer, topic: str, key, value, *args, **kwargs):
-        if hold[0] and topic.endswith("-deals-changelog") and value:
+    async def produce(self: BatchProducer, records: list):
+        if hold[0] and any(topic.endswith("-deals-changelog") and value
+                           for topic, _, value, _, _ in records):
             seconds, hold[0] = hold[0], 0
             log.warning("fault: holding the sends of a batch for %.0f s", seconds)
             await asyncio.sleep(seconds)
             log.warning("fault: sending the held batch")
-        return await real(self, topic, key, value, *args, **kwargs)
+        return await real(self, records)
 
-    Producer.send = send
+    BatchProducer.produce = produce
 
 
 def _slow_recovery() -> None:

@@ -39,7 +39,7 @@ from streams.kafka import topics
 from streams.kafka.settings import Settings
 from streams.worker import faust_patches
 from streams.worker.loop import BatchLoop, is_position_key, position_key
-from streams.worker.outbox import Outbox
+from streams.worker.outbox import BatchProducer, Outbox
 from streams.worker.publisher import KpiPublisher, encode_partial
 from streams.worker.step import BatchStep, send_alert
 from streams.worker.tables import FoldedTable, RawTable
@@ -132,6 +132,7 @@ class FunnelWorker:
                                 self.metrics.sink_errors.labels("redis").inc)
                       if settings.redis_url else None)
         self.app = _faust_app(settings)
+        self.producer = BatchProducer(settings.broker)
         self.ready_generation: dict[str, int | None] = dict.fromkeys(RECOVERED_TABLES)
         self.broker_answered_at = time.monotonic()
         self.metrics.broker_ack_age.set_function(lambda: time.monotonic() - self.broker_answered_at)
@@ -176,6 +177,7 @@ class FunnelWorker:
         ))
         self.publisher_state = add(RawTable(self.app, settings, name="publisher", partitions=1))
         self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.on_before_shutdown.connect(self._stop_producer)
 
     def _declare_agents(self) -> None:
         app = self.app
@@ -267,6 +269,9 @@ class FunnelWorker:
         self.metrics.publisher.set(0)
         self.publisher.revoked()
 
+    async def _stop_producer(self, app: faust.App, **_: Any) -> None:
+        await self.producer.stop()
+
     def _scan_partitions(self, partitions: frozenset[int] | None) -> Iterator[tuple[str, bytes]]:
         """Every stored deal of the given partitions, of all with None (erasures, undoing a
         failed batch: a full scan)."""
@@ -286,7 +291,7 @@ class FunnelWorker:
         self.metrics.sink_errors.labels(sink).inc()
 
     def _outbox(self) -> Outbox:
-        return Outbox(self.app, self._sink_error, self._broker_answered)
+        return Outbox(self.producer, self._sink_error, self._broker_answered)
 
     def _broker_answered(self) -> None:
         self.broker_answered_at = time.monotonic()

@@ -2,11 +2,12 @@
 and acknowledged before the stores take the table writes.
 
 Faust's own table path sends each changelog record through a 100-message buffer that throttles
-the stream one message at a time; here the whole batch goes to the producer at once (which
-batches by partition). Changelog records keep Faust's format (raw key/value on
-``<app>-<table>-changelog``, the partition of the record they come from), so recovery and
-standby replicas work as usual; acknowledged writes reach the store the way recovery applies a
-changelog (``Store.apply_changelog_batch``), which also moves RocksDB's persisted offsets.
+the stream one message at a time; here a flush fills one aiokafka batch per partition and awaits
+one acknowledgement per batch (an awaited ``send`` per record cost more CPU than the record's
+domain work). Changelog records keep Faust's format (raw key/value on ``<app>-<table>-changelog``,
+the partition of the record they come from), so recovery and standby replicas work as usual;
+acknowledged writes reach the store the way recovery applies a changelog
+(``Store.apply_changelog_batch``), which also moves RocksDB's persisted offsets.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from faust.types import TP
+
+from processors.deals import kafka_partition
+from streams.kafka import client as kafka_client
 
 log = logging.getLogger("funnel_kpi.outbox")
 Headers = list[tuple[str, bytes]]
@@ -47,10 +53,75 @@ def _identity(value: Any) -> Any:
     return value
 
 
+class BatchProducer:
+    """One producer for the worker's outboxes, started on first use; records go out in one
+    batch per topic partition (a keyed record without a partition gets Kafka's default
+    partitioner's: murmur2 of the key)."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.broker_url = broker_url
+        self._producer: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()
+        self._counts: dict[str, int] = {}
+
+    async def _started(self) -> AIOKafkaProducer:
+        async with self._starting:
+            if self._producer is None:
+                producer = AIOKafkaProducer(**kafka_client.client_args(self.broker_url), acks="all",
+                                            linger_ms=5, max_batch_size=1 << 20)
+                await producer.start()
+                self._producer = producer
+        return self._producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def _partition(self, producer: AIOKafkaProducer, topic: str, key: bytes | None,
+                         index: int) -> int:
+        count = self._counts.get(topic)
+        if count is None:
+            count = self._counts[topic] = len(await producer.partitions_for(topic))
+        return kafka_partition(key, count) if key is not None else index % count
+
+    async def produce(self, records: list[tuple[str, bytes | None, bytes | None, int | None,
+                                                 Headers | None]]) -> list[Any]:
+        """Each record's ``(topic, partition, offset)``, or the exception that failed its batch."""
+        producer = await self._started()
+        open_batches: dict[tuple[str, int], tuple[Any, list[tuple[int, int]]]] = {}
+        sent: list[tuple[asyncio.Future, str, int, list[tuple[int, int]]]] = []
+        for index, (topic, key, value, partition, headers) in enumerate(records):
+            if partition is None:
+                partition = await self._partition(producer, topic, key, index)
+            while True:
+                batch, members = open_batches.get((topic, partition)) or (producer.create_batch(), [])
+                open_batches[(topic, partition)] = (batch, members)
+                appended = batch.append(key=key, value=value, timestamp=None, headers=headers or [])
+                if appended is not None:
+                    members.append((index, appended.offset))
+                    break
+                if not members:
+                    raise KafkaError(f"a record of {len(value or b'')} bytes does not fit a batch")
+                del open_batches[(topic, partition)]  # full: send it, start another
+                sent.append((await producer.send_batch(batch, topic, partition=partition), topic,
+                             partition, members))
+        for (topic, partition), (batch, members) in open_batches.items():
+            sent.append((await producer.send_batch(batch, topic, partition=partition), topic,
+                         partition, members))
+        results: list[Any] = [None] * len(records)
+        acks = await asyncio.gather(*(future for future, *_ in sent), return_exceptions=True)
+        for (_, topic, partition, members), ack in zip(sent, acks, strict=True):
+            for index, relative in members:
+                results[index] = ack if isinstance(ack, BaseException) else (
+                    topic, partition, ack.offset + relative)
+        return results
+
+
 class Outbox:
-    def __init__(self, app: faust.App, on_error: Callable[[str], None],
+    def __init__(self, producer: BatchProducer, on_error: Callable[[str], None],
                  on_acked: Callable[[], None]) -> None:
-        self.app = app
+        self.producer = producer
         self.on_error = on_error
         self.on_acked = on_acked
         self.pending: list[tuple[str, bytes | None, bytes | None, int | None, Headers | None, str,
@@ -101,10 +172,9 @@ class Outbox:
     async def _produce(self, pending: list) -> set[tuple[faust.Table, int]]:
         """Send, await every acknowledgement, apply the table writes; the (table, partition)
         pairs written."""
-        producer = self.app.producer
-        futures = [await producer.send(topic, key, value, partition, None, headers)
-                   for topic, key, value, partition, headers, _, _ in pending]
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await self.producer.produce(
+            [(topic, key, value, partition, headers)
+             for topic, key, value, partition, headers, _, _ in pending])
         failed = None
         for (_, _, _, _, _, sink, _), result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
@@ -116,8 +186,8 @@ class Outbox:
         by_table: dict[faust.Table, list[_Written]] = {}
         for (_, key, value, _, _, _, table), result in zip(pending, results, strict=True):
             if table is not None:
-                by_table.setdefault(table, []).append(
-                    _Written(key, value, TP(result.topic, result.partition), result.offset))
+                topic, partition, offset = result
+                by_table.setdefault(table, []).append(_Written(key, value, TP(topic, partition), offset))
         for table, written in by_table.items():
             table.data.apply_changelog_batch(written, _identity, _identity)
         return {(table, item.partition) for table, written in by_table.items() for item in written}
