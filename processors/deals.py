@@ -8,41 +8,24 @@ of the speed comes from.
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import msgspec
 import orjson
 from aiokafka.partitioner import murmur2
 
-from models.aggregates import (
-    ALERTED_BYTE,
-    NOTHING,
-    OPEN_DEAL,
-    WON_REVENUE,
-    Contribution,
-    deal_contribution,
-    open_stay,
-    stalled_before,
-)
+from models.aggregates import NOTHING, WON_REVENUE, Contribution, deal_contribution, open_stay
 from models.alerts import Alert, stall_alert
 from models.config import FunnelConfig
-from models.deal import (
-    Deal,
-    Field,
-    Outcome,
-    apply_change,
-    decode_deal,
-    encode_deal,
-    erased_name,
-)
+from models.deal import Deal, Outcome, apply_change, decode_deal, encode_deal
 from models.event import MIN_OCCURRED_MS, Change, RejectedEvent, decode_event
 from processors.clock import EventClock
+from processors.erasure import pseudonym_of, pseudonymise
 from processors.folds import PartitionFolds
 from processors.records import Record, Rejection
+from processors.stalls import crossed_stalls
 
 MAX_CREDITED_ACCOUNTS = 4
 Load = Callable[[str], bytes | None]
@@ -51,37 +34,6 @@ Load = Callable[[str], bytes | None]
 def kafka_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2) gives a key."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
-pseudonym_of = lru_cache(maxsize=1 << 16)(erased_name)  # names repeat: reps and accounts
-
-
-def erasure_pseudonym(record: Record) -> str | None:
-    """The pseudonym a ``funnel.erasures`` request carries (None: not a request)."""
-    try:
-        pseudonym = orjson.loads(record.value or b"null")["pseudonym"]
-    except (orjson.JSONDecodeError, TypeError, KeyError):
-        return None
-    return pseudonym if isinstance(pseudonym, str) and pseudonym.startswith("erased:") else None
-
-
-def pseudonymise(deal: Deal, erased: set[str]) -> list[str] | None:
-    """Replace each owner and account of the deal whose pseudonym is in ``erased`` by it: None
-    when none was found, else the credited accounts replaced (their credits move)."""
-    found = False
-    for i, (ts, event_id, owner) in enumerate(deal.owners):
-        if pseudonym_of(owner) in erased:
-            deal.owners[i] = (ts, event_id, pseudonym_of(owner))
-            found = True
-    account = deal.account
-    if account is not None and isinstance(account.value, str) and pseudonym_of(account.value) in erased:
-        deal.account = Field(pseudonym_of(account.value), account.ts, account.event_id)
-        found = True
-    replaced = [name for name in deal.credited_accounts if pseudonym_of(name) in erased]
-    if replaced:
-        deal.credited_accounts = [pseudonym_of(name) if name in replaced else name
-                                  for name in deal.credited_accounts]
-    return replaced if found or replaced else None
 
 
 @dataclass(slots=True)
@@ -338,21 +290,8 @@ class DealProcessor:
         if fold is None:
             return
         now = self.clock.now_ms()
-        crossed = []
-        for (pl, stage, _), group in fold.open_deals.items():
-            stall_after = self.config.pipelines[pl].by_name[stage].stall_after
-            if stall_after is None:
-                continue
-            before = stalled_before(now, stall_after)
-            for deal_id, packed in group.items():
-                if packed[ALERTED_BYTE]:  # raised already (most stalled deals): skip unpacking
-                    continue
-                entered = OPEN_DEAL.unpack(packed)[0]
-                if entered < before:
-                    crossed.append((entered, deal_id, pl, stage, stall_after))
-        if len(crossed) > self.max_stalls_per_check:
-            crossed = heapq.nsmallest(self.max_stalls_per_check, crossed)
-        for entered, deal_id, pl, stage, stall_after in crossed:
+        for entered, deal_id, pl, stage, stall_after in crossed_stalls(
+                fold, self.config, now, self.max_stalls_per_check):
             state = touched.get(deal_id)
             deal = state.deal if state else decode_deal(load(deal_id))  # type: ignore[arg-type]
             before = deal_contribution(deal, self.config)

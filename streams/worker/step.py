@@ -16,7 +16,8 @@ import orjson
 
 from models.alerts import Alert
 from processors.customers import CustomerProcessor
-from processors.deals import DealBatch, DealProcessor, erasure_pseudonym
+from processors.deals import DealBatch, DealProcessor
+from processors.erasure import erasure_pseudonym
 from processors.records import Rejection
 from sinks.prometheus import ProcessMetrics
 from sinks.redis import RedisSink
