@@ -34,10 +34,10 @@ from processors.records import Record
 from sinks.prometheus import REJECTION_REASONS, SINKS, ProcessMetrics, WorkerKpiCollector, current_partitions
 from sinks.redis import RedisSink
 from streams.http.api import SnapshotFeed, register_api
-from streams.kafka import client as kafka_client
 from streams.kafka import topics
 from streams.kafka.settings import Settings
 from streams.worker import faust_patches
+from streams.worker.faust_app import faust_app
 from streams.worker.loop import BatchLoop, is_position_key, position_key
 from streams.worker.outbox import BatchProducer, Outbox
 from streams.worker.publisher import KpiPublisher, encode_partial
@@ -55,38 +55,6 @@ try:
     VERSION = version("funnel-kpi")
 except PackageNotFoundError:  # running from a source tree
     VERSION = "0.0.0+source"
-
-
-def _faust_app(settings: Settings) -> faust.App:
-    faust_patches.apply(settings.fetch_max_wait_ms)
-    heartbeat = min(3.0, settings.session_timeout / 3)
-    return faust.App(
-        settings.app_id,
-        **kafka_client.faust_args(settings.broker),
-        store=settings.store,
-        datadir=str(settings.data_dir),
-        autodiscover=False,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
-        topic_disable_leader=True,
-        table_standby_replicas=settings.standby_replicas,
-        recovery_consistency_check=settings.recovery_consistency_check,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.session_timeout,
-        broker_rebalance_timeout=settings.rebalance_timeout,
-        broker_heartbeat_interval=heartbeat,
-        broker_request_timeout=max(30.0, settings.session_timeout + 5),
-        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
-        producer_linger_ms=5,
-        web_port=settings.web_port,
-        web_bind=settings.web_bind,
-        web_stats_enabled=False,
-        web_graph_enabled=False,
-        web_tables_enabled=False,
-        web_router_enabled=False,
-        web_metrics_enabled=False,
-        logging_config=None,
-    )
 
 
 def _records(events: list[Any]) -> list[Record]:
@@ -131,7 +99,7 @@ class FunnelWorker:
         self.redis = (RedisSink(settings.redis_url.get_secret_value(),
                                 self.metrics.sink_errors.labels("redis").inc)
                       if settings.redis_url else None)
-        self.app = _faust_app(settings)
+        self.app = faust_app(settings)
         self.producer = BatchProducer(settings.broker)
         self.ready_generation: dict[str, int | None] = dict.fromkeys(RECOVERED_TABLES)
         self.broker_answered_at = time.monotonic()
