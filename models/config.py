@@ -206,7 +206,14 @@ class FunnelConfig(_Strict):
         """
         if stage in self.pipelines[pipeline].by_name:
             return stage
-        target = self.stage_maps.get(source or "", {}).get(pipeline, {}).get(stage)
+        # As .get(source or "", {}).get(pipeline, {}).get(stage), without the two empty dicts
+        # (this runs for every event whose stage is mapped).
+        target = None
+        per_pipeline = self.stage_maps.get(source or "")
+        if per_pipeline is not None:
+            mapping = per_pipeline.get(pipeline)
+            if mapping is not None:
+                target = mapping.get(stage)
         if target is None:
             raise KeyError(
                 f"stage {stage!r} from source {source!r} is not a stage of pipeline "

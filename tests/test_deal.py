@@ -1,10 +1,14 @@
 """The deal state machine (docs/design.md §2): every case, in every arrival order."""
 
+import bisect
 import itertools
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from models import aggregates as agg
 from models.aggregates import (
     CLOSED,
     OPEN,
@@ -17,7 +21,18 @@ from models.aggregates import (
     deal_contribution,
 )
 from models.config import load_config
-from models.deal import Deal, Outcome, apply_change, decode_deal, encode_deal
+from models.deal import (
+    MAX_HISTORY,
+    MAX_OWNERS,
+    RECENT_IDS,
+    SAME_CHANGE_MS,
+    Deal,
+    Field,
+    Outcome,
+    apply_change,
+    decode_deal,
+    encode_deal,
+)
 from models.event import Change
 
 CONFIG = load_config()
@@ -229,3 +244,387 @@ def test_versions_are_stored_once_and_deals_in_the_first_format_still_read():
         [], None,
     ])
     assert decode_deal(first_format) == deal
+
+
+# ---------------------------------------------------------------------------------------------
+# The hot path was rewritten for speed (bench/domain.py): the state machine, contributions, the
+# fold and the stored format must give exactly what the straightforward versions below (as they
+# were before) give, for any deal.
+
+HOUR = 3_600_000
+STAGES = ("lead", "mql", "sql", "opportunity", "won", "lost", "nope")  # "nope": in no pipeline
+
+
+def _reference_insert(entries, entry, cap):
+    i = bisect.bisect_left(entries, entry)
+    if i < len(entries) and entries[i][0] == entry[0] and entries[i][1] == entry[1]:
+        return False
+    ts, _, value = entry
+    twins = [j for j in (i - 1, i) if 0 <= j < len(entries)
+             and entries[j][2] == value and abs(entries[j][0] - ts) <= SAME_CHANGE_MS]
+    if twins:
+        latest = max(entry, *(entries[j] for j in twins))
+        if latest is not entry and len(twins) == 1:
+            return False
+        for j in reversed(twins):
+            del entries[j]
+        entry = latest
+        i = bisect.bisect_left(entries, entry)
+    entries.insert(i, entry)
+    if len(entries) > cap:
+        del entries[1]
+    return True
+
+
+def _reference_apply_change(deal, change, stage, *, stage_ignored):
+    ts, eid = change.ts, change.event_id
+    held = [deal.recent_ids, [e[1] for e in deal.history], [e[1] for e in deal.owners],
+            [f.event_id for f in (deal.pipeline, deal.amount, deal.currency, deal.account,
+                                  deal.expected_close_at, deal.deleted) if f is not None]]
+    if any(eid in ids for ids in held):
+        return Outcome.DUPLICATE
+    changed = False
+    for name in ("pipeline", "amount", "currency", "account", "expected_close_at", "deleted"):
+        value = getattr(change, name)
+        if value is None:
+            continue
+        current = getattr(deal, name)
+        if current is None or (current.ts, current.event_id) < (ts, eid):
+            setattr(deal, name, Field(value, ts, eid))
+            changed = True
+    if change.owner is not None:
+        changed |= _reference_insert(deal.owners, (ts, eid, change.owner), MAX_OWNERS)
+    if stage is not None:
+        changed |= _reference_insert(deal.history, (ts, eid, stage), MAX_HISTORY)
+    deal.recent_ids.append(eid)
+    if len(deal.recent_ids) > RECENT_IDS:
+        del deal.recent_ids[0]
+    if changed:
+        return Outcome.ACCEPTED
+    return Outcome.IGNORED if stage_ignored else Outcome.STALE
+
+
+def _reference_contribution(deal, config):
+    pl = deal.value("pipeline") or "default"
+    pipeline = config.pipelines.get(pl)
+    if deal.value("deleted") or pipeline is None:
+        return ()
+    stays, last = [], None
+    for ts, _, stage in deal.history:
+        if stage != last and stage in pipeline.by_name:
+            stays.append((ts, stage))
+            last = stage
+    if not stays:
+        return ()
+    items = []
+    entered, stage_name = stays[-1]
+    stage = pipeline.by_name[stage_name]
+    amount = agg.to_micro(deal.value("amount"))
+    currency = deal.value("currency") or config.default_currency
+    if stage.is_open:
+        items.append((agg.OPEN, (pl, stage_name), 1))
+        items.append((agg.OPEN_VALUE, (pl, stage_name, currency), amount))
+        items.append((agg.OPEN_DEALS, (pl, stage_name, currency, entered, deal.deal_id,
+                                       deal.stall_alert == [stage_name, entered],
+                                       deal.value("expected_close_at")), amount))
+    else:
+        outcome, cycle, hour = stage.outcome, entered - stays[0][0], entered // HOUR
+        items += [(agg.CLOSED, (pl, outcome), 1), (agg.CLOSED_W, (pl, outcome, hour), 1),
+                  (agg.TIME_TO_CLOSE, (pl, outcome), cycle),
+                  (agg.TIME_TO_CLOSE_W, (pl, outcome, hour), cycle)]
+        if outcome == "won":
+            owner = deal.owner_at(entered) or ""
+            items += [(agg.WON_REVENUE, (pl, currency), amount),
+                      (agg.WON_REVENUE_W, (pl, currency, hour), amount),
+                      (agg.WON_VALUE, (pl, currency), amount),
+                      (agg.REP_WON, (pl, owner, currency), amount)]
+    reached_at = []
+    for ts, name in stays:
+        level = pipeline.open_index.get(name)
+        if level is not None:
+            while len(reached_at) <= level:
+                reached_at.append(ts)
+    for level, ts in enumerate(reached_at):
+        name = pipeline.open_stages[level].name
+        items += [(agg.REACHED, (pl, name), 1), (agg.REACHED_W, (pl, name, ts // HOUR), 1)]
+    for (start, name), (end, _) in itertools.pairwise(stays):
+        items.append((agg.STAGE_DURATION, (pl, name), end - start))
+    return tuple(items)
+
+
+def _reference_encode(deal):
+    refs, versions, fields = {}, [], []
+    for current in (deal.pipeline, deal.amount, deal.currency, deal.account,
+                    deal.expected_close_at, deal.deleted):
+        if current is None:
+            fields.append(None)
+            continue
+        if current.event_id not in refs:
+            refs[current.event_id] = len(refs)
+            versions += (current.ts, current.event_id)
+        fields.append([current.value, refs[current.event_id]])
+    entries = []
+    for ts, eid, value in deal.history + deal.owners:
+        if eid not in refs:
+            refs[eid] = len(refs)
+            versions += (ts, eid)
+        entries.append([refs[eid], value])
+    cut = len(deal.history)
+    return orjson.dumps([2, deal.deal_id, deal.partition, versions, *fields, entries[:cut],
+                         entries[cut:], [refs.get(eid, eid) for eid in deal.recent_ids],
+                         deal.credited_accounts, deal.stall_alert])
+
+
+def _events(draw_ids):
+    """Changes on one deal, any order: few ids and close times, so duplicates, ties, stale
+    values and twins (same value within SAME_CHANGE_MS) all happen."""
+    return st.lists(st.builds(
+        lambda eid, ts, stage, pipeline, amount, currency, owner, account, expected, deleted:
+        (Change(event_id=eid, ts=ts, deal_id="d", pipeline=pipeline, amount=amount,
+                currency=currency, owner=owner, account=account, expected_close_at=expected,
+                deleted=deleted), stage),
+        st.sampled_from(draw_ids),
+        st.one_of(st.integers(0, 40) .map(lambda n: n * 4_000), st.integers(0, 200 * HOUR)),
+        st.one_of(st.none(), st.sampled_from(STAGES)),
+        st.one_of(st.none(), st.none(), st.sampled_from(("default", "lifecycle", "other"))),
+        st.one_of(st.none(), st.floats(0, 1e6, allow_nan=False), st.just(0.0)),
+        st.one_of(st.none(), st.sampled_from(("USD", "EUR"))),
+        st.one_of(st.none(), st.sampled_from(("ann", "bob"))),
+        st.one_of(st.none(), st.sampled_from(("acme", "globex"))),
+        st.one_of(st.none(), st.integers(0, 400 * HOUR)),
+        st.one_of(st.none(), st.none(), st.booleans()),
+    ), max_size=40)
+
+
+EVENT_IDS = [f"e{i}" for i in range(30)]
+
+
+def _played(changes, apply_fn=apply_change):
+    deal = Deal("d", 1)
+    outcomes = [apply_fn(deal, change, stage, stage_ignored=False) for change, stage in changes]
+    return deal, outcomes
+
+
+@settings(max_examples=300, deadline=None)
+@given(_events(EVENT_IDS))
+def test_state_machine_matches_the_straightforward_one(changes):
+    deal, outcomes = _played(changes)
+    reference, expected = _played(changes, _reference_apply_change)
+    assert outcomes == expected
+    assert deal == reference
+    assert all(deal.has_seen(change.event_id) == any(
+        change.event_id in ids for ids in (reference.recent_ids, [e[1] for e in reference.history],
+                                           [e[1] for e in reference.owners]))
+        or change.event_id in [f.event_id for f in (reference.pipeline, reference.amount,
+                                                   reference.currency, reference.account,
+                                                   reference.expected_close_at,
+                                                   reference.deleted) if f is not None]
+        for change, _ in changes)
+
+
+def test_caps_on_owners_history_and_recent_ids_match_the_straightforward_one():
+    changes = [(Change(event_id=f"e{i}", ts=i * 20_000, deal_id="d", owner=f"o{i % 3}"),
+                STAGES[i % 4]) for i in range(150)]
+    deal, outcomes = _played(changes)
+    reference, expected = _played(changes, _reference_apply_change)
+    assert outcomes == expected and deal == reference
+    assert len(deal.owners) == MAX_OWNERS and len(deal.history) == MAX_HISTORY
+
+
+@settings(max_examples=300, deadline=None)
+@given(_events(EVENT_IDS), st.one_of(st.none(), st.sampled_from(STAGES)), st.integers(0, 3))
+def test_contribution_matches_the_straightforward_one(changes, alerted_stage, pick):
+    deal, _ = _played(changes)
+    if alerted_stage is not None and deal.history:  # an alert for a stay, current or not
+        deal.stall_alert = [alerted_stage, deal.history[pick % len(deal.history)][0]]
+    assert deal_contribution(deal, CONFIG) == _reference_contribution(deal, CONFIG)
+    pl, stays = agg.stays_of(deal, CONFIG)
+    reference = _reference_contribution(deal, CONFIG)
+    open_items = [key for family, key, _ in reference if family == agg.OPEN_DEALS]
+    assert agg.open_stay(deal, CONFIG) == ([open_items[0][1], open_items[0][3]] if open_items
+                                           else None)
+    assert pl == (deal.value("pipeline") or "default")
+    assert not reference or stays[-1][0] == (open_items[0][3] if open_items else stays[-1][0])
+
+
+def test_contribution_follows_a_copied_config():
+    """Plans are kept per config: a copy with other stages gets its own."""
+    deal, _ = play([ev("a", 0, stage="lead"), ev("b", 1, stage="mql")])
+    assert values(deal, REACHED) == {("default", "lead"): 1, ("default", "mql"): 1}
+    doc = CONFIG.model_dump()
+    doc["pipelines"]["default"]["stages"] = [
+        stage for stage in doc["pipelines"]["default"]["stages"] if stage["name"] != "mql"]
+    doc["stage_maps"] = {}
+    other = type(CONFIG).model_validate(doc)
+    assert deal_contribution(deal, other) == _reference_contribution(deal, other)
+    assert {k for f, k, _ in deal_contribution(deal, other) if f == REACHED} == {
+        ("default", "lead")}
+    assert values(deal, REACHED) == {("default", "lead"): 1, ("default", "mql"): 1}
+
+
+@settings(max_examples=300, deadline=None)
+@given(_events(EVENT_IDS), st.lists(st.sampled_from(("acme", "x")), max_size=3),
+       st.one_of(st.none(), st.just(["lead", 5])), st.integers(-1, 7))
+def test_stored_format_is_byte_for_byte_the_same(changes, credited, alert, partition):
+    deal, _ = _played(changes)
+    deal.credited_accounts, deal.stall_alert, deal.partition = credited, alert, partition
+    raw = encode_deal(deal)
+    assert raw == _reference_encode(deal)
+    assert decode_deal(raw) == deal
+    longer = orjson.dumps([*orjson.loads(raw), "a field of a later build"])
+    assert decode_deal(longer) == deal  # read as before: by position, extra ignored
+
+
+def test_deal_and_field_read_and_compare_as_the_dataclasses_did():
+    deal, _ = play([ev("a", 0, stage="lead", amount=1.5)])
+    assert repr(deal) == (
+        "Deal(deal_id='d', partition=-1, pipeline=None, amount=Field(value=1.5, ts=0, "
+        "event_id='a'), currency=None, account=None, expected_close_at=None, deleted=None, "
+        "history=[(0, 'a', 'lead')], owners=[], recent_ids=['a'], credited_accounts=[], "
+        "stall_alert=None)")
+    assert Deal("d") == Deal("d", -1) != Deal("e")
+    assert Field(1, 2, "x") == Field(value=1, ts=2, event_id="x") != Field(1, 2, "y")
+    with pytest.raises(TypeError):
+        hash(Deal("d"))
+    with pytest.raises(AttributeError):
+        Deal("d").colour = "red"  # type: ignore[attr-defined]
+
+
+# The fold: replace leaves alone what before and after share; apply and the kept window sums
+# must still give what taking everything out and putting everything in gives.
+
+NOW_HOUR = 150
+WINDOW_RANGES = (("7d", NOW_HOUR - 20), ("30d", NOW_HOUR - 80), ("90d", NOW_HOUR - 140))
+PERIOD_RANGES = (("month", NOW_HOUR - 50), ("year", 0), ("month", NOW_HOUR - 10))  # name twice
+
+
+def _watched_fold():
+    """A fold whose hourly families are kept summed per range, as after a scrape."""
+    fold = agg.Fold()
+    for family in sorted(agg.HOURLY):
+        fold.hourly_sums(family, WINDOW_RANGES, NOW_HOUR)
+    fold.hourly_sums(agg.WON_REVENUE_W, PERIOD_RANGES, NOW_HOUR)
+    return fold
+
+
+def _plain(fold):
+    """Everything a fold exports, as comparable data (window sums included)."""
+    windows = {}
+    for family in sorted(agg.HOURLY):
+        for ranges in (WINDOW_RANGES, PERIOD_RANGES):
+            sums = fold.hourly_sums(family, ranges, NOW_HOUR)
+            windows[family, ranges] = {
+                name: {labels: (value if isinstance(value, int)
+                                else (list(value.counts), value.count, value.total))
+                       for labels, value in part.items()}
+                for name, part in sums.items()}
+    return fold.snapshot(), windows
+
+
+def _sums_from_buckets(fold, family, ranges):
+    """The window sums read straight from every hour bucket (what a scrape did before)."""
+    out = {name: {} for name, _ in ranges}
+    if family in agg.HISTOGRAMS:
+        for key, hist in fold.hists.get(family, {}).items():
+            for name, first in ranges:
+                if first <= key[-1] <= NOW_HOUR:
+                    agg.hist_of(out[name], key[:-1], len(hist.counts)).add(hist)
+        return {name: {labels: (h.counts, h.count, h.total) for labels, h in part.items()}
+                for name, part in out.items()}
+    for key, value in fold.counters.get(family, {}).items():
+        for name, first in ranges:
+            if first <= key[-1] <= NOW_HOUR:
+                out[name][key[:-1]] = out[name].get(key[:-1], 0) + value
+    return {name: {labels: v for labels, v in part.items() if v} for name, part in out.items()}
+
+
+deals_strategy = st.lists(_events(EVENT_IDS), min_size=1, max_size=6)
+
+
+def _contributions(deal_changes):
+    out = []
+    for i, changes in enumerate(deal_changes):
+        deal, _ = _played([(msgspec_replace(change, deal_id=f"d{i}"), stage)
+                           for change, stage in changes])
+        deal.deal_id = f"d{i}"
+        out.append(deal_contribution(deal, CONFIG))
+    return out
+
+
+def msgspec_replace(change, **fields):
+    import msgspec
+
+    return msgspec.structs.replace(change, **fields)
+
+
+@settings(max_examples=200, deadline=None)
+@given(deals_strategy, _events(EVENT_IDS), st.booleans())
+def test_replace_equals_taking_all_out_and_putting_all_in(deal_changes, more, watched):
+    """Each deal moves from an earlier state (a prefix of its events) to a later one."""
+    contributions = _contributions(deal_changes)
+    later = _contributions([changes + more for changes in deal_changes])
+    diffed = _watched_fold() if watched else agg.Fold()
+    whole = _watched_fold() if watched else agg.Fold()
+    for contribution in contributions:
+        diffed.apply(contribution, 1)
+        whole.apply(contribution, 1)
+    for before, after in zip(contributions, later, strict=True):
+        diffed.replace(before, after)
+        whole.apply(before, -1)
+        whole.apply(after, 1)
+    assert _plain(diffed) == _plain(whole)
+    assert _plain(diffed) == _plain(agg.Fold.of(later))
+    _assert_kept_sums_are_the_buckets_sums(diffed)
+
+
+items_strategy = st.lists(st.tuples(
+    st.sampled_from((agg.REACHED, agg.REACHED_W, agg.STAGE_DURATION, agg.TIME_TO_CLOSE_W)),
+    st.sampled_from(("a", "b")), st.integers(NOW_HOUR - 150, NOW_HOUR + 2),
+    st.integers(0, 3) .map(lambda n: n * DAY)), max_size=12)
+
+
+def _items(drawn):
+    return tuple((family, ("p", label, hour) if family in agg.HOURLY else ("p", label), value)
+                 for family, label, hour, value in drawn)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(items_strategy, max_size=4), items_strategy, items_strategy)
+def test_replace_of_repeated_items_is_a_multiset_difference(others, before, after):
+    """Items may repeat (a stage stayed in twice for as long): each copy counts."""
+    before, after = _items(before), _items(after)
+    diffed, whole = _watched_fold(), _watched_fold()
+    for fold in (diffed, whole):
+        for contribution in [*map(_items, others), before]:
+            fold.apply(contribution, 1)
+    diffed.replace(before, after)
+    whole.apply(before, -1)
+    whole.apply(after, 1)
+    assert _plain(diffed) == _plain(whole)
+    _assert_kept_sums_are_the_buckets_sums(diffed)
+
+
+def _assert_kept_sums_are_the_buckets_sums(fold):
+    for family in sorted(agg.HOURLY):
+        for ranges in (WINDOW_RANGES, PERIOD_RANGES):
+            kept = _plain(fold)[1][family, ranges]
+            assert {name: {k: (list(v[0]), v[1], v[2]) if isinstance(v, tuple) else v
+                           for k, v in part.items()} for name, part in kept.items()} == {
+                name: {k: (list(v[0]), v[1], v[2]) if isinstance(v, tuple) else v
+                       for k, v in part.items()}
+                for name, part in _sums_from_buckets(fold, family, ranges).items()}
+
+
+def test_a_reopened_deal_leaves_no_empty_histogram_in_the_window_sums():
+    fold = _watched_fold()
+    won, _ = play([ev("a", 0, stage="lead"), ev("b", 145 * HOUR / DAY, stage="won")])
+    closed = deal_contribution(won, CONFIG)
+    fold.apply(closed, 1)
+    assert fold.hourly_sums(agg.TIME_TO_CLOSE_W, WINDOW_RANGES, NOW_HOUR)["7d"]
+    apply(won, ev("c", 146 * HOUR / DAY, stage="opportunity"))
+    fold.replace(closed, deal_contribution(won, CONFIG))
+    assert fold.hourly_sums(agg.TIME_TO_CLOSE_W, WINDOW_RANGES, NOW_HOUR) == {
+        "7d": {}, "30d": {}, "90d": {}}
+    assert fold.hourly_sums(agg.CLOSED_W, WINDOW_RANGES, NOW_HOUR) == {
+        "7d": {}, "30d": {}, "90d": {}}
+    _assert_kept_sums_are_the_buckets_sums(fold)

@@ -1,6 +1,7 @@
 """Canonical event v1: the fast path and pydantic agree; bad input gets a clear reason."""
 
 import math
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -8,10 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from models import event as event_module
 from models.event import MAX_MESSAGE_BYTES, CrmEvent, RejectedEvent, decode_event
 
 NOW = 1_700_000_000_000
 DAY = 86_400_000
+HOUR_MS = 3_600_000
 
 
 def decode(doc, now=NOW):
@@ -131,3 +134,31 @@ def test_fast_path_and_pydantic_accept_exactly_the_same_events(doc):
         fast_ok = False
         assert exc.reason
     assert fast_ok == schema_ok
+
+
+# Timestamps are cached in a plain dict now (was functools.lru_cache): same values, errors
+# never cached, and a full cache starts over rather than growing.
+
+@settings(max_examples=300, deadline=None)
+@given(st.datetimes(timezones=st.timezones() | st.just(UTC)),
+       st.sampled_from(("seconds", "milliseconds", "microseconds")))
+def test_timestamps_parse_as_fromisoformat_and_timestamp_do(moment, timespec):
+    text = moment.isoformat(timespec=timespec)
+    try:
+        expected = int(datetime.fromisoformat(text).timestamp() * 1000)
+    except (OverflowError, ValueError):
+        return  # out of range near year 1 / 9999 in some zones: not a value to compare
+    assert event_module._parse_ts(text) == expected
+    assert event_module._parse_ts(text) == expected  # from the cache
+
+
+def test_bad_timestamps_are_refused_every_time_and_the_cache_stays_bounded():
+    for _ in range(2):
+        with pytest.raises(ValueError, match="UTC offset"):
+            event_module._parse_ts("2024-01-01T00:00:00")
+    assert "2024-01-01T00:00:00" not in event_module._PARSED
+    for i in range(event_module._PARSED_MAX + 10):
+        stamp = f"2024-01-01T00:00:00.{i:06d}Z"
+        assert event_module._parse_ts(stamp) == 1_704_067_200_000 + i // 1000
+    assert len(event_module._PARSED) <= event_module._PARSED_MAX
+    assert decode(valid(occurred_at="2023-11-14T22:13:20.123+01:00")).ts == NOW - HOUR_MS + 123
