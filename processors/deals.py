@@ -29,6 +29,8 @@ from processors.stalls import crossed_stalls
 
 MAX_CREDITED_ACCOUNTS = 4
 Load = Callable[[str], bytes | None]
+# Enum members read once: on Python 3.11 each ``Outcome.X`` goes through the enum metaclass.
+_ACCEPTED, _DUPLICATE = Outcome.ACCEPTED, Outcome.DUPLICATE
 
 
 def kafka_partition(key: bytes, partitions: int) -> int:
@@ -180,6 +182,7 @@ class DealProcessor:
         touched: dict[str, _Touched] = {}
         outcomes = batch.outcomes
         lags = batch.lags
+        labels: dict[str | None, str] = {}
         latest_ms = 0  # the stream clock moves once per batch, before anything reads it
         wall_ms = int(time.time() * 1000)
         pipelines = self.config.pipelines
@@ -228,16 +231,18 @@ class DealProcessor:
             ts = change.ts
             if ts > latest_ms and (record.timestamp is None or ts <= record.timestamp):
                 latest_ms = ts  # an event dated ahead of the broker's time never moves the clock
-            source = self.source_label(change.source)
+            source = labels.get(change.source)
+            if source is None:
+                source = labels[change.source] = self.source_label(change.source)
             outcomes[source, outcome] = outcomes.get((source, outcome), 0) + 1
-            if outcome is Outcome.ACCEPTED:
+            if outcome is _ACCEPTED:
                 source_lags = lags.get(source)
                 if source_lags is None:
                     source_lags = lags[source] = []
                 source_lags.append(wall_ms - ts)
             # A duplicate usually means a redelivery after a crash: re-write the deal and its
             # credit as they are, which heals a changelog or credit that missed the first write.
-            state.resend_credit |= outcome is Outcome.DUPLICATE
+            state.resend_credit |= outcome is _DUPLICATE
             state.write = True
         # From here on ``touched`` holds the latest version of every deal this batch changed:
         # stall checks and erasures read it and add to it, or a later one would start from the
