@@ -143,6 +143,8 @@ class DealProcessor:
     def undo(self, batch: DealBatch) -> None:
         """Take a batch's fold updates back: its writes did not reach the store, which still
         holds every deal as before the batch, so the partitions it changed are rebuilt from it."""
+        if not batch.changed:
+            return
         stored: dict[int, list[Contribution]] = {partition: [] for partition in batch.changed}
         for _, raw in self.scan(frozenset(batch.changed)):  # one pass over the store
             partition, contribution = self.contribution_of_stored(raw)

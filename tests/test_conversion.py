@@ -52,7 +52,7 @@ class Table(dict):
 
 def run(publisher, table, records, group_generation=0):
     out = publisher.process(records, table.load, group_generation)
-    for key, value, _ in out.claim + out.writes:
+    for key, value in out.claim + out.writes:
         table[key] = value
     return [(a.type, a.stage) for a in out.alerts], out
 

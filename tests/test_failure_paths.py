@@ -273,7 +273,8 @@ def test_a_batch_that_a_revoke_overtakes_writes_nothing(tmp_path):
 
         worker.deal_processor.process = revoked_meanwhile
         batch = Batch(1, {topics.EVENTS: [event("d1", 1, stage="lead")],
-                          worker.credits_topic.get_topic_name(): [], topics.ERASURES: []},
+                          worker.credits_topic.get_topic_name(): [], topics.ERASURES: [],
+                          worker.partials_topic.get_topic_name(): []},
                       {0: {topics.EVENTS: 2}}, [])
         with pytest.raises(Revoked):
             await asyncio.wait_for(worker.loop.handle(batch), 30)

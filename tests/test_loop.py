@@ -14,7 +14,8 @@ from streams.kafka.settings import Settings
 from streams.worker.loop import MAX_CHECK_LAG, Batch, BatchLoop, position_key
 from streams.worker.outbox import Revoked
 
-EVENTS, CREDITS, ERASURES = "crm.events", "app-customer-credits", "funnel.erasures"
+EVENTS, CREDITS, ERASURES, PARTIALS = ("crm.events", "app-customer-credits", "funnel.erasures",
+                                      "app-partials")
 
 
 class Consumer:
@@ -35,6 +36,9 @@ class Consumer:
     async def seek_to_beginning(self, tp) -> None:
         self.seeks[tp] = "beginning"
 
+    async def seek_to_end(self, tp) -> None:
+        self.seeks[tp] = "end"
+
     def highwater(self, tp):
         return self.highwaters.get(tp)
 
@@ -49,14 +53,14 @@ def record(topic, partition, offset):
 def loop_with(handle, stored=None, tick=3600.0):
     stored = stored or {}
     settings = Settings(tick_interval=tick, rebalance_timeout=1.0)
-    loop = BatchLoop(settings, [EVENTS, CREDITS], [ERASURES],
+    loop = BatchLoop(settings, [EVENTS, CREDITS], ERASURES, PARTIALS,
                      Gauge("lag", "lag", ["topic", "partition"], registry=CollectorRegistry()),
                      handle, lambda p: stored.get(position_key(p)), lambda: False)
     loop.consumer = Consumer()
     return loop
 
 
-def test_an_assignment_seeks_each_input_to_its_stored_position_and_the_erasures_to_the_start():
+def test_an_assignment_seeks_inputs_to_stored_positions_erasures_to_start_partials_to_end():
     async def scenario():
         loop = loop_with(None, {position_key(0): orjson.dumps({EVENTS: 7, CREDITS: 3})})
         loop.assign({0, 1}, epoch=5)
@@ -66,7 +70,7 @@ def test_an_assignment_seeks_each_input_to_its_stored_position_and_the_erasures_
     seeks = asyncio.run(scenario())
     assert seeks == {TopicPartition(EVENTS, 0): 7, TopicPartition(CREDITS, 0): 3,
                      TopicPartition(EVENTS, 1): "beginning", TopicPartition(CREDITS, 1): "beginning",
-                     TopicPartition(ERASURES, 0): "beginning"}
+                     TopicPartition(ERASURES, 0): "beginning", TopicPartition(PARTIALS, 0): "end"}
 
 
 def test_a_batch_that_went_through_moves_the_positions_and_a_failed_one_seeks_back():

@@ -1,7 +1,7 @@
 """The KPI publisher's outputs stay safe across fleets, failed writes and kills: snapshots of a
 rebuild under a new app id outrank the old fleet's, a generation is never reused, conversion-drop
 alerts are at least once with one id, and a worker adopts the stream clock only from its own
-fleet. No broker: the worker's publishing agent runs against a broker stand-in that can refuse a
+fleet. No broker: the worker's batch step runs against a broker stand-in that can refuse a
 topic or die mid-batch."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -21,7 +20,9 @@ from processors.records import Record
 from streams.http.api import SnapshotFeed
 from streams.kafka import topics
 from streams.kafka.settings import Settings
+from streams.worker.loop import Batch
 from streams.worker.publisher import KpiPublisher
+from streams.worker.step import publisher_key
 
 FLEET_HEADER = "funnel.fleet"  # a contract (docs/consuming.md): spelled out, not imported
 DROP = {("default", "mql"): {"7d": 40, "90d": 440}, ("default", "sql"): {"7d": 8, "90d": 208}}
@@ -140,41 +141,33 @@ class OutboxStandIn:
             self.broker.acknowledged[topic].append((key, value, headers or []))
 
 
-class Stream:
-    """Faust's stream of the partials topic: the given batches, then the end."""
-
-    def __init__(self, batches: list[list[bytes]]) -> None:
-        self.batches = batches
-
-    async def take_events(self, max_: int, within: float):
-        for offset, batch in enumerate(self.batches):
-            yield [SimpleNamespace(message=SimpleNamespace(key=None, value=value, topic="partials",
-                                                           partition=0, offset=offset))
-                   for value in batch]
-
-
 def start_worker(broker: BrokerStandIn, app_id: str = "fleet-a", **faults):
-    """A worker process whose publisher table is recovered from the broker's changelog."""
+    """A worker process that owns partition 0, so it publishes; its publisher state is
+    recovered from the broker's changelog of the deals table."""
     from streams.worker.app import FunnelWorker
 
     worker = FunnelWorker(Settings(app_id=app_id, partitions=1))
-    worker.publisher_state = StateTable(dict(broker.changelog))
-    outbox = OutboxStandIn(broker, worker.publisher_state, **faults)
-    worker._outbox = lambda: outbox
+    state = StateTable({key if key.startswith("\x00") else publisher_key(key): value
+                        for key, value in broker.changelog.items()})
+    worker.outbox = OutboxStandIn(broker, state, **faults)
+    worker.deals, worker.customers = state, StateTable({})
+    worker.loop.epoch = 0  # the group generation the partials below were sent in
     return worker
 
 
 def run_publisher(worker, batches: list[list[bytes]]) -> None:
-    """Each batch through the publishing agent; an agent that raises is started again by
-    Faust for the next batch (same worker, same publisher)."""
+    """Each batch of partials through the worker's batch step; a batch that fails is simply
+    followed by the next one (same worker, same publisher), as the batch loop does."""
+    step = worker._step()
+    partials_topic = worker.partials_topic.get_topic_name()
     for batch in batches:
+        records = {topics.EVENTS: [], worker.credits_topic.get_topic_name(): [], topics.ERASURES: [],
+                   partials_topic: [Record(None, value, partials_topic, 0, offset)
+                                    for offset, value in enumerate(batch)]}
         try:
-            asyncio.run(worker.kpi_publisher(Stream([batch])))
+            asyncio.run(step(Batch(0, records, {}, [])))
         except Exception:
             continue
-
-
-# -- 1. ordering across fleets ------------------------------------------------------------------
 
 
 def test_a_rebuild_under_a_new_app_id_outranks_the_old_fleets_snapshots():

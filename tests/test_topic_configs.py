@@ -25,7 +25,8 @@ def test_every_worker_topic_has_configs_and_inputs_keep_everything():
         assert topics.topic_configs(name, "funnel-kpi")
     for name in (topics.EVENTS, "crm.raw.hubspot", "crm.raw.debezium", "funnel-kpi-customer-credits"):
         assert topics.topic_configs(name, "funnel-kpi")["retention.ms"] == "-1", name
-    for name in (topics.KPIS, "funnel-kpi-deals-changelog", "funnel-kpi-publisher-changelog"):
+    for name in (topics.KPIS, topics.ERASURES, "funnel-kpi-deals-changelog",
+                 "funnel-kpi-customers-changelog"):
         assert topics.topic_configs(name, "funnel-kpi") == {"cleanup.policy": "compact"}, name
     assert topics.topic_configs(topics.DLQ)["retention.ms"] == str(30 * 86_400_000)
     with pytest.raises(KeyError, match="no configs for topic 'elsewhere'"):

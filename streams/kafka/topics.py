@@ -35,7 +35,7 @@ ALERTS = "funnel.alerts"
 ERASURES = "funnel.erasures"
 RAW_PREFIX = "crm.raw."
 RAW_SOURCES = ("hubspot", "pipedrive", "salesforce", "debezium")
-TABLES = {"deals": True, "customers": True, "publisher": False}  # partitioned?
+TABLES = ("deals", "customers")
 
 DAY_MS = 86_400_000
 # Every record kept: the topic is an input a rebuild replays (compaction would keep only a deal's
@@ -113,8 +113,7 @@ def worker_topics(app_id: str, partitions: int) -> dict[str, int]:
         EVENTS: partitions, DLQ: partitions, ALERTS: partitions, KPIS: partitions,
         credits_topic(app_id): partitions, assignment_topic(app_id): partitions, ERASURES: 1,
         partials_topic(app_id): 1,
-        **{changelog_topic(app_id, table): partitions if partitioned else 1
-           for table, partitioned in TABLES.items()},
+        **{changelog_topic(app_id, table): partitions for table in TABLES},
     }
 
 

@@ -1,13 +1,13 @@
-"""The Faust worker: wiring of the batch loop, the tables, the KPI publisher and the web views.
+"""The Faust worker: wiring of the batch loop, the tables, the partials and the web views.
 
 Flow (docs/design.md §6): ``crm.events`` and customer credits of the partitions Faust
 assigned, and ``funnel.erasures`` → the batch loop (:mod:`streams.worker.loop`) → the processors
-(:mod:`processors`) → one outbox: ``deals``/``customers`` changelogs, alerts, DLQ,
-credits re-keyed by account → per-partition folds → ``/metrics``. Every tick each worker sends
-a partial per owned partition to a one-partition topic; its owner, the KPI publisher
-(:mod:`streams.worker.publisher`), combines them into ``funnel.kpis``, conversion-drop alerts
-and Redis. Faust keeps group membership and assignment (its agent on the empty assignment
-topic anchors the co-partitioned assignment), changelog recovery, standbys, timers and the web server.
+(:mod:`processors`) → one outbox: ``deals``/``customers`` changelogs, alerts, DLQ, credits
+re-keyed by account → per-partition folds → ``/metrics``. Every tick each worker sends a partial
+per owned partition to a one-partition topic; the owner of partition 0 reads them in its batch
+loop and publishes (:mod:`streams.worker.publisher`): ``funnel.kpis``, conversion-drop alerts,
+Redis. Faust keeps group membership and assignment (its agent on the empty assignment topic
+anchors the co-partitioned assignment), changelog recovery, standbys, timers and the web server.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from models.snapshot import KpiSnapshot
 from processors.clock import EventClock
 from processors.customers import CustomerProcessor
 from processors.deals import DealProcessor
-from processors.records import Record
 from sinks.prometheus import REJECTION_REASONS, SINKS, ProcessMetrics, WorkerKpiCollector, current_partitions
 from sinks.redis import RedisSink
 from streams.http.api import SnapshotFeed, register_api
@@ -41,34 +40,19 @@ from streams.worker.faust_app import faust_app
 from streams.worker.loop import BatchLoop, is_position_key, position_key
 from streams.worker.outbox import BatchProducer, Outbox
 from streams.worker.publisher import KpiPublisher, encode_partial
-from streams.worker.step import BatchStep, send_alert
-from streams.worker.tables import FoldedTable, RawTable
+from streams.worker.step import BatchStep
+from streams.worker.tables import FoldedTable
 
 log = logging.getLogger("funnel_kpi")
 # Prometheus text format 0.0.4; aiohttp adds the charset itself.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 # /readyz says "broker unreachable" after max(3 ticks, this) seconds without a broker answer.
 BROKER_SILENCE_MIN_S = 30.0
-RECOVERED_TABLES = ("deals", "customers")
 
 try:
     VERSION = version("funnel-kpi")
 except PackageNotFoundError:  # running from a source tree
     VERSION = "0.0.0+source"
-
-
-def _records(events: list[Any]) -> list[Record]:
-    return [
-        Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
-        for e in events
-    ]
-
-
-def _reader(table: RawTable):
-    """The publisher's loader: a key of its one-partition table."""
-    def load(key: str, record: Record) -> bytes | None:
-        return table.read(key)
-    return load
 
 
 class FunnelWorker:
@@ -101,7 +85,7 @@ class FunnelWorker:
                       if settings.redis_url else None)
         self.app = faust_app(settings)
         self.producer = BatchProducer(settings.broker)
-        self.ready_generation: dict[str, int | None] = dict.fromkeys(RECOVERED_TABLES)
+        self.ready_generation: dict[str, int | None] = dict.fromkeys(topics.TABLES)
         self.broker_answered_at = time.monotonic()
         self.metrics.broker_ack_age.set_function(lambda: time.monotonic() - self.broker_answered_at)
         self.metrics.clock.set_function(lambda: self.clock.now_ms() / 1000)
@@ -109,7 +93,8 @@ class FunnelWorker:
         self._declare_tables()
         self.outbox = self._outbox()
         self.loop = BatchLoop(
-            settings, [topics.EVENTS, self.credits_topic.get_topic_name()], [topics.ERASURES],
+            settings, [topics.EVENTS, self.credits_topic.get_topic_name()], topics.ERASURES,
+            self.partials_topic.get_topic_name(),
             self.consumer_lag, self._step(), lambda p: self.deals.read(position_key(p)),
             lambda: self.outbox.producing,
         )
@@ -143,7 +128,6 @@ class FunnelWorker:
             contributions=self.customer_processor.contributions_of_stored, active=self._active,
             on_ready=self._table_ready, partitions=settings.partitions,
         ))
-        self.publisher_state = add(RawTable(self.app, settings, name="publisher", partitions=1))
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.on_before_shutdown.connect(self._stop_producer)
 
@@ -152,7 +136,6 @@ class FunnelWorker:
         # Faust assigns the tables' partitions by the topics its agents read: this one, on a
         # topic nothing is written to, anchors the co-partitioned assignment.
         app.agent(self.assignment_topic, name="assignment-anchor")(self._anchor)
-        app.agent(self.partials_topic, name="kpi-publisher")(self.kpi_publisher)
         app.timer(interval=self.settings.tick_interval)(self.tick)
         app.task(self.loop.run)
         app.task(self.follow_snapshots)
@@ -178,9 +161,10 @@ class FunnelWorker:
 
     def _step(self) -> BatchStep:
         return BatchStep(
-            deals=self.deal_processor, customers=self.customer_processor, outbox=self.outbox,
-            tables={"deals": self.deals, "customers": self.customers},
+            deals=self.deal_processor, customers=self.customer_processor, publisher=self.publisher,
+            outbox=self.outbox, tables={"deals": self.deals, "customers": self.customers},
             metrics=self.metrics, credits_topic=self.credits_topic.get_topic_name(),
+            partials_topic=self.partials_topic.get_topic_name(), fleet=self.settings.app_id,
             redis=self.redis, epoch=lambda: self.loop.epoch,
         )
 
@@ -228,7 +212,7 @@ class FunnelWorker:
         exported again, exactly once), fence the batch in flight and wait for it."""
         for table in (self.deals, self.customers):
             table.generation = None  # a recovery completing from here on is overtaken
-        self.ready_generation = dict.fromkeys(RECOVERED_TABLES)
+        self.ready_generation = dict.fromkeys(topics.TABLES)
         self.metrics.ready.set(0)
         self.deal_processor.folds.revoke_all()
         self.customer_processor.folds.revoke_all()
@@ -263,43 +247,6 @@ class FunnelWorker:
 
     def _broker_answered(self) -> None:
         self.broker_answered_at = time.monotonic()
-
-    def _batches(self, stream: faust.StreamT):
-        return stream.take_events(self.settings.batch_size, self.settings.batch_within)
-
-    async def kpi_publisher(self, stream: faust.StreamT) -> None:
-        """Partials → snapshots and conversion-drop alerts, made durable in order: a claimed
-        generation is stored before anything of it goes out (never reused for other content),
-        alerts are acknowledged before the state that remembers them (at least once; a repeat
-        has the same id), then that state and the snapshots. A failed batch leaves nothing in
-        the publisher's memory that the store may not hold; the next partials (every tick)
-        redo it."""
-        out = self._outbox()
-        fleet = [(topics.FLEET_HEADER, self.settings.app_id.encode())]
-        async for events in self._batches(stream):
-            try:
-                published = self.publisher.process(
-                    _records(events), _reader(self.publisher_state), self.app.consumer_generation_id)
-                self.metrics.publisher.set(1)
-                for key, value, record in published.claim:
-                    out.put(self.publisher_state, key, value, record.partition)
-                await out.flush()
-                for alert in published.alerts:
-                    send_alert(out, self.redis, alert)
-                await out.flush()
-                for key, value, record in published.writes:
-                    out.put(self.publisher_state, key, value, record.partition)
-                for snapshot in published.snapshots:
-                    out.send(topics.KPIS, snapshot.pipeline.encode(),
-                             snapshot.model_dump_json().encode(), sink="kpis", headers=fleet)
-                await out.flush()
-            except Exception as exc:
-                self.publisher.failed()
-                log.warning("publishing KPI snapshots failed (%r); the next partials redo it", exc)
-                continue
-            if self.redis is not None:
-                for snapshot in published.snapshots:
-                    self.redis.snapshot(snapshot)
 
     async def tick(self) -> None:
         """Publish each owned partition's partial for the KPI publisher."""

@@ -1,15 +1,16 @@
 """The one batch loop: every input that changes state goes through it.
 
 One group-less ``AIOKafkaConsumer`` reads, for each partition whose tables Faust recovered for
-this worker, ``crm.events`` and the customer credits, and the whole of ``funnel.erasures``, and
+this worker, ``crm.events`` and the customer credits, and the whole of ``funnel.erasures``; the
+owner of partition 0 also reads the partials of every partition (it is the KPI publisher). It
 hands each fetched batch — with the stall checks that are due — to the worker's ``handle``, one
 batch at a time. Where it stands in each partitioned input is stored with the state it
 produced: a position row in the ``deals`` table, written after the batch's writes are
 acknowledged, restored by table recovery, and never expired by the broker (a group's committed
 offsets of topics it does not subscribe to are deleted after ``offsets.retention.minutes``).
 The erasures are read from their beginning at every assignment (applying one again changes
-nothing). Faust keeps group membership, assignment, changelog recovery and standbys; its agents
-carry nothing whose loss matters.
+nothing), the partials from their end (only those sent since the take-over count). Faust keeps
+group membership, assignment, changelog recovery and standbys; its agents carry nothing.
 
 One assignment epoch fences everything: the consumer-group generation whose tables were
 recovered. A revoke clears it, so a batch in flight writes nothing (:class:`Revoked`), and waits
@@ -68,13 +69,14 @@ class Batch:
 
 
 class BatchLoop:
-    def __init__(self, settings: Settings, inputs: list[str], shared: list[str], lag_gauge: Gauge,
+    def __init__(self, settings: Settings, inputs: list[str], erasures: str, partials: str,
+                 lag_gauge: Gauge,
                  handle: Callable[[Batch], Awaitable[None]],
                  stored_position: Callable[[int], bytes | None],
                  producing: Callable[[], bool]) -> None:
         self.settings = settings
         self.inputs = inputs  # co-partitioned; crm.events first: its lag gates the stall checks
-        self.shared = shared  # one partition, read whole by every worker
+        self.erasures, self.partials = erasures, partials  # one partition each
         self.shared_positions: dict[str, int] = {}
         self.lag_gauge = lag_gauge
         self.handle = handle
@@ -114,6 +116,9 @@ class BatchLoop:
                 os._exit(EXIT_UNCONFIRMED_WRITES)
             log.warning("a batch still in flight at a revoke: fenced off, it writes nothing")
 
+    def _shared(self, partitions: frozenset[int]) -> list[str]:
+        return [self.erasures, self.partials] if 0 in partitions else [self.erasures]
+
     def owned(self) -> frozenset[int]:
         return self._assigned if self.epoch is not None else frozenset()
 
@@ -131,7 +136,7 @@ class BatchLoop:
             self.consumer.unsubscribe()
             return
         self.consumer.assign([TopicPartition(topic, p) for p in sorted(wanted) for topic in self.inputs]
-                             + [TopicPartition(topic, 0) for topic in self.shared])
+                             + [TopicPartition(topic, 0) for topic in self._shared(wanted)])
         for partition in wanted:
             raw = self.stored_position(partition)
             self.positions[partition] = orjson.loads(raw) if raw else {}
@@ -143,10 +148,12 @@ class BatchLoop:
     async def _seek(self, partitions: frozenset[int] | set[int]) -> None:
         """Back to the stored positions; an input never read starts at its beginning."""
         assert self.consumer is not None
-        for topic in self.shared:
+        for topic in self._shared(self._assigned):
             tp = TopicPartition(topic, 0)
             if topic in self.shared_positions:
                 self.consumer.seek(tp, self.shared_positions[topic])
+            elif topic == self.partials:
+                await self.consumer.seek_to_end(tp)
             else:
                 await self.consumer.seek_to_beginning(tp)
         for partition in partitions:
@@ -189,12 +196,12 @@ class BatchLoop:
         checks = self._checks_due()
         if not fetched and not checks:
             return
-        batch = Batch(epoch, {topic: [] for topic in self.inputs + self.shared},
+        batch = Batch(epoch, {topic: [] for topic in [*self.inputs, self.erasures, self.partials]},
                       {p: dict(self.positions.get(p, {})) for p in self._assigned}, checks)
         shared = dict(self.shared_positions)
         for tp, messages in fetched.items():
             batch.records[tp.topic].extend(messages)
-            if tp.topic in self.shared:
+            if tp.topic not in self.inputs:
                 shared[tp.topic] = messages[-1].offset + 1
             else:
                 batch.positions[tp.partition][tp.topic] = messages[-1].offset + 1

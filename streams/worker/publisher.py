@@ -70,9 +70,9 @@ class Published:
     before anything else, so a generation never goes out unless stored; ``alerts`` before the
     ``writes`` that remember them, so an alert is never remembered unless sent."""
 
-    claim: list[tuple[str, bytes, Record]]
+    claim: list[tuple[str, bytes]]
     alerts: list[Alert]
-    writes: list[tuple[str, bytes, Record]]
+    writes: list[tuple[str, bytes]]
     snapshots: list[KpiSnapshot]
 
 
@@ -149,9 +149,9 @@ class KpiPublisher:
         self.generation = int(stored) + 1 if stored else now_ms
         self.fleet = int(fleet) if fleet else now_ms
         self.sequence = 0
-        out.claim.append((GENERATION_KEY, str(self.generation).encode(), last))
+        out.claim.append((GENERATION_KEY, str(self.generation).encode()))
         if not fleet:
-            out.claim.append((FLEET_KEY, str(self.fleet).encode(), last))
+            out.claim.append((FLEET_KEY, str(self.fleet).encode()))
 
     def _merged(self, now: int) -> Samples:
         sums: dict[tuple[str, tuple], float] = {}
@@ -212,11 +212,11 @@ class KpiPublisher:
                 ident = alert_id(key, self.fleet, episode + 1)
                 out.alerts.append(self._alert("conversion.drop", check, now, ident))
                 out.writes.append((key, orjson.dumps({"id": ident, "since": now,
-                                                      "episode": episode + 1}), last))
+                                                      "episode": episode + 1})))
             elif not check.dropped and open_id is not None:
                 out.alerts.append(self._alert("conversion.recovered", check, now,
                                               alert_id(open_id, "recovered")))
-                out.writes.append((key, orjson.dumps({"episode": episode}), last))
+                out.writes.append((key, orjson.dumps({"episode": episode})))
 
     def _alert(self, kind: str, check: ConversionCheck, now: int, ident: str) -> Alert:
         return Alert(

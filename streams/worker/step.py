@@ -1,10 +1,12 @@
 """What the batch loop does with one batch: the processors' results, written all or nothing.
 
-Alerts go out and are acknowledged first, then every table write, DLQ copy and credit, then the
-position rows: a failure or a kill between them repeats the batch (at least once; alert ids are
-deterministic, table writes absolute, so a repeat changes nothing). A failure before the
-writes are acknowledged takes the deal folds back (rebuilt from the store, which still holds the
-old versions); the customer folds move only once their rows are written.
+Made durable in order: a KPI publisher's claim of a new generation first (a generation never
+goes out unless stored), then the alerts (stall and conversion-drop), then every table write,
+DLQ copy, credit and snapshot, then the position rows. A failure or a kill between them repeats
+the batch (at least once; alert ids are deterministic, table writes absolute, so a repeat
+changes nothing). A failure before the writes are acknowledged takes the deal folds back
+(rebuilt from the store, which still holds the old versions); the customer folds move only once
+their rows are written; the publisher keeps nothing the store may not hold.
 """
 
 from __future__ import annotations
@@ -18,23 +20,28 @@ from models.alerts import Alert
 from processors.customers import CustomerProcessor
 from processors.deals import DealBatch, DealProcessor
 from processors.erasure import erasure_pseudonym
-from processors.records import Rejection
+from processors.records import Record, Rejection
 from sinks.prometheus import ProcessMetrics
 from sinks.redis import RedisSink
 from streams.kafka import topics
 from streams.worker.loop import Batch, position_key
 from streams.worker.outbox import Outbox, Revoked
+from streams.worker.publisher import KpiPublisher, Published
 
 # DLQ copies of oversized messages are cut to this (brokers refuse > 1 MB by default).
 DLQ_MAX_VALUE = 64 * 1024
 
 
 class BatchStep:
-    def __init__(self, *, deals: DealProcessor, customers: CustomerProcessor, outbox: Outbox,
-                 tables: dict[str, faust.Table], metrics: ProcessMetrics, credits_topic: str,
-                 redis: RedisSink | None, epoch: Callable[[], int | None]) -> None:
+    def __init__(self, *, deals: DealProcessor, customers: CustomerProcessor, publisher: KpiPublisher,
+                 outbox: Outbox, tables: dict[str, faust.Table], metrics: ProcessMetrics,
+                 credits_topic: str, partials_topic: str, fleet: str, redis: RedisSink | None,
+                 epoch: Callable[[], int | None]) -> None:
         self.deals = deals
         self.customers = customers
+        self.publisher = publisher
+        self.partials_topic = partials_topic
+        self.fleet = [(topics.FLEET_HEADER, fleet.encode())]
         self.out = outbox
         self.tables = tables
         self.metrics = metrics
@@ -52,12 +59,15 @@ class BatchStep:
             deals = self.deals.process(batch.records[topics.EVENTS], deals_table.read,
                                        batch.stall_checks, erasures)
             customers = self.customers.process(batch.records[self.credits_topic], customers_table.read)
+            published = self._publish(batch.records[self.partials_topic], batch.epoch)
             try:
-                if deals.alerts:
-                    for alert in deals.alerts:
-                        send_alert(self.out, self.redis, alert)
-                    await self.out.flush(ours)
-                self._queue(deals)
+                for key, value in published.claim:
+                    self.out.put(deals_table, publisher_key(key), value, 0)
+                await self.out.flush(ours)
+                for alert in deals.alerts + published.alerts:
+                    send_alert(self.out, self.redis, alert)
+                await self.out.flush(ours)
+                self._queue(deals, published)
                 for key, row, partition in customers.writes:
                     self.out.put(customers_table, key, row, partition)
                 await self.out.flush(ours, trailers={
@@ -66,6 +76,7 @@ class BatchStep:
                 })
             except BaseException:
                 self.deals.undo(deals)
+                self.publisher.failed()
                 raise
         except Revoked:
             raise
@@ -74,9 +85,25 @@ class BatchStep:
             raise
         self.customers.commit(customers)
         count(self.metrics, deals)
+        if self.redis is not None:
+            for snapshot in published.snapshots:
+                self.redis.snapshot(snapshot)
 
-    def _queue(self, batch: DealBatch) -> None:
+    def _publish(self, partials: list[Record], epoch: int) -> Published:
+        """The KPI publisher's step: the owner of partition 0 reads every partition's partials."""
+        if not partials:
+            return Published([], [], [], [])
+        self.metrics.publisher.set(1)
+        load = self.tables["deals"].read
+        return self.publisher.process(partials, lambda key, record: load(publisher_key(key)), epoch)
+
+    def _queue(self, batch: DealBatch, published: Published) -> None:
         out = self.out
+        for key, value in published.writes:
+            out.put(self.tables["deals"], publisher_key(key), value, 0)
+        for snapshot in published.snapshots:
+            out.send(topics.KPIS, snapshot.pipeline.encode(), snapshot.model_dump_json().encode(),
+                     sink="kpis", headers=self.fleet)
         for deal_id, value, partition in batch.writes:
             out.put(self.tables["deals"], deal_id, value, partition)
         for rejection in batch.rejections:
@@ -98,6 +125,12 @@ class BatchStep:
             headers.append(("funnel.original.size", str(len(value)).encode()))
             value = value[:DLQ_MAX_VALUE]
         self.out.send(topics.DLQ, record.key, value, headers=headers, sink="dlq")
+
+
+def publisher_key(key: str) -> str:
+    """Where the KPI publisher's state lives: beside the deals of partition 0, whose owner is
+    the publisher (no deal id starts with NUL)."""
+    return f"\x00publisher:{key}"
 
 
 def count(metrics: ProcessMetrics, batch: DealBatch) -> None:
