@@ -51,8 +51,7 @@ class Settings(SecretFileSettings):
         datetime(2000, 1, 1, tzinfo=UTC),
         description="earliest occurred_at accepted (older: rejected as ancient_timestamp)",
     )
-    batch_size: int = Field(10000, ge=1, description="events handled per batch")
-    batch_within: float = Field(0.2, gt=0, description="seconds to wait for a batch to fill")
+    batch_size: int = Field(10000, ge=1, description="records handled per batch of the batch loop")
     tick_interval: float = Field(
         10.0, gt=0, description="seconds between stall checks (a step of the batch loop) and partials",
     )
@@ -65,7 +64,3 @@ class Settings(SecretFileSettings):
     session_timeout: float = Field(10.0, gt=0, description="consumer group session timeout, seconds")
     rebalance_timeout: float = Field(10.0, gt=0, description="consumer group rebalance timeout, seconds")
     log_level: str = Field("info", description="debug | info | warning | error")
-    allow_untested_engine: bool = Field(
-        False, description="start on faust-streaming/aiokafka versions other than the "
-        "tested pins (streams/worker/faust_patches.py replaces their internals)",
-    )

@@ -76,11 +76,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from streams.worker.engine import check_engine
-
     settings = _settings(args)
     _configure_logging(settings.log_level)
-    check_engine(settings.allow_untested_engine)  # before importing the patched internals
 
     import faust
     import uvloop

@@ -35,7 +35,6 @@ from sinks.redis import RedisSink
 from streams.http.api import SnapshotFeed, register_api
 from streams.kafka import topics
 from streams.kafka.settings import Settings
-from streams.worker import faust_patches
 from streams.worker.faust_app import faust_app
 from streams.worker.loop import BatchLoop, is_position_key, position_key
 from streams.worker.outbox import BatchProducer, Outbox
@@ -64,7 +63,6 @@ class FunnelWorker:
         self.clock = EventClock(settings.clock or config.clock)
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
-        self.registry.register(faust_patches.PatchCalls())
         self.metrics = ProcessMetrics(self.registry)
         self.metrics.seed(sorted(config.sources | {"other", "unknown"}), REJECTION_REASONS, SINKS)
         self.consumer_lag = Gauge(
@@ -272,8 +270,8 @@ class FunnelWorker:
         try:
             if sent:
                 await asyncio.gather(*sent)
-            else:  # Faust's producer has no public handle on its client
-                await self.app.producer._ensure_producer().client.fetch_all_metadata()
+            else:
+                await self.producer.probe()
         except Exception as exc:  # the next tick tries again; the age gauge keeps growing
             log.warning("broker did not answer the tick: %r", exc)
             return

@@ -6,13 +6,11 @@ import faust
 
 from streams.kafka import client as kafka_client
 from streams.kafka.settings import Settings
-from streams.worker import faust_patches
 
 
 def faust_app(settings: Settings) -> faust.App:
     """Faust as the worker uses it: group membership, tables and their recovery, timers and the
     web server; its own web views are off (they would expose deal data)."""
-    faust_patches.apply(settings.fetch_max_wait_ms)
     heartbeat = min(3.0, settings.session_timeout / 3)
     return faust.App(
         settings.app_id,
@@ -30,7 +28,6 @@ def faust_app(settings: Settings) -> faust.App:
         broker_rebalance_timeout=settings.rebalance_timeout,
         broker_heartbeat_interval=heartbeat,
         broker_request_timeout=max(30.0, settings.session_timeout + 5),
-        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         producer_linger_ms=5,
         web_port=settings.web_port,
         web_bind=settings.web_bind,

@@ -73,6 +73,10 @@ class BatchProducer:
                 self._producer = producer
         return self._producer
 
+    async def probe(self) -> None:
+        """Ask the cluster for its metadata: proof that a broker answers."""
+        await (await self._started()).client.fetch_all_metadata()
+
     async def stop(self) -> None:
         if self._producer is not None:
             await self._producer.stop()
