@@ -15,6 +15,7 @@ WORKDIR /app
 COPY requirements.lock ./
 RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
+COPY processors ./processors
 COPY streams ./streams
 COPY models ./models
 COPY sinks ./sinks
