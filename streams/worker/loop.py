@@ -64,7 +64,7 @@ class Batch:
 
     epoch: int
     records: dict[str, list[Record]]
-    positions: dict[int, dict[str, int]]  # partition → topic → next offset, for every input
+    positions: dict[int, dict[str, int]]  # partition → topic → next offset, of partitions fetched
     stall_checks: list[int]
 
 
@@ -196,15 +196,19 @@ class BatchLoop:
         checks = self._checks_due()
         if not fetched and not checks:
             return
+        # Position rows only for the partitions this fetch moved: an idle partition writes nothing.
         batch = Batch(epoch, {topic: [] for topic in [*self.inputs, self.erasures, self.partials]},
-                      {p: dict(self.positions.get(p, {})) for p in self._assigned}, checks)
+                      {}, checks)
         shared = dict(self.shared_positions)
         for tp, messages in fetched.items():
             batch.records[tp.topic].extend(messages)
             if tp.topic not in self.inputs:
                 shared[tp.topic] = messages[-1].offset + 1
-            else:
-                batch.positions[tp.partition][tp.topic] = messages[-1].offset + 1
+                continue
+            positions = batch.positions.get(tp.partition)
+            if positions is None:
+                positions = batch.positions[tp.partition] = dict(self.positions.get(tp.partition, {}))
+            positions[tp.topic] = messages[-1].offset + 1
         self._report_lag({tp: messages[0].offset for tp, messages in fetched.items()
                           if tp.topic in self.inputs})
         self._idle.clear()
@@ -222,7 +226,8 @@ class BatchLoop:
         finally:
             self._idle.set()
         if epoch == self.epoch:
-            self.positions, self.shared_positions = batch.positions, shared
+            self.positions.update(batch.positions)
+            self.shared_positions = shared
             self._report_lag({tp: messages[-1].offset + 1 for tp, messages in fetched.items()
                               if tp.topic in self.inputs})
 
