@@ -183,13 +183,13 @@ def test_redis_outage_never_stops_the_pipeline_and_redis_catches_up(broker, work
         feeder = threading.Thread(target=replay, args=(broker, dataset_events(), 4000.0))
         feeder.start()
         progress = []
-        while feeder.is_alive():
-            time.sleep(1)
-            progress.append(stored_events(broker))
+        while feeder.is_alive():  # the worker goes on counting events while Redis is down
+            time.sleep(0.5)
+            progress.append(total(worker.samples() or {}, "funnel_events_total"))
         feeder.join()
         settled([worker], DATASET_EVENTS)
         wait_until(lambda: stored_events(broker) >= DATASET_EVENTS, 30, what="all positions stored")
-        assert progress[-1] > progress[0], f"positions did not move while Redis was down: {progress}"
+        assert progress[-1] > progress[0], f"events not counted while Redis was down: {progress}"
         assert total(worker.samples(), "funnel_sink_errors_total", sink="redis") > 0
         assert "Redis write failed" in worker.log_tail(400)
         base = f"http://127.0.0.1:{worker.port}"
