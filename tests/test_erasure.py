@@ -9,7 +9,7 @@ import pytest
 from models.deal import decode_deal, erased_name
 from models.kpis import total
 
-from .conftest import DATASET_EVENTS, ROOT, cli, settled, wait_until
+from .conftest import DATASET_EVENTS, ROOT, cli, credits_settled, settled, wait_until
 from .test_e2e_pipeline import dataset_events, replay
 from .test_reliability_crash import latest_rows
 
@@ -113,7 +113,8 @@ def test_an_erasure_survives_a_rebuild_under_a_new_app_id(broker, workers):
             return None
         revenue = rep_revenue(samples)
         shown.update(set(revenue) & set(ERASED))
-        return samples if revenue.get(pseudonym) == 1_153_214 else None
+        done = revenue.get(pseudonym) == 1_153_214 and credits_settled(samples)
+        return samples if done else None
 
     samples = wait_until(rebuilt_in_full, 90, what="the rebuild with the erasure applied",
                          interval=0.05)
