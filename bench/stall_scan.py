@@ -1,5 +1,6 @@
-"""Cost of the stall scan over 1M open deals (leaks issue): the tick's crossing scan in the deal
-agent and the scrape-time stall/forecast gauges, measured on a fold of synthetic open deals.
+"""Cost of the stall scan over 1M open deals (leaks issue): the batch loop's timed stall check
+(``processors.stalls.crossed_stalls``) and the scrape-time stall/forecast gauges, measured on a
+fold of synthetic open deals.
 
 Run: ``.venv/bin/python -m bench.stall_scan [--deals 1000000]``.
 """
@@ -13,9 +14,9 @@ import time
 from prometheus_client import CollectorRegistry, generate_latest
 
 from models import aggregates as agg
-from models.config import Clock, load_config
-from sinks.prometheus import KpiCollector, ProcessMetrics
-from streams.worker.processor import DealBatch, DealProcessor, EventClock
+from models.config import load_config
+from processors.stalls import crossed_stalls
+from sinks.prometheus import KpiCollector
 
 DAY = agg.DAY_MS
 
@@ -34,15 +35,11 @@ def main() -> None:
         stalled = now - entered > 30 * DAY  # steady state: stalled deals were alerted already
         key = ("default", rng.choice(stages), "USD", entered, f"deal-{i}", stalled, None)
         fold.apply(((agg.OPEN_DEALS, key, 1_000 * agg.MICRO),), 1)
-    clock = EventClock(Clock.STREAM)
-    clock.observe(now)
-    registry = CollectorRegistry()
-    proc = DealProcessor(config, clock, ProcessMetrics(registry), max_skew_ms=DAY)
-    proc.folds.folds[0] = fold
     started = time.perf_counter()
-    proc._raise_stalls(DealBatch(), 0, None, {}, lambda *_: None)
+    crossed_stalls(fold, config, now, 200)
     tick = time.perf_counter() - started
-    registry.register(KpiCollector(config, lambda: [fold], clock.now_ms, "bench"))
+    registry = CollectorRegistry()
+    registry.register(KpiCollector(config, lambda: [fold], lambda: now, "bench"))
     started = time.perf_counter()
     generate_latest(registry)
     scrape = time.perf_counter() - started
