@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,3 +226,64 @@ def live_metrics_url(tmp_path_factory):
             yield worker.url
         finally:
             worker.stop()
+
+
+# ------------------------------------------------------------------ parallel runs (pytest-xdist)
+# `make test` runs the suite in several processes (`-n 6 --dist loadgroup`): the tests are
+# independent (each starts its own broker, workers and servers on free ports, in its own
+# tmp_path), and most of their time is spent waiting on group joins, timeouts and sleeps.
+# Arranged here:
+#  - the tests of a module with a module-scoped fixture (a replayed worker, the compose stack,
+#    ...) run in one process, one after the other, so the fixture is built once;
+#  - the end-to-end tests (marked ``broker``, up to two minutes each) are handed out before the
+#    others, so no process starts a long one while the rest are nearly done.
+# (xdist's own loadgroup scheduler reads ``xdist_group`` marks through node ids, which pytest 9.2
+# no longer lets a plugin change, so it groups nothing: pytest-xdist#1386. This one replaces it.)
+_WIDER_FIXTURE = re.compile(
+    r"@pytest\.fixture\([^)]*scope=[\"'](?:class|module|package|session)[\"'][^)]*\)\s*\ndef (\w+)")
+
+
+@functools.cache
+def _shares_a_fixture(module: str) -> bool:
+    """Whether the tests of ``module`` (a path from the repository root) share a fixture wider
+    than one test: one the module defines, or one of this file's that it names."""
+    path = ROOT / module
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    return bool(_WIDER_FIXTURE.search(text)) or any(
+        re.search(rf"\b{name}\b", text) for name in _WIDER_FIXTURE.findall(Path(__file__).read_text()))
+
+
+def _unit(nodeid: str) -> str:
+    """What one process runs in one go: a test, or every test of a module sharing a fixture."""
+    module = nodeid.split("::")[0]
+    return module if _shares_a_fixture(module) else nodeid
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        """Units of :func:`_unit`, handed out in the order the processes collected them."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return UnitScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In each process of a parallel run (they must agree): the units with the most end-to-end
+    tests first, each unit's tests together and in the files' order."""
+    if not hasattr(config, "workerinput"):  # one process: the files' order
+        return
+    weight: dict[str, float] = {}
+    for item in items:
+        unit = _unit(item.nodeid)
+        weight[unit] = weight.get(unit, 0.0) + (10.0 if item.get_closest_marker("broker") else 0.1)
+    items.sort(key=lambda item: -weight[_unit(item.nodeid)])

@@ -93,11 +93,10 @@ def snapshot_matches_metrics(base, worker):
     return check
 
 
-def test_snapshot_on_topic_redis_and_api_equal_the_batch_values(broker, workers):
-    store = redis.Redis(host="127.0.0.1", port=6379, db=7)
-    store.flushdb()
+def test_snapshot_on_topic_redis_and_api_equal_the_batch_values(broker, workers, redis_server):
+    store = redis.Redis(host="127.0.0.1", port=redis_server.port)
     worker = workers(FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1",
-                     FUNNEL_REDIS_URL="redis://127.0.0.1:6379/7")
+                     FUNNEL_REDIS_URL=f"redis://127.0.0.1:{redis_server.port}/0")
     worker.wait_ready()
     replay(broker, dataset_events())
     settled([worker], DATASET_EVENTS)
@@ -166,6 +165,15 @@ class RedisServer:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A Redis of the test's own: the worker writes fixed ``funnel:`` keys, which tests run at
+    the same time (in other processes, or another checkout's run) would share on 6379."""
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
 
 
 def stored_events(broker):
