@@ -90,9 +90,9 @@ def test_a_batch_that_went_through_moves_the_positions_and_a_failed_one_seeks_ba
                  TopicPartition(ERASURES, 0): [record(ERASURES, 0, 0)]}
         loop.consumer.fetches = [fetch, fetch]
         loop.consumer.seeks.clear()
-        await loop._next_batch(1)  # fails: read again from the stored (none: the beginning)
+        await loop._next_batch(1)  # fails: read again from where the batch started
         assert loop.positions == {0: {}}
-        assert loop.consumer.seeks[TopicPartition(EVENTS, 0)] == "beginning"
+        assert loop.consumer.seeks == {TopicPartition(EVENTS, 0): 0, TopicPartition(ERASURES, 0): 0}
         await loop._next_batch(1)
         return loop
 

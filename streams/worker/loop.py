@@ -232,8 +232,12 @@ class BatchLoop:
                               if tp.topic in self.inputs})
 
     async def _seek_back(self, fetched: dict) -> None:
+        """To the first record fetched of each partition: where the batch started. (A seek to
+        the beginning or the end waits for the fetcher, which after a broker outage could wait
+        for good.)"""
         if self.epoch is not None and self._wanted == self._assigned:
-            await self._seek({tp.partition for tp in fetched if tp.topic in self.inputs})
+            for tp, messages in fetched.items():
+                self.consumer.seek(tp, messages[0].offset)
 
     def _checks_due(self) -> list[int]:
         """Every tick interval, the owned partitions not catching up a backlog."""
