@@ -253,15 +253,19 @@ def _scrape(proc, config) -> None:
     from models import aggregates as agg
     from models.periods import PERIODS, period_bounds
 
+    try:
+        from models.hourly import hourly_totals
+    except ImportError:  # a tree from before models/hourly.py
+        hourly_totals = agg.hourly_totals
     now_ms = proc.clock.now_ms()
     now_hour = now_ms // agg.HOUR_MS
     folds = list(proc.folds.folds.values())
     ranges = agg.window_ranges(now_hour)
     for family in (agg.REACHED_W, agg.CLOSED_W, agg.WON_REVENUE_W, agg.TIME_TO_CLOSE_W):
-        agg.hourly_totals(folds, family, ranges, now_hour)
+        hourly_totals(folds, family, ranges, now_hour)
     periods = tuple((period, period_bounds(now_ms, config.zone, period)[0] // agg.HOUR_MS)
                     for period in PERIODS)
-    agg.hourly_totals(folds, agg.WON_REVENUE_W, periods, now_hour)
+    hourly_totals(folds, agg.WON_REVENUE_W, periods, now_hour)
 
 
 def _pass(batches: list[list], scrape_every: int, profiler=None) -> tuple[float, int, str]:
@@ -305,8 +309,10 @@ def _pass(batches: list[list], scrape_every: int, profiler=None) -> tuple[float,
         profiler.disable()
     gc.unfreeze()
     # Stored deals byte for byte and as read back; folds as snapshots.
-    from models.deal import decode_deal
-
+    try:
+        from models.deal_codec import decode_deal
+    except ImportError:  # a tree from before models/deal_codec.py
+        from models.deal import decode_deal
     for deal_id in sorted(store):
         outputs.update(repr((deal_id, store[deal_id], decode_deal(store[deal_id]))).encode())
     for partition in sorted(proc.folds.folds):

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from models import aggregates as agg
 from models.config import load_config
+from models.fold import Fold
 from processors.stalls import crossed_stalls
 from sinks.prometheus import KpiCollector
 
@@ -29,7 +30,7 @@ def main() -> None:
     rng = random.Random(1)
     now = 1_700_000_000_000
     stages = [s.name for s in config.pipelines["default"].open_stages]
-    fold = agg.Fold()
+    fold = Fold()
     for i in range(args.deals):
         entered = now - rng.randrange(60 * DAY)
         stalled = now - entered > 30 * DAY  # steady state: stalled deals were alerted already

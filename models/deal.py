@@ -4,9 +4,7 @@ A deal is the only source of truth for every KPI. Each field is last-write-wins 
 ``(occurred_at, event_id)`` — the event id breaks ties so the result never depends on arrival
 order — and the stage history is kept sorted by the same version. Applying an event is pure:
 ``apply_change(deal, change, stage)`` returns the outcome and mutates only ``deal``.
-
-Stored compactly as an orjson list, each version written once (see :func:`encode_deal`),
-because a table holds millions.
+How a deal is stored: :mod:`models.deal_codec`.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import operator
 from enum import StrEnum
 
 import msgspec
-import orjson
 
 from models.event import Change
 
@@ -28,7 +25,6 @@ MAX_OWNERS = 16      # owner assignments kept (for "owner at close")
 # change seen by two paths (a backfill's history record and the live webhook/CDC event: their
 # ids differ, and Salesforce history times are whole seconds while CDC commit times have ms).
 SAME_CHANGE_MS = 10_000
-FORMAT = 2           # stored layout version of a deal (decode_deal reads 1 as well)
 
 Entry = tuple[int, str, str]  # (occurred_at ms, event_id, value): history and owner entries
 
@@ -51,9 +47,6 @@ class Field(msgspec.Struct, gc=False):
     value: object
     ts: int
     event_id: str
-
-    def older_than(self, ts: int, event_id: str) -> bool:
-        return (self.ts, self.event_id) < (ts, event_id)
 
 
 # The members, as plain names: an enum member look-up costs ~70 ns, and apply_change returns one
@@ -103,49 +96,11 @@ class Deal(msgspec.Struct):
         i = bisect.bisect_right(self.owners, (ts, "\U0010ffff"))
         return self.owners[i - 1][2] if i else self.owners[0][2]
 
-    def has_seen(self, event_id: str) -> bool:
-        # ``in`` over map() compares in C, and the fields are spelled out: this runs for
-        # every event.
-        if event_id in self.recent_ids or event_id in map(_EVENT_ID, self.history):
-            return True
-        if self.owners and event_id in map(_EVENT_ID, self.owners):
-            return True
-        current = self.pipeline
-        if current is not None and current.event_id == event_id:
-            return True
-        current = self.amount
-        if current is not None and current.event_id == event_id:
-            return True
-        current = self.currency
-        if current is not None and current.event_id == event_id:
-            return True
-        current = self.account
-        if current is not None and current.event_id == event_id:
-            return True
-        current = self.expected_close_at
-        if current is not None and current.event_id == event_id:
-            return True
-        current = self.deleted
-        return current is not None and current.event_id == event_id
 
 
 def erased_name(name: str) -> str:
     """The pseudonym that replaces an erased owner or account: stable, not reversible."""
     return "erased:" + hashlib.sha256(name.encode()).hexdigest()[:16]
-
-
-def erase_person(deal: Deal, name: str) -> bool:
-    """Replace ``name`` as owner or account everywhere in the deal; True when it appeared."""
-    pseudonym = erased_name(name)
-    found = False
-    for i, (ts, eid, owner) in enumerate(deal.owners):
-        if owner == name:
-            deal.owners[i] = (ts, eid, pseudonym)
-            found = True
-    if deal.account is not None and deal.account.value == name:
-        deal.account = Field(pseudonym, deal.account.ts, deal.account.event_id)
-        found = True
-    return found
 
 
 def _insert(entries: list[Entry], entry: Entry, cap: int) -> bool:
@@ -253,121 +208,3 @@ def apply_change(deal: Deal, change: Change, stage: str | None, *, stage_ignored
     if changed:
         return _ACCEPTED
     return _IGNORED if stage_ignored else _STALE
-
-
-def _unpack(packed: list | None) -> Field | None:
-    return None if packed is None else Field(packed[0], packed[1], packed[2])
-
-
-def compact(raw: bytes) -> bytes:
-    """An exact-size copy: orjson's bytes keep a 4 KiB allocation behind short values, which
-    would cost ~4 KiB of memory per stored deal instead of ~300 bytes."""
-    return bytes(memoryview(raw))
-
-
-def encode_deal(deal: Deal) -> bytes:
-    """``[FORMAT, deal_id, partition, versions, 6 × field, history, owners, recent_ids,
-    credited_accounts, stall_alert]``: ``versions`` lists each distinct (ts, event id) once,
-    flat, and fields (``[value, version]``), stage and owner entries (``[version, value]``) and
-    recent ids (a version, or the id of an event that changed nothing) point into it. One event
-    usually sets several fields and a stage: an open deal takes ~200 bytes, not ~290."""
-    # A deal holds one version per event id (apply_change never applies an id it still
-    # holds), so the id alone names the version: event id → its index in ``versions``.
-    refs: dict[str, int] = {}
-    versions: list = []
-    add_version = versions.append
-    fields: list = []
-    # The scalars in _SCALARS order, spelled out: this runs for every write.
-    for current in (deal.pipeline, deal.amount, deal.currency, deal.account,
-                    deal.expected_close_at, deal.deleted):
-        if current is None:
-            fields.append(None)
-            continue
-        eid = current.event_id
-        ref = refs.get(eid)
-        if ref is None:
-            ref = refs[eid] = len(refs)
-            add_version(current.ts)
-            add_version(eid)
-        fields.append([current.value, ref])
-    history = []
-    for ts, eid, value in deal.history:
-        ref = refs.get(eid)
-        if ref is None:
-            ref = refs[eid] = len(refs)
-            add_version(ts)
-            add_version(eid)
-        history.append([ref, value])
-    owners = []
-    for ts, eid, value in deal.owners:
-        ref = refs.get(eid)
-        if ref is None:
-            ref = refs[eid] = len(refs)
-            add_version(ts)
-            add_version(eid)
-        owners.append([ref, value])
-    recent = []  # a loop, not a comprehension: see decode_deal
-    for eid in deal.recent_ids:
-        recent.append(refs.get(eid, eid))
-    return bytes(memoryview(orjson.dumps([  # compact(), inlined
-        FORMAT, deal.deal_id, deal.partition, versions, *fields, history, owners, recent,
-        deal.credited_accounts, deal.stall_alert,
-    ])))
-
-
-def decode_deal(raw: bytes) -> Deal:
-    doc = orjson.loads(raw)
-    if doc[0] == 1:
-        return _decode_format_1(doc)
-    if doc[0] != FORMAT:
-        raise ValueError(f"deal stored in format {doc[0]}, this build reads 1 and {FORMAT}")
-    if len(doc) != 15:
-        return _decode_format_2(doc)
-    # Spelled out (this runs for every deal loaded): what _decode_format_2 does.
-    (_, deal_id, partition, versions, pipeline, amount, currency, account, expected, deleted,
-     history, owners, recent, credited, stall_alert) = doc
-    ts_of, id_of = versions[0::2], versions[1::2]
-    # Loops, not comprehensions: these lists are short, and a comprehension's own call costs
-    # more than it saves on so few items.
-    stages = []
-    for i, stage in history:
-        stages.append((ts_of[i], id_of[i], stage))
-    assigned = []
-    for i, owner in owners:
-        assigned.append((ts_of[i], id_of[i], owner))
-    recent_ids = []
-    for x in recent:
-        recent_ids.append(id_of[x] if x.__class__ is int else x)
-    return Deal(
-        deal_id, partition,
-        None if pipeline is None else Field(pipeline[0], ts_of[pipeline[1]], id_of[pipeline[1]]),
-        None if amount is None else Field(amount[0], ts_of[amount[1]], id_of[amount[1]]),
-        None if currency is None else Field(currency[0], ts_of[currency[1]], id_of[currency[1]]),
-        None if account is None else Field(account[0], ts_of[account[1]], id_of[account[1]]),
-        None if expected is None else Field(expected[0], ts_of[expected[1]], id_of[expected[1]]),
-        None if deleted is None else Field(deleted[0], ts_of[deleted[1]], id_of[deleted[1]]),
-        stages, assigned, recent_ids, credited, stall_alert,
-    )
-
-
-def _decode_format_2(doc: list) -> Deal:
-    versions = doc[3]
-    ts_of, id_of = versions[0::2], versions[1::2]
-    fields = [None if packed is None else Field(packed[0], ts_of[packed[1]], id_of[packed[1]])
-              for packed in doc[4:10]]
-    return Deal(
-        doc[1], doc[2], *fields,
-        [(ts_of[i], id_of[i], stage) for i, stage in doc[10]],
-        [(ts_of[i], id_of[i], owner) for i, owner in doc[11]],
-        [id_of[x] if type(x) is int else x for x in doc[12]],
-        doc[13], doc[14],
-    )
-
-
-def _decode_format_1(doc: list) -> Deal:
-    """Deals written before versions were shared: every field and entry spelled out."""
-    return Deal(
-        doc[1], doc[2], _unpack(doc[3]), _unpack(doc[4]), _unpack(doc[5]), _unpack(doc[6]),
-        _unpack(doc[7]), _unpack(doc[8]), list(map(tuple, doc[9])), list(map(tuple, doc[10])),
-        doc[11], doc[12], doc[13],
-    )

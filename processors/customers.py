@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from models.aggregates import Contribution, customer_contribution
-from models.deal import compact
+from models.deal_codec import compact
 from processors.folds import PartitionFolds
 from processors.records import Record
 

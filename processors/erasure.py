@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import msgspec
 import orjson
 
 from models.deal import Deal, Field, erased_name
+from models.event import Change
 from processors.records import Record
 
 pseudonym_of = lru_cache(maxsize=1 << 16)(erased_name)  # names repeat: reps and accounts
@@ -19,6 +21,18 @@ def erasure_pseudonym(record: Record) -> str | None:
     except (orjson.JSONDecodeError, TypeError, KeyError):
         return None
     return pseudonym if isinstance(pseudonym, str) and pseudonym.startswith("erased:") else None
+
+
+def masked(change: Change, erased: set[str]) -> Change:
+    """The event with each erased owner or account replaced by its pseudonym."""
+    owner, account = change.owner, change.account
+    if owner is not None and pseudonym_of(owner) in erased:
+        owner = pseudonym_of(owner)
+    if account is not None and pseudonym_of(account) in erased:
+        account = pseudonym_of(account)
+    if owner is change.owner and account is change.account:
+        return change
+    return msgspec.structs.replace(change, owner=owner, account=account)
 
 
 def pseudonymise(deal: Deal, erased: set[str]) -> list[str] | None:

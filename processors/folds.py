@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from models.aggregates import Contribution, Fold
+from models.aggregates import Contribution
+from models.fold import Fold
 
 
 class PartitionFolds:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aiokafka.partitioner import murmur2
+
 
 @dataclass(slots=True)
 class Record:
@@ -26,3 +28,8 @@ class Rejection:
     code: str
     reason: str
     source: str = "unknown"  # the source label it is counted under
+
+
+def kafka_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2) gives a key."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions

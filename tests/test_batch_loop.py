@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from models.kpis import total
-from processors.deals import kafka_partition
+from processors.records import kafka_partition
 from streams.kafka import topics
 from streams.worker.loop import EXIT_UNCONFIRMED_WRITES
 

@@ -12,6 +12,7 @@ from models import aggregates as agg
 from models.config import load_config
 from models.deal import Deal, apply_change
 from models.event import decode_event, encode_event
+from models.fold import Fold
 from streams.tools.dataset import dataset_events
 
 DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "crm-sales-opportunities"
@@ -58,7 +59,7 @@ def streamed_fold():
         deal = deals.setdefault(change.deal_id, Deal(change.deal_id))
         apply_change(deal, change, CONFIG.map_stage(change.source, "default", change.stage),
                      stage_ignored=False)
-    return agg.Fold.of(agg.deal_contribution(d, CONFIG) for d in deals.values())
+    return Fold.of(agg.deal_contribution(d, CONFIG) for d in deals.values())
 
 
 def test_batch_computation_gives_the_literal_values():

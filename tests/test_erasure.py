@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from models.deal import decode_deal, erased_name
+from models.deal import erased_name
+from models.deal_codec import decode_deal
 from models.kpis import total
 
 from .conftest import DATASET_EVENTS, ROOT, cli, credits_settled, settled, wait_until

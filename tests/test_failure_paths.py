@@ -11,9 +11,9 @@ from faust.types import TP
 
 import processors.deals as processor_module
 import streams.worker.loop as loop_module
-from models.aggregates import Fold
 from models.config import Clock, load_config
-from models.deal import decode_deal, encode_deal
+from models.deal_codec import decode_deal, encode_deal
+from models.fold import Fold
 from processors.clock import EventClock
 from processors.customers import CustomerProcessor
 from processors.deals import DealProcessor
@@ -160,7 +160,7 @@ def offline_worker(tmp_path):
 
 def served(worker):
     return (sorted(worker.deal_processor.folds.folds), sorted(worker.loop._wanted),
-            worker.is_ready())
+            worker.readiness.tables_ready())
 
 
 async def recover(worker, tps, *, rebalance=True, generation=1):

@@ -15,7 +15,8 @@ from processors.clock import EventClock
 from processors.deals import DealProcessor
 from processors.folds import PartitionFolds
 from processors.records import Record
-from sinks.prometheus import KpiCollector, ProcessMetrics, WorkerKpiCollector, current_partitions
+from sinks.process_metrics import ProcessMetrics
+from sinks.prometheus import KpiCollector, WorkerKpiCollector, current_partitions
 from streams.tools.dataset import dataset_events
 
 from .conftest import DATASET

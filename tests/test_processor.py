@@ -9,12 +9,13 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from models.config import Clock, load_config
-from models.deal import decode_deal, erased_name
+from models.deal import erased_name
+from models.deal_codec import decode_deal
 from processors.clock import EventClock
 from processors.customers import CustomerProcessor
 from processors.deals import DealProcessor
 from processors.records import Record
-from sinks.prometheus import ProcessMetrics
+from sinks.process_metrics import ProcessMetrics
 from streams.tools.simulator import Simulation
 from streams.worker.step import count
 
@@ -272,7 +273,7 @@ def test_a_stall_alert_and_an_erasure_in_one_batch_both_stay():
 def test_an_event_on_another_partition_than_its_deal_goes_to_the_dlq():
     """Issue 22.4: a producer keying by something else than the deal id puts a deal's events on
     two partitions; applied there, the deal would be two rows (RocksDB) or drift the folds."""
-    from processors.deals import kafka_partition
+    from processors.records import kafka_partition
 
     proc = DealProcessor(CONFIG, EventClock(Clock.STREAM), max_skew_ms=86_400_000, partitions=4)
     store = Store()

@@ -151,6 +151,8 @@ def start_worker(broker: BrokerStandIn, app_id: str = "fleet-a", **faults):
                         for key, value in broker.changelog.items()})
     worker.outbox = OutboxStandIn(broker, state, **faults)
     worker.deals, worker.customers = state, StateTable({})
+    step = worker.loop.handle  # the worker's batch step, writing to the stand-ins
+    step.out, step.tables = worker.outbox, {"deals": state, "customers": worker.customers}
     worker.loop.epoch = 0  # the group generation the partials below were sent in
     return worker
 
@@ -158,7 +160,7 @@ def start_worker(broker: BrokerStandIn, app_id: str = "fleet-a", **faults):
 def run_publisher(worker, batches: list[list[bytes]]) -> None:
     """Each batch of partials through the worker's batch step; a batch that fails is simply
     followed by the next one (same worker, same publisher), as the batch loop does."""
-    step = worker._step()
+    step = worker.loop.handle
     partials_topic = worker.partials_topic.get_topic_name()
     for batch in batches:
         records = {topics.EVENTS: [], worker.credits_topic.get_topic_name(): [], topics.ERASURES: [],

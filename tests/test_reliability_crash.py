@@ -19,7 +19,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from models.deal import decode_deal
+from models.deal_codec import decode_deal
 from models.kpis import pipeline_kpis, total
 from streams.kafka import topics
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from models.deal import decode_deal, encode_deal
+from models.deal_codec import decode_deal, encode_deal
 from models.kpis import total
 from streams.kafka import topics
 from streams.kafka.settings import Settings

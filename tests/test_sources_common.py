@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from models.aggregates import Fold, deal_contribution
+from models.aggregates import deal_contribution
 from models.config import ConfigError, load_config
 from models.deal import Deal, Outcome, apply_change
 from models.event import decode_event, encode_event
+from models.fold import Fold
 from streams.crm.sources.common import Context, Malformed, amount, from_epoch, from_iso, ident
 
 FIXTURES = Path(__file__).parent / "fixtures"

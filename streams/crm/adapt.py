@@ -114,6 +114,25 @@ class AdaptMetrics:
             for outcome in ("ok", "dlq"):
                 self.messages.labels(source, outcome)
 
+    def count(self, source: str, result: Adapted) -> None:
+        """One raw message adapted: its events, skips, rejects and gaps (gaps also logged)."""
+        self.messages.labels(source, "dlq" if result.rejects else "ok").inc()
+        if result.events:
+            self.events.labels(source).inc(len(result.events))
+        for reason in result.skipped:
+            self.skipped.labels(source, reason).inc()
+        for reject in result.rejects:
+            self.rejected.labels(source, reject.code).inc()
+        for gap in result.gaps:
+            self.gaps.labels(source, gap.entity, gap.change_type).inc()
+            log.warning(
+                "%s gap: %s %s for %s; refetch these records (or resync the entity if no ids are given)",
+                source,
+                gap.entity,
+                gap.change_type,
+                ", ".join(gap.record_ids[:20]) or "unknown records",
+            )
+
 
 class Bridge:
     """Consume raw topics, adapt, produce, commit; also serves /metrics and /healthz."""
@@ -220,15 +239,9 @@ class Bridge:
                             headers=dlq_headers(record, result.rejects),
                         )
                     )
-                    log.info(
-                        "%s record %s:%s:%s to the DLQ: %s",
-                        source,
-                        record.topic,
-                        record.partition,
-                        record.offset,
-                        result.rejects[0].reason,
-                    )
-                self._count(source, result)
+                    log.info("%s record %s:%s:%s to the DLQ: %s", source, record.topic,
+                             record.partition, record.offset, result.rejects[0].reason)
+                self.metrics.count(source, result)
         await asyncio.gather(*pending)
         await self.consumer.commit({tp: records[-1].offset + 1 for tp, records in batch.items()})
 
@@ -251,25 +264,6 @@ class Bridge:
                 continue
             gauge.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
             self.lagging.add((tp.topic, str(tp.partition)))
-
-    def _count(self, source: str, result: Adapted) -> None:
-        metrics = self.metrics
-        metrics.messages.labels(source, "dlq" if result.rejects else "ok").inc()
-        if result.events:
-            metrics.events.labels(source).inc(len(result.events))
-        for reason in result.skipped:
-            metrics.skipped.labels(source, reason).inc()
-        for reject in result.rejects:
-            metrics.rejected.labels(source, reject.code).inc()
-        for gap in result.gaps:
-            metrics.gaps.labels(source, gap.entity, gap.change_type).inc()
-            log.warning(
-                "%s gap: %s %s for %s; refetch these records (or resync the entity if no ids are given)",
-                source,
-                gap.entity,
-                gap.change_type,
-                ", ".join(gap.record_ids[:20]) or "unknown records",
-            )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(

@@ -68,6 +68,90 @@ class Batch:
     stall_checks: list[int]
 
 
+class Positions:
+    """Where the loop stands in each input: per partition of the co-partitioned inputs (as the
+    position rows store it), and per shared input for the current assignment only."""
+
+    def __init__(self, inputs: list[str], erasures: str, partials: str, lag_gauge: Gauge,
+                 stored: Callable[[int], bytes | None]) -> None:
+        self.inputs, self.erasures, self.partials = inputs, erasures, partials
+        self.lag_gauge = lag_gauge
+        self.stored = stored
+        self.by_partition: dict[int, dict[str, int]] = {}
+        self.shared: dict[str, int] = {}
+
+    def shared_topics(self, partitions: frozenset[int]) -> list[str]:
+        """The owner of partition 0 is the KPI publisher: it also reads the partials."""
+        return [self.erasures, self.partials] if 0 in partitions else [self.erasures]
+
+    def topic_partitions(self, partitions: frozenset[int]) -> list[TopicPartition]:
+        return ([TopicPartition(topic, p) for p in sorted(partitions) for topic in self.inputs]
+                + [TopicPartition(topic, 0) for topic in self.shared_topics(partitions)])
+
+    def reassign(self, dropped: frozenset[int], added: frozenset[int]) -> None:
+        for partition in dropped:
+            self.by_partition.pop(partition, None)
+            for topic in self.inputs:
+                with contextlib.suppress(KeyError):
+                    self.lag_gauge.remove(topic, str(partition))
+        for partition in added:
+            raw = self.stored(partition)
+            self.by_partition[partition] = orjson.loads(raw) if raw else {}
+        self.shared = {}
+
+    async def seek(self, consumer: AIOKafkaConsumer, assigned: frozenset[int]) -> None:
+        """Back to the stored positions; an input never read starts at its beginning, except
+        the partials: only those sent since the take-over count."""
+        for topic in self.shared_topics(assigned):
+            tp = TopicPartition(topic, 0)
+            if topic in self.shared:
+                consumer.seek(tp, self.shared[topic])
+            elif topic == self.partials:
+                await consumer.seek_to_end(tp)
+            else:
+                await consumer.seek_to_beginning(tp)
+        for partition in assigned:
+            stored = self.by_partition.get(partition, {})
+            for topic in self.inputs:
+                tp = TopicPartition(topic, partition)
+                if topic in stored:
+                    consumer.seek(tp, stored[topic])
+                else:
+                    await consumer.seek_to_beginning(tp)
+
+    def after(self, fetched: dict[TopicPartition, list]) -> tuple[dict[int, dict[str, int]], dict[str, int]]:
+        """The positions after a fetch: rows only for the partitions it moved (an idle partition
+        writes nothing), and the shared inputs'."""
+        rows: dict[int, dict[str, int]] = {}
+        shared = dict(self.shared)
+        for tp, messages in fetched.items():
+            if tp.topic not in self.inputs:
+                shared[tp.topic] = messages[-1].offset + 1
+                continue
+            row = rows.get(tp.partition)
+            if row is None:
+                row = rows[tp.partition] = dict(self.by_partition.get(tp.partition, {}))
+            row[tp.topic] = messages[-1].offset + 1
+        return rows, shared
+
+    def lag(self, consumer: AIOKafkaConsumer | None, partition: int) -> int:
+        """``crm.events`` records of a partition not processed yet (0 before its first fetch)."""
+        if consumer is None or partition not in self.by_partition:
+            return 0
+        highwater = consumer.highwater(TopicPartition(self.inputs[0], partition))
+        position = self.by_partition[partition].get(self.inputs[0], 0)
+        return max(highwater - position, 0) if highwater is not None else 0
+
+    def report_lag(self, consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, list],
+                   done: bool) -> None:
+        """Each fetched input partition's lag: from the batch's start, or once ``done`` its end."""
+        for tp, messages in fetched.items():
+            highwater = consumer.highwater(tp)
+            if tp.topic in self.inputs and highwater is not None:
+                position = messages[-1].offset + 1 if done else messages[0].offset
+                self.lag_gauge.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+
 class BatchLoop:
     def __init__(self, settings: Settings, inputs: list[str], erasures: str, partials: str,
                  lag_gauge: Gauge,
@@ -75,16 +159,14 @@ class BatchLoop:
                  stored_position: Callable[[int], bytes | None],
                  producing: Callable[[], bool]) -> None:
         self.settings = settings
-        self.inputs = inputs  # co-partitioned; crm.events first: its lag gates the stall checks
-        self.erasures, self.partials = erasures, partials  # one partition each
-        self.shared_positions: dict[str, int] = {}
-        self.lag_gauge = lag_gauge
+        # co-partitioned inputs, crm.events first (its lag gates the stall checks), and the
+        # shared ones (one partition each)
+        self.topics = [*inputs, erasures, partials]
+        self.positions = Positions(inputs, erasures, partials, lag_gauge, stored_position)
         self.handle = handle
-        self.stored_position = stored_position
         self.producing = producing
         self.epoch: int | None = None
         self.consumer: AIOKafkaConsumer | None = None
-        self.positions: dict[int, dict[str, int]] = {}
         self._assigned: frozenset[int] = frozenset()
         self._assigned_epoch: int | None = None
         self._wanted: frozenset[int] = frozenset()
@@ -116,54 +198,20 @@ class BatchLoop:
                 os._exit(EXIT_UNCONFIRMED_WRITES)
             log.warning("a batch still in flight at a revoke: fenced off, it writes nothing")
 
-    def _shared(self, partitions: frozenset[int]) -> list[str]:
-        return [self.erasures, self.partials] if 0 in partitions else [self.erasures]
-
-    def owned(self) -> frozenset[int]:
-        return self._assigned if self.epoch is not None else frozenset()
-
     async def _apply_assignment(self) -> None:
         assert self.consumer is not None
         wanted, epoch = self._wanted, self.epoch
-        for partition in self._assigned - wanted:
-            self.positions.pop(partition, None)
-            for topic in self.inputs:
-                with contextlib.suppress(KeyError):
-                    self.lag_gauge.remove(topic, str(partition))
+        self.positions.reassign(self._assigned - wanted, wanted)
         self._assigned, self._assigned_epoch = wanted, epoch
-        self.shared_positions = {}
         if not wanted:
             self.consumer.unsubscribe()
             return
-        self.consumer.assign([TopicPartition(topic, p) for p in sorted(wanted) for topic in self.inputs]
-                             + [TopicPartition(topic, 0) for topic in self._shared(wanted)])
-        for partition in wanted:
-            raw = self.stored_position(partition)
-            self.positions[partition] = orjson.loads(raw) if raw else {}
-        await self._seek(wanted)
+        self.consumer.assign(self.positions.topic_partitions(wanted))
+        await self.positions.seek(self.consumer, wanted)
         # The first check waits an interval: until the first fetches, no backlog is known.
         self._next_check = time.monotonic() + self.settings.tick_interval
-        log.info("reading %s partitions %s (epoch %s)", ", ".join(self.inputs), sorted(wanted), epoch)
-
-    async def _seek(self, partitions: frozenset[int] | set[int]) -> None:
-        """Back to the stored positions; an input never read starts at its beginning."""
-        assert self.consumer is not None
-        for topic in self._shared(self._assigned):
-            tp = TopicPartition(topic, 0)
-            if topic in self.shared_positions:
-                self.consumer.seek(tp, self.shared_positions[topic])
-            elif topic == self.partials:
-                await self.consumer.seek_to_end(tp)
-            else:
-                await self.consumer.seek_to_beginning(tp)
-        for partition in partitions:
-            stored = self.positions.get(partition, {})
-            for topic in self.inputs:
-                tp = TopicPartition(topic, partition)
-                if topic in stored:
-                    self.consumer.seek(tp, stored[topic])
-                else:
-                    await self.consumer.seek_to_beginning(tp)
+        log.info("reading %s partitions %s (epoch %s)", ", ".join(self.positions.inputs),
+                 sorted(wanted), epoch)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -196,48 +244,37 @@ class BatchLoop:
         checks = self._checks_due()
         if not fetched and not checks:
             return
-        # Position rows only for the partitions this fetch moved: an idle partition writes nothing.
-        batch = Batch(epoch, {topic: [] for topic in [*self.inputs, self.erasures, self.partials]},
-                      {}, checks)
-        shared = dict(self.shared_positions)
+        rows, shared = self.positions.after(fetched)
+        batch = Batch(epoch, {topic: [] for topic in self.topics}, rows, checks)
         for tp, messages in fetched.items():
             batch.records[tp.topic].extend(messages)
-            if tp.topic not in self.inputs:
-                shared[tp.topic] = messages[-1].offset + 1
-                continue
-            positions = batch.positions.get(tp.partition)
-            if positions is None:
-                positions = batch.positions[tp.partition] = dict(self.positions.get(tp.partition, {}))
-            positions[tp.topic] = messages[-1].offset + 1
-        self._report_lag({tp: messages[0].offset for tp, messages in fetched.items()
-                          if tp.topic in self.inputs})
+        self.positions.report_lag(self.consumer, fetched, done=False)
         self._idle.clear()
         try:
             await self.handle(batch)
         except Revoked:
-            await self._seek_back(fetched)  # nothing written: whoever owns them next reads them
+            self._seek_back(fetched)  # nothing written: whoever owns them next reads them
             return
         except Exception:
             log.exception("a batch of %d records failed; reading it again in %.0f s",
                           sum(map(len, fetched.values())), RETRY_SECONDS)
             await asyncio.sleep(RETRY_SECONDS)
-            await self._seek_back(fetched)
+            self._seek_back(fetched)
             return
         finally:
             self._idle.set()
         if epoch == self.epoch:
-            self.positions.update(batch.positions)
-            self.shared_positions = shared
-            self._report_lag({tp: messages[-1].offset + 1 for tp, messages in fetched.items()
-                              if tp.topic in self.inputs})
+            self.positions.by_partition.update(rows)
+            self.positions.shared = shared
+            self.positions.report_lag(self.consumer, fetched, done=True)
 
-    async def _seek_back(self, fetched: dict) -> None:
+    def _seek_back(self, fetched: dict) -> None:
         """To the first record fetched of each partition: where the batch started. (A seek to
         the beginning or the end waits for the fetcher, which after a broker outage could wait
         for good.)"""
         if self.epoch is not None and self._wanted == self._assigned:
             for tp, messages in fetched.items():
-                self.consumer.seek(tp, messages[0].offset)
+                self.consumer.seek(tp, messages[0].offset)  # type: ignore[union-attr]
 
     def _checks_due(self) -> list[int]:
         """Every tick interval, the owned partitions not catching up a backlog."""
@@ -248,16 +285,4 @@ class BatchLoop:
         return [p for p in sorted(self._assigned) if self.lag(p) <= MAX_CHECK_LAG]
 
     def lag(self, partition: int) -> int:
-        """``crm.events`` records of a partition not processed yet (0 before its first fetch)."""
-        if self.consumer is None or partition not in self._assigned:
-            return 0
-        highwater = self.consumer.highwater(TopicPartition(self.inputs[0], partition))
-        position = self.positions.get(partition, {}).get(self.inputs[0], 0)
-        return max(highwater - position, 0) if highwater is not None else 0
-
-    def _report_lag(self, offsets: dict[TopicPartition, int]) -> None:
-        assert self.consumer is not None
-        for tp, position in offsets.items():
-            highwater = self.consumer.highwater(tp)
-            if highwater is not None:
-                self.lag_gauge.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+        return self.positions.lag(self.consumer, partition) if partition in self._assigned else 0

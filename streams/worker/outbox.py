@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from faust.types import TP
 
-from processors.deals import kafka_partition
+from processors.records import kafka_partition
 from streams.kafka import client as kafka_client
 
 log = logging.getLogger("funnel_kpi.outbox")

@@ -16,7 +16,7 @@ replay (F8).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import orjson
@@ -25,10 +25,12 @@ from prometheus_client.registry import Collector
 from models import aggregates as agg
 from models.alerts import Alert, alert_id, iso
 from models.config import FunnelConfig
+from models.fold import Fold
 from models.kpis import ConversionCheck, Samples, conversion_checks, total
 from models.snapshot import KpiSnapshot, build_snapshot
 from processors.records import Record
-from sinks.prometheus import CONFIG_METRICS, KpiCollector
+from sinks.config_gauges import CONFIG_METRICS
+from sinks.prometheus import KpiCollector
 
 TOP_CUSTOMERS = 100
 REPUBLISH_SECONDS = 30.0  # an unchanged snapshot is still re-sent this often (liveness)
@@ -50,7 +52,7 @@ def collect_samples(collector: Collector) -> Samples:
 
 
 def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
-                   fold: agg.Fold, lag: int = 0, generation: int = 0) -> bytes:
+                   fold: Fold, lag: int = 0, generation: int = 0) -> bytes:
     """A partition's business samples (config gauges are the publisher's own) and top customers,
     stamped with the consumer-group generation in which the sender owned the partition."""
     collector = KpiCollector(config, lambda: [fold], lambda: now_ms, "partial")
@@ -62,6 +64,17 @@ def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
     top = sorted(fold.accounts.items(), key=lambda kv: -kv[1])[:TOP_CUSTOMERS]
     return orjson.dumps([kind, partition, now_ms, rows, [[*key, micro] for key, micro in top], lag,
                          generation])
+
+
+def owned_partials(config: FunnelConfig, now_ms: int, generation: int, lag: Callable[[int], int],
+                   **folds: dict[int, Fold]) -> Iterator[tuple[bytes, bytes]]:
+    """(key, partial) of each partition of each kind of fold a worker owns; ``lag``: of a deals
+    partition (the publisher judges conversion only once every partition caught up)."""
+    for kind, by_partition in folds.items():
+        for partition, fold in list(by_partition.items()):
+            yield f"{kind}:{partition}".encode(), encode_partial(
+                kind, partition, now_ms, config, fold, lag(partition) if kind == "deals" else 0,
+                generation)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from processors.customers import CustomerProcessor
 from processors.deals import DealBatch, DealProcessor
 from processors.erasure import erasure_pseudonym
 from processors.records import Record, Rejection
-from sinks.prometheus import ProcessMetrics
+from sinks.process_metrics import ProcessMetrics
 from sinks.redis import RedisSink
 from streams.kafka import topics
 from streams.worker.loop import Batch, position_key

@@ -4,10 +4,11 @@ state; each reports its recovery for the assignment it was recovered for."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import faust
+import orjson
 from faust.types import TP
 
 from models.aggregates import Contribution
@@ -88,3 +89,12 @@ class FoldedTable(RawTable):
             if value is not None and not is_position_key(key)))
         log.info("%s: aggregates rebuilt for active partitions %s", self.name, sorted(active))
         self.on_ready(self.name, generation)
+
+
+def stored_deals(deals: RawTable, partitions: frozenset[int] | None) -> Iterator[tuple[str, bytes]]:
+    """Every stored deal of the given partitions, of all with None (erasures, undoing a failed
+    batch: a full scan)."""
+    for key, value in list(deals.data.items()):
+        if value is not None and not is_position_key(key) and (
+                partitions is None or orjson.loads(value)[2] in partitions):
+            yield key.decode(), value
