@@ -280,7 +280,7 @@ class _BatchWork:
     def finish(self, deal_id: str, state: _Touched) -> None:
         """Fold the deal's change, move its credit, queue its write."""
         deal, batch = state.deal, self.batch
-        if state.write:
+        if state.write and deal.stall_alert is not None:
             alert = unstall(deal, self.config, self.processor.clock.now_ms())
             if alert is not None:
                 batch.alerts.append(alert)
