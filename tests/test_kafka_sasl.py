@@ -1,12 +1,12 @@
 """Kafka with SASL/SCRAM: the embedded broker's own ``--authentication`` for the refusals, and a
-real SCRAM server in front of it (tests/scram_proxy.py says why) for a whole run that logs in."""
+real SCRAM server in front of it (tests/sasl_gate.py says why) for a whole run that logs in."""
 
 import pytest
 
 from streams.tools.broker import EmbeddedBroker, free_port
 
 from .conftest import DATASET, DATASET_EVENTS, WorkerProcess, settled
-from .scram_proxy import ScramGate
+from .sasl_gate import SaslGate
 from .test_e2e_pipeline import assert_dataset_values
 from .test_kafka_tls import assert_one_line_exit_2, cli
 
@@ -32,7 +32,7 @@ def scram_broker(tmp_path):
     """Tansu behind the SCRAM gate; Tansu advertises the gate's port."""
     gate_port = free_port()
     with EmbeddedBroker(gate_port, tmp_path / "broker.log", listen_port=free_port()) as broker:
-        gate = ScramGate(gate_port, broker.listen_port, "funnel", PASSWORD).start()
+        gate = SaslGate(gate_port, broker.listen_port, "funnel", PASSWORD).start()
         try:
             yield broker, gate
         finally:

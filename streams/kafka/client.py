@@ -2,7 +2,9 @@
 
 One place builds the connection arguments, so the Faust app, the events consumer, the
 producers, the receiver, the adapter, the API's reader, ``erase``, the topic admin and the
-bench clients all reach a secured cluster (Confluent Cloud, MSK, Aiven, Strimzi) the same way.
+bench clients all reach a secured cluster (Confluent Cloud, MSK, Aiven, Strimzi, Azure Event
+Hubs) the same way: TLS, SASL PLAIN/SCRAM, or SASL OAUTHBEARER with an OAuth client-credentials
+or Amazon MSK IAM token (:mod:`streams.kafka.oauth`).
 ``tests/test_kafka_client.py`` fails if a client is built without :func:`client_args` or
 :func:`faust_args`. Settings come from the environment only (``FUNNEL_KAFKA_*``): secrets on a
 command line show in ``ps``.
@@ -21,13 +23,15 @@ from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.kafka.oauth import token_provider
 from streams.kafka.startup import StartupError, env_name
 
 if TYPE_CHECKING:
     from faust.types.auth import CredentialsT
 
 Protocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
-Mechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+Mechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+OAuthProvider = Literal["client-credentials", "aws-msk-iam"]
 
 
 class BrokerUnavailable(StartupError):
@@ -43,12 +47,25 @@ class KafkaSecurity(BaseSettings):
     security_protocol: Protocol = Field(
         "PLAINTEXT", description="PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL",
     )
-    sasl_mechanism: Mechanism = Field("PLAIN", description="PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512")
+    sasl_mechanism: Mechanism = Field(
+        "PLAIN", description="PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | OAUTHBEARER")
     sasl_username: str | None = Field(None, description="SASL user name (API key on Confluent Cloud)")
     sasl_password: SecretStr | None = Field(None, description="SASL password")
     sasl_password_file: Path | None = Field(
         None, description="file holding the SASL password (a mounted secret)",
     )
+    oauth_provider: OAuthProvider = Field(
+        "client-credentials", description="OAUTHBEARER tokens: client-credentials | aws-msk-iam")
+    oauth_token_url: str | None = Field(None, description="OAuth token endpoint (client-credentials)")
+    oauth_client_id: str | None = Field(None, description="OAuth client id (client-credentials)")
+    oauth_client_secret: SecretStr | None = Field(None, description="OAuth client secret")
+    oauth_client_secret_file: Path | None = Field(None, description="file holding the OAuth client secret")
+    oauth_scope: str | None = Field(None, description="OAuth scope (Azure Event Hubs: https://<namespace>"
+                                    ".servicebus.windows.net/.default)")
+    oauth_extensions: str | None = Field(
+        None, description="SASL extensions key=value,key=value (Confluent Cloud: logicalCluster=lkc-…,"
+                          "identityPoolId=pool-…)")
+    aws_region: str | None = Field(None, description="AWS region of the MSK cluster (aws-msk-iam)")
     ssl_cafile: Path | None = Field(
         None, description="CA bundle (PEM) to verify the brokers (unset: system CAs)",
     )
@@ -59,9 +76,15 @@ class KafkaSecurity(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSecurity:
-        if self.sasl and not self.sasl_username:
+        if self.sasl_password is not None and self.sasl_password_file is not None:
+            # like every other secret (streams/kafka/secrets.py): neither silently wins
+            raise ValueError("both FUNNEL_KAFKA_SASL_PASSWORD and FUNNEL_KAFKA_SASL_PASSWORD_FILE are "
+                             "set: unset one of them")
+        if self.oauth:
+            self._check_oauth()
+        elif self.sasl and not self.sasl_username:
             raise ValueError(f"{self.security_protocol} needs FUNNEL_KAFKA_SASL_USERNAME")
-        if self.sasl and self.sasl_password is None and self.sasl_password_file is None:
+        elif self.sasl and self.sasl_password is None and self.sasl_password_file is None:
             raise ValueError(
                 f"{self.security_protocol} needs FUNNEL_KAFKA_SASL_PASSWORD or "
                 "FUNNEL_KAFKA_SASL_PASSWORD_FILE"
@@ -70,9 +93,42 @@ class KafkaSecurity(BaseSettings):
             raise ValueError("FUNNEL_KAFKA_SSL_CERTFILE and FUNNEL_KAFKA_SSL_KEYFILE go together")
         return self
 
+    def _check_oauth(self) -> None:
+        if self.oauth_client_secret is not None and self.oauth_client_secret_file is not None:
+            raise ValueError("both FUNNEL_KAFKA_OAUTH_CLIENT_SECRET and "
+                             "FUNNEL_KAFKA_OAUTH_CLIENT_SECRET_FILE are set: unset one of them")
+        if self.oauth_provider == "aws-msk-iam":
+            if not self.aws_region:
+                raise ValueError("FUNNEL_KAFKA_OAUTH_PROVIDER=aws-msk-iam needs FUNNEL_KAFKA_AWS_REGION")
+            return
+        missing = [name for name, value in (
+            ("FUNNEL_KAFKA_OAUTH_TOKEN_URL", self.oauth_token_url),
+            ("FUNNEL_KAFKA_OAUTH_CLIENT_ID", self.oauth_client_id),
+            ("FUNNEL_KAFKA_OAUTH_CLIENT_SECRET(_FILE)",
+             self.oauth_client_secret or self.oauth_client_secret_file),
+        ) if not value]
+        if missing:
+            raise ValueError(f"SASL OAUTHBEARER with client-credentials needs {', '.join(missing)}")
+        for pair in (self.oauth_extensions or "").split(","):
+            if pair and "=" not in pair:
+                raise ValueError(f"FUNNEL_KAFKA_OAUTH_EXTENSIONS: {pair!r} is not key=value")
+
     @property
     def sasl(self) -> bool:
         return self.security_protocol.startswith("SASL_")
+
+    @property
+    def oauth(self) -> bool:
+        return self.sasl and self.sasl_mechanism == "OAUTHBEARER"
+
+    def tokens(self) -> Any:
+        """The process's OAUTHBEARER token provider for these settings."""
+        return token_provider(self)
+
+    def client_secret(self) -> str:
+        if self.oauth_client_secret is not None:
+            return self.oauth_client_secret.get_secret_value()
+        return _read_secret("FUNNEL_KAFKA_OAUTH_CLIENT_SECRET_FILE", self.oauth_client_secret_file)
 
     @property
     def tls(self) -> bool:
@@ -81,13 +137,7 @@ class KafkaSecurity(BaseSettings):
     def password(self) -> str:
         if self.sasl_password is not None:
             return self.sasl_password.get_secret_value()
-        path = self.sasl_password_file
-        try:
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise BrokerUnavailable(
-                f"cannot read FUNNEL_KAFKA_SASL_PASSWORD_FILE {path}: {exc.strerror}"
-            ) from None
+        return _read_secret("FUNNEL_KAFKA_SASL_PASSWORD_FILE", self.sasl_password_file)
 
     def ssl_context(self) -> ssl.SSLContext:
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
@@ -111,7 +161,9 @@ class KafkaSecurity(BaseSettings):
         args: dict[str, Any] = {"security_protocol": self.security_protocol}
         if self.tls:
             args["ssl_context"] = self.ssl_context()
-        if self.sasl:
+        if self.oauth:
+            args.update(sasl_mechanism="OAUTHBEARER", sasl_oauth_token_provider=self.tokens())
+        elif self.sasl:
             args.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
                         sasl_plain_password=self.password())
         return args
@@ -119,8 +171,12 @@ class KafkaSecurity(BaseSettings):
     def faust_credentials(self) -> CredentialsT | None:
         """Faust's aiokafka driver turns these back into the same aiokafka arguments
         (``credentials_to_aiokafka_auth``; SCRAM passes through as ``sasl_mechanism``)."""
-        from faust.auth import SASLCredentials, SSLCredentials  # only the worker needs Faust
+        # only the worker needs Faust
+        from faust.auth import OAuthCredentials, SASLCredentials, SSLCredentials
 
+        if self.oauth:
+            return OAuthCredentials(oauth_cb=self.tokens(),
+                                    ssl_context=self.ssl_context() if self.tls else None)
         if self.sasl:
             return SASLCredentials(
                 username=self.sasl_username, password=self.password(), mechanism=self.sasl_mechanism,
@@ -131,6 +187,16 @@ class KafkaSecurity(BaseSettings):
         return None
 
 
+def _read_secret(variable: str, path: Path | None) -> str:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")  # type: ignore[union-attr]
+    except OSError as exc:
+        raise BrokerUnavailable(
+            f"{variable}={path}: cannot read the secret file ({exc.strerror or exc}); mount the "
+            f"secret there or unset {variable}"
+        ) from None
+
+
 def load_security() -> KafkaSecurity:
     """The security settings from the environment; a bad value is one line naming the setting."""
     try:
@@ -138,7 +204,8 @@ def load_security() -> KafkaSecurity:
     except ValidationError as exc:
         error = exc.errors()[0]
         where = env_name(KafkaSecurity, str(error["loc"][0])) if error["loc"] else ""
-        raise BrokerUnavailable(f"{where or 'Kafka security settings'}: {error['msg']}") from None
+        message = error["msg"].removeprefix("Value error, ")  # a check across settings names them
+        raise BrokerUnavailable(f"{where}: {message}" if where else message) from None
 
 
 def bootstrap_servers(broker_url: str) -> list[str]:
@@ -168,7 +235,8 @@ async def check_broker(broker_url: str, security: KafkaSecurity | None = None) -
 
     Refused or closed connections are retried until ``FUNNEL_KAFKA_CONNECT_TIMEOUT`` (a broker may still be
     starting); a TLS or SASL refusal cannot heal by waiting and fails at once. Either way the
-    error is one :class:`BrokerUnavailable` line naming the setting to check.
+    error is one :class:`BrokerUnavailable` line naming the setting to check. While it waits, one
+    notice on standard output says so (standard error is kept for the refusal: one line).
     """
     security = security or load_security()
     args = security.aiokafka_args()
@@ -178,6 +246,7 @@ async def check_broker(broker_url: str, security: KafkaSecurity | None = None) -
     loop = asyncio.get_running_loop()
     deadline = loop.time() + security.connect_timeout
     last = ""
+    waiting = False
     while True:
         for host in hosts:
             name, _, port = host.rpartition(":")
@@ -205,6 +274,10 @@ async def check_broker(broker_url: str, security: KafkaSecurity | None = None) -
                 f"(FUNNEL_KAFKA_CONNECT_TIMEOUT): {last}; check FUNNEL_BROKER and "
                 f"FUNNEL_KAFKA_SECURITY_PROTOCOL ({security.security_protocol})"
             )
+        if not waiting:
+            waiting = True
+            print(f"waiting for Kafka at {', '.join(hosts)} (up to {security.connect_timeout:g} s, "
+                  "FUNNEL_KAFKA_CONNECT_TIMEOUT)", flush=True)
         await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
 
 
@@ -233,6 +306,12 @@ def _refused_by_sasl(exc: BaseException) -> bool:
 
 
 def _sasl_failure(host: str, security: KafkaSecurity) -> str:
+    if security.oauth:
+        where = (f"the MSK IAM token for {security.aws_region} (check the IAM policy allows "
+                 "kafka-cluster:Connect on this cluster)" if security.oauth_provider == "aws-msk-iam"
+                 else f"the token from {security.oauth_token_url} (check the broker trusts that "
+                 "issuer, FUNNEL_KAFKA_OAUTH_SCOPE and FUNNEL_KAFKA_OAUTH_EXTENSIONS)")
+        return f"Kafka at {host} refused SASL OAUTHBEARER login with {where}"
     return (f"Kafka at {host} refused SASL {security.sasl_mechanism} login as "
             f"{security.sasl_username!r}: check FUNNEL_KAFKA_SASL_USERNAME and "
             "FUNNEL_KAFKA_SASL_PASSWORD(_FILE)")

@@ -1,4 +1,5 @@
-"""A SASL/SCRAM gate in front of the embedded broker, for the SCRAM tests.
+"""A SASL gate in front of the embedded broker: SCRAM for the SCRAM tests, OAUTHBEARER for the
+OAuth and MSK IAM tests.
 
 Why not Tansu's own ``--authentication``: the shipped Tansu 0.6.0 binary has one storage engine
 ("Storage engines: dynostore", printed by ``--help``), and there
@@ -11,8 +12,11 @@ The gate is a real SCRAM-SHA-256/512 server (RFC 5802/7677, as Kafka runs it: Sa
 then SaslAuthenticate v0/v1 frames). Before a client has authenticated it answers only
 ApiVersions (relayed to the broker), SaslHandshake and SaslAuthenticate, and closes the
 connection on anything else, like a broker with ``sasl.enabled.mechanisms``; a wrong proof gets
-SASL_AUTHENTICATION_FAILED (58). Once authenticated, bytes flow to and from the broker untouched.
-The broker advertises the gate's port, so every client connection goes through it.
+SASL_AUTHENTICATION_FAILED (58). OAUTHBEARER (RFC 7628, KIP-255) is offered when the gate is
+given a ``bearer`` check: it reads the client's ``auth=Bearer <token>`` and SASL extensions and
+asks the check, as a broker asks its token validator. Once authenticated, bytes flow to and from
+the broker untouched. The broker advertises the gate's port, so every client connection goes
+through it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hmac
 import os
 import struct
 import threading
+from collections.abc import Callable
 
 API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
 UNSUPPORTED_SASL_MECHANISM, SASL_AUTHENTICATION_FAILED = 33, 58
@@ -90,24 +95,46 @@ class ScramServer:
         return "v=" + base64.b64encode(server_signature).decode()
 
 
-class ScramGate:
-    """Listens on ``port`` (loopback), forwards authenticated connections to ``upstream_port``."""
+class OAuthBearerServer:
+    """One OAUTHBEARER exchange: the client's first message carries the token and extensions."""
 
-    def __init__(self, port: int, upstream_port: int, user: str, password: str) -> None:
+    mechanism = "OAUTHBEARER"
+    first_bare = ""
+
+    def __init__(self, check: Callable[[str, dict[str, str]], str | None]) -> None:
+        self.check = check  # (token, extensions) → the principal, or None to refuse
+        self.login = ""
+
+    def final(self, message: str) -> str | None:
+        fields = dict(part.split("=", 1) for part in message.split("\x01")[1:] if "=" in part)
+        token = fields.pop("auth", "").removeprefix("Bearer ")
+        principal = self.check(token, fields)
+        self.login = principal or token[:12]
+        return None if principal is None else ""
+
+
+class SaslGate:
+    """Listens on ``port`` (loopback), forwards authenticated connections to ``upstream_port``:
+    SCRAM for ``user``/``password``, and OAUTHBEARER when a ``bearer`` check is given."""
+
+    def __init__(self, port: int, upstream_port: int, user: str = "", password: str = "",
+                 bearer: Callable[[str, dict[str, str]], str | None] | None = None) -> None:
         self.port = port
         self.upstream_port = upstream_port
         self.user = user
         self.password = password
+        self.bearer = bearer
+        self.mechanisms = [*HASHES, "OAUTHBEARER"] if bearer else list(HASHES)
         self.logins: list[tuple[str, str, bool]] = []  # (mechanism, user, accepted)
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="scram-gate", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="sasl-gate", daemon=True)
         self.server: asyncio.base_events.Server | None = None
 
-    def start(self) -> ScramGate:
+    def start(self) -> SaslGate:
         self.thread.start()
         if not self.ready.wait(10):
-            raise RuntimeError("SCRAM gate did not start")
+            raise RuntimeError("SASL gate did not start")
         return self
 
     def stop(self) -> None:
@@ -134,7 +161,7 @@ class ScramGate:
                 stream.close()
 
     async def _authenticate(self, reader, writer, upstream_reader, upstream_writer) -> bool:
-        scram: ScramServer | None = None
+        scram: ScramServer | OAuthBearerServer | None = None
         while True:
             frame = await _read_frame(reader)
             api_key, version, correlation = struct.unpack_from(">hhi", frame)
@@ -145,19 +172,20 @@ class ScramGate:
             _, at = _string(frame, 8)  # client id
             if api_key == SASL_HANDSHAKE:
                 mechanism, _ = _string(frame, at)
-                known = mechanism in HASHES
-                scram = ScramServer(mechanism, self.user, self.password) if known else None
+                known = mechanism in self.mechanisms
+                scram = (OAuthBearerServer(self.bearer) if mechanism == "OAUTHBEARER" and self.bearer
+                         else ScramServer(mechanism, self.user, self.password) if known else None)
                 body = struct.pack(">h", 0 if known else UNSUPPORTED_SASL_MECHANISM) + struct.pack(
-                    ">i", len(HASHES)) + b"".join(_encode_string(name) for name in HASHES)
+                    ">i", len(self.mechanisms)) + b"".join(map(_encode_string, self.mechanisms))
                 writer.write(_response(correlation, body))
-                if version == 0 and scram is not None:  # tokens follow without Kafka headers
+                if version == 0 and isinstance(scram, ScramServer):  # tokens follow without Kafka headers
                     return await self._raw_tokens(scram, mechanism, reader, writer)
                 continue
             if api_key != SASL_AUTHENTICATE or scram is None:
                 return False  # not authenticated: the connection is closed, as a broker does
             (length,) = struct.unpack_from(">i", frame, at)
             token = frame[at + 4:at + 4 + length].decode()
-            if not scram.first_bare:
+            if isinstance(scram, ScramServer) and not scram.first_bare:
                 writer.write(_auth_response(correlation, version, 0, None, scram.first(token).encode()))
                 continue
             answer = scram.final(token)
