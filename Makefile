@@ -10,7 +10,7 @@ UV_VERSION := 0.13.9
 COMPILE := $(UV) pip compile pyproject.toml --generate-hashes --python-version 3.11 \
 	--custom-compile-command "make lock" --quiet $(if $(UPGRADE),--upgrade)
 
-.PHONY: demo test lint bench reliability tools lock clean
+.PHONY: demo test lint bench reliability tools lock proto clean
 
 # Exactly the locked versions, hash-checked; the project itself without dependencies.
 $(STAMP): pyproject.toml requirements-dev.lock
@@ -31,6 +31,12 @@ $(UV):
 lock: $(UV)
 	$(COMPILE) --extra rocksdb -o requirements.lock
 	$(COMPILE) --extra rocksdb --extra dev -c requirements.lock -o requirements-dev.lock
+
+# The Salesforce Pub/Sub API client code from the official proto (checked in; run after changing
+# the proto or grpcio-tools; tests/test_salesforce_cdc.py fails when the files are not current).
+PROTO := streams/crm/pubsub/pubsub_api.proto
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $(PROTO)
 
 # promtool/prometheus (metric lint, rule tests, dashboard queries), amtool and alertmanager
 # (Alertmanager config and delivery), nginx + openssl (the reverse-proxy example), stunnel4

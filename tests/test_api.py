@@ -10,6 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from models.kpis import total
+from streams.http.api import minor_unit, rounded
 from streams.kafka.settings import Settings
 from streams.tools.broker import EmbeddedBroker
 from streams.tools.producer import produce
@@ -63,6 +64,58 @@ def test_endpoints_answer_with_the_snapshot(api):
     assert get(f"{base}/healthz", token=None)[0] == 200
     assert get(f"{base}/readyz", token=None) == (
         200, {"status": "ready", "tables": "recovered", "broker": "ok"})
+
+
+def money_values(body: dict) -> list[float]:
+    """Every amount of money in a snapshot or leaderboard answer."""
+    sets = [body.get("all_time") or {}, *(body.get("windows") or {}).values()]
+    customers = body.get("customers") or {}
+    values = [body.get("pipeline_value"), body.get("weighted_pipeline"),
+              *(s.get(k) for s in sets for k in ("won_revenue", "avg_deal_size")),
+              *(row.get(k) for row in body.get("stages") or [] for k in ("open_value", "stalled_value")),
+              *(row["won_revenue"] for row in body.get("leaderboard") or []),
+              customers.get("avg_lifetime_value"), *(c["lifetime_value"] for c in customers.get("top") or []),
+              *(t.get(k) for t in (body.get("targets") or {}).values()
+                for k in ("target", "won", "expected_to_date", "forecast"))]
+    return [value for value in values if value is not None]
+
+
+def test_money_is_rounded_to_the_currency_minor_unit(api):
+    """The leaderboard showed float sums such as 591027.8799999999."""
+    base, worker = api
+    snapshot, board = get(f"{base}/kpis/default")[1], get(f"{base}/kpis/default/leaderboard")[1]
+    assert snapshot["currency"] == board["currency"] == "USD"
+    for body in (snapshot, board):
+        values = money_values(body)
+        assert values and all(value == round(value, 2) for value in values), values
+    # the amounts are the worker's own float sums (its rep revenue on /metrics), to the cent
+    reps = {labels["owner"]: value for labels, value in worker.samples()["funnel_rep_won_revenue"]
+            if labels["pipeline"] == "default" and labels["currency"] == "USD"}
+    assert board["leaderboard"]
+    for row in board["leaderboard"]:
+        assert row["won_revenue"] == round(reps[row["owner"]], 2)
+
+
+def test_amounts_round_to_each_currency_minor_unit():
+    body = {"pipeline_value": 591027.8799999999, "weighted_pipeline": 0.1 + 0.2,
+            "all_time": {"won_revenue": 10.005, "avg_deal_size": None, "win_rate": 0.333333},
+            "windows": {"7d": {"won_revenue": 1.23456, "sales_velocity_per_second": 0.0012345}},
+            "stages": [{"open_value": 2.675000001, "stalled_value": 0.0}],
+            "leaderboard": [{"owner": "a", "won_revenue": 591027.8799999999}],
+            "customers": {"avg_lifetime_value": 3.14159, "top": [{"account": "x", "lifetime_value": 9.999}]},
+            "targets": {"month": {"target": 100.0, "won": 33.333, "expected_to_date": None, "forecast": 1.005,
+                                  "attainment": 0.33333, "elapsed_ratio": 0.123456}}}
+    usd = rounded(json.loads(json.dumps(body)), "USD")
+    assert usd["pipeline_value"] == 591027.88 and usd["leaderboard"][0]["won_revenue"] == 591027.88
+    assert usd["weighted_pipeline"] == 0.3 and usd["windows"]["7d"]["won_revenue"] == 1.23
+    assert usd["stages"][0]["open_value"] == 2.68 and usd["customers"]["top"][0]["lifetime_value"] == 10.0
+    assert usd["targets"]["month"]["won"] == 33.33
+    # ratios and rates are not money: untouched
+    assert usd["all_time"]["win_rate"] == 0.333333 and usd["targets"]["month"]["attainment"] == 0.33333
+    assert usd["windows"]["7d"]["sales_velocity_per_second"] == 0.0012345
+    assert rounded(json.loads(json.dumps(body)), "JPY")["pipeline_value"] == 591028.0
+    assert rounded(json.loads(json.dumps(body)), "kwd")["customers"]["avg_lifetime_value"] == 3.142
+    assert [minor_unit(c) for c in ("USD", "EUR", "JPY", "KRW", "BHD", "CLF")] == [2, 2, 0, 0, 3, 4]
 
 
 def test_token_is_required_when_configured(api):

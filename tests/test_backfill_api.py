@@ -17,11 +17,12 @@ import yaml
 import models
 from models.config import load_config
 from streams.crm.backfill import hubspot, pipedrive, runner, salesforce
-from streams.crm.backfill.common import Page
+from streams.crm.backfill.common import CrmStage, Page
 from streams.crm.backfill.settings import SECRETS, BackfillSettings
 from streams.crm.backfill.stage_map import render, render_owners
 from streams.kafka.settings import Settings
 
+from .conftest import cli
 from .crm_servers import TOKEN, HubSpotServer, PipedriveServer, SalesforceServer, tls_files
 from .test_backfill_convergence import kpi_state, live_events
 from .test_sources_common import CTX, apply, fixture
@@ -266,14 +267,22 @@ def test_printed_stage_map_and_owners_load_as_funnel_config(crm, tls, tmp_path):
     path.write_text(yaml.safe_dump(shipped))
     # The printed blocks make a valid funnel config, and its owner ids are those the deals carry.
     assert load_config(path).owners == OWNERS[crm]
-    # Closed stages by outcome, open ones by the nearest probability (the shipped stages have
-    # 0.05, 0.10, 0.20, 0.40); Pipedrive's stages are all open (won/lost is the deal status).
-    expected = {"hubspot": {"appointmentscheduled": "sql", "contractsent": "opportunity", "closedwon": "won",
-                            "closedlost": "lost"},
-                "pipedrive": {"1": "mql", "2": "sql", "5": "opportunity"},
-                "salesforce": {"Prospecting": "mql", "Needs Analysis": "sql", "Closed Won": "won",
-                               "Closed Lost": "lost", "Negotiation/Review": "opportunity"}}[crm]
-    assert {k: block["default"][k] for k in expected} == expected
+    # The CRM's default pipeline prints exactly the shipped map (pasted back, it changes nothing;
+    # by nearest probability HubSpot's default stages left lead and mql empty).
+    assert block["default"] == yaml.safe_load(SHIPPED.read_text())["stage_maps"][crm]["default"]
+    assert "as in the funnel config" in text
+
+
+def test_stages_the_config_does_not_map_go_by_name_outcome_then_probability():
+    stages = [CrmStage("default", "Sales", "appointmentscheduled", "Appointment scheduled", 0.2),
+              CrmStage("default", "Sales", "custom1", "Lead", 0.9),
+              CrmStage("default", "Sales", "custom2", "Discovery", 0.35),
+              CrmStage("default", "Sales", "custom3", "Signed", 1.0, closed=True, won=True)]
+    text = render("hubspot", stages, {}, CTX.config)
+    assert yaml.safe_load(text)["stage_maps"]["hubspot"]["default"] == {
+        "appointmentscheduled": "lead", "custom1": "lead", "custom2": "opportunity", "custom3": "won"}
+    why = [line.rsplit(": ", 1)[1] for line in text.splitlines() if "custom" in line or "appoint" in line]
+    assert why == ["as in the funnel config", "same name", "nearest probability", "closed won"]
 
 
 @pytest.mark.parametrize("crm", ["hubspot", "pipedrive", "salesforce"])
@@ -333,7 +342,7 @@ def test_dry_run_counts_without_producing_and_a_bad_deal_is_reported_not_sent(tm
             status = runner.run(args, Settings(broker="kafka://127.0.0.1:1"))  # no broker is touched
     out = capsys.readouterr()
     assert status == 1
-    assert "backfill hubspot: 7 deals, would send" in out.out and "1 deals unreadable" in out.out
+    assert "backfill hubspot: 7 deals, would send" in out.out and "; 1 deal unreadable" in out.out
     assert "not a decimal number: '12,5'" in caplog.text  # logged (stderr in the CLI)
     assert list(tmp_path.iterdir()) == []  # a dry run writes no checkpoint
 
@@ -382,9 +391,59 @@ def test_a_refused_token_stops_the_run_with_the_reason(capsys, tmp_path):
                                   pipedrive_api_url=server.url, backfill_state_dir=str(tmp_path))
         with mock_env(FUNNEL_PIPEDRIVE_API_TOKEN="wrong"):
             assert runner.run(args, Settings()) == 2
-        assert len(server.arrivals) == 1  # a 401 is not retried
-    error = capsys.readouterr().err
-    assert "pipedrive: deal count failed after 1 tries: HTTP 401 (check the access token)" in error
+        # a 401 is not retried: the count (only for the ETA), then the first page, which stops the run
+        assert [key for _, key in server.arrivals] == ["/api/v1/deals/summary status= cursor=",
+                                                      "/api/v2/deals status= cursor="]
+    out = capsys.readouterr()
+    assert out.err == ("funnel-kpi: backfill: pipedrive: active deals page failed after 1 try: HTTP 401 "
+                       "(check the access token)\n")
+    assert "no deal count (pipedrive: deal count failed after 1 try: HTTP 401" in out.out
+
+
+def test_a_refused_token_is_one_line_from_the_command(tmp_path):
+    """The real command: the refusal is the one line on stderr; the count's failure (it only
+    feeds the ETA) is a notice on stdout."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")}
+    with PipedriveServer(pipedrive_doc()) as server:
+        result = cli("backfill", "pipedrive", "--dry-run", timeout=120, env={
+            **clean, "FUNNEL_PIPEDRIVE_API_URL": server.url, "FUNNEL_PIPEDRIVE_API_TOKEN": "wrong",
+            "FUNNEL_BACKFILL_STATE_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr == ("funnel-kpi: backfill: pipedrive: active deals page failed after 1 try: "
+                             "HTTP 401 (check the access token)\n")
+    assert result.stdout == ("backfill pipedrive: no deal count (pipedrive: deal count failed after 1 try: "
+                             "HTTP 401 (check the access token)); going on without a total or ETA\n")
+
+
+@pytest.mark.parametrize("answer", ["500", "not a count"])
+def test_a_failed_deal_count_only_drops_the_eta(answer, capsys, tmp_path):
+    """The count is Pipedrive's undocumented /v1/deals/summary (a HubSpot search, a SOQL COUNT()):
+    failing (after its retries) or answering nonsense, it leaves the progress bar without a total
+    and the run goes on."""
+    with PipedriveServer(pipedrive_doc()) as server:
+        summary = "/api/v1/deals/summary status= cursor="
+        if answer == "500":
+            server.faults = {summary: ["500", "500"]}
+        else:
+            server.answer = (lambda plain: lambda request: (200, {"success": True, "data": [1]}, {})
+                             if request.path == "/api/v1/deals/summary" else plain(request))(server.answer)
+        args = argparse.Namespace(crm="pipedrive", since=None, dry_run=True, print_stage_map=False,
+                                  pipedrive_api_url=server.url, backfill_state_dir=str(tmp_path),
+                                  backfill_retries="1", backfill_rate="100/1")
+        with mock_env(FUNNEL_PIPEDRIVE_API_TOKEN=TOKEN):
+            status = runner.run(args, Settings(broker="kafka://127.0.0.1:1"))  # no broker is touched
+        reader = pipedrive.Reader(settings(pipedrive_api_url=server.url, pipedrive_api_token=TOKEN), CTX)
+        deals = read_all(reader).deals
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    assert f"backfill pipedrive: {deals} deals, would send" in out.out
+    if answer == "500":
+        assert server.played == {summary: ["500", "500"]}
+        assert ("backfill pipedrive: no deal count (pipedrive: deal count failed after 2 tries: HTTP 500); "
+                "going on without a total or ETA") in out.out
+    else:
+        assert "backfill pipedrive: no deal count (unreadable answer, AttributeError" in out.out
+    assert "Traceback" not in out.err
 
 
 def test_a_single_currency_salesforce_org_is_read_without_currency_iso_code(tls):

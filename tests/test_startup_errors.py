@@ -140,3 +140,115 @@ def test_a_partition_count_mismatch_is_one_line(broker, command, tmp_path):
                    FUNNEL_DATA_DIR=str(tmp_path / "data"))
     assert line == ("funnel-kpi: topic 'crm.events' has 4 partitions, this deployment is configured for 8 "
                     "(FUNNEL_PARTITIONS). Use a new app id / topic set, or set FUNNEL_PARTITIONS=4.")
+
+
+# Issue 24: every refusal is one line on stderr naming the cause and the fix, exit code 2.
+
+def test_an_unknown_table_store_is_one_line_not_a_faust_traceback():
+    line = refused("worker", FUNNEL_STORE="rocks")
+    assert line == ("funnel-kpi: invalid setting FUNNEL_STORE='rocks': Value error, use memory:// or "
+                    "rocksdb:// (RocksDB state lives in FUNNEL_DATA_DIR) (fix the environment variable, "
+                    "its flag, or for a secret its _FILE)")
+
+
+def test_replay_of_a_missing_file_is_one_line(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    line = refused("replay", str(missing))
+    assert line == (f"funnel-kpi: replay: {missing}: no such file; give an events file (JSON lines), "
+                    "or the dataset's sales_pipeline.csv or its folder")
+
+
+def test_replay_of_a_dataset_folder_without_products_csv_is_one_line(tmp_path):
+    (tmp_path / "sales_pipeline.csv").write_text("opportunity_id,sales_agent,product,account,deal_stage,"
+                                                 "engage_date,close_date,close_value\n")
+    for given in (tmp_path, tmp_path / "sales_pipeline.csv"):
+        line = refused("replay", str(given))
+        assert line == (f"funnel-kpi: replay: {tmp_path} has no products.csv; give the folder of the CRM "
+                        "sales-opportunities dataset (sales_pipeline.csv with products.csv)")
+
+
+def test_replay_of_another_csv_folder_is_one_line(tmp_path):
+    (tmp_path / "sales_pipeline.csv").write_text("id,stage\n1,won\n")
+    (tmp_path / "products.csv").write_text("name,price\nGTX,1\n")
+    line = refused("replay", str(tmp_path))
+    assert line == (f"funnel-kpi: replay: {tmp_path} is not the CRM sales-opportunities dataset (KeyError: "
+                    "'product'); give that dataset's folder")
+
+
+def test_replay_of_a_line_that_is_not_json_is_one_line(tmp_path):
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"event_id": "a"}\n{not json\n')
+    line = refused("replay", str(events))
+    assert line.startswith(f"funnel-kpi: replay: {events}:2: not JSON (")
+    assert line.endswith("); the file must hold one JSON event per line")
+
+
+@pytest.mark.parametrize("protocol", ["SASL_PLAINTEXT", "PLAINTEXT"])
+def test_a_sasl_password_in_both_the_environment_and_a_file_is_refused(protocol, tmp_path):
+    """Like every other secret: the variable does not silently win over an unreadable file."""
+    line = refused("erase", "someone", FUNNEL_KAFKA_SECURITY_PROTOCOL=protocol,
+                   FUNNEL_KAFKA_SASL_USERNAME="svc", FUNNEL_KAFKA_SASL_PASSWORD=SECRET,
+                   FUNNEL_KAFKA_SASL_PASSWORD_FILE=str(tmp_path / "not-mounted"))
+    assert line == ("funnel-kpi: both FUNNEL_KAFKA_SASL_PASSWORD and FUNNEL_KAFKA_SASL_PASSWORD_FILE are "
+                    "set: unset one of them")
+
+
+def test_an_unreadable_sasl_password_file_names_the_fix(tmp_path):
+    missing = tmp_path / "not-mounted"
+    line = refused("erase", "someone", FUNNEL_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+                   FUNNEL_KAFKA_SASL_USERNAME="svc", FUNNEL_KAFKA_SASL_PASSWORD_FILE=str(missing))
+    assert line == (f"funnel-kpi: FUNNEL_KAFKA_SASL_PASSWORD_FILE={missing}: cannot read the secret file "
+                    "(No such file or directory); mount the secret there or unset "
+                    "FUNNEL_KAFKA_SASL_PASSWORD_FILE")
+
+
+@pytest.mark.parametrize(("command", "args"), [("ingest", []), ("erase", ["someone"])])
+def test_waiting_for_kafka_is_said_on_stdout_and_the_refusal_stays_one_line(command, args):
+    """ingest used to log a warning (no webhook source) before its refusal: two lines."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")}
+    result = cli(command, *args, env={**clean, "FUNNEL_BROKER": "kafka://127.0.0.1:1",
+                                      "FUNNEL_KAFKA_CONNECT_TIMEOUT": "2"}, timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == "waiting for Kafka at 127.0.0.1:1 (up to 2 s, FUNNEL_KAFKA_CONNECT_TIMEOUT)\n"
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("funnel-kpi: no Kafka broker reachable at 127.0.0.1:1 within 2s "
+                               "(FUNNEL_KAFKA_CONNECT_TIMEOUT): ")
+    assert lines[0].endswith("; check FUNNEL_BROKER and FUNNEL_KAFKA_SECURITY_PROTOCOL (PLAINTEXT)")
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_erase_of_an_empty_name_is_refused(name):
+    line = refused("erase", name)
+    assert line == ("funnel-kpi: erase: the name is empty; give the owner or account value to erase, "
+                    "exactly as the events carry it")
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["worker", "--recovery-consistency-check", "false"],
+     "funnel-kpi: unrecognized arguments: false (see funnel-kpi --help)"),
+    (["worker", "--partitions"],
+     "funnel-kpi: worker: argument --partitions: expected one argument (see funnel-kpi worker --help)"),
+    ([], "funnel-kpi: the following arguments are required: command (see funnel-kpi --help)"),
+    (["backfill", "zoho"], "funnel-kpi: backfill: argument crm: invalid choice: 'zoho' (choose from "
+                           "'hubspot', 'pipedrive', 'salesforce') (see funnel-kpi backfill --help)"),
+])
+def test_a_usage_error_is_one_line_too(args, expected):
+    assert refused(*args) == expected
+
+
+def test_a_bad_backfill_setting_is_one_line():
+    """It was pydantic's multi-line ValidationError."""
+    line = refused("backfill", "pipedrive", "--dry-run", FUNNEL_BACKFILL_RATE="abc")
+    assert line == ("funnel-kpi: invalid setting FUNNEL_BACKFILL_RATE='abc': Value error, expected "
+                    "N/SECONDS, e.g. 100/10 (fix the environment variable, its flag, or for a secret its "
+                    "_FILE)")
+
+
+def test_a_crm_token_in_both_the_environment_and_a_file_is_refused(tmp_path):
+    token = tmp_path / "token"
+    token.write_text(SECRET)
+    line = refused("backfill", "pipedrive", "--dry-run", FUNNEL_PIPEDRIVE_API_TOKEN=SECRET,
+                   FUNNEL_PIPEDRIVE_API_TOKEN_FILE=str(token))
+    assert line == ("funnel-kpi: backfill: both FUNNEL_PIPEDRIVE_API_TOKEN and "
+                    "FUNNEL_PIPEDRIVE_API_TOKEN_FILE are set: unset one of them")

@@ -26,6 +26,47 @@ from streams.kafka import topics
 
 log = logging.getLogger("funnel_kpi.api")
 
+# ISO 4217 currencies whose minor unit is not the cent (2 decimals).
+MINOR_UNITS = {**dict.fromkeys(("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX",
+                                "UYI", "VND", "VUV", "XAF", "XOF", "XPF"), 0),
+               **dict.fromkeys(("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"), 3),
+               "CLF": 4, "UYW": 4}
+# Money fields of a snapshot (amounts, not rates: sales velocity per second keeps its precision).
+_SET_MONEY = ("won_revenue", "avg_deal_size")
+_STAGE_MONEY = ("open_value", "stalled_value")
+_TARGET_MONEY = ("target", "won", "expected_to_date", "forecast")
+
+
+def minor_unit(currency: str) -> int:
+    """Decimals of ``currency``'s minor unit: 2 unless ISO 4217 says otherwise (JPY 0, KWD 3)."""
+    return MINOR_UNITS.get(currency.upper(), 2)
+
+
+def _round(row: dict[str, Any], fields: tuple[str, ...], digits: int) -> None:
+    for name in fields:
+        if isinstance(row.get(name), float):
+            row[name] = round(row[name], digits)
+
+
+def rounded(body: dict[str, Any], currency: str) -> dict[str, Any]:
+    """A dumped snapshot (or leaderboard) with every amount of money rounded to ``currency``'s
+    minor unit, in place: sums of floats show as 591027.88, not 591027.8799999999."""
+    digits = minor_unit(currency)
+    _round(body, ("pipeline_value", "weighted_pipeline"), digits)
+    for kpi_set in [body.get("all_time") or {}, *(body.get("windows") or {}).values()]:
+        _round(kpi_set, _SET_MONEY, digits)
+    for stage in body.get("stages") or []:
+        _round(stage, _STAGE_MONEY, digits)
+    for rep in body.get("leaderboard") or []:
+        _round(rep, ("won_revenue",), digits)
+    customers = body.get("customers") or {}
+    _round(customers, ("avg_lifetime_value",), digits)
+    for customer in customers.get("top") or []:
+        _round(customer, ("lifetime_value",), digits)
+    for target in (body.get("targets") or {}).values():
+        _round(target, _TARGET_MONEY, digits)
+    return body
+
 
 class SnapshotFeed:
     """The latest valid snapshot per pipeline from ``funnel.kpis``; older pairs are dropped.
@@ -115,11 +156,11 @@ def register_api(app: faust.App, feed: SnapshotFeed, *, pipelines: list[str],
             return json(web, render(snapshot)) if snapshot else not_found(web, pipeline)
         return view
 
-    app.page("/kpis/{pipeline}")(snapshot_view(lambda s: s.model_dump(mode="json")))
-    app.page("/kpis/{pipeline}/leaderboard")(snapshot_view(lambda s: {
+    app.page("/kpis/{pipeline}")(snapshot_view(lambda s: rounded(s.model_dump(mode="json"), s.currency)))
+    app.page("/kpis/{pipeline}/leaderboard")(snapshot_view(lambda s: rounded({
         "pipeline": s.pipeline, "as_of": s.as_of, "currency": s.currency,
         "leaderboard": [r.model_dump() for r in s.leaderboard],
-    }))
+    }, s.currency)))
 
     @app.page("/healthz")
     async def healthz(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:

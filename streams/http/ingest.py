@@ -236,12 +236,12 @@ class IngestServer:
             )
             if on
         ]
-        if not enabled:
+        await ensure_raw_topics(self.settings, enabled)
+        if not enabled:  # once the broker answered: a refusal before it stays one line
             log.warning(
                 "no webhook source is configured (FUNNEL_HUBSPOT_CLIENT_SECRET, "
                 "FUNNEL_PIPEDRIVE_BASIC_AUTH): every webhook endpoint answers 404"
             )
-        await ensure_raw_topics(self.settings, enabled)
         self.producer = AIOKafkaProducer(**start_producer_args(self.settings, self.sources.ingest_max_body))
         await self.producer.start()
         self.ingest = Ingest(self.sources, self.producer)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from models.config import Clock
@@ -64,3 +64,11 @@ class Settings(SecretFileSettings):
     session_timeout: float = Field(10.0, gt=0, description="consumer group session timeout, seconds")
     rebalance_timeout: float = Field(10.0, gt=0, description="consumer group rebalance timeout, seconds")
     log_level: str = Field("info", description="debug | info | warning | error")
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        """Checked here: Faust would only fail inside the worker, with a long traceback."""
+        if value.partition("://")[::2] not in (("memory", ""), ("rocksdb", "")) or "://" not in value:
+            raise ValueError("use memory:// or rocksdb:// (RocksDB state lives in FUNNEL_DATA_DIR)")
+        return value

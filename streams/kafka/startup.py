@@ -6,6 +6,7 @@ without the value of any secret setting.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -29,6 +30,33 @@ def is_secret(model: type[BaseModel], field: str) -> bool:
 def env_name(model: type[BaseModel], field: str) -> str:
     prefix = model.model_config.get("env_prefix", "")
     return f"{prefix}{field}".upper()
+
+
+def shown_default(model: type[BaseModel], field: str) -> str:
+    """A setting's default as ``--help`` shows it: ``unset`` rather than a Python ``None`` or ``{}``,
+    ``on``/``off`` for a switch."""
+    default = model.model_fields[field].get_default(call_default_factory=True)
+    if default is None or default == {} or default == []:
+        return "unset"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
+def add_setting_flag(group: argparse._ArgumentGroup, model: type[BaseModel], field: str) -> None:
+    """``--<field>`` overriding ``FUNNEL_<FIELD>``; a boolean is a switch (``--x`` / ``--no-x``),
+    never a flag that takes a value. Unset flags are ``None``: the environment then decides."""
+    if is_secret(model, field):
+        raise ValueError(f"{field} is a secret: no flag")
+    info = model.model_fields[field]
+    flag, variable = f"--{field.replace('_', '-')}", env_name(model, field)
+    if info.annotation is bool:
+        group.add_argument(flag, dest=field, default=None, action=argparse.BooleanOptionalAction,
+                           help=f"{info.description} [env {variable}=true|false, "
+                           f"default {shown_default(model, field)}]")
+        return
+    group.add_argument(flag, dest=field, default=None, metavar="VALUE",
+                       help=f"{info.description} [env {variable}, default {shown_default(model, field)}]")
 
 
 def settings_error(exc: ValidationError, model: type[BaseModel]) -> StartupError:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -202,6 +202,14 @@ async def ensure_topics(
                 log.warning("%s", risk)
     finally:
         await admin.close()
+
+
+async def describe(admin: AIOKafkaAdminClient, names: Iterable[str]
+                   ) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
+    """Partition counts and configs of those of ``names`` that exist, creating nothing (listed
+    first: describing a missing topic makes auto-creating brokers create it)."""
+    present = sorted(set(await admin.list_topics()) & set(names))
+    return await _partition_counts(admin, present), await _configs(admin, present)
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:

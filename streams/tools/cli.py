@@ -1,4 +1,5 @@
-"""``funnel-kpi``: broker, worker, replay, simulate, demo, ingest, adapt, backfill.
+"""``funnel-kpi``: broker, worker, replay, simulate, demo, ingest, adapt, backfill, salesforce-cdc,
+check-config.
 
 Every setting is a ``FUNNEL_*`` environment variable and a flag of the same name (flags win),
 except secrets: environment or ``FUNNEL_<NAME>_FILE`` only, as a command line shows in ``ps``.
@@ -16,27 +17,31 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from models.config import ConfigError
 from streams.kafka import topics
 from streams.kafka.settings import Settings
-from streams.kafka.startup import StartupError, is_secret, load_settings
+from streams.kafka.startup import StartupError, add_setting_flag, is_secret, load_settings
+from streams.version import VERSION
 
+DATASET_FILES = ("sales_pipeline.csv", "products.csv")
 WORKER_SETTINGS = [name for name in Settings.model_fields if not is_secret(Settings, name)]
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage error is one line too (the cause, then where the fix is), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("funnel-kpi").strip()
+        self.exit(2, f"funnel-kpi: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
 
 
 def _add_settings(parser: argparse.ArgumentParser, names: list[str]) -> None:
     group = parser.add_argument_group(
         "settings (flag or environment variable; secrets: environment or FUNNEL_<NAME>_FILE only)")
     for name in names:
-        if is_secret(Settings, name):
-            raise ValueError(f"{name} is a secret: no flag")
-        info = Settings.model_fields[name]
-        default = info.default if info.default is not None else "unset"
-        group.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
-            help=f"{info.description} [env FUNNEL_{name.upper()}, default {default}]",
-        )
+        add_setting_flag(group, Settings, name)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -107,17 +112,33 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def _replay_events(path: Path, copies: int):
     from streams.tools.dataset import dataset_events
 
+    if not path.exists():
+        raise StartupError(f"replay: {path}: no such file; give an events file (JSON lines), or the "
+                           "dataset's sales_pipeline.csv or its folder")
     if path.is_dir() or path.suffix == ".csv":
         folder = path if path.is_dir() else path.parent
-        return list(dataset_events(folder, copies=copies))
+        missing = [name for name in DATASET_FILES if not (folder / name).is_file()]
+        if missing:
+            raise StartupError(f"replay: {folder} has no {' and no '.join(missing)}; give the folder of "
+                               f"the CRM sales-opportunities dataset ({' with '.join(DATASET_FILES)})")
+        try:
+            return list(dataset_events(folder, copies=copies))
+        except (OSError, UnicodeDecodeError, KeyError, ValueError) as exc:
+            raise StartupError(f"replay: {folder} is not the CRM sales-opportunities dataset "
+                               f"({type(exc).__name__}: {exc}); give that dataset's folder") from None
     events = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise SystemExit(f"{path}:{number}: not JSON: {exc}") from None
+    try:
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        events.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise StartupError(f"replay: {path}:{number}: not JSON ({exc}); the file must "
+                                           "hold one JSON event per line") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"replay: cannot read {path} ({getattr(exc, 'strerror', None) or exc}); "
+                           "give a readable UTF-8 events file") from None
     return events
 
 
@@ -146,6 +167,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_erase(args: argparse.Namespace) -> int:
     from streams.tools.erase import request_erasure
 
+    if not args.name.strip():
+        raise StartupError("erase: the name is empty; give the owner or account value to erase, "
+                           "exactly as the events carry it")
     pseudonym = asyncio.run(request_erasure(_settings(args), args.name))
     print(f"erasure requested on {topics.ERASURES}: every worker replaces the name by {pseudonym} "
           "in state, KPIs and every later event, also in a rebuild")
@@ -190,6 +214,22 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return _serve(run_adapt, settings, from_args(args))
 
 
+def cmd_salesforce_cdc(args: argparse.Namespace) -> int:
+    from streams.crm.pubsub.settings import from_args
+    from streams.crm.pubsub.subscriber import run_cdc
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    return _serve(run_cdc, settings, from_args(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from streams.tools.check_config import run
+
+    _configure_logging("WARNING")
+    return run(_settings(args))
+
+
 def cmd_backfill(args: argparse.Namespace) -> int:
     from streams.crm.backfill.runner import run
 
@@ -199,9 +239,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
+    root = Parser(
         prog="funnel-kpi", description="Real-time sales-funnel KPIs from CRM change events.",
     )
+    root.add_argument("--version", action="version", version=f"funnel-kpi {VERSION}")
     sub = root.add_subparsers(dest="command", required=True)
 
     broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu)")
@@ -271,6 +312,27 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(backfill)
     _add_settings(backfill, ["broker", "partitions", "replication_factor", "config", "log_level"])
     backfill.set_defaults(run=cmd_backfill)
+
+    from streams.crm.pubsub.settings import add_flags as add_cdc_flags
+
+    cdc = sub.add_parser(
+        "salesforce-cdc", help="Salesforce Change Data Capture (Pub/Sub API) → crm.raw.salesforce",
+        description="Secrets come from the environment only: FUNNEL_SALESFORCE_PRIVATE_KEY (jwt) or "
+        "FUNNEL_SALESFORCE_CLIENT_SECRET (client_credentials), or the same names with _FILE.",
+    )
+    _add_settings(cdc, ["broker", "partitions", "replication_factor", "web_bind", "log_level"])
+    add_cdc_flags(cdc)
+    cdc.set_defaults(run=cmd_salesforce_cdc)
+
+    check = sub.add_parser(
+        "check-config", help="check every setting, the funnel config, Kafka, Redis and CRM tokens",
+        description="What an operator runs before a deploy: loads every setting and the funnel "
+        "config, logs in to Kafka and inspects the worker's topics, pings Redis when "
+        "FUNNEL_REDIS_URL is set and calls each CRM whose token is set. Creates nothing. Exit 0, "
+        "or 2 with one line on standard error naming the problems.",
+    )
+    _add_settings(check, WORKER_SETTINGS)
+    check.set_defaults(run=cmd_check_config)
     return root
 
 

@@ -16,7 +16,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import faust
@@ -34,6 +33,7 @@ from sinks.redis import RedisSink
 from streams.http.api import SnapshotFeed, register_api
 from streams.kafka import topics
 from streams.kafka.settings import Settings
+from streams.version import VERSION
 from streams.worker.faust_app import faust_app
 from streams.worker.loop import BatchLoop, position_key
 from streams.worker.outbox import BatchProducer, Outbox
@@ -46,10 +46,6 @@ log = logging.getLogger("funnel_kpi")
 # Prometheus text format 0.0.4; aiohttp adds the charset itself.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
-try:
-    VERSION = version("funnel-kpi")
-except PackageNotFoundError:  # running from a source tree
-    VERSION = "0.0.0+source"
 
 
 class FunnelWorker:

@@ -39,7 +39,8 @@ class ApiError(Exception):
     def __init__(self, crm: str, what: str, exc: BaseException, tries: int) -> None:
         self.status, _ = status_of(exc)
         failure = f"HTTP {self.status}" if self.status is not None else f"{type(exc).__name__}: {exc}"
-        super().__init__(f"{crm}: {what} failed after {tries} tries: {failure}{_HINTS.get(self.status, '')}")
+        attempts = "1 try" if tries == 1 else f"{tries} tries"
+        super().__init__(f"{crm}: {what} failed after {attempts}: {failure}{_HINTS.get(self.status, '')}")
 
 
 class RateLimit:

@@ -32,6 +32,7 @@ from streams.crm.sources.common import Malformed, from_iso
 from streams.crm.sources.settings import SourceSettings, context
 from streams.kafka import topics
 from streams.kafka.settings import Settings
+from streams.kafka.startup import add_setting_flag, load_settings
 from streams.tools.producer import ensure_event_topics, start_producer
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,16 @@ class Totals:
         rate = f"{self.deals / self.seconds:,.0f} deals/s, {self.events / self.seconds:,.0f} events/s" \
             if self.seconds else ""
         verb = "would send" if dry_run else "sent"
-        return (f"backfill {crm}: {self.deals} deals, {verb} {self.events} events in {self.seconds:.1f}s "
-                f"({rate}); {self.calls} API calls, {self.retries} retried"
+        return (f"backfill {crm}: {counted(self.deals, 'deal')}, {verb} {counted(self.events, 'event')} "
+                f"in {self.seconds:.1f}s ({rate}); {counted(self.calls, 'API call')}, {self.retries} retried"
                 + (f"; resumed after {self.resumed_at}" if self.resumed_at else "")
                 + (f"; skipped {dict(self.skipped)}" if self.skipped else "")
-                + (f"; {len(self.rejects)} deals unreadable (logged)" if self.rejects else ""))
+                + (f"; {counted(len(self.rejects), 'deal')} unreadable (logged)" if self.rejects else ""))
+
+
+def counted(number: int, noun: str) -> str:
+    """``1 deal``, ``2 deals``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 async def backfill(reader: Reader, settings: Settings, state_dir: Path, *, since: str | None = None,
@@ -108,7 +114,7 @@ async def backfill(reader: Reader, settings: Settings, state_dir: Path, *, since
         cursor, totals.resumed_at = saved["cursor"], saved["cursor"]
         totals.deals, totals.events = saved["deals"], saved["events"]
     started = time.monotonic()
-    total = await asyncio.to_thread(reader.count)
+    total = await asyncio.to_thread(_count, reader)
     producer = None
     if not dry_run:
         await ensure_event_topics(settings)
@@ -140,6 +146,20 @@ async def backfill(reader: Reader, settings: Settings, state_dir: Path, *, since
     return totals
 
 
+def _count(reader: Reader) -> int | None:
+    """The CRM's deal count, for the progress bar's total and ETA only (Pipedrive's undocumented
+    summary, a HubSpot search, a SOQL ``COUNT()``): if it fails the run goes on without an ETA,
+    saying so on standard output (standard error is kept for what stops the run)."""
+    try:
+        total = reader.count()
+    except (ApiError, Malformed, LookupError, TypeError, ValueError, AttributeError) as exc:
+        why = str(exc) if isinstance(exc, ApiError) else f"unreadable answer, {type(exc).__name__}: {exc}"
+        print(f"backfill {reader.name}: no deal count ({' '.join(why.split())}); "
+              "going on without a total or ETA", flush=True)
+        return None
+    return total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
+
+
 async def _send(producer: Any, events: list[dict[str, Any]]) -> None:
     """Produce a page's events and wait until the broker acknowledged every one."""
     futures = [await producer.send(topics.EVENTS, encode_event(event), key=event["deal_id"].encode())
@@ -166,7 +186,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     options = {name: value for name, value in vars(args).items()
                if name in BackfillSettings.model_fields and value is not None}
     try:
-        backfill_settings = BackfillSettings(**options)
+        backfill_settings = load_settings(BackfillSettings, **options)
         ctx = context(settings, SourceSettings())
         reader = READERS[args.crm](backfill_settings, ctx)
         if args.print_stage_map:
@@ -176,7 +196,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         totals = asyncio.run(backfill(reader, settings, backfill_settings.backfill_state_dir, since=since,
                                       dry_run=args.dry_run))
     except (ValueError, Malformed, ApiError, salesforce.BudgetSpent) as exc:
-        print(f"funnel-kpi backfill: {exc}", file=sys.stderr)
+        print("funnel-kpi: backfill: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     print(totals.line(args.crm, args.dry_run))
     return 1 if totals.rejects else 0
@@ -193,6 +213,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("backfill settings (flag or environment variable; credentials: "
                                       "environment or *_FILE only)")
     for name in FLAGS:
-        info = BackfillSettings.model_fields[name]
-        group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
-                           help=f"{info.description} [env FUNNEL_{name.upper()}, default {info.default}]")
+        add_setting_flag(group, BackfillSettings, name)

@@ -60,13 +60,17 @@ class BackfillSettings(BaseSettings):
         """The credential ``name`` from its variable or its ``_FILE``; a clear error if neither."""
         value: SecretStr | None = getattr(self, name)
         path: Path | None = getattr(self, f"{name}_file")
+        if value is not None and path is not None:
+            raise ValueError(f"both FUNNEL_{name.upper()} and FUNNEL_{name.upper()}_FILE are set: "
+                             "unset one of them")
         if value is not None:
             return value.get_secret_value()
         if path is not None:
             try:
                 return path.read_text().strip()
             except OSError as exc:
-                raise ValueError(f"FUNNEL_{name.upper()}_FILE: cannot read {path}: {exc.strerror}") from None
+                raise ValueError(f"FUNNEL_{name.upper()}_FILE: cannot read {path}: {exc.strerror}; mount "
+                                 f"the secret there or unset FUNNEL_{name.upper()}_FILE") from None
         raise ValueError(f"set FUNNEL_{name.upper()} or FUNNEL_{name.upper()}_FILE")
 
     def rate(self, default: str) -> tuple[int, float]:

@@ -1,10 +1,11 @@
 """``--print-stage-map``: ``stage_maps`` and ``owners`` blocks for the funnel config from the CRM.
 
-Each CRM stage is mapped to the canonical stage of the same name, else by outcome (closed won →
-the ``won`` stage, closed lost → the ``lost`` stage), else to the open stage whose probability is
-nearest. The CRM's owners / users give the reps' display names, keyed by the owner id exactly as
-the events carry it. The blocks are printed for the user to review and paste: never written to
-a file.
+Each CRM stage is mapped as the funnel config already maps its id (so a CRM's default pipeline
+prints exactly the shipped map), else to the canonical stage of the same name, else by outcome
+(closed won → the ``won`` stage, closed lost → the ``lost`` stage), else to the open stage whose
+probability is nearest. The CRM's owners / users give the reps' display names, keyed by the
+owner id exactly as the events carry it. The blocks are printed for the user to review and
+paste: never written to a file.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ def canonical_pipeline(crm_pipeline: CrmStage, config: FunnelConfig) -> str:
     return "default"
 
 
-def canonical_stage(stage: CrmStage, pipeline: Pipeline) -> tuple[str, str]:
-    """(canonical stage, why) for one CRM stage."""
+def canonical_stage(stage: CrmStage, pipeline: Pipeline, mapped: dict[str, str] | None = None
+                    ) -> tuple[str, str]:
+    """(canonical stage, why) for one CRM stage; ``mapped``: the config's map of this source and
+    pipeline (stage id → canonical stage or ``ignore``)."""
+    target = (mapped or {}).get(stage.stage_id)
+    if target is not None and (target == "ignore" or target in pipeline.by_name):
+        return target, "as in the funnel config"
     for candidate in pipeline.stages:
         if _norm(candidate.name) in (_norm(stage.label), _norm(stage.stage_id)):
             return candidate.name, "same name"
@@ -74,7 +80,8 @@ def render(source: str, stages: list[CrmStage], owners: dict[str, str], config: 
     labels: dict[str, list[str]] = {}
     for stage in stages:
         name = canonical_pipeline(stage, config)
-        canonical, why = canonical_stage(stage, config.pipelines[name])
+        mapped = config.stage_maps.get(source, {}).get(name)
+        canonical, why = canonical_stage(stage, config.pipelines[name], mapped)
         by_pipeline.setdefault(name, []).append((stage, canonical, why))
         pipeline_label = f"{stage.pipeline_label} ({stage.pipeline_id})"
         if pipeline_label not in labels.setdefault(name, []):

@@ -18,7 +18,7 @@ from models.config import load_config
 from streams.crm.sources.common import Context
 from streams.crm.sources.debezium import DEFAULT_COLUMNS
 from streams.kafka.secrets import SecretFileSettings
-from streams.kafka.startup import load_settings
+from streams.kafka.startup import add_setting_flag, load_settings
 
 if TYPE_CHECKING:
     from streams.kafka.settings import Settings
@@ -151,16 +151,7 @@ ADAPT_SETTINGS = [
 def add_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
     group = parser.add_argument_group("source settings (flag or environment variable)")
     for name in names:
-        info = SourceSettings.model_fields[name]
-        default = info.get_default(call_default_factory=True)
-        default = "unset" if default in (None, {}) else default
-        group.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            default=None,
-            metavar="VALUE",
-            help=f"{info.description} [env FUNNEL_{name.upper()}, default {default}]",
-        )
+        add_setting_flag(group, SourceSettings, name)
 
 
 def from_args(args: argparse.Namespace) -> SourceSettings:
