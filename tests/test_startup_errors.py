@@ -65,6 +65,17 @@ def test_a_missing_secret_file_names_the_variable_and_the_fix(command, variable,
                     f"or directory); mount the secret there or unset {variable}_FILE")
 
 
+@pytest.mark.parametrize(("command", "variable"), [
+    ("worker", "FUNNEL_API_TOKEN"), ("ingest", "FUNNEL_HUBSPOT_CLIENT_SECRET"),
+])
+def test_an_empty_secret_file_is_refused_not_read_as_unset(command, variable, tmp_path):
+    empty = tmp_path / "api_token"
+    empty.write_text("\n")
+    line = refused(command, **{f"{variable}_FILE": str(empty)})
+    assert line == (f"funnel-kpi: {variable}_FILE={empty}: the secret file is empty; put the secret in "
+                    f"it or unset {variable}_FILE")
+
+
 def test_a_secret_in_both_the_environment_and_a_file_is_refused(tmp_path):
     secret = tmp_path / "token"
     secret.write_text(SECRET)

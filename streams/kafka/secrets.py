@@ -15,7 +15,7 @@ from streams.kafka.startup import StartupError, env_name, is_secret
 
 
 class SecretFilesSource(PydanticBaseSettingsSource):
-    """Reads every secret field's ``*_FILE`` variable; an unreadable file stops start-up."""
+    """Reads every secret field's ``*_FILE`` variable; an unreadable or empty file stops start-up."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # __call__ reads all fields at once
@@ -38,6 +38,11 @@ class SecretFilesSource(PydanticBaseSettingsSource):
                     f"{name}_FILE={path}: cannot read the secret file ({exc.strerror or exc}); "
                     f"mount the secret there or unset {name}_FILE"
                 ) from None
+            if not values[field].strip():
+                # A mounted but empty secret would read as "not set": an open API, no signature
+                # check. Whoever names a file means a secret.
+                raise StartupError(f"{name}_FILE={path}: the secret file is empty; put the secret in "
+                                   f"it or unset {name}_FILE")
         return values
 
 
