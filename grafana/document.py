@@ -16,6 +16,7 @@ import argparse
 import math
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,6 +30,8 @@ def fmt(value: str, unit: str) -> str:
     v = float(value)
     if math.isnan(v):
         return "NaN (no observations in the interval)"
+    if unit == "dateTimeAsIso":  # milliseconds since the epoch
+        return datetime.fromtimestamp(v / 1000, tz=UTC).isoformat(timespec="seconds")
     if unit == "percentunit":
         return f"{v * 100:.3f}%"
     if unit == "s":

@@ -8,7 +8,10 @@ Why code: four boards share the data source, the `pipeline` and `window` variabl
 stage-ordering join and the layout grid; writing them once here keeps them consistent. Panels
 query the recording rules of prometheus/rules/funnel_recording.yml wherever a KPI is derived
 (ratios and averages are never re-derived in a panel), and raw contract metrics (docs/design.md §3)
-otherwise. No query pads with `or vector(0)`: a KPI without data shows "No data".
+otherwise. KPI panels read the `_held` twins of the recording rules: during a rebalance they keep
+the last complete value (at most 120 s) instead of going blank, and every board opens with how
+old the values are ("KPIs as of", "KPI age"); alerts read the exact series. No query pads with
+`or vector(0)`: a KPI without data shows "No data".
 
 Standard library only. The JSON validates against Grafana's dashboard schema as encoded by
 grafana-foundation-sdk (tests/test_ops_dashboards.py).
@@ -33,9 +36,11 @@ WINDOWS = ("7d", "30d", "90d")
 P = 'pipeline="$pipeline"'
 PW = 'pipeline="$pipeline", window="$window"'
 
-# Raw gauges summed on a board show the truth only while every partition is exported exactly
-# once (a rebalance would show a partial sum): gated like the recording rules.
-COMPLETE = "and on () fleet:funnel_partition_exported:complete"
+# KPI panels read the recording rules' `_held` twins (prometheus/rules/funnel_recording.yml): the
+# last complete value during a rebalance, for at most HOLD_SECONDS, then absent. The exact series
+# stay for alerts and for rates (a derivative over a held plateau would invent a flat stretch).
+AS_OF = "fleet:funnel_kpis_as_of:timestamp"
+HOLD_SECONDS = 120
 
 # Stage order for bar gauges: join the position (funnel_stage_index) as label `idx`, return a
 # table and sort its rows by idx (no stage name is written in a query).
@@ -96,8 +101,14 @@ class Board:
         options: dict | None = None,
         transformations: list[dict] | None = None,
         display_name: str | None = None,
+        thresholds: list[tuple[str, float | None]] | None = None,
     ) -> None:
         defaults: dict = {"unit": unit}
+        if thresholds is not None:
+            defaults["thresholds"] = {
+                "mode": "absolute",
+                "steps": [{"color": color, "value": value} for color, value in thresholds],
+            }
         if decimals is not None:
             defaults["decimals"] = decimals
         if display_name is not None:
@@ -253,6 +264,37 @@ def ordered_stage_panel(
     )
 
 
+def freshness(board: Board) -> None:
+    """How old the KPIs on the board are: first on every board, above the first row."""
+    board.panel(
+        "stat",
+        "KPIs as of",
+        [instant(f"{AS_OF} * 1000", "as of")],
+        description="When the KPIs on this board were computed: the last rule evaluation at "
+        "which every partition was exported by exactly one worker "
+        f"({AS_OF}). During a rebalance the KPI panels keep the values of that time, "
+        f"for at most {HOLD_SECONDS} s; then they show No data until every partition is "
+        "exported again.",
+        unit="dateTimeAsIso",
+        w=12,
+        h=3,
+    )
+    board.panel(
+        "stat",
+        "KPI age",
+        [instant(f"time() - {AS_OF}", "age")],
+        description="Seconds since the KPIs on this board were computed. Up to one rule "
+        "evaluation interval (15 s) when current; growing while a rebalance holds the last "
+        f"complete values (orange from 30 s); past {HOLD_SECONDS} s (red) the KPI panels show "
+        "No data.",
+        unit="s",
+        decimals=0,
+        w=12,
+        h=3,
+        thresholds=[("green", None), ("orange", 30), ("red", HOLD_SECONDS)],
+    )
+
+
 def hide_columns(*names: str) -> dict:
     return {"id": "organize", "options": {"excludeByName": dict.fromkeys(names, True)}}
 
@@ -298,11 +340,12 @@ def overview() -> Board:
         "Deals per stage as a funnel, stage conversion, win rate, pipeline value and weighted "
         "pipeline, by TOFU / MOFU / BOFU section.",
     )
+    freshness(b)
     b.row("Headline")
     b.panel(
         "stat",
         "Open deals",
-        [instant(f"pipeline:funnel_deals_open:sum{{{P}}}", "open")],
+        [instant(f"pipeline:funnel_deals_open:sum_held{{{P}}}", "open")],
         description="Deals currently in an open stage.",
         w=4,
         h=5,
@@ -310,7 +353,7 @@ def overview() -> Board:
     b.panel(
         "stat",
         "Pipeline value",
-        [instant(f"pipeline_currency:funnel_open_value:sum{{{P}}}", "{{currency}}")],
+        [instant(f"pipeline_currency:funnel_open_value:sum_held{{{P}}}", "{{currency}}")],
         description="Sum of the amounts of open deals.",
         w=4,
         h=5,
@@ -318,7 +361,7 @@ def overview() -> Board:
     b.panel(
         "stat",
         "Weighted pipeline",
-        [instant(f"pipeline_currency:funnel_weighted_open_value:sum{{{P}}}", "{{currency}}")],
+        [instant(f"pipeline_currency:funnel_weighted_open_value:sum_held{{{P}}}", "{{currency}}")],
         description="Σ open value × stage probability (funnel config).",
         w=4,
         h=5,
@@ -326,7 +369,7 @@ def overview() -> Board:
     b.panel(
         "stat",
         "Win rate (all time)",
-        [instant(f"pipeline:funnel_win_rate:ratio{{{P}}}", "win rate")],
+        [instant(f"pipeline:funnel_win_rate:ratio_held{{{P}}}", "win rate")],
         description="won / (won + lost), deals currently closed.",
         unit="percentunit",
         decimals=2,
@@ -336,7 +379,7 @@ def overview() -> Board:
     b.panel(
         "stat",
         "Win rate ($window)",
-        [instant(f"pipeline_window:funnel_win_rate:ratio{{{PW}}}", "win rate")],
+        [instant(f"pipeline_window:funnel_win_rate:ratio_held{{{PW}}}", "win rate")],
         description="won / (won + lost) among deals closed within the window.",
         unit="percentunit",
         decimals=2,
@@ -346,7 +389,7 @@ def overview() -> Board:
     b.panel(
         "stat",
         "Closed deals",
-        [instant(f"pipeline_outcome:funnel_deals_closed:sum{{{P}}}", "{{outcome}}")],
+        [instant(f"pipeline_outcome:funnel_deals_closed:sum_held{{{P}}}", "{{outcome}}")],
         description="Deals currently won and lost.",
         w=4,
         h=5,
@@ -356,7 +399,7 @@ def overview() -> Board:
     ordered_stage_panel(
         b,
         "Funnel: deals that reached each stage",
-        f"pipeline_stage:funnel_deals_reached:sum{{{P}}}",
+        f"pipeline_stage:funnel_deals_reached:sum_held{{{P}}}",
         description="Deals that reached the stage or a later one (the conversion basis), in stage order.",
         w=8,
         h=9,
@@ -364,7 +407,7 @@ def overview() -> Board:
     ordered_stage_panel(
         b,
         "Stage conversion (all time)",
-        f"pipeline_stage:funnel_stage_conversion:ratio{{{P}}}",
+        f"pipeline_stage:funnel_stage_conversion:ratio_held{{{P}}}",
         name="${__data.fields.stage} → ${__data.fields.next_stage}",
         description="reached(k+1) / reached(k) for consecutive open stages.",
         unit="percentunit",
@@ -375,7 +418,7 @@ def overview() -> Board:
     ordered_stage_panel(
         b,
         "Stage conversion ($window)",
-        f"pipeline_stage_window:funnel_stage_conversion:ratio{{{PW}}}",
+        f"pipeline_stage_window:funnel_stage_conversion:ratio_held{{{PW}}}",
         name="${__data.fields.stage} → ${__data.fields.next_stage}",
         description="Conversion among stage entries within the window.",
         unit="percentunit",
@@ -388,7 +431,8 @@ def overview() -> Board:
         "Stage conversion over time ($window)",
         [
             series(
-                f"pipeline_stage_window:funnel_stage_conversion:ratio{{{PW}}}", "{{stage}} → {{next_stage}}"
+                f"pipeline_stage_window:funnel_stage_conversion:ratio_held{{{PW}}}",
+                "{{stage}} → {{next_stage}}",
             )
         ],
         description="Windowed stage conversion as it evolves; a falling line is a leak.",
@@ -400,8 +444,8 @@ def overview() -> Board:
         "timeseries",
         "Win rate over time",
         [
-            series(f"pipeline:funnel_win_rate:ratio{{{P}}}", "all time"),
-            series(f"pipeline_window:funnel_win_rate:ratio{{{PW}}}", "$window"),
+            series(f"pipeline:funnel_win_rate:ratio_held{{{P}}}", "all time"),
+            series(f"pipeline_window:funnel_win_rate:ratio_held{{{PW}}}", "$window"),
         ],
         description="All-time and windowed win rate.",
         unit="percentunit",
@@ -419,7 +463,7 @@ def overview() -> Board:
         ordered_stage_panel(
             b,
             f"{section} open deals",
-            f"(pipeline_stage:funnel_deals_open:sum{{{P}}} and on (pipeline, stage) {sel})",
+            f"(pipeline_stage:funnel_deals_open:sum_held{{{P}}} and on (pipeline, stage) {sel})",
             description=f"Open deals per stage of the {section} section.",
             w=8,
             h=7,
@@ -427,7 +471,7 @@ def overview() -> Board:
         ordered_stage_panel(
             b,
             f"{section} open value",
-            f"(sum by (pipeline, stage) (pipeline_stage_currency:funnel_open_value:sum{{{P}}})"
+            f"(sum by (pipeline, stage) (pipeline_stage_currency:funnel_open_value:sum_held{{{P}}})"
             f" and on (pipeline, stage) {sel})",
             description=f"Open value per stage of the {section} section.",
             w=8,
@@ -436,7 +480,7 @@ def overview() -> Board:
         ordered_stage_panel(
             b,
             f"{section} conversion to the next stage",
-            f"(pipeline_stage:funnel_stage_conversion:ratio{{{P}}} and on (pipeline, stage) {sel})",
+            f"(pipeline_stage:funnel_stage_conversion:ratio_held{{{P}}} and on (pipeline, stage) {sel})",
             name="${__data.fields.stage} → ${__data.fields.next_stage}",
             description=f"All-time conversion out of each {section} stage.",
             unit="percentunit",
@@ -454,7 +498,7 @@ def overview() -> Board:
         "BOFU closed deals",
         [
             instant(
-                f"pipeline_outcome:funnel_deals_closed:sum{{{P}}}\nand on (pipeline, outcome) {bofu}",
+                f"pipeline_outcome:funnel_deals_closed:sum_held{{{P}}}\nand on (pipeline, outcome) {bofu}",
                 "{{outcome}}",
             )
         ],
@@ -465,7 +509,7 @@ def overview() -> Board:
     b.panel(
         "stat",
         "BOFU won revenue",
-        [instant(f"pipeline_currency:funnel_won_revenue:sum{{{P}}}", "{{currency}}")],
+        [instant(f"pipeline_currency:funnel_won_revenue:sum_held{{{P}}}", "{{currency}}")],
         description="Amounts of won deals.",
         w=8,
         h=7,
@@ -473,7 +517,7 @@ def overview() -> Board:
     b.panel(
         "stat",
         "BOFU win rate ($window)",
-        [instant(f"pipeline_window:funnel_win_rate:ratio{{{PW}}}", "win rate")],
+        [instant(f"pipeline_window:funnel_win_rate:ratio_held{{{PW}}}", "win rate")],
         description="Win rate of deals closed within the window.",
         unit="percentunit",
         decimals=2,
@@ -485,7 +529,7 @@ def overview() -> Board:
     ordered_stage_panel(
         b,
         "Open value by stage",
-        f"sum by (pipeline, stage) (pipeline_stage_currency:funnel_open_value:sum{{{P}}})",
+        f"sum by (pipeline, stage) (pipeline_stage_currency:funnel_open_value:sum_held{{{P}}})",
         description="Amounts of open deals per stage (all currencies).",
         w=12,
         h=8,
@@ -493,7 +537,7 @@ def overview() -> Board:
     ordered_stage_panel(
         b,
         "Weighted open value by stage",
-        f"sum by (pipeline, stage) (pipeline_stage_currency:funnel_weighted_open_value:sum{{{P}}})",
+        f"sum by (pipeline, stage) (pipeline_stage_currency:funnel_weighted_open_value:sum_held{{{P}}})",
         description="Open value × stage probability, per stage.",
         w=12,
         h=8,
@@ -509,11 +553,12 @@ def velocity() -> Board:
         "sales velocity and stage entries over time.",
     )
     won = 'outcome="won"'
+    freshness(b)
     b.row("Cycle and velocity")
     b.panel(
         "stat",
         "Average sales cycle (won, all time)",
-        [instant(f"pipeline_outcome:funnel_time_to_close_seconds:avg{{{P}, {won}}}", "won")],
+        [instant(f"pipeline_outcome:funnel_time_to_close_seconds:avg_held{{{P}, {won}}}", "won")],
         description="Mean time from first stage entry to close, won deals.",
         unit="s",
         w=6,
@@ -522,7 +567,11 @@ def velocity() -> Board:
     b.panel(
         "stat",
         "Average sales cycle (won, $window)",
-        [instant(f"pipeline_outcome_window:funnel_time_to_close_window_seconds:avg{{{PW}, {won}}}", "won")],
+        [
+            instant(
+                f"pipeline_outcome_window:funnel_time_to_close_window_seconds:avg_held{{{PW}, {won}}}", "won"
+            )
+        ],
         description="Mean cycle of deals won within the window.",
         unit="s",
         w=6,
@@ -531,7 +580,11 @@ def velocity() -> Board:
     b.panel(
         "stat",
         "Sales velocity per day (all time)",
-        [instant(f"pipeline_currency:funnel_sales_velocity:per_second{{{P}}} * 86400", "{{currency}}/day")],
+        [
+            instant(
+                f"pipeline_currency:funnel_sales_velocity:per_second_held{{{P}}} * 86400", "{{currency}}/day"
+            )
+        ],
         description="open deals × average deal size × win rate / average won cycle.",
         w=6,
         h=5,
@@ -541,7 +594,7 @@ def velocity() -> Board:
         "Sales velocity per day ($window)",
         [
             instant(
-                f"pipeline_currency_window:funnel_sales_velocity:per_second{{{PW}}} * 86400",
+                f"pipeline_currency_window:funnel_sales_velocity:per_second_held{{{PW}}} * 86400",
                 "{{currency}}/day",
             )
         ],
@@ -553,9 +606,9 @@ def velocity() -> Board:
         "timeseries",
         "Sales cycle percentiles (all time)",
         [
-            series(f"pipeline_outcome:funnel_time_to_close_seconds:p50{{{P}}}", "p50 {{outcome}}"),
-            series(f"pipeline_outcome:funnel_time_to_close_seconds:p90{{{P}}}", "p90 {{outcome}}"),
-            series(f"pipeline_outcome:funnel_time_to_close_seconds:avg{{{P}}}", "avg {{outcome}}"),
+            series(f"pipeline_outcome:funnel_time_to_close_seconds:p50_held{{{P}}}", "p50 {{outcome}}"),
+            series(f"pipeline_outcome:funnel_time_to_close_seconds:p90_held{{{P}}}", "p90 {{outcome}}"),
+            series(f"pipeline_outcome:funnel_time_to_close_seconds:avg_held{{{P}}}", "avg {{outcome}}"),
         ],
         description="Time to close of closed deals: median, 90th percentile and mean.",
         unit="s",
@@ -567,13 +620,16 @@ def velocity() -> Board:
         "Sales cycle percentiles ($window)",
         [
             series(
-                f"pipeline_outcome_window:funnel_time_to_close_window_seconds:p50{{{PW}}}", "p50 {{outcome}}"
+                f"pipeline_outcome_window:funnel_time_to_close_window_seconds:p50_held{{{PW}}}",
+                "p50 {{outcome}}",
             ),
             series(
-                f"pipeline_outcome_window:funnel_time_to_close_window_seconds:p90{{{PW}}}", "p90 {{outcome}}"
+                f"pipeline_outcome_window:funnel_time_to_close_window_seconds:p90_held{{{PW}}}",
+                "p90 {{outcome}}",
             ),
             series(
-                f"pipeline_outcome_window:funnel_time_to_close_window_seconds:avg{{{PW}}}", "avg {{outcome}}"
+                f"pipeline_outcome_window:funnel_time_to_close_window_seconds:avg_held{{{PW}}}",
+                "avg {{outcome}}",
             ),
         ],
         description="Cycle of deals closed within the window.",
@@ -586,11 +642,11 @@ def velocity() -> Board:
         "Sales velocity over time",
         [
             series(
-                f"pipeline_currency:funnel_sales_velocity:per_second{{{P}}} * 86400",
+                f"pipeline_currency:funnel_sales_velocity:per_second_held{{{P}}} * 86400",
                 "all time {{currency}}/day",
             ),
             series(
-                f"pipeline_currency_window:funnel_sales_velocity:per_second{{{PW}}} * 86400",
+                f"pipeline_currency_window:funnel_sales_velocity:per_second_held{{{PW}}} * 86400",
                 "$window {{currency}}/day",
             ),
         ],
@@ -603,7 +659,7 @@ def velocity() -> Board:
     ordered_stage_panel(
         b,
         "Average time in stage",
-        f"pipeline_stage:funnel_stage_duration_seconds:avg{{{P}}}",
+        f"pipeline_stage:funnel_stage_duration_seconds:avg_held{{{P}}}",
         description="Mean of completed stays per stage.",
         unit="s",
         w=8,
@@ -612,7 +668,7 @@ def velocity() -> Board:
     ordered_stage_panel(
         b,
         "90th percentile time in stage",
-        f"pipeline_stage:funnel_stage_duration_seconds:p90{{{P}}}",
+        f"pipeline_stage:funnel_stage_duration_seconds:p90_held{{{P}}}",
         description="90% of completed stays were shorter than this.",
         unit="s",
         w=8,
@@ -621,7 +677,7 @@ def velocity() -> Board:
     ordered_stage_panel(
         b,
         "Average stay / stall threshold",
-        f"pipeline_stage:funnel_stage_duration_per_stall_after:ratio{{{P}}}",
+        f"pipeline_stage:funnel_stage_duration_per_stall_after:ratio_held{{{P}}}",
         description="Average completed stay divided by the stage's stall_after (config); "
         "above 100% the typical deal would be flagged as stalled.",
         unit="percentunit",
@@ -646,7 +702,7 @@ def velocity() -> Board:
     ordered_stage_panel(
         b,
         "Stage entries ($window)",
-        f"pipeline_stage_window:funnel_deals_reached_window:sum{{{PW}}}",
+        f"pipeline_stage_window:funnel_deals_reached_window:sum_held{{{PW}}}",
         description="Deals that entered the stage (or a later one) within the window.",
         w=12,
         h=8,
@@ -661,11 +717,12 @@ def revenue() -> Board:
         "Won revenue against targets, average deal size, deal value distribution, sales "
         "leaderboard and customer lifetime value.",
     )
+    freshness(b)
     b.row("Revenue")
     b.panel(
         "stat",
         "Won revenue (all time)",
-        [instant(f"pipeline_currency:funnel_won_revenue:sum{{{P}}}", "{{currency}}")],
+        [instant(f"pipeline_currency:funnel_won_revenue:sum_held{{{P}}}", "{{currency}}")],
         description="Amounts of deals currently won.",
         w=6,
         h=5,
@@ -673,7 +730,7 @@ def revenue() -> Board:
     b.panel(
         "stat",
         "Won revenue ($window)",
-        [instant(f"pipeline_currency_window:funnel_won_revenue_window:sum{{{PW}}}", "{{currency}}")],
+        [instant(f"pipeline_currency_window:funnel_won_revenue_window:sum_held{{{PW}}}", "{{currency}}")],
         description="Amounts of deals won within the window.",
         w=6,
         h=5,
@@ -681,7 +738,7 @@ def revenue() -> Board:
     b.panel(
         "stat",
         "Average deal size (all time)",
-        [instant(f"pipeline_currency:funnel_won_deal_value:avg{{{P}}}", "{{currency}}")],
+        [instant(f"pipeline_currency:funnel_won_deal_value:avg_held{{{P}}}", "{{currency}}")],
         description="won revenue / won deals.",
         decimals=3,
         w=6,
@@ -690,7 +747,7 @@ def revenue() -> Board:
     b.panel(
         "stat",
         "Average deal size ($window)",
-        [instant(f"pipeline_currency_window:funnel_won_deal_value:avg{{{PW}}}", "{{currency}}")],
+        [instant(f"pipeline_currency_window:funnel_won_deal_value:avg_held{{{PW}}}", "{{currency}}")],
         description="Won revenue / won deals, deals won within the window.",
         decimals=3,
         w=6,
@@ -703,7 +760,7 @@ def revenue() -> Board:
         "Target attainment",
         [
             instant(
-                f"pipeline_currency_period:funnel_revenue_target_attainment:ratio{{{P}}}",
+                f"pipeline_currency_period:funnel_revenue_target_attainment:ratio_held{{{P}}}",
                 "{{period}} ({{currency}})",
             )
         ],
@@ -717,7 +774,7 @@ def revenue() -> Board:
         "Pace against pro-rated target",
         [
             instant(
-                f"pipeline_currency_period:funnel_revenue_target_pace:ratio{{{P}}}",
+                f"pipeline_currency_period:funnel_revenue_target_pace:ratio_held{{{P}}}",
                 "{{period}} ({{currency}})",
             )
         ],
@@ -730,10 +787,10 @@ def revenue() -> Board:
         "table",
         "Won revenue, target and forecast",
         [
-            instant(f"pipeline_currency_period:funnel_won_revenue_period:sum{{{P}}}", fmt="table"),
+            instant(f"pipeline_currency_period:funnel_won_revenue_period:sum_held{{{P}}}", fmt="table"),
             instant(f"pipeline_currency_period:funnel_revenue_target:max{{{P}}}", fmt="table"),
             instant(f"pipeline_currency_period:funnel_revenue_target_expected:sum{{{P}}}", fmt="table"),
-            instant(f"pipeline_currency_period:funnel_revenue_forecast:sum{{{P}}}", fmt="table"),
+            instant(f"pipeline_currency_period:funnel_revenue_forecast:sum_held{{{P}}}", fmt="table"),
         ],
         description="Per period: won so far (A), target (B), pro-rated expectation (C), "
         "forecast = won + weighted open value expected to close in the period (D).",
@@ -748,11 +805,13 @@ def revenue() -> Board:
         "timeseries",
         "Won revenue vs pro-rated target",
         [
-            series(f"pipeline_currency_period:funnel_won_revenue_period:sum{{{P}}}", "won {{period}}"),
+            series(f"pipeline_currency_period:funnel_won_revenue_period:sum_held{{{P}}}", "won {{period}}"),
             series(
                 f"pipeline_currency_period:funnel_revenue_target_expected:sum{{{P}}}", "expected {{period}}"
             ),
-            series(f"pipeline_currency_period:funnel_revenue_forecast:sum{{{P}}}", "forecast {{period}}"),
+            series(
+                f"pipeline_currency_period:funnel_revenue_forecast:sum_held{{{P}}}", "forecast {{period}}"
+            ),
         ],
         description="Won revenue in the current period against the pro-rated target.",
         w=24,
@@ -763,15 +822,20 @@ def revenue() -> Board:
     b.panel(
         "bargauge",
         "Won deal value distribution",
-        [dict(instant(f"sum by (le) (funnel_won_deal_value_bucket{{{P}}}) {COMPLETE}", "{{le}}",
-                      fmt="heatmap"))],
+        [
+            instant(
+                f"sum by (le) (pipeline_currency_le:funnel_won_deal_value_bucket:sum_held{{{P}}})",
+                "{{le}}",
+                fmt="heatmap",
+            )
+        ],
         description="Number of won deals per amount bucket (upper bound shown).",
         w=8,
         h=9,
     )
     # Series stay keyed by owner id; `rep` is the configured name (funnel_owner_info) when there
     # is one, else the id: `or on (owner, currency)` adds only the reps the join left out.
-    top_reps = f"topk(10, pipeline_owner_currency:funnel_rep_won_revenue:sum{{{P}}})"
+    top_reps = f"topk(10, pipeline_owner_currency:funnel_rep_won_revenue:sum_held{{{P}}})"
     leaderboard = (
         f"label_replace({top_reps} * on (owner) group_left (name) owner:funnel_owner_info:max, "
         '"rep", "$1", "name", "(.+)")\n'
@@ -793,8 +857,13 @@ def revenue() -> Board:
     b.panel(
         "bargauge",
         "Customer lifetime value distribution",
-        [instant(f"sum by (le) (funnel_customer_lifetime_value_bucket{{{P}}}) {COMPLETE}", "{{le}}",
-                 fmt="heatmap")],
+        [
+            instant(
+                f"sum by (le) (pipeline_currency_le:funnel_customer_lifetime_value_bucket:sum_held{{{P}}})",
+                "{{le}}",
+                fmt="heatmap",
+            )
+        ],
         description="Number of customers per lifetime-value bucket.",
         w=8,
         h=9,
@@ -802,7 +871,7 @@ def revenue() -> Board:
     b.panel(
         "stat",
         "Customers",
-        [instant(f"pipeline:funnel_customers:sum{{{P}}}", "customers")],
+        [instant(f"pipeline:funnel_customers:sum_held{{{P}}}", "customers")],
         description="Accounts with at least one won deal.",
         w=12,
         h=5,
@@ -810,7 +879,7 @@ def revenue() -> Board:
     b.panel(
         "stat",
         "Customer lifetime value (average)",
-        [instant(f"pipeline_currency:funnel_customer_lifetime_value:avg{{{P}}}", "{{currency}}")],
+        [instant(f"pipeline_currency:funnel_customer_lifetime_value:avg_held{{{P}}}", "{{currency}}")],
         description="Won revenue per customer.",
         decimals=2,
         w=12,
@@ -826,11 +895,12 @@ def leaks() -> Board:
         "Stalled deals and value at risk by stage, conversion against its baseline, firing "
         "alerts, event rates by source and outcome, dead-letter queue, lag and worker status.",
     )
+    freshness(b)
     b.row("Leaks")
     ordered_stage_panel(
         b,
         "Stalled deals by stage",
-        f"pipeline_stage:funnel_deals_stalled:sum{{{P}}}",
+        f"pipeline_stage:funnel_deals_stalled:sum_held{{{P}}}",
         description="Open deals in the stage for longer than its stall_after.",
         w=8,
         h=8,
@@ -838,7 +908,7 @@ def leaks() -> Board:
     ordered_stage_panel(
         b,
         "Value at risk by stage",
-        f"sum by (pipeline, stage) (pipeline_stage_currency:funnel_stalled_value:sum{{{P}}})",
+        f"sum by (pipeline, stage) (pipeline_stage_currency:funnel_stalled_value:sum_held{{{P}}})",
         description="Amounts of the stalled deals.",
         w=8,
         h=8,
@@ -846,7 +916,7 @@ def leaks() -> Board:
     ordered_stage_panel(
         b,
         "Stalled share of open deals",
-        f"pipeline_stage:funnel_deals_stalled_per_open:ratio{{{P}}}",
+        f"pipeline_stage:funnel_deals_stalled_per_open:ratio_held{{{P}}}",
         description="Stalled / open per stage (FunnelStalledDealsHigh fires above 25% with "
         "at least 10 stalled deals).",
         unit="percentunit",
@@ -858,11 +928,11 @@ def leaks() -> Board:
         "Stage conversion vs trailing baseline",
         [
             series(
-                f'pipeline_stage_window:funnel_stage_conversion:ratio{{{P}, window="7d"}}',
+                f'pipeline_stage_window:funnel_stage_conversion:ratio_held{{{P}, window="7d"}}',
                 "7d {{stage}} → {{next_stage}}",
             ),
             series(
-                f"pipeline_stage:funnel_stage_conversion_baseline:ratio{{{P}}}",
+                f"pipeline_stage:funnel_stage_conversion_baseline:ratio_held{{{P}}}",
                 "baseline {{stage}} → {{next_stage}}",
             ),
         ],
@@ -876,8 +946,8 @@ def leaks() -> Board:
         "timeseries",
         "Win rate vs trailing baseline",
         [
-            series(f"pipeline_window:funnel_win_rate:ratio{{{PW}}}", "$window"),
-            series(f"pipeline:funnel_win_rate_baseline:ratio{{{P}}}", "baseline"),
+            series(f"pipeline_window:funnel_win_rate:ratio_held{{{PW}}}", "$window"),
+            series(f"pipeline:funnel_win_rate_baseline:ratio_held{{{P}}}", "baseline"),
         ],
         description="Windowed win rate against the 83 days before the last 7 "
         "(FunnelWinRateDrop compares the 7d window).",

@@ -30,9 +30,13 @@ integration pagerduty "$(has_file pagerduty_routing_key)" "no $secrets/pagerduty
 integration slack "$(has_file slack_api_url)" "no $secrets/slack_api_url"
 integration email "$(has_value "${ALERTMANAGER_EMAIL_TO:-}")" "ALERTMANAGER_EMAIL_TO is empty"
 integration webhook "$(has_file webhook_url)" "no $secrets/webhook_url"
-[ -s "$secrets/smtp_password" ] || drop email_auth
+integration sales_slack "$(has_file sales_slack_api_url)" "no $secrets/sales_slack_api_url"
+integration sales_email "$(has_value "${ALERTMANAGER_SALES_EMAIL_TO:-}")" \
+    "ALERTMANAGER_SALES_EMAIL_TO is empty"
+[ -s "$secrets/smtp_password" ] || { drop email_auth; drop sales_email_auth; }
 [ -s "$secrets/webhook_bearer_token" ] || drop webhook_auth
-if [ -n "${ALERTMANAGER_EMAIL_TO:-}" ]; then
+# Both e-mail receivers (on-call, sales) send through the same server and sender.
+if [ -n "${ALERTMANAGER_EMAIL_TO:-}${ALERTMANAGER_SALES_EMAIL_TO:-}" ]; then
     [ -n "${ALERTMANAGER_EMAIL_FROM:-}" ] || fail "e-mail needs ALERTMANAGER_EMAIL_FROM"
     case "${ALERTMANAGER_SMTP_SMARTHOST:-}" in
         *:*) ;;
@@ -51,7 +55,8 @@ put() { # source (as the template names it), value
     script="$script s|^\\([ -]*[a-z_]*: \\).*# from $1\$|\\1\"$quoted\"|;"
 }
 for var in ALERTMANAGER_SLACK_CHANNEL ALERTMANAGER_EMAIL_TO ALERTMANAGER_EMAIL_FROM \
-    ALERTMANAGER_SMTP_SMARTHOST ALERTMANAGER_SMTP_USERNAME; do
+    ALERTMANAGER_SMTP_SMARTHOST ALERTMANAGER_SMTP_USERNAME \
+    ALERTMANAGER_SALES_SLACK_CHANNEL ALERTMANAGER_SALES_EMAIL_TO; do
     eval "value=\${$var:-}"
     put "$var" "$value"
 done

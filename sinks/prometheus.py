@@ -200,7 +200,8 @@ class WorkerKpiCollector(KpiCollector):
     present assignment), by partition. One call per scrape, so the partition list and the
     gauges of a scrape always agree: the recording rules sum a KPI only while every partition
     is listed exactly once across the fleet (prometheus/rules/funnel_recording.yml), and a
-    rebalance shows as a gap, never as a partial sum.
+    rebalance shows as a gap, never as a partial sum (the boards read the ``_held`` twins, which
+    keep the last complete value for at most 120 s).
     """
 
     def __init__(

@@ -11,11 +11,21 @@ mounts to the repository file, named volumes to temporary directories), servers 
 ``redis-server`` with the redis service's command, Debian's ``prometheus`` and
 ``prometheus-alertmanager`` with the repository's config files and the services' arguments.
 Grafana is not started (no local binary); its provisioning is checked by test_ops_dashboards.
+
+Profiles as Compose applies them: ``COMPOSE_PROFILES`` of the ``.env`` picks the services that
+``up`` starts (a service without ``profiles`` always), and a dependency on a service left out is
+refused unless it says ``required: false``. Without the ``kafka`` profile no broker is started:
+``FUNNEL_BROKER`` of the ``.env`` names one (a managed Kafka). One-off services (``restart:
+"no"`` and built here, e.g. ``backfill``) run with :meth:`Stack.run`, as ``docker compose run
+--rm`` does, and as the image's user would: in a working directory it cannot write, with only the
+named volumes the Dockerfile created for that user writable (``chown funnel``); as root the
+process runs as ``nobody``.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -115,6 +125,46 @@ def project_services(compose: dict) -> dict[str, dict]:
     return {name: svc for name, svc in compose["services"].items() if "build" in svc}
 
 
+def active_profiles(env: dict[str, str]) -> set[str]:
+    """``COMPOSE_PROFILES`` (comma-separated) as Compose reads it from the ``.env``."""
+    return {p.strip() for p in env.get("COMPOSE_PROFILES", "").split(",") if p.strip()}
+
+
+def active_services(compose: dict, profiles: set[str]) -> set[str]:
+    """What ``docker compose up`` starts: services without profiles, or with an active one."""
+    return {name for name, svc in compose["services"].items()
+            if not svc.get("profiles") or set(svc["profiles"]) & profiles}
+
+
+def dependency_problems(compose: dict, active: set[str]) -> list[str]:
+    """Compose refuses a started service whose dependency is not started, unless the
+    dependency says ``required: false`` (then the service starts without waiting)."""
+    problems = []
+    for name in sorted(active):
+        for dep, spec in (compose["services"][name].get("depends_on") or {}).items():
+            if dep not in compose["services"]:
+                problems.append(f"{name} depends on undefined service {dep}")
+            elif dep not in active and (spec or {}).get("required", True) is not False:
+                problems.append(f"{name} depends on {dep}, which the active profiles leave out")
+    return problems
+
+
+def service_argv(svc: dict, command: list[str] | None = None) -> list[str]:
+    """entrypoint + command, as the container runs it (``docker compose run`` replaces the
+    command)."""
+    return [*(svc.get("entrypoint") or []), *(svc.get("command") if command is None else command)]
+
+
+def dockerfile_user_dirs(dockerfile: Path = REPO / "Dockerfile") -> tuple[str, set[str]]:
+    """The image's ``USER`` and the directories its Dockerfile gives that user (``chown``)."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    user = users[-1] if users else "root"
+    owned = {path for m in re.finditer(rf"chown\s+(?:-R\s+)?{re.escape(user)}(?::\S+)?\s+([^&;\n]+)", text)
+             for path in m.group(1).split()}
+    return user, owned
+
+
 # ------------------------------------------------------------------ static topology check
 def _service_env(svc: dict) -> dict[str, str]:
     env = svc.get("environment", {})
@@ -131,7 +181,10 @@ def _source_settings(env: dict[str, str]) -> SourceSettings:
 
 def topic_flow(svc: dict) -> tuple[set[str], set[str]]:
     """(topics read, topics written) of a project service, from its command and settings."""
-    command = svc["command"]
+    command = service_argv(svc)
+    if command[:2] == ["funnel-kpi", "backfill"]:
+        # a one-off: `docker compose run --rm backfill <crm> ...` names the CRM
+        command = ["funnel-kpi", "backfill", "hubspot", "--dry-run"]
     if command[0] != "funnel-kpi":
         raise ComposeError(f"unexpected command {command}: expected funnel-kpi <command>")
     try:
@@ -146,7 +199,12 @@ def topic_flow(svc: dict) -> tuple[set[str], set[str]]:
         return set(), {sources.hubspot_topic, sources.pipedrive_topic}
     if args.command == "adapt":
         return set(_source_settings(env).raw_topics), {topics.EVENTS, topics.DLQ}
-    raise ComposeError(f"{shlex.join(command)} is not a service command (worker, ingest, adapt)")
+    if args.command == "backfill":
+        return set(), {topics.EVENTS}
+    if args.command == "salesforce-cdc":  # Pub/Sub API change events, adapted by `adapt`
+        return set(), {"crm.raw.salesforce"}
+    raise ComposeError(f"{shlex.join(command)} is not a service command "
+                       "(worker, ingest, adapt, backfill, salesforce-cdc)")
 
 
 def topology_problems(compose: dict) -> list[str]:
@@ -185,14 +243,23 @@ class Process:
     cwd: Path
     log_path: Path
     process: subprocess.Popen | None = None
+    user: tuple[int, int] | None = None  # (uid, gid) to run as, None: this process's
 
     def start(self) -> Process:
+        argv = self.argv
+        if self.user is not None:  # util-linux setpriv (Popen(user=) is refused exec here)
+            argv = ["setpriv", f"--reuid={self.user[0]}", f"--regid={self.user[1]}", "--clear-groups",
+                    *argv]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return self
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
@@ -237,7 +304,10 @@ class Stack:
         self.env = read_env_file(self.env_file)
         self.compose = load_compose(self.compose_file, self.env)
         self.services: dict[str, dict] = self.compose["services"]
+        self.profiles = active_profiles(self.env)
+        self.active = active_services(self.compose, self.profiles)
         self.processes: dict[str, Process] = {}
+        self.run_as: tuple[int, int] | None = None  # (uid, gid) of the service being run, if not ours
         self.ports: dict[tuple[str, str], int] = {}  # (service, container port) -> local port
         self.broker: EmbeddedBroker | None = None
         self.created_topics: set[str] = set()  # what kafka-init created
@@ -254,6 +324,9 @@ class Stack:
         problems = topology_problems(self.compose)
         if problems:
             raise ComposeError("incomplete topology:\n  " + "\n  ".join(problems))
+        problems = dependency_problems(self.compose, self.active)
+        if problems:
+            raise ComposeError(f"profiles {sorted(self.profiles)}:\n  " + "\n  ".join(problems))
 
     # ---------------------------------------------------------------- rewrites
     def port(self, service: str, container_port: str | int) -> int:
@@ -265,6 +338,9 @@ class Stack:
     def address(self, host: str, port: str) -> str:
         """``service:port`` as seen from another container -> the local address."""
         if host == "kafka":
+            if "kafka" not in self.active:
+                raise ComposeError(f"kafka:{port} is named, but the active profiles "
+                                   f"{sorted(self.profiles)} leave the bundled Kafka out")
             assert self.broker is not None
             return self.broker.url.split("://", 1)[1]
         if host not in self.services:
@@ -294,6 +370,8 @@ class Stack:
                 local = self.workdir / "volumes" / source
                 local.mkdir(parents=True, exist_ok=True)
                 out[target] = str(local)
+                if self.run_as is not None and target in dockerfile_user_dirs()[1]:
+                    os.chown(local, *self.run_as)  # a new volume takes the image directory's owner
         return out
 
     def _host_path(self, service: str, source: str) -> str:
@@ -376,15 +454,19 @@ class Stack:
         return path
 
     def start_prometheus(self) -> None:
+        """The service's entrypoint (prometheus-render.sh) renders the harness's copy of
+        prometheus.yml (local targets, absolute rule paths) and starts Debian's prometheus."""
         svc = self.services["prometheus"]
         config = self.prometheus_config()
-        argv = [shutil.which("prometheus") or "prometheus"]
-        for arg in svc["command"]:
-            if arg.startswith("--config.file="):
-                arg = f"--config.file={config}"
-            argv.append(self.rewrite("prometheus", arg))
+        argv = [self.rewrite("prometheus", arg) for arg in service_argv(svc)]
+        if not svc.get("entrypoint"):
+            argv = [shutil.which("prometheus") or "prometheus"] + [
+                f"--config.file={config}" if a.startswith("--config.file=") else a for a in argv]
         argv.append(f"--web.listen-address=127.0.0.1:{self.port('prometheus', 9090)}")
-        self._spawn("prometheus", argv, {"PATH": os.environ["PATH"], **self.service_env("prometheus")})
+        env = {"PATH": os.environ["PATH"], **self.service_env("prometheus"),
+               "PROMETHEUS_TEMPLATE": str(config),
+               "PROMETHEUS_BIN": shutil.which("prometheus") or "prometheus"}
+        self._spawn("prometheus", argv, env)
 
     def start_alertmanager(self) -> None:
         svc = self.services["alertmanager"]
@@ -400,7 +482,7 @@ class Stack:
     # ---------------------------------------------------------------- this project's services
     def start_project_service(self, name: str) -> None:
         svc = self.services[name]
-        command = svc["command"]
+        command = service_argv(svc)
         if command[0] != "funnel-kpi":
             raise ComposeError(f"{name}: unexpected command {command}")
         env = {
@@ -413,6 +495,36 @@ class Stack:
         if command[1] == "worker":
             env.update(self.worker_overrides)
         self._spawn(name, [str(VENV_BIN / command[0]), *command[1:]], env)
+
+    def run(self, name: str, *args: str) -> Process:
+        """``docker compose run --rm <name> [args]`` of a service built here (started, not
+        waited for): entrypoint + args (or the service's command), its environment and volumes,
+        as the image's user: the working directory (the image's root-owned /app) is not
+        writable, nor is a named volume unless the Dockerfile made its directory the user's.
+        Running as root, the process runs as ``nobody`` (every path it needs must be reachable)."""
+        svc = self.services[name]
+        if "build" not in svc:
+            raise ComposeError(f"{name} is not built from this repository")
+        user, _ = dockerfile_user_dirs()
+        if user != "root" and os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            self.run_as = (nobody.pw_uid, nobody.pw_gid)
+        try:
+            command = service_argv(svc, list(args) if args else None)
+            if command[0] != "funnel-kpi":
+                raise ComposeError(f"{name}: unexpected command {command}")
+            env = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", **self.service_env(name)}
+            cwd = self.workdir / "cwd" / name
+            cwd.mkdir(parents=True, exist_ok=True)
+            if user != "root":
+                cwd.chmod(0o555)  # WORKDIR /app belongs to root
+            log = self.workdir / f"{name}.log"
+            process = Process(name, [str(VENV_BIN / command[0]), *command[1:]], env, cwd, log)
+            process.user = self.run_as
+            self.processes[name] = process.start()
+            return process
+        finally:
+            self.run_as = None
 
     def healthy(self, name: str) -> bool:
         """The service's own compose healthcheck, run with its (rewritten) environment; a
@@ -443,12 +555,16 @@ class Stack:
         """Every service; ``only``: just Kafka (with kafka-init) and these project services."""
         self.preflight()
         try:
-            self.start_kafka()
-            self.run_kafka_init()
+            if "kafka" in self.active:
+                self.start_kafka()
+            if "kafka-init" in self.active:
+                self.run_kafka_init()
             if only is None:
                 self.start_redis()
                 self.start_alertmanager()
-            for name in project_services(self.compose):
+            for name, svc in project_services(self.compose).items():
+                if name not in self.active or svc.get("restart") == "no":
+                    continue  # another profile's, or a one-off (Stack.run)
                 if only is None or name in only:
                     self.start_project_service(name)
             if only is None:

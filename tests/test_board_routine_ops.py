@@ -8,6 +8,14 @@ killed with SIGKILL and a replacement started. Every raw sample the recording ru
 the whole scenario must equal the truth (the values recorded after the replay, which equal the
 dataset's own counts): a gap is honest, a dip is a lie. No alert may fire, and no KPI alert may
 start pending. The test prints the gaps per operation.
+
+The boards read the `_held` twins of the KPI rules (issue 24, item 7: the board never blinks):
+through the same operations every held sample must equal the last complete value (here the
+truth), no held series may be absent for more than 2 s (counted in rule evaluations: an
+evaluation that wrote the as-of series but not a held series made Grafana show "No data"), and
+the as-of series must say how old the values are: the evaluation's own time whenever the exact
+KPIs were recorded, an earlier time while they were held. The test prints the exact series'
+gaps (what the boards showed before) and the held series' longest absence per operation.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from streams.tools.dataset import dataset_deals
 from streams.tools.producer import produce
 
 from .conftest import DATASET, wait_until
-from .test_ops_live import lp
+from .test_ops_live import RULES, lp
 from .test_reliability_scale import Truth
 
 pytestmark = pytest.mark.broker
@@ -45,14 +53,20 @@ KPI_RULES = (
     "pipeline:funnel_customers:sum",
 )
 KPI_ALERTS = ("FunnelStalledDealsHigh", "FunnelStageConversionDrop", "FunnelWinRateDrop")
+# What the boards read: every KPI rule's held twin (tests/test_ops_dashboards.py checks the
+# boards read nothing else), and the time the values are as of.
+HELD_RULES = tuple(r for r in RULES if r.endswith("_held"))
+AS_OF = "fleet:funnel_kpis_as_of:timestamp"
+HELD_AGE = "fleet:funnel_kpis_held:age_seconds"
+MAX_ABSENT = 2.0  # seconds a held series may be absent (the issue's bound)
 
 
 def series_key(metric: dict) -> tuple:
     return tuple(sorted(metric.items()))
 
 
-def recorded_now(prom) -> dict[tuple, float]:
-    names = "|".join(KPI_RULES)
+def recorded_now(prom, rules: tuple[str, ...] = KPI_RULES) -> dict[tuple, float]:
+    names = "|".join(rules)
     return {series_key(r["metric"]): float(r["value"][1])
             for r in prom.query(f'{{__name__=~"{names}"}}')}
 
@@ -103,6 +117,26 @@ def gaps(series: dict[tuple, list[tuple[float, float]]], start: float, end: floa
             if b - a > 1.5 * step]
 
 
+def absences(series: dict[tuple, list[tuple[float, float]]], evaluations: list[float],
+             end: float) -> dict[tuple, list[tuple[float, float]]]:
+    """Per series, (first evaluation without it, seconds until an evaluation wrote it again)
+    for every stretch of evaluations that did not write it; ``evaluations`` are the times of
+    every rule evaluation (the as-of series is written at each)."""
+    out: dict[tuple, list[tuple[float, float]]] = {}
+    for key, samples in series.items():
+        present = {round(t, 3) for t, _ in samples}
+        missing_since = None
+        for stamp in evaluations:
+            if round(stamp, 3) not in present:
+                missing_since = stamp if missing_since is None else missing_since
+            elif missing_since is not None:
+                out.setdefault(key, []).append((missing_since, stamp - missing_since))
+                missing_since = None
+        if missing_since is not None:
+            out.setdefault(key, []).append((missing_since, end - missing_since))
+    return out
+
+
 def test_adding_stopping_and_killing_workers_never_records_a_wrong_kpi(broker, workers, tmp_path):
     deals = list(dataset_deals(DATASET))
     truth = Truth.of(deals)
@@ -134,6 +168,12 @@ def test_adding_stopping_and_killing_workers_never_records_a_wrong_kpi(broker, w
         wait_until(replay_recorded, 120, interval=0.5, what="the replay recorded")
         time.sleep(3)
         reference = recorded_now(prom)
+        held_reference = recorded_now(prom, HELD_RULES)
+        # the held twins equal the exact series while current (windowed KPIs have no data here:
+        # the wall clock puts the 2017 dataset outside every window)
+        for key, value in reference.items():
+            twin = tuple((k, v + "_held" if k == "__name__" else v) for k, v in key)
+            assert close(held_reference[twin], value), (key, held_reference.get(twin), value)
         sel = (("pipeline", "default"),)
         assert reference[(("__name__", "pipeline:funnel_deals_open:sum"), *sel)] == sum(truth.open.values())
         assert reference[(("__name__", "pipeline_currency:funnel_won_revenue:sum"),
@@ -175,6 +215,10 @@ def test_adding_stopping_and_killing_workers_never_records_a_wrong_kpi(broker, w
 
         names = "|".join(KPI_RULES)
         recorded = raw_samples(prom, f'{{__name__=~"{names}"}}', start, end)
+        held_names = "|".join(HELD_RULES)
+        held = raw_samples(prom, f'{{__name__=~"{held_names}"}}', start, end)
+        (as_of,) = raw_samples(prom, AS_OF, start, end).values()
+        ages = [s for samples in raw_samples(prom, HELD_AGE, start, end).values() for s in samples]
         firing = raw_samples(prom, 'ALERTS{alertstate="firing"}', start, end)
         pending = raw_samples(prom, 'ALERTS{alertstate="pending"}', start, end)
 
@@ -185,20 +229,54 @@ def test_adding_stopping_and_killing_workers_never_records_a_wrong_kpi(broker, w
             if expected is None or not close(value, expected):
                 wrong.append((stamp, dict(key)["__name__"], dict(key), value, expected))
     wrong.sort(key=lambda w: w[0])
+    # Held: every sample equals the last complete value (the truth throughout), and no series
+    # is missing from an evaluation for more than MAX_ABSENT seconds.
+    held_wrong = [(stamp, dict(key)["__name__"], dict(key), value, held_reference.get(key))
+                  for key, samples in held.items() for stamp, value in samples
+                  if key not in held_reference or not close(value, held_reference[key])]
+    evaluations = [stamp for stamp, _ in as_of]
+    held_absent = absences({k: held.get(k, []) for k in held_reference}, evaluations, end)
+    exact_absent = absences({k: recorded.get(k, []) for k in reference}, evaluations, end)
+    # The as-of series: this evaluation's time whenever the exact KPIs were recorded (then
+    # nothing is held), an earlier one while held values stand in (then the age says how old).
+    exact_at = {round(t, 3) for samples in recorded.values() for t, _ in samples}
+    age_at = {round(t, 3): v for t, v in ages}
+    as_of_wrong = [
+        (stamp, value) for stamp, value in as_of
+        if (round(stamp, 3) in exact_at) != (abs(value - stamp) < 1e-3)
+        or (round(stamp, 3) not in exact_at and abs(age_at.get(round(stamp, 3), -1) - (stamp - value)) > 1e-3)
+    ]
     print(f"\n{sum(len(s) for s in recorded.values())} KPI samples over {end - start:.0f}s, "
           f"{len(wrong)} wrong")
     bounds = [at for _, at in operations] + [end]
     for (what, at), until in zip(operations, bounds[1:], strict=True):
         found = [(b, length) for b, length in gaps(recorded, start, end) if at <= b < until]
         bad = sorted({name for stamp, name, *_ in wrong if at <= stamp < until})
-        print(f"{what}: gaps {[f'{length:.0f} s from +{b - at:.0f} s' for b, length in found]}, "
+        print(f"{what}: exact KPIs: gaps {[f'{length:.0f} s from +{b - at:.0f} s' for b, length in found]}, "
               f"total {sum(length for _, length in found):.0f}s; "
               f"wrong samples {sum(1 for w in wrong if at <= w[0] < until)} ({', '.join(bad)})")
+        stretches, exact_stretches = (
+            [length for spans in absent.values() for b, length in spans if at <= b < until]
+            for absent in (held_absent, exact_absent))
+        held_for = [age for stamp, age in ages if at <= stamp < until]
+        print(f"  exact KPIs ({len(reference)} series): longest absence "
+              f"{max(exact_stretches, default=0):.1f} s (counted in evaluations)")
+        print(f"  held KPIs ({len(held_reference)} series): longest absence "
+              f"{max(stretches, default=0):.1f} s ({len(stretches)} stretches), "
+              f"held for up to {max(held_for, default=0):.1f} s, "
+              f"wrong samples {sum(1 for w in held_wrong if at <= w[0] < until)}")
     new_pending = {dict(k)["alertname"] for k in pending} & set(KPI_ALERTS) - pending_before
     print(f"alerts pending on the truth before the operations: {sorted(pending_before)}; "
           f"pending during them: {sorted({dict(k)['alertname'] for k in pending})}")
     assert not wrong, f"{len(wrong)} wrong KPI samples, first: " + "; ".join(
         f"{name}{ {k: v for k, v in labels.items() if k != '__name__'} } = {value} "
         f"(truth {expected}) at +{stamp - start:.0f}s" for stamp, name, labels, value, expected in wrong[:5])
+    assert not held_wrong, f"{len(held_wrong)} wrong held samples, first: {held_wrong[:5]}"
+    too_long = sorted((length, dict(k)["__name__"], b - start) for k, spans in held_absent.items()
+                      for b, length in spans if length > MAX_ABSENT)
+    assert not too_long, f"held KPI series absent for more than {MAX_ABSENT} s: {too_long[:5]}"
+    assert not as_of_wrong, f"as-of time inconsistent with the recorded KPIs: {as_of_wrong[:5]}"
+    # the measurement sees gaps: the operations closed the gate and the exact series had them
+    assert ages and exact_absent, "the operations never made the boards hold a value"
     assert not firing, f"alerts fired: {sorted({dict(k)['alertname'] for k in firing})}"
     assert not new_pending, f"KPI alerts started pending: {sorted(new_pending)}"

@@ -2,6 +2,9 @@
 and Pipedrive webhooks travel receiver -> adapter -> workers -> Prometheus rules, an alert
 travels Prometheus -> Alertmanager -> a webhook receiver, and the settings of .env reach the
 processes. A service left out of compose, a wrong command or a missing variable fails here.
+Issue 24: the default profiles (bundled Kafka) and a managed setup (profile off, FUNNEL_BROKER
+elsewhere), the backfill service run as the image's user with its checkpoints on its volume, the
+/kpis API closed by the token file, Prometheus' retention and remote_write from .env.
 """
 
 from __future__ import annotations
@@ -9,13 +12,18 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
 import secrets
+import shutil
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,6 +32,7 @@ import yaml
 
 from models.kpis import total
 from streams.crm.sources import hubspot, pipedrive
+from streams.tools.broker import EmbeddedBroker, free_port
 
 from .alert_sink import AlertSink
 from .compose_harness import (
@@ -47,6 +56,35 @@ RUNBOOKS = "https://git.funnel.test/ops/funnel-kpi/blob/main"
 MAX_BODY = 262144
 QUARTER_TARGET = 3_500_000  # the shipped config says 3,000,000: proves the mounted file is read
 WEBHOOK_TOKEN = secrets.token_hex(12)
+API_TOKEN = secrets.token_hex(16)  # secrets/api_token: the workers' /kpis bearer token
+REMOTE_WRITE_PASSWORD = secrets.token_hex(8)
+
+
+class RemoteWriteSink:
+    """A remote_write endpoint (Thanos Receive, Mimir): records each push's path and headers
+    (the body is snappy-compressed protobuf)."""
+
+    def __init__(self) -> None:
+        self.pushes: list[tuple[str, dict[str, str], int]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.pushes.append((self.path, dict(self.headers), len(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/api/v1/push"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def env_values(tmp: Path, sink: AlertSink) -> dict[str, str]:
@@ -58,6 +96,8 @@ def env_values(tmp: Path, sink: AlertSink) -> dict[str, str]:
     secrets_dir.mkdir()
     (secrets_dir / "webhook_bearer_token").write_text(WEBHOOK_TOKEN + "\n")
     (secrets_dir / "webhook_url").write_text(sink.url("/alerts") + "\n")
+    (secrets_dir / "api_token").write_text(API_TOKEN + "\n")
+    (secrets_dir / "remote_write_password").write_text(REMOTE_WRITE_PASSWORD + "\n")
     return {
         "GRAFANA_ADMIN_USER": "admin",
         "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(8),
@@ -72,6 +112,10 @@ def env_values(tmp: Path, sink: AlertSink) -> dict[str, str]:
         "FUNNEL_INGEST_PUBLIC_URL": PUBLIC_URL,
         "FUNNEL_INGEST_MAX_BODY": str(MAX_BODY),
         "FUNNEL_SECRETS_DIR": str(secrets_dir),
+        "FUNNEL_PROMETHEUS_RETENTION_TIME": "123d",
+        "FUNNEL_PROMETHEUS_RETENTION_SIZE": "3GB",
+        "FUNNEL_REMOTE_WRITE_URL": sink.remote_write.url,
+        "FUNNEL_REMOTE_WRITE_USERNAME": "funnel",
     }
 
 
@@ -96,7 +140,9 @@ def time_compressed(tmp: Path) -> tuple[list[Path], Path]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compose")
+    remote_write = RemoteWriteSink()
     with AlertSink() as sink:
+        sink.remote_write = remote_write
         env_file = write_env_file(REPO / ".env.example", tmp / ".env", env_values(tmp, sink))
         rules, template = time_compressed(tmp)
         with Stack(COMPOSE_FILE, env_file, tmp, rule_files=rules, alertmanager_template=template) as running:
@@ -107,6 +153,7 @@ def stack(tmp_path_factory):
             wait_until(lambda: answers(running, "alertmanager", 9093, "/-/ready"), 60,
                        what="alertmanager ready", show=lambda: running.processes["alertmanager"].log_tail(15))
             yield running
+    remote_write.close()
 
 
 def answers(stack: Stack, service: str, port: int, path: str) -> bool:
@@ -290,6 +337,44 @@ def test_an_alert_travels_prometheus_alertmanager_to_the_webhook_receiver(stack)
     assert notification["externalURL"] == "http://alertmanager.funnel.test:9093"
 
 
+def kpis_status(stack: Stack, worker: str, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(stack.url(worker, 6066, "/kpis"), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_default_profile_runs_the_bundled_kafka_and_no_one_off(stack):
+    assert stack.profiles == {"kafka"}  # COMPOSE_PROFILES of .env.example
+    assert {"kafka", "kafka-init"} <= stack.active and "backfill" not in stack.active
+    assert stack.broker is not None and stack.created_topics
+    assert "backfill" not in stack.processes
+
+
+def test_the_kpi_api_is_closed_by_the_token_file(stack):
+    for worker in ("worker-1", "worker-2"):
+        assert kpis_status(stack, worker, None) == 401
+        assert kpis_status(stack, worker, "wrong-" + API_TOKEN) == 401
+        assert kpis_status(stack, worker, API_TOKEN) == 200
+
+
+def test_prometheus_retention_and_remote_write_come_from_env(stack):
+    info = json.loads(stack.get("prometheus", 9090, "/api/v1/status/runtimeinfo"))["data"]
+    assert info["storageRetention"] == "123d or 3GiB"
+    pushes = wait_until(lambda: stack.sink.remote_write.pushes, 60, what="a remote_write push",
+                        show=lambda: stack.processes["prometheus"].log_tail(10))
+    path, headers, size = pushes[0]
+    headers = {name.lower(): value for name, value in headers.items()}
+    assert path == "/api/v1/push" and size > 0, pushes[0]
+    assert headers["content-encoding"] == "snappy", headers
+    assert headers["x-prometheus-remote-write-version"].startswith("0."), headers
+    expected = base64.b64encode(f"funnel:{REMOTE_WRITE_PASSWORD}".encode()).decode()
+    assert headers["authorization"] == f"Basic {expected}"
+
+
 # ------------------------------------------------------------------ what the harness refuses
 def compose_with(tmp_path: Path, edit) -> Path:
     doc = yaml.safe_load(COMPOSE_FILE.read_text())
@@ -338,3 +423,113 @@ def test_a_variable_missing_from_a_service_fails_the_live_run(tmp_path):
     with running, pytest.raises((TimeoutError, ComposeError), match="adapt"):
         # deterministic: the healthcheck reads FUNNEL_ADAPT_PORT, which the service lacks
         wait_until(lambda: running.healthy("adapt"), 15, interval=1, what="adapt healthy")
+
+
+# ------------------------------------------------------------------ a managed Kafka, the backfill
+def shared_dir() -> Path:
+    """A working directory the image's user (``nobody`` when the tests run as root) can reach:
+    pytest's own temporary directories are private to the test user."""
+    path = Path(tempfile.mkdtemp(prefix="funnel-compose-"))
+    path.chmod(0o755)
+    return path
+
+
+def test_a_managed_setup_starts_without_the_bundled_kafka(tmp_path):
+    """COMPOSE_PROFILES empty and FUNNEL_BROKER at a broker outside the stack (here an embedded
+    one standing in for the managed cluster): kafka and kafka-init are not started, the
+    receiver, the adapter and a worker start anyway (their wait is `required: false`) and work
+    against that broker, and the API stays closed."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "api_token").write_text(API_TOKEN + "\n")
+    with EmbeddedBroker(log_path=tmp_path / "managed-kafka.log") as managed:
+        env_file = write_env_file(REPO / ".env.example", tmp_path / ".env", {
+            "GRAFANA_ADMIN_USER": "a", "GRAFANA_ADMIN_PASSWORD": "b", "REDIS_PASSWORD": "c",
+            "FUNNEL_RUNBOOK_BASE_URL": RUNBOOKS, "COMPOSE_PROFILES": "",
+            "FUNNEL_BROKER": managed.url, "FUNNEL_PARTITIONS": "2",
+            "FUNNEL_PIPEDRIVE_BASIC_AUTH": PIPEDRIVE_AUTH, "FUNNEL_SECRETS_DIR": str(secrets_dir)})
+        running = Stack(COMPOSE_FILE, env_file, tmp_path)
+        assert running.profiles == set()
+        assert {"kafka", "kafka-init", "backfill"}.isdisjoint(running.active)
+        with running.start(only={"ingest", "adapt", "worker-1"}):
+            assert running.broker is None and running.created_topics == set()
+            assert running.processes["worker-1"].env["FUNNEL_BROKER"] == managed.url
+            for name in ("ingest", "adapt", "worker-1"):
+                wait_until(lambda n=name: running.healthy(n), 180, interval=1, what=f"{name} healthy",
+                           show=lambda n=name: running.processes[n].log_tail(15))
+            body = raw(fixture("pipedrive_session.json")["bodies"][0])
+            assert send_pipedrive(running, body) == 204  # stored on the managed broker
+            assert kpis_status(running, "worker-1", None) == 401
+            assert kpis_status(running, "worker-1", API_TOKEN) == 200
+
+
+def test_a_dependency_a_profile_leaves_out_must_not_be_required(tmp_path):
+    """What Compose refuses: with the bundled Kafka off, a service that needs kafka-init
+    without `required: false` cannot start."""
+    def required(doc):
+        doc["services"]["adapt"]["depends_on"] = {
+            "kafka-init": {"condition": "service_completed_successfully"}}
+    compose = compose_with(tmp_path, required)
+    env = write_env_file(REPO / ".env.example", tmp_path / ".env", {
+        "GRAFANA_ADMIN_USER": "a", "GRAFANA_ADMIN_PASSWORD": "b", "REDIS_PASSWORD": "c",
+        "FUNNEL_RUNBOOK_BASE_URL": RUNBOOKS, "COMPOSE_PROFILES": "", "FUNNEL_BROKER": "kafka://x.test:9092"})
+    with pytest.raises(ComposeError, match="adapt depends on kafka-init, which the active profiles"):
+        Stack(compose, env, tmp_path).preflight()
+    Stack(COMPOSE_FILE, env, tmp_path).preflight()  # as shipped: required: false
+    # the managed setup that forgot FUNNEL_BROKER: the services would look for the bundled Kafka
+    forgot = write_env_file(REPO / ".env.example", tmp_path / ".env", {
+        "GRAFANA_ADMIN_USER": "a", "GRAFANA_ADMIN_PASSWORD": "b", "REDIS_PASSWORD": "c",
+        "FUNNEL_RUNBOOK_BASE_URL": RUNBOOKS, "COMPOSE_PROFILES": ""})
+    with pytest.raises(ComposeError, match="leave the bundled Kafka out"):
+        Stack(COMPOSE_FILE, forgot, tmp_path).service_env("adapt")
+
+
+def test_the_backfill_service_resumes_from_its_volume_as_the_image_user():
+    """`docker compose run --rm backfill hubspot --hubspot-api-url <local HubSpot>` as a local
+    process with the service's environment, as the image's user in a directory it cannot write:
+    the checkpoint lands on the backfill-state volume, a killed run resumes from it, the finished
+    run clears it. Without the service's FUNNEL_BACKFILL_STATE_DIR (the setting's relative default
+    `data`, what the image used before issue 24) the same run cannot write its checkpoint."""
+    from .crm_servers import TOKEN, HubSpotServer
+    from .test_backfill_e2e import many_deals
+
+    work = shared_dir()
+    try:
+        secrets_dir = work / "secrets"
+        secrets_dir.mkdir(mode=0o755)
+        (secrets_dir / "hubspot_access_token").write_text(TOKEN + "\n")
+        (secrets_dir / "hubspot_access_token").chmod(0o644)
+        env_file = write_env_file(REPO / ".env.example", work / ".env", {
+            "GRAFANA_ADMIN_USER": "a", "GRAFANA_ADMIN_PASSWORD": "b", "REDIS_PASSWORD": "c",
+            "FUNNEL_RUNBOOK_BASE_URL": RUNBOOKS, "FUNNEL_PARTITIONS": "2",
+            "FUNNEL_SECRETS_DIR": str(secrets_dir)})
+        doc = many_deals()
+        with Stack(COMPOSE_FILE, env_file, work).start(only=set()) as running, \
+                HubSpotServer(doc, page_size=2) as server:
+            assert "backfill" not in running.processes  # a one-off: `run`, not `up`
+            args = ("hubspot", "--hubspot-api-url", server.url, "--backfill-rate", "4/1")
+            first = running.run("backfill", *args)
+            state = Path(first.env["FUNNEL_BACKFILL_STATE_DIR"])
+            assert state == work / "volumes" / "backfill-state"
+            checkpoint = state / "backfill-hubspot.json"
+            wait_until(lambda: checkpoint.exists() and json.loads(checkpoint.read_text())["deals"] >= 6, 90,
+                       what="a checkpoint on the volume", show=lambda: first.log_tail(10))
+            first.process.kill()
+            first.wait(10)
+            if os.geteuid() == 0:  # written by the image's user, not by root
+                assert checkpoint.stat().st_uid != 0
+            stopped_at = json.loads(checkpoint.read_text())
+            assert stopped_at["deals"] < len(doc["deals"])
+            second = running.run("backfill", *args)
+            assert second.wait(180) == 0, second.log_tail(20)
+            assert f"resumed after {stopped_at['cursor']}" in second.log_path.read_text()
+            assert not checkpoint.exists()  # done: the next run starts over
+
+            # the image's default (a relative `data` in the root-owned /app): no checkpoint
+            del running.services["backfill"]["environment"]["FUNNEL_BACKFILL_STATE_DIR"]
+            (work / "backfill.log").unlink()
+            default = running.run("backfill", *args)
+            assert default.wait(180) != 0
+            assert "Permission denied" in default.log_path.read_text(), default.log_tail(20)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

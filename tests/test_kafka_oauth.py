@@ -21,10 +21,9 @@ from streams.kafka.client import KafkaSecurity
 from streams.kafka.oauth import ClientCredentialsTokens, TokenRefused
 from streams.tools.broker import EmbeddedBroker, free_port
 
-from .conftest import DATASET, DATASET_EVENTS, WorkerProcess, settled
+from .conftest import DATASET
 from .sasl_gate import SaslGate
-from .test_e2e_pipeline import assert_dataset_values
-from .test_kafka_tls import assert_one_line_exit_2, cli
+from .test_kafka_tls import assert_one_line_exit_2, assert_secured_replay_is_exact, cli
 
 CLIENT_ID, CLIENT_SECRET = "funnel-kpi", "client-secret-123"
 EXTENSIONS = {"logicalCluster": "lkc-test", "identityPoolId": "pool-test"}
@@ -191,16 +190,9 @@ def test_dataset_replay_with_oauth_client_credentials_gives_the_literal_values(
     gate.bearer = endpoint.check
     secret = tmp_path / "oauth-client-secret"
     secret.write_text(CLIENT_SECRET + "\n")
-    env = {**oauth_env(broker.url, endpoint), "FUNNEL_CLOCK": "stream",
-           "FUNNEL_KAFKA_OAUTH_CLIENT_SECRET": "", "FUNNEL_KAFKA_OAUTH_CLIENT_SECRET_FILE": str(secret)}
-    worker = WorkerProcess(broker.url, tmp_path, "oauth", **env).start()
-    try:
-        worker.wait_ready()
-        sent = cli(["replay", str(DATASET), "--partitions", "4"], env, timeout=180)
-        assert sent.returncode == 0, sent.stderr
-        assert_dataset_values(settled([worker], DATASET_EVENTS))
-    finally:
-        worker.stop()
+    env = {**oauth_env(broker.url, endpoint), "FUNNEL_KAFKA_OAUTH_CLIENT_SECRET": "",
+           "FUNNEL_KAFKA_OAUTH_CLIENT_SECRET_FILE": str(secret)}
+    assert_secured_replay_is_exact(broker.url, tmp_path, "oauth", env)
     # Faust's clients, the batch loop's consumer and producer, the topic admin, the API's reader
     # and the replay's producer each log in on their own connections, with one token per process.
     assert len(gate.logins) >= 6 and set(gate.logins) == {("OAUTHBEARER", CLIENT_ID, True)}

@@ -5,10 +5,9 @@ import pytest
 
 from streams.tools.broker import EmbeddedBroker, free_port
 
-from .conftest import DATASET, DATASET_EVENTS, WorkerProcess, settled
+from .conftest import DATASET
 from .sasl_gate import SaslGate
-from .test_e2e_pipeline import assert_dataset_values
-from .test_kafka_tls import assert_one_line_exit_2, cli
+from .test_kafka_tls import assert_one_line_exit_2, assert_secured_replay_is_exact, cli
 
 pytestmark = pytest.mark.broker
 
@@ -60,17 +59,10 @@ def test_dataset_replay_with_scram_gives_the_literal_values(scram_broker, tmp_pa
     broker, gate = scram_broker
     secret = tmp_path / "kafka-password"
     secret.write_text(PASSWORD + "\n")
-    env = {**scram_env(broker.url, "SCRAM-SHA-512", ""), "FUNNEL_CLOCK": "stream"}
+    env = scram_env(broker.url, "SCRAM-SHA-512", "")
     del env["FUNNEL_KAFKA_SASL_PASSWORD"]
     env["FUNNEL_KAFKA_SASL_PASSWORD_FILE"] = str(secret)
-    worker = WorkerProcess(broker.url, tmp_path, "scram", **env).start()
-    try:
-        worker.wait_ready()
-        sent = cli(["replay", str(DATASET), "--partitions", "4"], env, timeout=180)
-        assert sent.returncode == 0, sent.stderr
-        assert_dataset_values(settled([worker], DATASET_EVENTS))
-    finally:
-        worker.stop()
+    assert_secured_replay_is_exact(broker.url, tmp_path, "scram", env)
     # Faust's consumer and producer, the events consumer, the topic admin, the API's reader
     # and the replay's producer each log in on their own connections.
     assert len(gate.logins) >= 6 and set(gate.logins) == {("SCRAM-SHA-512", "funnel", True)}

@@ -38,17 +38,21 @@ def assert_one_line_exit_2(result: subprocess.CompletedProcess, starts: str) -> 
     return lines[0]
 
 
-def test_dataset_replay_over_tls_gives_the_literal_values(tls_broker, tmp_path):
-    env = {**tls_broker.env(), "FUNNEL_CLOCK": "stream"}
-    worker = WorkerProcess(tls_broker.url, tmp_path, "tls", **env).start()
+def assert_secured_replay_is_exact(broker_url: str, tmp_path, name: str, env: dict[str, str]) -> None:
+    """A worker and ``replay`` with these connection settings: the dataset's literal values."""
+    env = {**env, "FUNNEL_CLOCK": "stream"}
+    worker = WorkerProcess(broker_url, tmp_path, name, **env).start()
     try:
         worker.wait_ready()
         sent = cli(["replay", str(DATASET), "--partitions", "4"], env, timeout=180)
         assert sent.returncode == 0, sent.stderr
-        samples = settled([worker], DATASET_EVENTS)
-        assert_dataset_values(samples)
+        assert_dataset_values(settled([worker], DATASET_EVENTS))
     finally:
         worker.stop()
+
+
+def test_dataset_replay_over_tls_gives_the_literal_values(tls_broker, tmp_path):
+    assert_secured_replay_is_exact(tls_broker.url, tmp_path, "tls", tls_broker.env())
 
 
 def test_a_wrong_ca_stops_the_worker_at_start_up_in_one_line(tls_broker, tmp_path):

@@ -17,7 +17,7 @@ import yaml
 
 from streams.crm.sources.settings import INGEST_SETTINGS
 
-from .compose_harness import interpolate, read_env_file
+from .compose_harness import dockerfile_user_dirs, interpolate, read_env_file
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -33,7 +33,7 @@ FIRST_START_ENV = {
 }
 RESOLVED = interpolate(COMPOSE, FIRST_START_ENV)["services"]
 WORKERS = sorted(s for s, d in SERVICES.items() if d.get("command") == ["funnel-kpi", "worker"])
-ONE_SHOT = {"kafka-init"}
+ONE_SHOT = {"kafka-init", "backfill"}
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|AUTH$", re.I)
 INTERPOLATION = re.compile(r"(?<!\$)\$\{(\w+)(?::?[-?][^}]*)?\}")
 
@@ -94,7 +94,7 @@ def test_depends_on_uses_conditions_on_existing_services():
                 assert SERVICES[dep].get("healthcheck"), f"{dep} has no healthcheck"
             if cond == "service_completed_successfully":
                 assert dep in ONE_SHOT
-    for w in [*WORKERS, "ingest", "adapt"]:
+    for w in [*WORKERS, "ingest", "adapt", "backfill"]:
         assert SERVICES[w]["depends_on"]["kafka-init"]["condition"] == ("service_completed_successfully")
     assert SERVICES["kafka-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
 
@@ -110,6 +110,8 @@ def _env_items():
 
 def test_no_literal_passwords():
     for name, key, value in _env_items():
+        if key.endswith("_FILE") and value.startswith("/run/secrets/"):
+            continue  # where a compose secret is mounted: a path, not the secret
         if SECRET_KEY.search(key):
             m = INTERPOLATION.fullmatch(value)
             assert m, f"{name}.{key} must come from .env, got a literal"
@@ -231,8 +233,8 @@ def test_prometheus_scrapes_every_worker_and_loads_the_rules():
 
 def test_workers_settings():
     for w in WORKERS:
-        env = SERVICES[w]["environment"]
-        assert env["FUNNEL_BROKER"] == "kafka://kafka:9092"
+        env = RESOLVED[w]["environment"]
+        assert env["FUNNEL_BROKER"] == "kafka://kafka:9092"  # the bundled Kafka, as .env.example
         assert env["FUNNEL_STORE"] == "rocksdb://"
         assert {"FUNNEL_WEB_PORT", "FUNNEL_DATA_DIR", "FUNNEL_CONFIG", "FUNNEL_REDIS_URL"} <= set(env)
         # each worker keeps its own RocksDB state in its own volume
@@ -268,5 +270,88 @@ def test_alert_secrets_reach_alertmanager_as_a_compose_secret_needing_no_file():
     files = set(re.findall(r"/run/secrets/alertmanager/(\w+)", template))
     files |= set(re.findall(r"# from secret ([a-z_]+)$", template, re.M))
     documented = set(re.findall(r"^\| `(\w+)` \|", (REPO / "secrets/README.md").read_text(), re.M))
-    assert files == documented == {"pagerduty_routing_key", "slack_api_url", "smtp_password",
-                                   "webhook_bearer_token", "webhook_url"}
+    assert files == {"pagerduty_routing_key", "slack_api_url", "smtp_password",
+                     "webhook_bearer_token", "webhook_url", "sales_slack_api_url"}
+    # and the folder's other files: the API token, the CRM tokens, remote_write credentials
+    used = set(re.findall(r"/run/secrets/crm/(\w+)", COMPOSE_FILE.read_text()))
+    render = (REPO / "prometheus/prometheus-render.sh").read_text()
+    used |= set(re.findall(r"\$secrets/(remote_write_\w+)", render)) | {"api_token"}
+    assert {"hubspot_access_token", "pipedrive_api_token", "salesforce_access_token",
+            "remote_write_password", "remote_write_bearer_token"} <= used
+    missing = sorted((files | used) - documented)
+    assert not missing, f"undocumented in secrets/README.md: {missing}"
+
+
+# ------------------------------------------------------------------ issue 24: profiles, backfill, API
+def test_the_bundled_kafka_is_a_profile_the_example_env_turns_on():
+    """kafka and kafka-init in the profile `kafka` (on in .env.example), backfill in `tools`; a
+    service waits for one that may be off only with `required: false`, or Compose refuses to
+    start it in a managed setup (COMPOSE_PROFILES without kafka)."""
+    profiled = {name: svc["profiles"] for name, svc in SERVICES.items() if "profiles" in svc}
+    assert {"kafka": ["kafka"], "kafka-init": ["kafka"], "backfill": ["tools"]}.items() <= profiled.items()
+    assert [n for n, p in profiled.items() if "kafka" in p] == ["kafka", "kafka-init"]
+    assert read_env_file(REPO / ".env.example")["COMPOSE_PROFILES"] == "kafka"
+    for name, svc in SERVICES.items():
+        for dep, spec in svc.get("depends_on", {}).items():
+            if set(SERVICES[dep].get("profiles", [])) - set(svc.get("profiles", [])):
+                assert spec.get("required") is False, f"{name} needs {dep}, which a profile may leave off"
+    # every client takes the broker from .env, the bundled one by default
+    clients = [n for n, s in RESOLVED.items() if "FUNNEL_BROKER" in s.get("environment", {})]
+    assert set(clients) >= {*WORKERS, "ingest", "adapt", "backfill"}
+    for name in clients:
+        assert SERVICES[name]["environment"]["FUNNEL_BROKER"] == "${FUNNEL_BROKER:-kafka://kafka:9092}"
+
+
+def test_the_backfill_service_keeps_its_checkpoints_on_a_volume_its_user_owns():
+    svc = RESOLVED["backfill"]
+    assert svc["entrypoint"] == ["funnel-kpi", "backfill"]  # docker compose run --rm backfill hubspot
+    state = svc["environment"]["FUNNEL_BACKFILL_STATE_DIR"]
+    assert state.startswith("/")  # not the relative default `data` in the root-owned /app
+    volumes = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+    assert volumes[state] in COMPOSE["volumes"], "the checkpoints need a named volume"
+    user, owned = dockerfile_user_dirs()
+    assert user == "funnel" and state in owned, "the image must create the directory for its user"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"FUNNEL_BACKFILL_STATE_DIR={state}" in dockerfile  # `docker run` without compose too
+    for crm in ("hubspot_access_token", "pipedrive_api_token", "salesforce_access_token"):
+        assert svc["environment"][f"FUNNEL_{crm.upper()}_FILE"] == f"/run/secrets/crm/{crm}"
+    assert svc["secrets"] == [{"source": "crm", "target": "/run/secrets/crm"}]
+
+
+def test_the_kpi_api_is_closed_in_the_stack():
+    """The workers read the /kpis bearer token from the compose secret api-token, one required
+    file: Compose refuses to start without it, so the API is never open (an empty
+    FUNNEL_API_TOKEN would open it, and both set is refused: only the file is passed)."""
+    resolved = interpolate(COMPOSE, FIRST_START_ENV)
+    assert resolved["secrets"]["api-token"] == {"file": "./secrets/api_token"}
+    for w in WORKERS:
+        env = RESOLVED[w]["environment"]
+        assert "FUNNEL_API_TOKEN" not in env
+        assert RESOLVED[w]["secrets"] == [{"source": "api-token", "target": env["FUNNEL_API_TOKEN_FILE"]}]
+    assert not any("API_TOKEN" in key for name in set(SERVICES) - set(WORKERS)
+                   for key in RESOLVED[name].get("environment", {}) if "PIPEDRIVE" not in key)
+
+
+def test_prometheus_retention_and_remote_write_are_env_settings():
+    command = RESOLVED["prometheus"]["command"]
+    assert "--storage.tsdb.retention.time=400d" in command
+    assert "--storage.tsdb.retention.size=20GB" in command
+    custom = interpolate(COMPOSE, {**FIRST_START_ENV, "FUNNEL_PROMETHEUS_RETENTION_TIME": "2y",
+                                   "FUNNEL_PROMETHEUS_RETENTION_SIZE": "500GB"})["services"]["prometheus"]
+    assert {"--storage.tsdb.retention.time=2y",
+            "--storage.tsdb.retention.size=500GB"} <= set(custom["command"])
+    env = SERVICES["prometheus"]["environment"]
+    for name in ("FUNNEL_REMOTE_WRITE_URL", "FUNNEL_REMOTE_WRITE_USERNAME"):
+        assert env[name] == f"${{{name}:-}}"  # empty: off
+    assert RESOLVED["prometheus"]["entrypoint"] == ["/bin/sh", "/etc/prometheus/prometheus-render.sh"]
+    assert RESOLVED["prometheus"]["secrets"] == [
+        {"source": "prometheus", "target": "/run/secrets/prometheus"}]
+
+
+def test_every_setting_an_entrypoint_reads_reaches_its_service():
+    for service, script, prefix in (("alertmanager", "alertmanager-render.sh", "ALERTMANAGER_"),
+                                    ("prometheus", "prometheus-render.sh", "FUNNEL_REMOTE_WRITE_")):
+        text = (REPO / "prometheus" / script).read_text()
+        read = set(re.findall(rf"\b({prefix}[A-Z_]+)\b", text)) - {"ALERTMANAGER_BIN"}
+        env = SERVICES[service]["environment"]
+        assert read <= set(env), f"{service}: {sorted(read - set(env))} not passed"

@@ -232,6 +232,51 @@ def test_board_queries_use_recording_rules_or_contract_metrics():
             assert metric_names(raw) <= CONTRACT, f"{uid}/{p['title']}: unknown metric"
 
 
+# Panels that read an exact (gated) KPI series on purpose: a derivative over a held plateau
+# would show a made-up flat stretch, and deriv() over the exact samples spans a gap anyway.
+EXACT_KPI_PANELS = {("funnel-velocity", "Stage entries per hour")}
+KPI_NAME = re.compile(r"\b[a-z_]+:funnel_[a-z0-9_]+:[a-z0-9_]+\b")
+
+
+def test_kpi_panels_read_the_held_series_and_every_board_says_how_old_they_are():
+    """During a rebalance the exact KPI series are absent for seconds; the boards read the
+    `_held` twins (the last complete value, for a bounded time) and open with the as-of time
+    and age (issue 24, item 7; tests/test_board_routine_ops.py measures it)."""
+    from tests.test_ops_rules import HOLD_SECONDS  # checked against the rule there
+
+    gated = {r["record"] for g in yaml.safe_load((REPO / "prometheus/rules/funnel_recording.yml")
+                                                 .read_text())["groups"]
+             for r in g["rules"] if "record" in r
+             and r["expr"].rstrip().endswith("and on () fleet:funnel_partition_exported:complete")}
+    assert gated
+    exact = set()
+    for uid, board in BOARDS.items():
+        for p, t in targets(board):
+            assert "fleet:funnel_partition_exported:complete" not in t["expr"], f"{uid}/{p['title']}"
+            assert not metric_names_in(t["expr"]) & GATED_RAW, f"{uid}/{p['title']}: raw KPI gauge"
+            if set(KPI_NAME.findall(t["expr"])) & gated:
+                exact.add((uid, p["title"]))
+        first = [p["title"] for p in board["panels"][:2]]
+        assert first == ["KPIs as of", "KPI age"], f"{uid} does not open with the KPIs' age"
+        age = board["panels"][1]
+        assert age["targets"][0]["expr"] == "time() - fleet:funnel_kpis_as_of:timestamp"
+        steps = age["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert steps[-1] == {"color": "red", "value": HOLD_SECONDS}  # the rules' bound
+    assert load_module("generate").HOLD_SECONDS == HOLD_SECONDS
+    assert exact == EXACT_KPI_PANELS
+
+
+# raw business gauges: a board summing them would show partial sums during a rebalance
+GATED_RAW = {"funnel_deals_open", "funnel_open_value", "funnel_won_deal_value", "funnel_deals_closed",
+             "funnel_customer_lifetime_value", "funnel_deals_reached", "funnel_won_revenue"}
+
+
+def metric_names_in(expr: str) -> set[str]:
+    from tests.test_ops_rules import metric_names
+
+    return metric_names(KPI_NAME.sub("", expr))
+
+
 # ------------------------------------------------------------------ docs
 def test_dashboards_doc_lists_every_panel():
     doc = (REPO / "docs" / "dashboards.md").read_text()

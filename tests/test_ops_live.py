@@ -85,6 +85,17 @@ def test_dashboard_query_returns_data(prom, variables, board, panel, target):
         assert prom.query(expr), f"no data for window={window}:\n{expr}"
 
 
+def test_the_kpis_are_current_and_not_held(prom):
+    """Every partition exported once: the boards' held series are the exact ones, the as-of time
+    is the last evaluation's, and the hold marker is absent (held during rebalances only:
+    tests/test_board_routine_ops.py)."""
+    assert prom.query(lp.HOLD_ONLY[0]) == []
+    age = prom.value("time() - fleet:funnel_kpis_as_of:timestamp")
+    assert 0 <= age < 5, f"KPIs as of {age:.1f} s ago at a 1 s evaluation interval"
+    open_deals = 'pipeline:funnel_deals_open:sum{pipeline="default"}'
+    assert prom.value(open_deals.replace(":sum{", ":sum_held{")) == prom.value(open_deals)
+
+
 def _one(prom, expr: str) -> float:
     return prom.value(expr)
 

@@ -64,6 +64,11 @@ CONTRACT = {
     "funnel_ingest_requests_total",
     "funnel_adapt_messages_total",
     "funnel_adapt_consumer_lag_messages",
+    # the Salesforce CDC subscriber (issue 25)
+    "funnel_salesforce_cdc_connected",
+    "funnel_salesforce_cdc_lag_seconds",
+    "funnel_salesforce_cdc_gaps_total",
+    "funnel_salesforce_cdc_replay_fallbacks_total",
 }
 GAUGE_HISTOGRAMS = {
     "funnel_won_deal_value",
@@ -85,6 +90,9 @@ CONFIG_GAUGES = {
 }
 DERIVED_OPS = ("ratio", "avg", "p50", "p90", "per_second")
 RUNBOOK_BASE = "{{ with $externalLabels.runbook_base_url }}{{ . }}/{{ end }}"
+# Funnel health (stalled deals, conversion and win-rate drops) is for sales leaders; the rest is
+# the service's own health, for on-call (issue 24; prometheus/alertmanager.yml routes by `team`).
+SALES_GROUPS = {"funnel.alerts.leaks"}
 
 
 def tool(name: str) -> str:
@@ -160,6 +168,7 @@ def test_alert_conventions(rule):
     name = rule["alert"]
     assert re.fullmatch(r"Funnel(?:[A-Z][a-z0-9]*)+", name), "CamelCase, Funnel prefix"
     assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+    assert rule["labels"]["team"] == ("sales" if rule["_group"] in SALES_GROUPS else "ops")
     ann = rule["annotations"]
     assert {"summary", "description", "runbook_url"} <= set(ann)
     # absolute with the external label runbook_base_url (FUNNEL_RUNBOOK_BASE_URL), else relative
@@ -167,6 +176,16 @@ def test_alert_conventions(rule):
     assert ann["runbook_url"] == RUNBOOK_BASE + path
     assert (REPO / path).is_file(), f"missing runbook {path}"
     assert re.fullmatch(r"\d+[mh]", rule.get("for", "")), "every alert needs a for:"
+
+
+def test_sales_alerts_are_the_funnel_health_ones():
+    sales = {r["alert"] for r in alerts() if r["labels"]["team"] == "sales"}
+    assert sales == {"FunnelStalledDealsHigh", "FunnelStageConversionDrop", "FunnelWinRateDrop"}
+    # promtool compares whole label sets: each firing case states the team it is routed by
+    for case in (c for t in unit_tests() for c in t.get("alert_rule_test", [])):
+        for alert in case.get("exp_alerts") or []:
+            team = "sales" if case["alertname"] in sales else "ops"
+            assert alert["exp_labels"]["team"] == team, case["alertname"]
 
 
 @pytest.mark.parametrize("rule", alerts(), ids=lambda r: r["alert"])
@@ -180,6 +199,7 @@ def test_every_alert_is_unit_tested_firing_and_quiet(rule):
 def test_runbook_sections(rule):
     text = (RUNBOOKS / f"{rule['alert']}.md").read_text()
     assert text.startswith(f"# {rule['alert']}")
+    assert f"Team: **{rule['labels']['team']}**" in text.splitlines()[2], "the runbook names the team"
     for heading in ("## What it means", "## Likely causes", "## How to check", "## How to fix"):
         assert heading in text, f"{rule['alert']}.md lacks {heading!r}"
 
@@ -215,6 +235,7 @@ def test_derived_rules_have_exact_value_tests():
         "pipeline_stage_window:funnel_deals_reached_window_next:sum",
         "pipeline_stage_currency:funnel_weighted_open_value:sum",
     }  # inputs of tested KPIs
+    derived = {d for d in derived if not d.endswith(HELD)}  # copies: test_every_held_rule_is_...
     assert sorted(derived - tested) == []
 
 
@@ -263,7 +284,105 @@ def test_every_kpi_rule_is_gated_on_every_partition_exported_once():
     assert group[0]["record"] == gate
     recorded = {r["record"] for r in group}
     for r in group[1:]:
+        if r["record"] in HOLD_RULES or r["record"].endswith(HELD):
+            continue  # the boards' held copies: test_every_held_rule_is_its_exact_twin_...
         expr = r["expr"]
         business = metric_names(expr) - CONFIG_GAUGES or any(name in expr for name in recorded)
         if business:
             assert expr.rstrip().endswith(f"and on () {gate}"), f"{r['record']}: not gated"
+
+
+HELD = "_held"
+HOLD_RULES = ("fleet:funnel_kpis_as_of:timestamp", "fleet:funnel_kpis_held:age_seconds")
+HOLD_SECONDS = 120  # docs/operations.md, "Rebalances: what the boards show"
+
+
+def test_every_held_rule_is_its_exact_twin_or_its_last_value_within_the_bound():
+    """The boards' `_held` series (issue 24, item 7) are the gated KPI while the gate is open and
+    their own previous sample, only while fleet:funnel_kpis_held:age_seconds says the last
+    complete evaluation is at most HOLD_SECONDS old; they follow the hold rules and their twins
+    in the gate's group (prometheus/tests/held_test.yml gives the values)."""
+    group = [r for r in records() if r["_group"] == "funnel.kpis"]
+    names = [r["record"] for r in group]
+    hold = [names.index(n) for n in HOLD_RULES]
+    gate = "fleet:funnel_partition_exported:complete"
+    assert re.sub(r"\s+", " ", group[hold[0]]["expr"]).strip() == (
+        f"timestamp({gate}) or on () {HOLD_RULES[0]}")
+    assert re.sub(r"\s+", " ", group[hold[1]]["expr"]).strip() == (
+        f"(time() - {HOLD_RULES[0]} <= {HOLD_SECONDS}) unless on () {gate}")
+    held = [r for r in group if r["record"].endswith(HELD)]
+    assert held
+    for r in held:
+        exact = r["record"].removesuffix(HELD)
+        assert exact in names and names.index(exact) < hold[0] < hold[1] < names.index(r["record"])
+        assert group[names.index(exact)]["expr"].rstrip().endswith(f"and on () {gate}"), exact
+        assert re.sub(r"\s+", " ", r["expr"]).strip() == (
+            f"{exact} or ({r['record']} and on () {HOLD_RULES[1]})"), r["record"]
+    assert not [r["record"] for r in records() if r["_group"] != "funnel.kpis" and HELD in r["record"]]
+
+
+def test_alerts_read_exact_kpis_never_held_ones():
+    """A held value is the truth of up to HOLD_SECONDS ago: alerts judge the current truth."""
+    for rule in alerts():
+        assert HELD not in rule["expr"] and "funnel_kpis_as_of" not in rule["expr"], rule["alert"]
+
+
+# ------------------------------------------------------------------ the prometheus entrypoint
+def render_prometheus(tmp: Path, files: dict[str, str] | None = None,
+                      **env: str) -> subprocess.CompletedProcess:
+    """prometheus/prometheus-render.sh (the prometheus service's entrypoint) with `true` as
+    Prometheus, rendering the shipped prometheus.yml into ``tmp``/rendered.yml."""
+    folder = tmp / "secrets"
+    folder.mkdir(exist_ok=True)
+    for name, value in (files or {}).items():
+        (folder / name).write_text(value)
+    return subprocess.run(
+        ["/bin/sh", PROM / "prometheus-render.sh", f"--config.file={tmp / 'rendered.yml'}"],
+        env={"PATH": "/usr/bin:/bin", "PROMETHEUS_TEMPLATE": str(PROM / "prometheus.yml"),
+             "PROMETHEUS_FILES": str(folder), "PROMETHEUS_BIN": "/bin/true", **env},
+        capture_output=True, text=True, timeout=30)
+
+
+def test_the_rendered_config_loads_the_rules_from_anywhere_without_remote_write(tmp_path):
+    res = render_prometheus(tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "remote_write off" in res.stderr
+    rendered = yaml.safe_load((tmp_path / "rendered.yml").read_text())
+    assert rendered["rule_files"] == [f"{PROM}/rules/*.yml"]  # relative to the template, not /prometheus
+    assert "remote_write" not in rendered
+    check = run(tool("promtool"), "check", "config", tmp_path / "rendered.yml", cwd=tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"{len(RULE_FILES)} rule files found" in check.stdout
+
+
+def test_remote_write_from_env_with_basic_auth_or_a_bearer_token(tmp_path):
+    url = 'https://mimir.corp.test/api/v1/push?a=1&b="2"'
+    res = render_prometheus(tmp_path, {"remote_write_password": "pw\n"}, FUNNEL_REMOTE_WRITE_URL=url,
+                            FUNNEL_REMOTE_WRITE_USERNAME="funnel")
+    assert res.returncode == 0, res.stderr
+    check = run(tool("promtool"), "check", "config", tmp_path / "rendered.yml")
+    assert check.returncode == 0, check.stdout + check.stderr
+    [write] = yaml.safe_load((tmp_path / "rendered.yml").read_text())["remote_write"]
+    assert write == {"url": url,
+                     "basic_auth": {"username": "funnel",
+                                    "password_file": f"{tmp_path}/secrets/remote_write_password"}}
+    bearer = tmp_path / "bearer"
+    bearer.mkdir()
+    res = render_prometheus(bearer, {"remote_write_bearer_token": "t\n"},
+                            FUNNEL_REMOTE_WRITE_URL="http://receive:19291/api/v1/receive")
+    assert res.returncode == 0, res.stderr
+    [write] = yaml.safe_load((bearer / "rendered.yml").read_text())["remote_write"]
+    assert write["authorization"] == {"credentials_file": f"{bearer}/secrets/remote_write_bearer_token"}
+
+
+@pytest.mark.parametrize("env, files, said", [
+    ({"FUNNEL_REMOTE_WRITE_URL": "mimir:9009/push"}, {}, "must be an http(s):// URL"),
+    ({"FUNNEL_REMOTE_WRITE_URL": "https://m.test/push", "FUNNEL_REMOTE_WRITE_USERNAME": "u"}, {},
+     "put its password in"),
+    ({"FUNNEL_REMOTE_WRITE_USERNAME": "u"}, {}, "USERNAME needs FUNNEL_REMOTE_WRITE_URL"),
+])
+def test_a_half_configured_remote_write_is_a_clear_error(tmp_path, env, files, said):
+    res = render_prometheus(tmp_path, files, **env)
+    assert res.returncode == 1
+    assert said in res.stderr
+    assert not (tmp_path / "rendered.yml").exists()
