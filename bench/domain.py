@@ -287,7 +287,7 @@ def _pass(batches: list[list], scrape_every: int, profiler=None) -> tuple[float,
     outputs = hashlib.sha256()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 20)  # the worker's settings (streams/tools/cli.py)
+    gc.set_threshold(50_000, 20, 20)  # the worker's settings (streams/tools/commands.py)
     cpu = 0.0
     n = 0
     clock = time.process_time

@@ -45,7 +45,8 @@ def test_help_shows_no_python_reprs(command):
 
 def test_every_boolean_setting_is_a_switch(monkeypatch):
     """``--x`` / ``--no-x`` win over ``FUNNEL_X``; without either the environment decides."""
-    from streams.tools.cli import _settings, parser
+    from streams.tools.cli import parser
+    from streams.tools.commands import _settings
 
     booleans = [name for name, info in Settings.model_fields.items() if info.annotation is bool]
     assert booleans == ["recovery_consistency_check"]

@@ -19,7 +19,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
-from streams.kafka.client import bootstrap_servers, check_broker, client_args  # noqa: F401 (re-exported)
+from streams.kafka.broker_check import check_broker
+from streams.kafka.client import bootstrap_servers, client_args  # noqa: F401 (re-exported)
 from streams.kafka.startup import StartupError
 
 log = logging.getLogger("funnel_kpi")

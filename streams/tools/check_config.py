@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from models.config import ConfigError, load_config
 from streams.kafka import topics
-from streams.kafka.client import check_broker, client_args, load_security
+from streams.kafka.broker_check import check_broker
+from streams.kafka.client import client_args, load_security
 from streams.kafka.settings import Settings
 from streams.kafka.startup import StartupError
 
