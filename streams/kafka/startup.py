@@ -59,6 +59,20 @@ def add_setting_flag(group: argparse._ArgumentGroup, model: type[BaseModel], fie
                        help=f"{info.description} [env {variable}, default {shown_default(model, field)}]")
 
 
+def add_setting_flags(parser: argparse.ArgumentParser, model: type[BaseModel], names: list[str],
+                      title: str) -> None:
+    """A group of :func:`add_setting_flag` flags."""
+    group = parser.add_argument_group(title)
+    for name in names:
+        add_setting_flag(group, model, name)
+
+
+def from_flags(model: type[M], args: argparse.Namespace) -> M:
+    """``model`` from the environment and the flags given (an unset flag is None)."""
+    return load_settings(model, **{name: value for name, value in vars(args).items()
+                                   if name in model.model_fields and value is not None})
+
+
 def settings_error(exc: ValidationError, model: type[BaseModel]) -> StartupError:
     """One line for every invalid setting: its variable, the value unless secret, the reason."""
     problems = []

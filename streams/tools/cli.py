@@ -17,10 +17,11 @@ from typing import NoReturn
 
 from models.config import ConfigError
 from streams.kafka.settings import Settings
-from streams.kafka.startup import StartupError, add_setting_flag, is_secret
+from streams.kafka.startup import StartupError, add_setting_flags, is_secret
 from streams.tools import commands
 from streams.version import VERSION
 
+SOURCE_FLAGS = "source settings (flag or environment variable)"
 WORKER_SETTINGS = [name for name in Settings.model_fields if not is_secret(Settings, name)]
 
 
@@ -33,10 +34,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _add_settings(parser: argparse.ArgumentParser, names: list[str]) -> None:
-    group = parser.add_argument_group(
-        "settings (flag or environment variable; secrets: environment or FUNNEL_<NAME>_FILE only)")
-    for name in names:
-        add_setting_flag(group, Settings, name)
+    add_setting_flags(parser, Settings, names, "settings (flag or environment variable; secrets: "
+                      "environment or FUNNEL_<NAME>_FILE only)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -86,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     _add_settings(demo, ["web_port", "config"])
     demo.set_defaults(run=commands.cmd_demo)
 
-    from streams.crm.sources.settings import ADAPT_SETTINGS, INGEST_SETTINGS, add_flags
+    from streams.crm.sources.settings import ADAPT_SETTINGS, INGEST_SETTINGS, SourceSettings
 
     ingest = sub.add_parser(
         "ingest", help="HTTP receiver for HubSpot and Pipedrive webhooks → crm.raw.<source>",
@@ -94,13 +93,13 @@ def parser() -> argparse.ArgumentParser:
         "FUNNEL_PIPEDRIVE_BASIC_AUTH (user:password); a source without one answers 404.",
     )
     _add_settings(ingest, ["broker", "partitions", "replication_factor", "log_level"])
-    add_flags(ingest, INGEST_SETTINGS)
+    add_setting_flags(ingest, SourceSettings, INGEST_SETTINGS, SOURCE_FLAGS)
     ingest.set_defaults(run=commands.cmd_ingest)
 
     adapt = sub.add_parser("adapt", help="raw CRM topics (webhooks, Salesforce CDC, Debezium) → crm.events")
     _add_settings(adapt, ["broker", "partitions", "replication_factor", "config", "app_id",
                           "session_timeout", "web_bind", "log_level"])
-    add_flags(adapt, ADAPT_SETTINGS)
+    add_setting_flags(adapt, SourceSettings, ADAPT_SETTINGS, SOURCE_FLAGS)
     adapt.set_defaults(run=commands.cmd_adapt)
 
     from streams.crm.backfill.runner import add_arguments
@@ -114,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
     _add_settings(backfill, ["broker", "partitions", "replication_factor", "config", "log_level"])
     backfill.set_defaults(run=commands.cmd_backfill)
 
-    from streams.crm.pubsub.settings import add_flags as add_cdc_flags
+    from streams.crm.pubsub.settings import FLAGS as CDC_FLAGS
+    from streams.crm.pubsub.settings import CdcSettings
 
     cdc = sub.add_parser(
         "salesforce-cdc", help="Salesforce Change Data Capture (Pub/Sub API) → crm.raw.salesforce",
@@ -122,7 +122,8 @@ def parser() -> argparse.ArgumentParser:
         "FUNNEL_SALESFORCE_CLIENT_SECRET (client_credentials), or the same names with _FILE.",
     )
     _add_settings(cdc, ["broker", "partitions", "replication_factor", "web_bind", "log_level"])
-    add_cdc_flags(cdc)
+    add_setting_flags(cdc, CdcSettings, CDC_FLAGS, "Salesforce settings (flag or environment variable; "
+                      "secrets: environment or FUNNEL_<NAME>_FILE only)")
     cdc.set_defaults(run=commands.cmd_salesforce_cdc)
 
     check = sub.add_parser(

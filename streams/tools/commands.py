@@ -19,17 +19,13 @@ from pathlib import Path
 
 from streams.kafka import topics
 from streams.kafka.settings import Settings
-from streams.kafka.startup import StartupError, load_settings
+from streams.kafka.startup import StartupError, from_flags
 
 DATASET_FILES = ("sales_pipeline.csv", "products.csv")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {
-        name: value for name, value in vars(args).items()
-        if name in Settings.model_fields and value is not None
-    }
-    return load_settings(Settings, **overrides)
+    return from_flags(Settings, args)
 
 
 def _configure_logging(level: str) -> None:
@@ -177,30 +173,30 @@ def _serve(run, *args) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from streams.crm.sources.settings import from_args
+    from streams.crm.sources.settings import SourceSettings
     from streams.http.ingest import run_ingest
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
-    return _serve(run_ingest, settings, from_args(args))
+    return _serve(run_ingest, settings, from_flags(SourceSettings, args))
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from streams.crm.adapt import run_adapt
-    from streams.crm.sources.settings import from_args
+    from streams.crm.sources.settings import SourceSettings
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
-    return _serve(run_adapt, settings, from_args(args))
+    return _serve(run_adapt, settings, from_flags(SourceSettings, args))
 
 
 def cmd_salesforce_cdc(args: argparse.Namespace) -> int:
-    from streams.crm.pubsub.settings import from_args
+    from streams.crm.pubsub.settings import CdcSettings
     from streams.crm.pubsub.subscriber import run_cdc
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
-    return _serve(run_cdc, settings, from_args(args))
+    return _serve(run_cdc, settings, from_flags(CdcSettings, args))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ environment or a ``FUNNEL_<NAME>_FILE`` (:mod:`streams.kafka.secrets`), never pr
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +13,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from streams.kafka.secrets import SecretFileSettings
-from streams.kafka.startup import load_settings
 
 DEFAULT_CHANNELS = "/data/OpportunityChangeEvent,/data/LeadChangeEvent"
 
@@ -118,28 +116,3 @@ FLAGS = [
     for name, info in CdcSettings.model_fields.items()
     if info.annotation is not SecretStr and SecretStr not in getattr(info.annotation, "__args__", ())
 ]
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "Salesforce settings (flag or environment variable; secrets: environment or FUNNEL_<NAME>_FILE only)"
-    )
-    for name in FLAGS:
-        info = CdcSettings.model_fields[name]
-        default = "unset" if info.default is None else info.default
-        group.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            default=None,
-            metavar="VALUE",
-            help=f"{info.description} [env FUNNEL_{name.upper()}, default {default}]",
-        )
-
-
-def from_args(args: argparse.Namespace) -> CdcSettings:
-    overrides = {
-        name: value
-        for name, value in vars(args).items()
-        if name in CdcSettings.model_fields and value is not None
-    }
-    return load_settings(CdcSettings, **overrides)

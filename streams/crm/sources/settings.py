@@ -7,7 +7,6 @@ flag; from the environment or a ``FUNNEL_<NAME>_FILE`` (:mod:`streams.kafka.secr
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,6 @@ from models.config import load_config
 from streams.crm.sources.common import Context
 from streams.crm.sources.debezium import DEFAULT_COLUMNS
 from streams.kafka.secrets import SecretFileSettings
-from streams.kafka.startup import add_setting_flag, load_settings
 
 if TYPE_CHECKING:
     from streams.kafka.settings import Settings
@@ -146,21 +144,6 @@ ADAPT_SETTINGS = [
     "adapt_port",
     "adapt_batch",
 ]
-
-
-def add_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
-    group = parser.add_argument_group("source settings (flag or environment variable)")
-    for name in names:
-        add_setting_flag(group, SourceSettings, name)
-
-
-def from_args(args: argparse.Namespace) -> SourceSettings:
-    overrides = {
-        name: value
-        for name, value in vars(args).items()
-        if name in SourceSettings.model_fields and value is not None
-    }
-    return load_settings(SourceSettings, **overrides)
 
 
 def context(settings: Settings, sources: SourceSettings) -> Context:
