@@ -885,6 +885,20 @@ def revenue() -> Board:
         w=12,
         h=5,
     )
+    b.panel(
+        "table",
+        "Leaderboard by team",
+        [instant(f"sort_desc(pipeline_team_currency:funnel_team_won_revenue:sum_held{{{P}}})",
+                 fmt="table")],
+        description="Won revenue per team: the reps' won revenue (owner at close) summed under "
+        "the team the funnel config `owners` gives them; reps without one are in team `none`.",
+        w=24,
+        h=8,
+        transformations=[
+            hide_columns("Time", "__name__", "pipeline"),
+            {"id": "sortBy", "options": {"fields": {}, "sort": [{"field": "Value", "desc": True}]}},
+        ],
+    )
     return b
 
 

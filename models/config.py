@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_CONFIG = Path(__file__).with_name("funnel.yaml")
 IGNORE = "ignore"
+NO_TEAM = "none"  # the team of a rep the owners map gives none (docs/kpis.md, "Team leaderboard")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -126,6 +127,28 @@ class ConversionDrop(_Strict):
     min_baseline_entries: int = Field(50, ge=1)
 
 
+class Owner(_Strict):
+    """A rep of the owners map written as ``{name: ..., team: ...}``."""
+
+    name: str
+    team: str = NO_TEAM
+
+
+def _check_owner(owner: object, entry: object) -> None:
+    """One clear line per mistake in an owners entry: ``id: name`` or ``id: {name, team}``."""
+    if not isinstance(owner, str) or not owner.strip():
+        raise ValueError(f"owner id {owner!r} must be a non-empty string (quote it)")
+    if isinstance(entry, dict):
+        unknown = sorted(str(key) for key in entry if key not in ("name", "team"))
+        if unknown:
+            raise ValueError(f"{owner}: unknown key {unknown[0]!r} (an owner has name and team)")
+        if "team" in entry and (not isinstance(entry["team"], str) or not entry["team"].strip()):
+            raise ValueError(f"{owner}: the team must be a non-empty string, not {entry['team']!r}")
+        entry = entry.get("name")
+    if not isinstance(entry, str) or not entry.strip():
+        raise ValueError(f"{owner}: the name must be a non-empty string, not {entry!r}")
+
+
 class FunnelConfig(_Strict):
     default_currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     timezone: str = "UTC"
@@ -136,22 +159,18 @@ class FunnelConfig(_Strict):
         default_factory=dict
     )
     conversion_drop: ConversionDrop = Field(default_factory=ConversionDrop)
-    # Owner id as events carry it (e.g. hubspot:owner:123) → display name. Only a label of
-    # funnel_owner_info: state and KPIs stay keyed by the id, which live events and the
-    # backfill share, so a rename never splits a rep in two.
-    owners: dict[str, str] = Field(default_factory=dict)
+    # Owner id as events carry it (e.g. hubspot:owner:123) → display name, or → {name, team}.
+    # Only labels of funnel_owner_info: state and KPIs stay keyed by the id, which live events
+    # and the backfill share, so a rename or a move to another team never splits a rep in two.
+    owners: dict[str, str | Owner] = Field(default_factory=dict)
 
     @field_validator("owners", mode="before")
     @classmethod
-    def _owner_names(cls, value: object) -> object:
-        """Ids and names must be non-empty strings: YAML reads ``123: Jane`` as an int key."""
-        if not isinstance(value, dict):
-            return value
-        for owner, name in value.items():
-            if not isinstance(owner, str) or not owner.strip():
-                raise ValueError(f"owner id {owner!r} must be a non-empty string (quote it)")
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"{owner}: the name must be a non-empty string, not {name!r}")
+    def _owner_entries(cls, value: object) -> object:
+        """Ids, names and teams must be non-empty strings: YAML reads ``123: Jane`` as an int key."""
+        if isinstance(value, dict):
+            for owner, entry in value.items():
+                _check_owner(owner, entry)
         return value
 
     @field_validator("timezone")
@@ -191,6 +210,21 @@ class FunnelConfig(_Strict):
     @cached_property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def owner_names(self) -> dict[str, str]:
+        """Owner id → display name, whichever way the entry is written."""
+        return {owner: e if isinstance(e, str) else e.name for owner, e in self.owners.items()}
+
+    @property
+    def has_teams(self) -> bool:
+        """Whether any rep is given a team (the snapshot then carries the team leaderboard)."""
+        return any(self.team_of(owner) != NO_TEAM for owner in self.owners)
+
+    def team_of(self, owner: str) -> str:
+        """A rep's team; :data:`NO_TEAM` when the owners map gives none or lists no such rep."""
+        entry = self.owners.get(owner)
+        return entry.team if isinstance(entry, Owner) else NO_TEAM
 
     @cached_property
     def sources(self) -> frozenset[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -136,6 +137,18 @@ def pipeline_kpis(
             reps[labels["owner"]] += value
     kpis.leaderboard = sorted(reps.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     return kpis
+
+
+def team_leaderboard(
+    samples: Samples, pipeline: str, currency: str, team_of: Callable[[str], str], *, top: int = 10,
+) -> list[tuple[str, float]]:
+    """Won revenue per team, the reps' funnel_rep_won_revenue summed under ``team_of(owner)``
+    (the recording rule pipeline_team_currency:funnel_team_won_revenue:sum), largest first."""
+    teams: dict[str, float] = defaultdict(float)
+    for labels, value in samples.get("funnel_rep_won_revenue", ()):
+        if labels.get("pipeline") == pipeline and labels.get("currency") == currency:
+            teams[team_of(labels["owner"])] += value
+    return sorted(teams.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.aggregates import WINDOWS
 from models.alerts import iso
 from models.config import FunnelConfig
-from models.kpis import PipelineKpis, Samples, period_kpis, pipeline_kpis, total
+from models.kpis import PipelineKpis, Samples, period_kpis, pipeline_kpis, team_leaderboard, total
 from models.periods import PERIODS
 
 SNAPSHOT_SCHEMA_VERSION = 1
@@ -48,6 +48,11 @@ class StageKpis(_Model):
 
 class RepRevenue(_Model):
     owner: str
+    won_revenue: float
+
+
+class TeamRevenue(_Model):
+    team: str
     won_revenue: float
 
 
@@ -93,6 +98,11 @@ class KpiSnapshot(_Model):
     windows: dict[str, KpiSet]
     stages: list[StageKpis]
     leaderboard: list[RepRevenue]
+    teams: list[TeamRevenue] | None = Field(
+        default=None, exclude_if=lambda teams: teams is None, description=(
+            "Won revenue per team (the funnel config's owners give reps a team; `none` holds "
+            "the reps without one), largest first, at most 10. Only present when the config "
+            "gives at least one rep a team."))
     customers: Customers
     targets: dict[str, PeriodTarget]
 
@@ -143,6 +153,9 @@ def build_snapshot(
                  for w in WINDOWS},
         stages=stages,
         leaderboard=[RepRevenue(owner=o, won_revenue=v) for o, v in kpis.leaderboard],
+        teams=[TeamRevenue(team=t, won_revenue=v) for t, v in team_leaderboard(
+            samples, pipeline, currency, config.team_of, top=LEADERBOARD_SIZE)]
+        if config.has_teams else None,
         customers=Customers(
             count=kpis.customers, avg_lifetime_value=kpis.avg_customer_lifetime_value,
             top=[CustomerValue(account=a, lifetime_value=v) for a, v in top_customers],

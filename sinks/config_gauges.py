@@ -55,8 +55,9 @@ def config_gauges(config: FunnelConfig, version: str, now_ms: int) -> Iterator[M
     build = GaugeMetricFamily("funnel_build_info", "Build of the worker", labels=("version",))
     build.add_metric((version,), 1)
     owners = GaugeMetricFamily(
-        "funnel_owner_info", "Configured display name of a sales rep (owner id as in events)",
-        labels=("owner", "name"))
-    for owner, name in sorted(config.owners.items()):
-        owners.add_metric((owner, name), 1)
+        "funnel_owner_info",
+        "Configured display name and team of a sales rep (owner id as in events; team none if unset)",
+        labels=("owner", "name", "team"))
+    for owner, name in sorted(config.owner_names.items()):
+        owners.add_metric((owner, name, config.team_of(owner)), 1)
     yield from (probability, index, stall, info, target, elapsed, build, owners)

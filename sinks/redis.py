@@ -8,6 +8,8 @@ backoff, counts failures, and catches up with the latest snapshot when Redis is 
 Keys (``<prefix>`` = ``funnel``):
 - ``<prefix>:kpis:<pipeline>``: the snapshot JSON;
 - ``<prefix>:leaderboard:<pipeline>``: sorted set, member = owner, score = won revenue;
+- ``<prefix>:teams:<pipeline>``: sorted set, member = team, score = won revenue (only when the
+  funnel config gives reps a team: the snapshot's ``teams``);
 - ``<prefix>:clv:<pipeline>``: hash, field = account, value = lifetime value (top customers);
 - ``<prefix>:alerts``: stream of alert JSON (field ``alert``), capped at about 10,000 entries.
 A snapshot's keys are replaced by one script, atomically (readers never see two mixed), and only
@@ -29,8 +31,9 @@ from models.snapshot import KpiSnapshot
 log = logging.getLogger("funnel_kpi.redis")
 ALERT_STREAM_LEN = 10_000
 PENDING_ALERTS = 10_000
-# KEYS: kpis, leaderboard, clv. ARGV: snapshot JSON, generation, sequence, number of leaderboard
-# rows, then score/member pairs, then field/value pairs of the lifetime values. 1 if written.
+# KEYS: kpis, leaderboard, clv, teams. ARGV: snapshot JSON, generation, sequence, number of
+# leaderboard rows, then score/member pairs, number of team rows, then score/member pairs, then
+# field/value pairs of the lifetime values. 1 if written.
 # A stored value that is no snapshot (unreadable, no pair) is replaced.
 WRITE_IF_NEWER = """
 local stored = redis.call('GET', KEYS[1])
@@ -46,10 +49,12 @@ if stored then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 local board_end = 4 + 2 * tonumber(ARGV[4])
 if board_end > 4 then redis.call('ZADD', KEYS[2], unpack(ARGV, 5, board_end)) end
-if #ARGV > board_end then redis.call('HSET', KEYS[3], unpack(ARGV, board_end + 1)) end
+local teams_end = board_end + 1 + 2 * tonumber(ARGV[board_end + 1])
+if teams_end > board_end + 1 then redis.call('ZADD', KEYS[4], unpack(ARGV, board_end + 2, teams_end)) end
+if #ARGV > teams_end then redis.call('HSET', KEYS[3], unpack(ARGV, teams_end + 1)) end
 return 1
 """
 
@@ -114,11 +119,12 @@ class RedisSink:
     async def _write_snapshot(self, snapshot: KpiSnapshot) -> None:
         p = f"{self.prefix}:%s:{snapshot.pipeline}"
         board = [arg for row in snapshot.leaderboard for arg in (row.won_revenue, row.owner)]
+        teams = [arg for row in snapshot.teams or () for arg in (row.won_revenue, row.team)]
         values = [arg for c in snapshot.customers.top for arg in (c.account, c.lifetime_value)]
         await self.write_if_newer(
-            keys=[p % "kpis", p % "leaderboard", p % "clv"],
+            keys=[p % "kpis", p % "leaderboard", p % "clv", p % "teams"],
             args=[snapshot.model_dump_json(), snapshot.generation, snapshot.sequence,
-                  len(snapshot.leaderboard), *board, *values],
+                  len(snapshot.leaderboard), *board, len(teams) // 2, *teams, *values],
         )
 
     async def close(self) -> None:

@@ -26,6 +26,39 @@ DATASET_EVENTS = 15_511  # 8,800 deals: one event each, two for the 6,711 closed
 # The live worker's config names one rep (the dataset's owner ids are the reps' names): the
 # leaderboard shows that name, and every other rep by id.
 LIVE_OWNER_NAMES = {"Darcel Schlecht": "D. Schlecht (Central)"}
+# Teams: the dataset's managers (sales_teams.csv), except that the reps of UNLISTED_MANAGER are
+# not in the owners map at all: they count in team none and show by id (Corliss Cosme is in
+# the top 10).
+UNLISTED_MANAGER = "Cara Losch"
+
+
+def team_owners() -> dict[str, dict[str, str]]:
+    """The ``owners`` block of the replay's funnel config: managers as teams, one named rep."""
+    from streams.tools.dataset import dataset_owners
+
+    return dataset_owners(DATASET, names=LIVE_OWNER_NAMES, unlisted_managers=frozenset({UNLISTED_MANAGER}))
+
+
+def team_config(path: Path) -> Path:
+    """The shipped funnel config with :func:`team_owners`, written to ``path``."""
+    shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    path.write_text(yaml.safe_dump({**shipped, "owners": team_owners()}))
+    return path
+
+
+def batch_team_revenue() -> dict[str, float]:
+    """Won revenue per team computed in batch from the CSV files: each Won row's close_value,
+    under the team :func:`team_owners` gives its sales agent (``none`` if none)."""
+    import csv
+
+    owners = team_owners()
+    teams: dict[str, float] = {}
+    with (DATASET / "sales_pipeline.csv").open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row["deal_stage"] == "Won":
+                team = owners.get(row["sales_agent"], {}).get("team", "none")
+                teams[team] = teams.get(team, 0.0) + float(row["close_value"] or 0)
+    return teams
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition",
@@ -207,15 +240,13 @@ def settled(worker_list, expected_events: int, timeout: float = 90) -> Samples:
 @pytest.fixture(scope="module")
 def live_metrics_url(tmp_path_factory):
     """/metrics of a real worker after the dataset replay, stream clock at 2017-12-31, with the
-    shipped config plus ``LIVE_OWNER_NAMES``."""
+    shipped config plus :func:`team_owners` (managers as teams, ``LIVE_OWNER_NAMES``)."""
     from streams.kafka.settings import Settings
     from streams.tools.dataset import dataset_events
     from streams.tools.producer import produce
 
     workdir = tmp_path_factory.mktemp("live-worker")
-    config = workdir / "funnel.yaml"
-    shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    config.write_text(yaml.safe_dump({**shipped, "owners": LIVE_OWNER_NAMES}))
+    config = team_config(workdir / "funnel.yaml")
     with EmbeddedBroker(log_path=workdir / "broker.log") as running:
         worker = WorkerProcess(running.url, workdir, FUNNEL_CLOCK="stream", FUNNEL_CONFIG=str(config)).start()
         try:

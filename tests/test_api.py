@@ -7,19 +7,24 @@ import urllib.request
 
 import pytest
 import schemathesis
+import yaml
 from hypothesis import HealthCheck, given, settings
 
+from models.config import DEFAULT_CONFIG
 from models.kpis import total
 from streams.http.api import minor_unit, rounded
 from streams.kafka.settings import Settings
 from streams.tools.broker import EmbeddedBroker
 from streams.tools.producer import produce
-from streams.tools.simulator import Simulation
+from streams.tools.simulator import REPS, Simulation
 
 from .conftest import ROOT, WorkerProcess, run_async, settled, wait_until
 
 pytestmark = pytest.mark.broker
 TOKEN = "s3cret-token"
+# The worker's reps: the first three in team North, the next ones in South, the last unlisted
+# (team none).
+TEAMS = {rep: "North" if i < 3 else "South" for i, rep in enumerate(REPS[:-1])}
 
 
 def get(url, token=TOKEN):
@@ -34,9 +39,12 @@ def get(url, token=TOKEN):
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("api")
+    config = workdir / "funnel.yaml"
+    owners = {rep: {"name": rep, "team": team} for rep, team in TEAMS.items()}
+    config.write_text(yaml.safe_dump({**yaml.safe_load(DEFAULT_CONFIG.read_text()), "owners": owners}))
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
         worker = WorkerProcess(broker.url, workdir, FUNNEL_API_TOKEN=TOKEN, FUNNEL_CLOCK="stream",
-                               FUNNEL_TICK_INTERVAL="1").start()
+                               FUNNEL_TICK_INTERVAL="1", FUNNEL_CONFIG=str(config)).start()
         try:
             worker.wait_ready()
             events = Simulation(seed=3, deals=300, days=60, end=1_700_000_000).events()
@@ -60,6 +68,8 @@ def test_endpoints_answer_with_the_snapshot(api):
     assert snapshot["pipeline"] == "default" and won > 0
     status, board = get(f"{base}/kpis/default/leaderboard")
     assert status == 200 and board["leaderboard"] == snapshot["leaderboard"]
+    assert board["teams"] == snapshot["teams"] and {t["team"] for t in board["teams"]} <= {
+        "North", "South", "none"}
     assert get(f"{base}/kpis/nope")[0] == 404
     assert get(f"{base}/healthz", token=None)[0] == 200
     assert get(f"{base}/readyz", token=None) == (
@@ -74,6 +84,7 @@ def money_values(body: dict) -> list[float]:
               *(s.get(k) for s in sets for k in ("won_revenue", "avg_deal_size")),
               *(row.get(k) for row in body.get("stages") or [] for k in ("open_value", "stalled_value")),
               *(row["won_revenue"] for row in body.get("leaderboard") or []),
+              *(row["won_revenue"] for row in body.get("teams") or []),
               customers.get("avg_lifetime_value"), *(c["lifetime_value"] for c in customers.get("top") or []),
               *(t.get(k) for t in (body.get("targets") or {}).values()
                 for k in ("target", "won", "expected_to_date", "forecast"))]
@@ -94,6 +105,14 @@ def test_money_is_rounded_to_the_currency_minor_unit(api):
     assert board["leaderboard"]
     for row in board["leaderboard"]:
         assert row["won_revenue"] == round(reps[row["owner"]], 2)
+    # each team's: the sum of its reps' (unlisted reps in team none), every team with a won deal
+    teams: dict[str, float] = {}
+    for owner, value in reps.items():
+        teams[TEAMS.get(owner, "none")] = teams.get(TEAMS.get(owner, "none"), 0.0) + value
+    assert {row["team"]: row["won_revenue"] for row in board["teams"]} == {
+        team: round(value, 2) for team, value in teams.items()}
+    assert [row["won_revenue"] for row in board["teams"]] == sorted(
+        (row["won_revenue"] for row in board["teams"]), reverse=True)
 
 
 def test_amounts_round_to_each_currency_minor_unit():
@@ -102,11 +121,13 @@ def test_amounts_round_to_each_currency_minor_unit():
             "windows": {"7d": {"won_revenue": 1.23456, "sales_velocity_per_second": 0.0012345}},
             "stages": [{"open_value": 2.675000001, "stalled_value": 0.0}],
             "leaderboard": [{"owner": "a", "won_revenue": 591027.8799999999}],
+            "teams": [{"team": "East", "won_revenue": 0.1 + 0.7}],
             "customers": {"avg_lifetime_value": 3.14159, "top": [{"account": "x", "lifetime_value": 9.999}]},
             "targets": {"month": {"target": 100.0, "won": 33.333, "expected_to_date": None, "forecast": 1.005,
                                   "attainment": 0.33333, "elapsed_ratio": 0.123456}}}
     usd = rounded(json.loads(json.dumps(body)), "USD")
     assert usd["pipeline_value"] == 591027.88 and usd["leaderboard"][0]["won_revenue"] == 591027.88
+    assert usd["teams"][0]["won_revenue"] == 0.8
     assert usd["weighted_pipeline"] == 0.3 and usd["windows"]["7d"]["won_revenue"] == 1.23
     assert usd["stages"][0]["open_value"] == 2.68 and usd["customers"]["top"][0]["lifetime_value"] == 10.0
     assert usd["targets"]["month"]["won"] == 33.33

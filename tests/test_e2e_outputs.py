@@ -24,13 +24,13 @@ from aiokafka import AIOKafkaProducer
 from models.config import load_config
 from models.kpis import pipeline_kpis, total
 from models.schemas import SCHEMA_DIR
-from models.snapshot import RepRevenue, build_snapshot
+from models.snapshot import RepRevenue, TeamRevenue, build_snapshot
 from sinks.redis import RedisSink
 from streams.kafka import topics
 from streams.tools.broker import free_port, wait_for_port
 from streams.tools.simulator import Simulation
 
-from .conftest import DATASET_EVENTS, credits_settled, settled, wait_until
+from .conftest import DATASET_EVENTS, batch_team_revenue, credits_settled, settled, team_config, wait_until
 from .test_e2e_pipeline import dataset_events, read_topic, replay
 from .test_reliability_crash import stored_positions
 
@@ -93,10 +93,19 @@ def snapshot_matches_metrics(base, worker):
     return check
 
 
-def test_snapshot_on_topic_redis_and_api_equal_the_batch_values(broker, workers, redis_server):
+def assert_teams_are_the_batch(snapshot):
+    """Managers as teams (conftest.team_config): each team's won revenue is the batch figure
+    from the CSV files, exactly, largest first."""
+    expected = batch_team_revenue()
+    assert {row["team"]: row["won_revenue"] for row in snapshot["teams"]} == expected
+    assert [row["won_revenue"] for row in snapshot["teams"]] == sorted(expected.values(), reverse=True)
+
+
+def test_snapshot_on_topic_redis_and_api_equal_the_batch_values(broker, workers, redis_server, tmp_path):
     store = redis.Redis(host="127.0.0.1", port=redis_server.port)
     worker = workers(FUNNEL_CLOCK="stream", FUNNEL_TICK_INTERVAL="1",
-                     FUNNEL_REDIS_URL=f"redis://127.0.0.1:{redis_server.port}/0")
+                     FUNNEL_REDIS_URL=f"redis://127.0.0.1:{redis_server.port}/0",
+                     FUNNEL_CONFIG=str(team_config(tmp_path / "funnel-teams.yaml")))
     worker.wait_ready()
     replay(broker, dataset_events())
     settled([worker], DATASET_EVENTS)
@@ -105,14 +114,21 @@ def test_snapshot_on_topic_redis_and_api_equal_the_batch_values(broker, workers,
     time.sleep(2)
     api = http_json(f"{base}/kpis/default")
     assert_snapshot_is_the_dataset(api)
+    assert_teams_are_the_batch(api)
+    board = http_json(f"{base}/kpis/default/leaderboard")
+    assert (board["leaderboard"], board["teams"]) == (api["leaderboard"], api["teams"])
     latest, _ = latest_accepted(read_topic(broker, topics.KPIS, lambda found: False, timeout=4))
     assert_snapshot_is_the_dataset(latest["default"])
+    assert_teams_are_the_batch(latest["default"])
     assert (latest["default"]["generation"], latest["default"]["sequence"]) == (
         api["generation"], api["sequence"])
     stored = wait_until(lambda: store.get("funnel:kpis:default"), 10, what="Redis snapshot")
     assert_snapshot_is_the_dataset(json.loads(stored))
+    assert_teams_are_the_batch(json.loads(stored))
     assert store.zrevrange("funnel:leaderboard:default", 0, 0, withscores=True) == [
         (b"Darcel Schlecht", 1_153_214.0)]
+    teams = store.zrange("funnel:teams:default", 0, -1, withscores=True)
+    assert {member.decode(): score for member, score in teams} == batch_team_revenue()
     clv = {k.decode(): float(v) for k, v in store.hgetall("funnel:clv:default").items()}
     assert len(clv) == 85 and round(sum(clv.values())) == 10_005_534
     alerts = store.xrange("funnel:alerts")
@@ -266,11 +282,13 @@ def test_publisher_fails_over_with_increasing_pairs(broker, workers):
 
 
 def made_snapshot(generation, sequence, leader, as_of_ms=0):
-    """A valid snapshot of pipeline ``default`` whose leaderboard and top customer are ``leader``."""
+    """A valid snapshot of pipeline ``default`` whose leaderboard, team leaderboard and top
+    customer are ``leader``."""
     snapshot = build_snapshot({}, load_config(), "default", as_of_ms=as_of_ms, generated_ms=as_of_ms,
                               generation=generation, sequence=sequence, partitions=4,
                               top_customers=[(leader, 1000.0)])
-    return snapshot.model_copy(update={"leaderboard": [RepRevenue(owner=leader, won_revenue=1000.0)]})
+    return snapshot.model_copy(update={"leaderboard": [RepRevenue(owner=leader, won_revenue=1000.0)],
+                                       "teams": [TeamRevenue(team=leader, won_revenue=1000.0)]})
 
 
 async def written_by_its_own_sink(url, prefix, snapshot):
@@ -296,7 +314,8 @@ def test_redis_never_takes_an_older_snapshot_over_a_newer_one():
         snapshot = json.loads(store.get(f"{prefix}:kpis:default"))
         return ((snapshot["generation"], snapshot["sequence"]),
                 [m.decode() for m in store.zrange(f"{prefix}:leaderboard:default", 0, -1)],
-                [f.decode() for f in store.hkeys(f"{prefix}:clv:default")])
+                [f.decode() for f in store.hkeys(f"{prefix}:clv:default")],
+                [m.decode() for m in store.zrange(f"{prefix}:teams:default", 0, -1)])
 
     def write(snapshot):
         asyncio.run(written_by_its_own_sink(url, prefix, snapshot))
@@ -306,16 +325,19 @@ def test_redis_never_takes_an_older_snapshot_over_a_newer_one():
         # waited for Redis, or the old fleet still runs beside the new one).
         write(made_snapshot(1_796_000_000_000, 1, "new fleet"))
         write(made_snapshot(7, 500, "old fleet"))
-        assert stored() == ((1_796_000_000_000, 1), ["new fleet"], ["new fleet"])
+        assert stored() == ((1_796_000_000_000, 1), ["new fleet"], ["new fleet"], ["new fleet"])
         # Within a fleet: a previous publisher's snapshot after its successor's.
         write(made_snapshot(1_796_000_000_001, 2, "successor"))
         write(made_snapshot(1_796_000_000_000, 9, "predecessor"))
         write(made_snapshot(1_796_000_000_001, 1, "earlier of the successor"))
-        assert stored() == ((1_796_000_000_001, 2), ["successor"], ["successor"])
+        assert stored() == ((1_796_000_000_001, 2), ["successor"], ["successor"], ["successor"])
         write(made_snapshot(1_796_000_000_001, 3, "next"))
-        assert stored() == ((1_796_000_000_001, 3), ["next"], ["next"])
+        assert stored() == ((1_796_000_000_001, 3), ["next"], ["next"], ["next"])
+        # a snapshot without teams (none configured) leaves no team leaderboard behind
+        write(made_snapshot(1_796_000_000_001, 4, "no teams").model_copy(update={"teams": None}))
+        assert stored() == ((1_796_000_000_001, 4), ["no teams"], ["no teams"], [])
     finally:
-        store.delete(*(f"{prefix}:{kind}:default" for kind in ("kpis", "leaderboard", "clv")))
+        store.delete(*(f"{prefix}:{kind}:default" for kind in ("kpis", "leaderboard", "clv", "teams")))
         store.close()
 
 

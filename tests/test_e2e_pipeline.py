@@ -11,14 +11,22 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from models.kpis import pipeline_kpis, total
+from models.kpis import pipeline_kpis, team_leaderboard, total
 from streams.kafka import topics
 from streams.kafka.settings import Settings
 from streams.tools.dataset import dataset_deals
 from streams.tools.producer import produce
 from streams.tools.simulator import Simulation
 
-from .conftest import DATASET, DATASET_EVENTS, credits_settled, settled, wait_until
+from .conftest import (
+    DATASET,
+    DATASET_EVENTS,
+    batch_team_revenue,
+    credits_settled,
+    settled,
+    team_owners,
+    wait_until,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -35,6 +43,11 @@ def assert_dataset_values(samples):
     assert kpis.customers == 85
     assert round(kpis.avg_customer_lifetime_value, 2) == 117_712.16
     assert kpis.leaderboard[0] == ("Darcel Schlecht", 1_153_214)
+    # managers as teams (conftest.team_owners), as the snapshot and the recording rule roll up
+    owners = team_owners()
+    teams = team_leaderboard(samples, "default", "USD",
+                             lambda owner: owners.get(owner, {}).get("team", "none"), top=100)
+    assert dict(teams) == batch_team_revenue()
 
 
 def replay(broker, events, rate=0.0):

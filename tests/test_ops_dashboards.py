@@ -31,6 +31,7 @@ HEADLINE_PANELS = {
     ("funnel-revenue", "Average deal size (all time)"),
     ("funnel-revenue", "Won revenue (all time)"),
     ("funnel-revenue", "Sales leaderboard (top 10 reps)"),
+    ("funnel-revenue", "Leaderboard by team"),
     ("funnel-revenue", "Customers"),
     ("funnel-revenue", "Customer lifetime value (average)"),
     ("funnel-velocity", "Average sales cycle (won, all time)"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import LIVE_OWNER_NAMES
+from .conftest import LIVE_OWNER_NAMES, UNLISTED_MANAGER, batch_team_revenue, team_owners
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -190,8 +190,10 @@ def test_headline_panels_show_the_dataset_values(prom, variables):
 
 
 def test_leaderboard_shows_each_rep_once_by_name_when_configured_else_by_id(prom, variables):
-    """The live worker's config names the top rep only (LIVE_OWNER_NAMES): that row carries the
-    name as `rep`, the nine others their owner id, and no rep appears twice."""
+    """The live worker's config (conftest.team_owners) names the top rep LIVE_OWNER_NAMES says,
+    the other listed reps by their own name, and leaves UNLISTED_MANAGER's reps out: those rows
+    carry their owner id as `rep` and no name; no rep appears twice."""
+    names = {owner: entry["name"] for owner, entry in team_owners().items()}
     board = _panel_result(prom, variables, "funnel-revenue", "Sales leaderboard (top 10 reps)")
     owners = [r["metric"]["owner"] for r in board]
     assert len(owners) == len(set(owners)) == 10
@@ -199,9 +201,31 @@ def test_leaderboard_shows_each_rep_once_by_name_when_configured_else_by_id(prom
     assert set(owners) == {r["metric"]["owner"] for r in top}
     for row in board:
         owner, rep = row["metric"]["owner"], row["metric"]["rep"]
-        assert rep == LIVE_OWNER_NAMES.get(owner, owner), row
-        assert row["metric"].get("name") == LIVE_OWNER_NAMES.get(owner), row
+        assert rep == names.get(owner, owner), row
+        assert row["metric"].get("name") == names.get(owner), row
     assert {r["metric"]["rep"] for r in board} >= {LIVE_OWNER_NAMES[TOP_REP]}
+    assert [owner for owner in owners if owner not in names], "no unlisted rep in the top 10"
+
+
+def test_team_won_revenue_equals_the_batch_figure_per_team(prom, variables):
+    """Managers as teams (sales_teams.csv), UNLISTED_MANAGER's reps in team none: the recording
+    rule, its held twin and the board's panel give each team the won revenue computed in batch
+    from the CSV files, exactly."""
+    expected = batch_team_revenue()
+    assert "none" in expected and UNLISTED_MANAGER not in expected and len(expected) >= 5
+    assert sum(expected.values()) == WON_REVENUE
+
+    def per_team(result):
+        assert all(r["metric"]["pipeline"] == "default" and r["metric"]["currency"] == "USD"
+                   for r in result), result
+        return {r["metric"]["team"]: float(r["value"][1]) for r in result}
+
+    rule = 'pipeline_team_currency:funnel_team_won_revenue:sum{pipeline="default"}'
+    assert per_team(prom.query(rule)) == expected
+    assert per_team(prom.query(rule.replace(":sum{", ":sum_held{"))) == expected
+    panel = _panel_result(prom, variables, "funnel-revenue", "Leaderboard by team")
+    assert per_team(panel) == expected
+    assert [float(r["value"][1]) for r in panel] == sorted(expected.values(), reverse=True)
 
 
 def test_dashboards_doc_renders(prom, variables, tmp_path):

@@ -4,9 +4,12 @@ import json
 
 import jsonschema
 import orjson
+import yaml
 
 from models.alerts import stall_alert
+from models.config import DEFAULT_CONFIG, FunnelConfig
 from models.schemas import SCHEMA_DIR, render
+from models.snapshot import KpiSnapshot, build_snapshot
 from streams.tools.dataset import dataset_events
 
 from .conftest import DATASET
@@ -35,3 +38,31 @@ def test_alerts_validate():
                         entered_ms=0, now_ms=10**12, stall_after=60.0, amount=1.0,
                         currency="USD", owner="ann")
     validator("alert.v1.json").validate(json.loads(alert.model_dump_json(exclude_none=True)))
+
+
+def test_snapshots_carry_the_team_leaderboard_only_when_reps_have_a_team():
+    """Without teams a snapshot is what it was (no `teams` key: consumers of schema v1 keep
+    working); with them, `teams` sums the reps' won revenue per team, unlisted reps in `none`,
+    in the pipeline's currency only, largest first, and validates against the committed schema."""
+    rep = [({"pipeline": "default", "owner": owner, "currency": currency}, value)
+           for owner, currency, value in [("ann", "USD", 100.0), ("bo", "USD", 50.0),
+                                          ("cy", "USD", 7.0), ("dee", "USD", 20.0),
+                                          ("ann", "EUR", 1000.0)]]
+    samples = {"funnel_rep_won_revenue": rep}
+    shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    check = validator("kpi-snapshot.v1.json")
+
+    def snapshot(owners):
+        config = FunnelConfig.model_validate({**shipped, "owners": owners})
+        built = build_snapshot(samples, config, "default", as_of_ms=0, generated_ms=0, generation=1,
+                               sequence=1, partitions=4, top_customers=[])
+        doc = json.loads(built.model_dump_json())
+        check.validate(doc)
+        assert KpiSnapshot.model_validate_json(built.model_dump_json()) == built
+        return doc
+
+    assert "teams" not in snapshot({}) and "teams" not in snapshot({"ann": "Ann", "bo": {"name": "Bo"}})
+    doc = snapshot({"ann": {"name": "Ann", "team": "East"}, "bo": {"name": "Bo", "team": "East"},
+                    "cy": "Cy", "dee": {"name": "Dee", "team": "West"}})
+    assert doc["teams"] == [{"team": "East", "won_revenue": 150.0}, {"team": "West", "won_revenue": 20.0},
+                            {"team": "none", "won_revenue": 7.0}]

@@ -57,8 +57,8 @@ def rounded(body: dict[str, Any], currency: str) -> dict[str, Any]:
         _round(kpi_set, _SET_MONEY, digits)
     for stage in body.get("stages") or []:
         _round(stage, _STAGE_MONEY, digits)
-    for rep in body.get("leaderboard") or []:
-        _round(rep, ("won_revenue",), digits)
+    for row in [*(body.get("leaderboard") or []), *(body.get("teams") or [])]:
+        _round(row, ("won_revenue",), digits)
     customers = body.get("customers") or {}
     _round(customers, ("avg_lifetime_value",), digits)
     for customer in customers.get("top") or []:
@@ -160,6 +160,7 @@ def register_api(app: faust.App, feed: SnapshotFeed, *, pipelines: list[str],
     app.page("/kpis/{pipeline}/leaderboard")(snapshot_view(lambda s: rounded({
         "pipeline": s.pipeline, "as_of": s.as_of, "currency": s.currency,
         "leaderboard": [r.model_dump() for r in s.leaderboard],
+        **({} if s.teams is None else {"teams": [t.model_dump() for t in s.teams]}),
     }, s.currency)))
 
     @app.page("/healthz")

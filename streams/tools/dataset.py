@@ -7,7 +7,8 @@ One row becomes one or two events, dates at 00:00 UTC (the dataset has no times)
 - Won / Lost: enters ``Engaging`` at ``engage_date`` (amount = list price), then closes at
   ``close_date`` with ``close_value``.
 Owner is ``sales_agent``; account is ``account`` when present. Stage ids stay the dataset's own
-and are mapped by the ``csv`` stage map of the funnel config.
+and are mapped by the ``csv`` stage map of the funnel config. :func:`dataset_owners` gives the
+``owners`` block of a funnel config from ``sales_teams.csv``: each agent in their manager's team.
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ def _ts(date: str) -> str:
 def load_prices(folder: Path) -> dict[str, float]:
     with (folder / "products.csv").open(newline="", encoding="utf-8") as f:
         return {row["product"]: float(row["sales_price"]) for row in csv.DictReader(f)}
+
+
+def load_managers(folder: Path) -> dict[str, str]:
+    """``sales_teams.csv``: sales agent (the events' owner id) → manager."""
+    with (Path(folder) / "sales_teams.csv").open(newline="", encoding="utf-8") as f:
+        return {row["sales_agent"]: row["manager"] for row in csv.DictReader(f)}
+
+
+def dataset_owners(folder: Path, *, names: dict[str, str] | None = None,
+                   unlisted_managers: frozenset[str] = frozenset()) -> dict[str, dict[str, str]]:
+    """The funnel config's ``owners`` with managers as teams: agent → {name, team = manager}.
+    ``names`` overrides display names (default: the agent's own name); the agents of
+    ``unlisted_managers`` are left out (they count in team ``none``, shown by id)."""
+    names = names or {}
+    return {agent: {"name": names.get(agent, agent), "team": manager}
+            for agent, manager in load_managers(folder).items() if manager not in unlisted_managers}
 
 
 def row_events(row: dict[str, str], prices: dict[str, float], *, prefix: str = "") -> list[dict]:
