@@ -32,11 +32,11 @@ lock: $(UV)
 	$(COMPILE) --extra rocksdb -o requirements.lock
 	$(COMPILE) --extra rocksdb --extra dev -c requirements.lock -o requirements-dev.lock
 
-# The Salesforce Pub/Sub API client code from the official proto (checked in; run after changing
-# the proto or grpcio-tools; tests/test_salesforce_cdc.py fails when the files are not current).
+# The Salesforce Pub/Sub API message classes from the official proto (checked in; run after changing
+# the proto or grpcio-tools; tests/test_salesforce_cdc.py fails when the file is not current).
 PROTO := streams/crm/pubsub/pubsub_api.proto
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $(PROTO)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. $(PROTO)
 
 # promtool/prometheus (metric lint, rule tests, dashboard queries), amtool and alertmanager
 # (Alertmanager config and delivery), nginx + openssl (the reverse-proxy example), stunnel4

@@ -35,7 +35,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from streams.crm.pubsub import pubsub_api_pb2 as pb2
-from streams.crm.pubsub import pubsub_api_pb2_grpc as pb2_grpc
+from streams.crm.pubsub.rpc import service_handler
 from streams.tools.broker import free_port
 
 ORG = "00DSM000000Ab1X2AK"
@@ -224,7 +224,7 @@ def avro_record(schema: dict[str, Any], doc: dict[str, Any]) -> tuple[dict[str, 
     return record, expected
 
 
-class PubSubServer(pb2_grpc.PubSubServicer):
+class PubSubServer:
     def __init__(
         self,
         cert: Path,
@@ -253,7 +253,7 @@ class PubSubServer(pb2_grpc.PubSubServicer):
         self.expected: list[dict[str, Any]] = []  # what the subscriber should write, in order
         self.cond = threading.Condition()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=24))
-        pb2_grpc.add_PubSubServicer_to_server(self, self.server)
+        self.server.add_generic_rpc_handlers((service_handler(self),))
         credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
         self.port = self.server.add_secure_port(f"127.0.0.1:{free_port()}", credentials)
 

@@ -22,11 +22,11 @@ import grpc
 from aiokafka.errors import KafkaError
 
 from streams.crm.pubsub import pubsub_api_pb2 as pb2
-from streams.crm.pubsub import pubsub_api_pb2_grpc as pb2_grpc
 from streams.crm.pubsub.auth import AuthUnavailable, Tokens
 from streams.crm.pubsub.metrics import Metrics
 from streams.crm.pubsub.raw_writer import RawWriter, backfill_since
 from streams.crm.pubsub.replay import ReplayStore, Stored, key_of
+from streams.crm.pubsub.rpc import PubSubStub
 from streams.crm.pubsub.settings import CdcSettings
 from streams.crm.pubsub.startup_checks import error_code
 
@@ -48,7 +48,7 @@ class ChannelStream:
 
     name: str
     cdc: CdcSettings
-    stub: pb2_grpc.PubSubStub
+    stub: PubSubStub
     tokens: Tokens
     store: ReplayStore
     writer: RawWriter

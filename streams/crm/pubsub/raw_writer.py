@@ -22,11 +22,11 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from streams.crm.pubsub import pubsub_api_pb2 as pb2
-from streams.crm.pubsub import pubsub_api_pb2_grpc as pb2_grpc
 from streams.crm.pubsub.auth import Tokens
 from streams.crm.pubsub.events import SchemaCache, Undecodable, change_event, encode, message_key, raw_message
 from streams.crm.pubsub.metrics import Metrics
 from streams.crm.pubsub.replay import ReplayStore, Stored
+from streams.crm.pubsub.rpc import PubSubStub
 from streams.crm.sources.common import from_epoch
 
 log = logging.getLogger("funnel_kpi.salesforce_cdc")
@@ -43,7 +43,7 @@ class RawWriter:
     """Responses of every channel → the raw topic and the replay store (one producer, one schema cache)."""
 
     topic: str
-    stub: pb2_grpc.PubSubStub
+    stub: PubSubStub
     tokens: Tokens
     producer: AIOKafkaProducer
     store: ReplayStore

@@ -13,8 +13,8 @@ import logging
 import grpc
 
 from streams.crm.pubsub import pubsub_api_pb2 as pb2
-from streams.crm.pubsub import pubsub_api_pb2_grpc as pb2_grpc
 from streams.crm.pubsub.auth import AuthRefused, Tokens
+from streams.crm.pubsub.rpc import PubSubStub
 from streams.crm.pubsub.settings import CdcSettings
 from streams.kafka.startup import StartupError
 
@@ -39,7 +39,7 @@ def open_channel(cdc: CdcSettings) -> grpc.aio.Channel:
     )
 
 
-async def check_channels(stub: pb2_grpc.PubSubStub, tokens: Tokens, cdc: CdcSettings) -> None:
+async def check_channels(stub: PubSubStub, tokens: Tokens, cdc: CdcSettings) -> None:
     """``GetTopic`` for every channel: it exists, this user may subscribe, it is this org's.
     Nothing is logged before every check passed: a refusal is the one line of the command."""
     found = []

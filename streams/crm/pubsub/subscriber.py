@@ -25,12 +25,12 @@ import grpc
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from streams.crm.pubsub import pubsub_api_pb2_grpc as pb2_grpc
 from streams.crm.pubsub.auth import AuthUnavailable, Tokens, login
 from streams.crm.pubsub.channel_stream import ChannelStream
 from streams.crm.pubsub.metrics import Metrics
 from streams.crm.pubsub.raw_writer import RawWriter
 from streams.crm.pubsub.replay import ReplayStore
+from streams.crm.pubsub.rpc import PubSubStub
 from streams.crm.pubsub.settings import CdcSettings
 from streams.crm.pubsub.startup_checks import check_channels, open_channel
 from streams.crm.pubsub.status_server import StatusServer
@@ -55,7 +55,7 @@ class Subscriber:
         self.metrics = Metrics(self.registry)
         self.status = StatusServer(cdc, self.registry, self.metrics, tokens)
         self.channel: grpc.aio.Channel | None = None
-        self.stub: pb2_grpc.PubSubStub | None = None
+        self.stub: PubSubStub | None = None
         self.producer: AIOKafkaProducer | None = None
         self.store: ReplayStore | None = None
         self.writer: RawWriter | None = None
@@ -63,7 +63,7 @@ class Subscriber:
     async def start(self) -> Subscriber:
         cdc = self.cdc
         self.channel = open_channel(cdc)
-        self.stub = pb2_grpc.PubSubStub(self.channel)
+        self.stub = PubSubStub(self.channel)
         await check_channels(self.stub, self.tokens, cdc)
         await ensure_raw_topics(self.settings, [cdc.salesforce_topic])
         self.producer = AIOKafkaProducer(
