@@ -76,9 +76,9 @@ def decode_deal(raw: bytes) -> Deal:
         return _decode_format_1(doc)
     if doc[0] != FORMAT:
         raise ValueError(f"deal stored in format {doc[0]}, this build reads 1 and {FORMAT}")
-    if len(doc) != 15:
-        return _decode_format_2(doc)
-    # Spelled out (this runs for every deal loaded): what _decode_format_2 does.
+    if len(doc) > 15:  # written by a later build: read by position, what it added ignored
+        doc = doc[:15]
+    # Unpacked in one statement and spelled out below: this runs for every deal loaded.
     (_, deal_id, partition, versions, pipeline, amount, currency, account, expected, deleted,
      history, owners, recent, credited, stall_alert) = doc
     ts_of, id_of = versions[0::2], versions[1::2]
@@ -102,20 +102,6 @@ def decode_deal(raw: bytes) -> Deal:
         None if expected is None else Field(expected[0], ts_of[expected[1]], id_of[expected[1]]),
         None if deleted is None else Field(deleted[0], ts_of[deleted[1]], id_of[deleted[1]]),
         stages, assigned, recent_ids, credited, stall_alert,
-    )
-
-
-def _decode_format_2(doc: list) -> Deal:
-    versions = doc[3]
-    ts_of, id_of = versions[0::2], versions[1::2]
-    fields = [None if packed is None else Field(packed[0], ts_of[packed[1]], id_of[packed[1]])
-              for packed in doc[4:10]]
-    return Deal(
-        doc[1], doc[2], *fields,
-        [(ts_of[i], id_of[i], stage) for i, stage in doc[10]],
-        [(ts_of[i], id_of[i], owner) for i, owner in doc[11]],
-        [id_of[x] if type(x) is int else x for x in doc[12]],
-        doc[13], doc[14],
     )
 
 
