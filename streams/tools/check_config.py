@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from models.config import ConfigError, load_config
+from streams.crm.backfill.settings import BackfillSettings
 from streams.kafka import topics
 from streams.kafka.broker_check import check_broker
-from streams.kafka.client import client_args, load_security
+from streams.kafka.client import KafkaSecurity, client_args, load_security
 from streams.kafka.settings import Settings
-from streams.kafka.startup import StartupError
+from streams.kafka.startup import StartupError, load_settings
 
 CRM_TOKENS = {"hubspot": "hubspot_access_token", "pipedrive": "pipedrive_api_token",
               "salesforce": "salesforce_access_token"}
@@ -68,10 +69,9 @@ def _describe_config(settings: Settings) -> str:
             f"{', '.join(sorted(config.targets)) or 'no pipeline'}; timezone {config.zone}")
 
 
-async def _check_kafka(report: Report, settings: Settings) -> None:
+async def _check_kafka(report: Report, settings: Settings, security: KafkaSecurity) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    security = load_security()
     auth = security.security_protocol + (f"/{security.sasl_mechanism}" if security.sasl else "")
     await check_broker(settings.broker, security)
     report.add("ok", f"Kafka at {settings.broker} ({auth}): logged in")
@@ -106,12 +106,10 @@ async def _check_redis(url: str) -> str:
         await client.aclose()
 
 
-def _check_crm(crm: str, settings: Settings) -> str:
+def _check_crm(crm: str, settings: Settings, backfill: BackfillSettings) -> str:
     from streams.crm.backfill.runner import READERS
-    from streams.crm.backfill.settings import BackfillSettings
     from streams.crm.sources.settings import SourceSettings, context
 
-    backfill = BackfillSettings()
     reader = READERS[crm](backfill, context(settings, SourceSettings()))
     stages = reader.stages()
     return f"the API accepts the token: {len(stages)} deal stages, {len(reader.owners())} owners"
@@ -129,12 +127,17 @@ def run(settings: Settings) -> int:
         return f"raw topics {', '.join(sorted(SourceSettings().raw_topics))}"
 
     _check(report, "webhook and adapter settings", sources)
-    _check(report, "Kafka client settings", lambda: load_security().security_protocol)
     try:
-        asyncio.run(asyncio.wait_for(_check_kafka(report, settings),
-                                     load_security().connect_timeout + 30))
-    except Exception as exc:  # a refused login, an admin request the broker refused
-        report.add("FAIL", f"Kafka at {settings.broker}: {_reason(exc)}")
+        security = load_security()
+    except StartupError as exc:
+        report.add("FAIL", f"Kafka client settings: {exc}")
+    else:
+        report.add("ok", f"Kafka client settings: {security.security_protocol}")
+        try:
+            asyncio.run(asyncio.wait_for(_check_kafka(report, settings, security),
+                                         security.connect_timeout + 30))
+        except Exception as exc:  # a refused login, an admin request the broker refused
+            report.add("FAIL", f"Kafka at {settings.broker}: {_reason(exc)}")
     if settings.redis_url is None:
         report.add("skip", "Redis: FUNNEL_REDIS_URL is not set (the Redis output is off)")
     else:
@@ -151,11 +154,13 @@ def run(settings: Settings) -> int:
 
 
 def _check_crms(report: Report, settings: Settings) -> None:
-    from streams.crm.backfill.settings import BackfillSettings
-
-    backfill = BackfillSettings()
+    try:
+        backfill = load_settings(BackfillSettings)
+    except StartupError as exc:
+        report.add("FAIL", f"CRM API settings: {exc}")
+        return
     for crm, token in CRM_TOKENS.items():
         if getattr(backfill, token) is None and getattr(backfill, f"{token}_file") is None:
             report.add("skip", f"{crm}: FUNNEL_{token.upper()}(_FILE) is not set")
         else:
-            _check(report, crm, lambda crm=crm: _check_crm(crm, settings))
+            _check(report, crm, lambda crm=crm: _check_crm(crm, settings, backfill))
