@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from streams.kafka.startup import StartupError
@@ -47,12 +48,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
+def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1",
+                  alive: Callable[[], bool] = lambda: True) -> None:
+    """Until something listens on the port; a TimeoutError at once when ``alive()`` says the
+    process that should listen has exited."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
             return
         time.sleep(0.05)
+    if not alive():
+        raise TimeoutError(f"nothing listening on {host}:{port}: the process exited")
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
 
 
@@ -68,6 +74,9 @@ class EmbeddedBroker:
                  listen_port: int | None = None, authentication: bool = False) -> None:
         self.port = port or free_port()
         self.listen_port = listen_port or self.port
+        # Ports picked here may be taken between the pick and Tansu's bind (by another process,
+        # or as a client's ephemeral port): then start() picks again.
+        self.picked_ports = port is None and listen_port is None
         self.authentication = authentication
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
@@ -76,7 +85,22 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"kafka://127.0.0.1:{self.port}"
 
-    def start(self) -> EmbeddedBroker:
+    def start(self, attempts: int = 3) -> EmbeddedBroker:
+        attempt = 1
+        while True:
+            self._spawn()
+            try:
+                wait_for_port(self.listen_port, alive=lambda: self.process.poll() is None)
+                return self
+            except TimeoutError:
+                exited = self.process.poll() is not None
+                self.stop()
+                if not (exited and self.picked_ports) or attempt == attempts:
+                    raise
+            attempt += 1
+            self.port = self.listen_port = free_port()
+
+    def _spawn(self) -> None:
         binary = broker_binary()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
@@ -87,12 +111,6 @@ class EmbeddedBroker:
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"},
             preexec_fn=_die_with_parent,
         )
-        try:
-            wait_for_port(self.listen_port)
-        except TimeoutError:
-            self.stop()
-            raise
-        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
