@@ -263,10 +263,11 @@ def test_publisher_fails_over_with_increasing_pairs(broker, workers):
     before, _ = latest_accepted(read_topic(broker, topics.KPIS, lambda found: False, timeout=3))
     killed_at = time.monotonic()
     publisher.kill()
+    # Within 30 s (5 session timeouts): liveness, not speed (timings belong in bench/; on a quiet
+    # box it takes the 6 s session timeout + a tick and a rebalance, ~10-15 s).
     wait_until(lambda: total(survivor.samples(), "funnel_kpi_publisher") == 1, 30,
                what="the survivor publishes")
-    took_over = time.monotonic() - killed_at
-    assert took_over < 6 + 10, took_over  # session timeout + a tick and a rebalance
+    print(f"publisher take-over after a kill: {time.monotonic() - killed_at:.1f} s")
 
     def new_generation(found):
         latest, _ = latest_accepted(found)
