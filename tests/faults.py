@@ -13,7 +13,10 @@ production classes in this process according to ``FAULT_*`` variables, then runs
   seconds inside the producer, after every check of the worker's (sends held on their way to the
   broker);
 - ``FAULT_SLOW_RECOVERY_SECONDS=S``: each table's recovery completion is held S seconds or until
-  a revoke (Faust runs table callbacks as tasks of their own, so a revoke does not cancel them).
+  a revoke (Faust runs table callbacks as tasks of their own, so a revoke does not cancel them);
+- ``FAULT_FAIL_TRAILERS=N``: in the first N flushes whose writes include ``customers`` rows, the
+  writes are acknowledged and then the trailers (position rows, end markers) refused as a broker
+  would (a broker frozen between the two requests of a flush).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ def install() -> None:
     _slow_flushes()
     _held_sends()
     _slow_recovery()
+    _failed_trailers()
 
 
 def _slow_flushes() -> None:
@@ -147,6 +151,29 @@ def _slow_recovery() -> None:
                     "by a revoke" if self.generation != generation else f"after {seconds:.0f} s")
 
     faust.Table.on_recovery_completed = held
+
+
+def _failed_trailers() -> None:
+    budget = [_number("FAULT_FAIL_TRAILERS")]
+    if not budget[0]:
+        return
+    real = Outbox._produce
+    refuse_next = [False]
+
+    async def produce(self: Outbox, pending: list):
+        if refuse_next[0]:
+            refuse_next[0] = False
+            self.on_error("changelog")
+            log.warning("fault: refusing the trailers of a batch whose writes were acknowledged")
+            raise KafkaError("fault: trailers refused")
+        written = await real(self, pending)
+        if budget[0] and any(table is not None and table.name == "customers" and value
+                             for _, _, value, _, _, _, table in pending):
+            budget[0] -= 1
+            refuse_next[0] = True
+        return written
+
+    Outbox._produce = produce
 
 
 if __name__ == "__main__":

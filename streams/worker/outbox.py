@@ -152,7 +152,12 @@ class Outbox:
         Then each changelog partition written (and each of ``trailers``) gets one last record
         alone in its request: the trailer given for it, else a tombstone of a key nobody uses.
         Brokers that answer ListOffsets with the last batch's base offset + 1 (Tansu) would
-        otherwise make table recovery stop before the last records of a partition."""
+        otherwise make table recovery stop before the last records of a partition.
+
+        The stores take the writes only once the trailers are acknowledged too: a flush that
+        fails in either request leaves every store as it was, so the batch read again finds the
+        state it was processed against (a customers row already stored would make its credit
+        count as a re-send, and the account's lifetime value would miss it for good)."""
         pending, self.pending = self.pending, []
         if not pending and not trailers:
             return
@@ -160,22 +165,27 @@ class Outbox:
             raise Revoked("partitions revoked while the batch was processed: nothing written")
         self.producing = True
         try:
-            tables = await self._produce(pending)
-            ends = dict.fromkeys(tables, (None, None))
+            written = await self._produce(pending)
+            ends = dict.fromkeys({(table, item.partition) for table, items in written.items()
+                                  for item in items}, (None, None))
             ends.update(trailers or {})
             if ends:
-                await self._produce([
+                trailed = await self._produce([
                     (table.changelog_topic.get_topic_name(), key.encode() if key else END_MARKER,
                      value, partition, None, "changelog", table if key else None)
                     for (table, partition), (key, value) in ends.items()
                 ])
+                for table, items in trailed.items():
+                    written.setdefault(table, []).extend(items)
         finally:
             self.producing = False
+        for table, items in written.items():
+            table.data.apply_changelog_batch(items, _identity, _identity)
         self.on_acked()
 
-    async def _produce(self, pending: list) -> set[tuple[faust.Table, int]]:
-        """Send, await every acknowledgement, apply the table writes; the (table, partition)
-        pairs written."""
+    async def _produce(self, pending: list) -> dict[faust.Table, list[_Written]]:
+        """Send and await every acknowledgement; the acknowledged table writes, by table (not
+        yet in the stores)."""
         results = await self.producer.produce(
             [(topic, key, value, partition, headers)
              for topic, key, value, partition, headers, _, _ in pending])
@@ -192,6 +202,4 @@ class Outbox:
             if table is not None:
                 topic, partition, offset = result
                 by_table.setdefault(table, []).append(_Written(key, value, TP(topic, partition), offset))
-        for table, written in by_table.items():
-            table.data.apply_changelog_batch(written, _identity, _identity)
-        return {(table, item.partition) for table, written in by_table.items() for item in written}
+        return by_table
