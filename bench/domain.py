@@ -263,8 +263,9 @@ def _scrape(proc, config) -> None:
     ranges = agg.window_ranges(now_hour)
     for family in (agg.REACHED_W, agg.CLOSED_W, agg.WON_REVENUE_W, agg.TIME_TO_CLOSE_W):
         hourly_totals(folds, family, ranges, now_hour)
-    periods = tuple((period, period_bounds(now_ms, config.zone, period)[0] // agg.HOUR_MS)
-                    for period in PERIODS)
+    fiscal = getattr(config, "fiscal_year_start_month", 1)  # trees before the fiscal year
+    periods = tuple((period, period_bounds(now_ms, config.zone, period, *([fiscal] if fiscal != 1 else []))[0]
+                     // agg.HOUR_MS) for period in PERIODS)
     hourly_totals(folds, agg.WON_REVENUE_W, periods, now_hour)
 
 

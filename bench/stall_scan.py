@@ -34,7 +34,7 @@ def main() -> None:
     for i in range(args.deals):
         entered = now - rng.randrange(60 * DAY)
         stalled = now - entered > 30 * DAY  # steady state: stalled deals were alerted already
-        key = ("default", rng.choice(stages), "USD", entered, f"deal-{i}", stalled, None)
+        key = ("default", rng.choice(stages), "USD", entered, f"deal-{i}", stalled, None, "pipeline")
         fold.apply(((agg.OPEN_DEALS, key, 1_000 * agg.MICRO),), 1)
     started = time.perf_counter()
     crossed_stalls(fold, config, now, 200)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,12 +33,44 @@ def encode(events: Iterable[dict]) -> list[Message]:
 
 
 def simulated(n: int, seed: int) -> list[Message]:
+    return encode(simulated_events(n, seed))
+
+
+# Three deal properties with the cardinalities CRM reports group by (docs/kpis.md, "Dimensions").
+PROPERTIES = {
+    "lead_source": ("Organic Search", "Paid Search", "Referral", "Direct", "Email", "Social",
+                    "Events", "Partner"),
+    "region": ("EMEA", "North America", "LATAM", "APAC", "ANZ"),
+    "segment": ("SMB", "Mid-Market", "Enterprise"),
+}
+
+
+def with_properties(events: list[dict]) -> list[dict]:
+    """The events with the deal's :data:`PROPERTIES` on its first event and a changed one on
+    every tenth after it, as adapters send them (only what changed)."""
+    seen: set[str] = set()
+    out = []
+    for i, event in enumerate(events):
+        deal_id = event["deal_id"]
+        pick = zlib.crc32(deal_id.encode())
+        if deal_id not in seen:
+            seen.add(deal_id)
+            event = {**event, "properties": {name: values[pick % len(values)]
+                                             for name, values in PROPERTIES.items()}}
+        elif i % 10 == 0:
+            values = PROPERTIES["lead_source"]
+            event = {**event, "properties": {"lead_source": values[(pick + i) % len(values)]}}
+        out.append(event)
+    return out
+
+
+def simulated_events(n: int, seed: int) -> list[dict]:
     """Exactly ``n`` realistic simulator events (all stages, duplicates, late arrivals)."""
     deals = max(1, n // 5)
     while True:
         events = Simulation(seed=seed, deals=deals).events()
         if len(events) >= n:
-            return encode(events[:n])
+            return events[:n]
         deals = int(deals * 1.3) + 1
 
 

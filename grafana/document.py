@@ -107,9 +107,20 @@ def render(prom: lp.LivePrometheus, variables: dict[str, str], source: str) -> s
 
 
 def board_variables(prom: lp.LivePrometheus) -> dict[str, str]:
+    """The boards' variables as a first visit sets them: pipeline `default` (else the first),
+    window 30d; on the dimension board the first dimension (in Grafana's order), every value
+    (`All`, here the regex `.*`) and USD (else the first currency)."""
     pipelines = prom.label_values("pipeline", "funnel_deals_open")
     pipeline = "default" if "default" in pipelines else (pipelines or ["default"])[0]
-    return {"pipeline": pipeline, "window": "30d"}
+    dimensions = prom.label_values(
+        "dimension", f'pipeline_dimension:funnel_dimension_values:max{{pipeline="{pipeline}"}}')
+    dimension = sorted(dimensions or ["none"])[0]
+    currencies = prom.label_values(
+        "currency", "pipeline_dimension_value_currency:funnel_dimension_won_revenue:sum"
+        f'{{pipeline="{pipeline}", dimension="{dimension}"}}')
+    currency = "USD" if "USD" in currencies else (currencies or ["USD"])[0]
+    return {"pipeline": pipeline, "window": "30d", "dimension": dimension, "value": ".*",
+            "currency": currency}
 
 
 def main(argv: list[str] | None = None) -> int:

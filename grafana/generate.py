@@ -4,7 +4,7 @@
     python grafana/generate.py          # rewrite the JSON files
     python grafana/generate.py --check  # exit 1 if a committed file differs from the output
 
-Why code: four boards share the data source, the `pipeline` and `window` variables, units, the
+Why code: five boards share the data source, the `pipeline` and `window` variables, units, the
 stage-ordering join and the layout grid; writing them once here keeps them consistent. Panels
 query the recording rules of prometheus/rules/funnel_recording.yml wherever a KPI is derived
 (ratios and averages are never re-derived in a panel), and raw contract metrics (docs/design.md §3)
@@ -57,6 +57,7 @@ class Board:
     def __init__(self, uid: str, title: str, description: str):
         self.uid, self.title, self.description = uid, title, description
         self.panels: list[dict] = []
+        self.variables: list[dict] | None = None  # None: variables() (pipeline, window)
         self._x = self._y = self._row_h = 0
         self._id = 0
 
@@ -299,24 +300,40 @@ def hide_columns(*names: str) -> dict:
     return {"id": "organize", "options": {"excludeByName": dict.fromkeys(names, True)}}
 
 
+def money(level: str, kpi: str, selector: str = P) -> str:
+    """A money total in the reporting currency when the funnel config names one (the
+    ``funnel_reporting_*`` rule: every currency converted), else one row per native currency:
+    ``or on (pipeline)`` keeps the native rows only for a pipeline without converted ones, so a
+    panel never adds two currencies."""
+    return (f"{level}:funnel_reporting_{kpi}_held{{{selector}}}\n"
+            f"or on (pipeline) {level}:funnel_{kpi}_held{{{selector}}}")
+
+
+STAGE_CURRENCY = "${__data.fields.stage} (${__data.fields.currency})"
+
+
 # ------------------------------------------------------------------ variables
+def pipeline_variable() -> dict:
+    return {
+        "type": "query",
+        "name": "pipeline",
+        "label": "Pipeline",
+        "description": "Funnel pipeline (funnel config)",
+        "datasource": DS,
+        "query": "label_values(funnel_deals_open, pipeline)",
+        "refresh": 2,
+        "sort": 1,
+        "multi": False,
+        "includeAll": False,
+        "current": {"text": "default", "value": "default"},
+        "options": [],
+        "hide": 0,
+    }
+
+
 def variables() -> list[dict]:
     return [
-        {
-            "type": "query",
-            "name": "pipeline",
-            "label": "Pipeline",
-            "description": "Funnel pipeline (funnel config)",
-            "datasource": DS,
-            "query": "label_values(funnel_deals_open, pipeline)",
-            "refresh": 2,
-            "sort": 1,
-            "multi": False,
-            "includeAll": False,
-            "current": {"text": "default", "value": "default"},
-            "options": [],
-            "hide": 0,
-        },
+        pipeline_variable(),
         {
             "type": "custom",
             "name": "window",
@@ -329,6 +346,78 @@ def variables() -> list[dict]:
             "options": [{"text": w, "value": w, "selected": w == "30d"} for w in WINDOWS],
             "hide": 0,
         },
+    ]
+
+
+# The dimension board (funnel config `dimensions`): one dimension at a time, its values side by
+# side. `dimension` lists the dimensions the guard reports for the pipeline, `value` the values
+# exported for that dimension (the kept ones, `none`, `other`), `currency` the currencies of its
+# won revenue: money panels show one currency, never a sum of two.
+DIMENSION_GUARD = "pipeline_dimension:funnel_dimension_values:max"
+DIMENSION_VALUES = "pipeline_dimension_value_stage:funnel_dimension_deals_reached:sum_held"
+DIMENSION_CURRENCIES = "pipeline_dimension_value_currency:funnel_dimension_won_revenue:sum_held"
+PD = 'pipeline="$pipeline", dimension="$dimension"'
+PDV = PD + ', value=~"$value"'
+
+
+def query(name: str, label: str, description: str, expr: str, **kw) -> dict:
+    """A variable whose values a label_values() query lists (refreshed with the time range)."""
+    return {
+        "type": "query",
+        "name": name,
+        "label": label,
+        "description": description,
+        "datasource": DS,
+        "query": expr,
+        "refresh": 2,
+        "sort": 1,
+        "multi": False,
+        "includeAll": False,
+        "current": {},
+        "options": [],
+        "hide": 0,
+        **kw,
+    }
+
+
+def dimension_variables() -> list[dict]:
+    return [
+        pipeline_variable(),
+        query("dimension", "Dimension", "Deal property the KPIs are broken down by (funnel config "
+              "`dimensions`)", f'label_values({DIMENSION_GUARD}{{pipeline="$pipeline"}}, dimension)'),
+        query("value", "Value", "Values of the dimension to compare: the kept values, none (deals "
+              "without one) and other (the values beyond the limit)",
+              f"label_values({DIMENSION_VALUES}{{{PD}}}, value)", multi=True, includeAll=True,
+              current={"text": ["All"], "value": ["$__all"]}),
+        query("currency", "Currency", "Currency of the money panels (one at a time)",
+              f"label_values({DIMENSION_CURRENCIES}{{{PD}}}, currency)"),
+    ]
+
+
+# The revenue board's forecast by category: one calendar period and one currency at a time (a sum
+# over currencies would add dollars to euros).
+FORECAST = "pipeline_category_currency_period:funnel_forecast_value:sum_held"
+PERIODS = ("month", "quarter", "year")
+PCP = 'pipeline="$pipeline", currency="$currency", period="$period"'
+
+
+def forecast_variables() -> list[dict]:
+    return [
+        {
+            "type": "custom",
+            "name": "period",
+            "label": "Period",
+            "description": "Current calendar period of the forecast by category",
+            "query": ",".join(PERIODS),
+            "multi": False,
+            "includeAll": False,
+            "current": {"text": "quarter", "value": "quarter"},
+            "options": [{"text": p, "value": p, "selected": p == "quarter"} for p in PERIODS],
+            "hide": 0,
+        },
+        query("currency", "Currency", "Currency of the forecast by category and the value "
+              "distributions (one at a time: their buckets are amounts)",
+              f'label_values({FORECAST}{{pipeline="$pipeline"}}, currency)'),
     ]
 
 
@@ -353,16 +442,18 @@ def overview() -> Board:
     b.panel(
         "stat",
         "Pipeline value",
-        [instant(f"pipeline_currency:funnel_open_value:sum_held{{{P}}}", "{{currency}}")],
-        description="Sum of the amounts of open deals.",
+        [instant(money("pipeline_currency", "open_value:sum"), "{{currency}}")],
+        description="Sum of the amounts of open deals (in the reporting currency when one is "
+        "configured, else per currency).",
         w=4,
         h=5,
     )
     b.panel(
         "stat",
         "Weighted pipeline",
-        [instant(f"pipeline_currency:funnel_weighted_open_value:sum_held{{{P}}}", "{{currency}}")],
-        description="Σ open value × stage probability (funnel config).",
+        [instant(money("pipeline_currency", "weighted_open_value:sum"), "{{currency}}")],
+        description="Σ open value × stage probability (funnel config), in the reporting currency "
+        "when one is configured.",
         w=4,
         h=5,
     )
@@ -471,9 +562,11 @@ def overview() -> Board:
         ordered_stage_panel(
             b,
             f"{section} open value",
-            f"(sum by (pipeline, stage) (pipeline_stage_currency:funnel_open_value:sum_held{{{P}}})"
+            f"(({money('pipeline_stage_currency', 'open_value:sum')})"
             f" and on (pipeline, stage) {sel})",
-            description=f"Open value per stage of the {section} section.",
+            name=STAGE_CURRENCY,
+            description=f"Open value per stage of the {section} section (reporting currency when "
+            "configured, else per currency).",
             w=8,
             h=7,
         )
@@ -509,8 +602,8 @@ def overview() -> Board:
     b.panel(
         "stat",
         "BOFU won revenue",
-        [instant(f"pipeline_currency:funnel_won_revenue:sum_held{{{P}}}", "{{currency}}")],
-        description="Amounts of won deals.",
+        [instant(money("pipeline_currency", "won_revenue:sum"), "{{currency}}")],
+        description="Amounts of won deals (in the reporting currency when configured).",
         w=8,
         h=7,
     )
@@ -529,16 +622,20 @@ def overview() -> Board:
     ordered_stage_panel(
         b,
         "Open value by stage",
-        f"sum by (pipeline, stage) (pipeline_stage_currency:funnel_open_value:sum_held{{{P}}})",
-        description="Amounts of open deals per stage (all currencies).",
+        money("pipeline_stage_currency", "open_value:sum"),
+        name=STAGE_CURRENCY,
+        description="Amounts of open deals per stage: in the reporting currency (every currency "
+        "converted at the rate in force) when one is configured, else one bar per currency.",
         w=12,
         h=8,
     )
     ordered_stage_panel(
         b,
         "Weighted open value by stage",
-        f"sum by (pipeline, stage) (pipeline_stage_currency:funnel_weighted_open_value:sum_held{{{P}}})",
-        description="Open value × stage probability, per stage.",
+        money("pipeline_stage_currency", "weighted_open_value:sum"),
+        name=STAGE_CURRENCY,
+        description="Open value × stage probability, per stage (reporting currency when "
+        "configured, else per currency).",
         w=12,
         h=8,
     )
@@ -714,24 +811,26 @@ def revenue() -> Board:
     b = Board(
         "funnel-revenue",
         "Funnel revenue",
-        "Won revenue against targets, average deal size, deal value distribution, sales "
-        "leaderboard and customer lifetime value.",
+        "Won revenue against targets, forecast by category, average deal size, deal value "
+        "distribution, sales leaderboard and customer lifetime value.",
     )
+    b.variables = variables() + forecast_variables()
     freshness(b)
     b.row("Revenue")
     b.panel(
         "stat",
         "Won revenue (all time)",
-        [instant(f"pipeline_currency:funnel_won_revenue:sum_held{{{P}}}", "{{currency}}")],
-        description="Amounts of deals currently won.",
+        [instant(money("pipeline_currency", "won_revenue:sum"), "{{currency}}")],
+        description="Amounts of deals currently won; in the reporting currency when one is "
+        "configured (each at its close date's rate).",
         w=6,
         h=5,
     )
     b.panel(
         "stat",
         "Won revenue ($window)",
-        [instant(f"pipeline_currency_window:funnel_won_revenue_window:sum_held{{{PW}}}", "{{currency}}")],
-        description="Amounts of deals won within the window.",
+        [instant(money("pipeline_currency_window", "won_revenue_window:sum", PW), "{{currency}}")],
+        description="Amounts of deals won within the window (reporting currency when configured).",
         w=6,
         h=5,
     )
@@ -817,25 +916,42 @@ def revenue() -> Board:
         w=24,
         h=8,
     )
+    b.panel(
+        "bargauge",
+        "Forecast by category ($period, $currency)",
+        [
+            instant(f"{FORECAST}{{{PCP}}}", "{{category}}"),
+            instant(f"pipeline_currency_period:funnel_forecast_commit:sum_held{{{PCP}}}", "commit + closed"),
+            instant(f"pipeline_currency_period:funnel_forecast_best_case:sum_held{{{PCP}}}",
+                    "best case + commit + closed"),
+            instant(f"pipeline_currency_period:funnel_revenue_forecast:sum_held{{{PCP}}}", "weighted"),
+        ],
+        description="Open amounts expected to close in the period per forecast category (the "
+        "CRM's, else the stage's); closed adds the period's won revenue. Then the roll-ups sales "
+        "teams read and the weighted forecast (won + open value × stage probability).",
+        w=24,
+        h=8,
+    )
 
     b.row("Deals, reps and customers")
     b.panel(
         "bargauge",
-        "Won deal value distribution",
+        "Won deal value distribution ($currency)",
         [
             instant(
-                f"sum by (le) (pipeline_currency_le:funnel_won_deal_value_bucket:sum_held{{{P}}})",
+                "sum by (le) (pipeline_currency_le:funnel_won_deal_value_bucket:sum_held"
+                f'{{{P}, currency="$currency"}})',
                 "{{le}}",
                 fmt="heatmap",
             )
         ],
-        description="Number of won deals per amount bucket (upper bound shown).",
+        description="Number of won deals in the currency per amount bucket (upper bound shown).",
         w=8,
         h=9,
     )
     # Series stay keyed by owner id; `rep` is the configured name (funnel_owner_info) when there
     # is one, else the id: `or on (owner, currency)` adds only the reps the join left out.
-    top_reps = f"topk(10, pipeline_owner_currency:funnel_rep_won_revenue:sum_held{{{P}}})"
+    top_reps = f"topk(10, {money('pipeline_owner_currency', 'rep_won_revenue:sum')})"
     leaderboard = (
         f"label_replace({top_reps} * on (owner) group_left (name) owner:funnel_owner_info:max, "
         '"rep", "$1", "name", "(.+)")\n'
@@ -856,15 +972,16 @@ def revenue() -> Board:
     )
     b.panel(
         "bargauge",
-        "Customer lifetime value distribution",
+        "Customer lifetime value distribution ($currency)",
         [
             instant(
-                f"sum by (le) (pipeline_currency_le:funnel_customer_lifetime_value_bucket:sum_held{{{P}}})",
+                "sum by (le) (pipeline_currency_le:funnel_customer_lifetime_value_bucket:sum_held"
+                f'{{{P}, currency="$currency"}})',
                 "{{le}}",
                 fmt="heatmap",
             )
         ],
-        description="Number of customers per lifetime-value bucket.",
+        description="Number of customers per lifetime-value bucket, lifetime value in the currency.",
         w=8,
         h=9,
     )
@@ -888,7 +1005,7 @@ def revenue() -> Board:
     b.panel(
         "table",
         "Leaderboard by team",
-        [instant(f"sort_desc(pipeline_team_currency:funnel_team_won_revenue:sum_held{{{P}}})",
+        [instant(f"sort_desc({money('pipeline_team_currency', 'team_won_revenue:sum')})",
                  fmt="table")],
         description="Won revenue per team: the reps' won revenue (owner at close) summed under "
         "the team the funnel config `owners` gives them; reps without one are in team `none`.",
@@ -899,7 +1016,47 @@ def revenue() -> Board:
             {"id": "sortBy", "options": {"fields": {}, "sort": [{"field": "Value", "desc": True}]}},
         ],
     )
+    quota_panels(b)
     return b
+
+
+def quota_panels(b: Board) -> None:
+    """Quotas (funnel config `quotas`, per fiscal period, in the quota currency): attainment and
+    pace per rep and per team, and what the reporting currency could not convert."""
+    b.row("Quotas and reporting currency")
+    for who, label, level in (("rep", "owner", "pipeline_owner_currency_period"),
+                              ("team", "team", "pipeline_team_currency_period")):
+        quota = f"{level}:funnel_{who}_quota:max{{{P}}}"
+        b.panel(
+            "table",
+            f"{who.capitalize()} quota attainment",
+            [
+                instant(f"{level}:funnel_{who}_quota_attainment:ratio_held{{{P}}}", fmt="table"),
+                instant(f"{level}:funnel_{who}_quota_pace:ratio_held{{{P}}}", fmt="table"),
+                instant(f"{level}:funnel_quota_won_revenue_period:sum_held{{{P}}}\n"
+                        f"and on (pipeline, {label}, currency, period) {quota}", fmt="table"),
+                instant(quota, fmt="table"),
+            ],
+            description=f"Per {label} and (fiscal) period: attainment = won in the period / quota "
+            "(A), pace = attainment / elapsed share of the period, 1 = on track (B), won in the "
+            f"period (C) and quota (D), in the quota currency"
+            + (" (a team: the sum over its reps)." if who == "team" else "."),
+            w=12,
+            h=9,
+            transformations=[{"id": "merge", "options": {}}, hide_columns("Time", "pipeline")],
+        )
+    b.panel(
+        "table",
+        "Not converted to the reporting currency",
+        [instant(f"pipeline_currency_kind:funnel_reporting_unconverted_value:sum_held{{{P}}}",
+                 fmt="table")],
+        description="Native amounts (won: by close date; open: at the clock) whose currency has "
+        "no exchange rate for the date: left out of every reporting-currency total (alert "
+        "FunnelExchangeRateMissing when not 0).",
+        w=24,
+        h=6,
+        transformations=[hide_columns("Time", "__name__", "pipeline")],
+    )
 
 
 def leaks() -> Board:
@@ -922,8 +1079,9 @@ def leaks() -> Board:
     ordered_stage_panel(
         b,
         "Value at risk by stage",
-        f"sum by (pipeline, stage) (pipeline_stage_currency:funnel_stalled_value:sum_held{{{P}}})",
-        description="Amounts of the stalled deals.",
+        f"pipeline_stage_currency:funnel_stalled_value:sum_held{{{P}}}",
+        name=STAGE_CURRENCY,
+        description="Amounts of the stalled deals, per currency (never added across currencies).",
         w=8,
         h=8,
     )
@@ -1109,11 +1267,166 @@ def leaks() -> Board:
     return b
 
 
+def matrix(column: str, row: str = "value") -> list[dict]:
+    """Table rows in stage order (idx), then one row per ``row`` and one column per ``column``:
+    the columns appear in stage order because the rows were sorted by idx first."""
+    return [
+        *ORDERED["transformations"],
+        {"id": "groupingToMatrix",
+         "options": {"columnField": column, "rowField": row, "valueField": "Value", "emptyValue": "null"}},
+    ]
+
+
+def dimensions() -> Board:
+    b = Board(
+        "funnel-dimensions",
+        "Funnel by dimension",
+        "The KPIs of one dimension (funnel config `dimensions`: a deal property such as lead "
+        "source, region or sector) side by side per value: win rate, won revenue, deal size, "
+        "sales cycle, open deals and value, stage conversion; and what the cardinality guard did. "
+        "The values of a dimension, none and other included, add up to the pipeline's totals.",
+    )
+    b.variables = dimension_variables()
+    cur = 'currency="$currency"'
+    freshness(b)
+    b.row("Winning by value")
+    b.panel(
+        "bargauge",
+        "Win rate by value",
+        [instant(f"sort_desc(pipeline_dimension_value:funnel_dimension_win_rate:ratio_held{{{PDV}}})",
+                 "{{value}}")],
+        description="won / (won + lost) of the deals with this value, deals currently closed, "
+        "all currencies. A value without closed deals has no bar.",
+        unit="percentunit",
+        decimals=2,
+        w=12,
+        h=9,
+    )
+    b.panel(
+        "bargauge",
+        "Won and lost deals by value",
+        [instant(f"pipeline_dimension_value_outcome:funnel_dimension_deals_closed:sum_held{{{PDV}}}",
+                 "{{value}} {{outcome}}")],
+        description="Deals currently won and lost per value (the win rate's counts).",
+        w=12,
+        h=9,
+    )
+    b.panel(
+        "bargauge",
+        "Won revenue by value ($currency)",
+        [instant(f"sort_desc(pipeline_dimension_value_currency:funnel_dimension_won_revenue:sum_held"
+                 f"{{{PDV}, {cur}}})", "{{value}}")],
+        description="Amounts of the won deals with this value, in the selected currency.",
+        w=8,
+        h=9,
+    )
+    b.panel(
+        "bargauge",
+        "Average deal size by value ($currency)",
+        [instant(f"sort_desc(pipeline_dimension_value_currency:funnel_dimension_won_deal_value:avg_held"
+                 f"{{{PDV}, {cur}}})", "{{value}}")],
+        description="Won revenue / won deals of the value, both in the selected currency.",
+        decimals=3,
+        w=8,
+        h=9,
+    )
+    b.panel(
+        "bargauge",
+        "Average sales cycle by value (won)",
+        [instant("sort(pipeline_dimension_value_outcome:funnel_dimension_time_to_close_seconds:avg_held"
+                 f'{{{PDV}, outcome="won"}})', "{{value}}")],
+        description="Mean time from first stage entry to close of the won deals with this value.",
+        unit="s",
+        w=8,
+        h=9,
+    )
+
+    b.row("Open pipeline and conversion by value")
+    b.panel(
+        "table",
+        "Deals open per stage by value",
+        [instant(by_stage_order(f"pipeline_dimension_value_stage:funnel_dimension_deals_open:sum_held{{{PDV}}}"),
+                 fmt="table")],
+        description="Open deals per value (rows) and open stage (columns, in stage order).",
+        w=12,
+        h=9,
+        transformations=matrix("stage"),
+    )
+    b.panel(
+        "bargauge",
+        "Open value by value ($currency)",
+        [instant("sort_desc(sum by (pipeline, dimension, value) "
+                 "(pipeline_dimension_value_stage_currency:funnel_dimension_open_value:sum_held"
+                 f"{{{PDV}, {cur}}}))", "{{value}}")],
+        description="Amounts of the open deals with this value (all open stages), in the selected "
+        "currency.",
+        w=12,
+        h=9,
+    )
+    conversion = (
+        'label_join(pipeline_dimension_value_stage:funnel_dimension_stage_conversion:ratio_held'
+        f'{{{PDV}}}, "step", " → ", "stage", "next_stage")'
+    )
+    b.panel(
+        "table",
+        "Stage conversion by value",
+        [instant(by_stage_order(conversion), fmt="table")],
+        description="reached(k+1) / reached(k) per value (rows) and pair of consecutive open "
+        "stages (columns, in stage order). Empty where no deal of the value reached stage k.",
+        unit="percentunit",
+        decimals=1,
+        w=24,
+        h=9,
+        transformations=matrix("step"),
+    )
+
+    b.row("Guard")
+    b.panel(
+        "table",
+        "Guard: values, folded and limit",
+        [
+            instant(f'{DIMENSION_GUARD}{{pipeline="$pipeline"}}', fmt="table"),
+            instant('pipeline_dimension:funnel_dimension_values_folded:max{pipeline="$pipeline"}',
+                    fmt="table"),
+            instant('pipeline_dimension:funnel_dimension_values_limit:min{pipeline="$pipeline"}',
+                    fmt="table"),
+        ],
+        description="Per dimension: distinct values with deals (A), values summed as other (B), "
+        "values exported at most besides none and other (C: max_values, or less for the series "
+        "budget). Per worker, each ranking its own partitions: A and B from the worker with most, "
+        "C from the one with least. B > 0: per-value figures near the cut may differ by worker "
+        "(FunnelDimensionValuesFolded).",
+        w=16,
+        h=7,
+        transformations=[
+            {"id": "merge", "options": {}},
+            {"id": "organize", "options": {
+                "excludeByName": {"Time": True, "pipeline": True},
+                "renameByName": {"Value #A": "values", "Value #B": "folded", "Value #C": "limit"}}},
+        ],
+    )
+    b.panel(
+        "stat",
+        "Guard: dimension series vs budget",
+        [
+            instant("fleet:funnel_dimension_series:max", "series"),
+            instant("fleet:funnel_dimension_series_budget:max", "budget"),
+        ],
+        description="Series of the funnel_dimension_* KPI gauges on the worker with most (A) "
+        "against dimension_series_budget (B, config): the guard keeps A under B by folding values "
+        "into other.",
+        w=8,
+        h=7,
+    )
+    return b
+
+
 BOARDS = {
     "funnel-overview": overview,
     "funnel-velocity": velocity,
     "funnel-revenue": revenue,
     "funnel-leaks": leaks,
+    "funnel-dimensions": dimensions,
 }
 
 
@@ -1121,7 +1434,8 @@ def render() -> dict[str, str]:
     """File name -> JSON text of every board."""
     out = {}
     for uid, build in BOARDS.items():
-        board = build().to_json(variables())
+        built = build()
+        board = built.to_json(variables() if built.variables is None else built.variables)
         out[f"{uid}.json"] = json.dumps(board, indent=2, ensure_ascii=False) + "\n"
     return out
 

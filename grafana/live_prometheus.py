@@ -47,7 +47,7 @@ def substitute(text: str, values: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)(?::\w+)?\}|\[\[(\w+)\]\]|\$(\w+)", repl, text)
 
 
-BOARD_ORDER = ["funnel-overview", "funnel-velocity", "funnel-revenue", "funnel-leaks"]
+BOARD_ORDER = ["funnel-overview", "funnel-velocity", "funnel-revenue", "funnel-leaks", "funnel-dimensions"]
 
 
 def load_boards() -> list[dict]:

@@ -12,7 +12,7 @@ removing contributions in any order leaves no floating-point residue.
 
 from __future__ import annotations
 
-from models.config import FunnelConfig
+from models.config import FORECAST_PROPERTY, FunnelConfig
 from models.deal import Deal
 
 MICRO = 1_000_000
@@ -28,13 +28,22 @@ REACHED = "reached"                # (pipeline, stage)
 CLOSED = "closed"                  # (pipeline, outcome)
 WON_REVENUE = "won_revenue"        # (pipeline, currency), micro
 REP_WON = "rep_won"                # (pipeline, owner, currency), micro
+REP_WON_W = "rep_won_w"            # (pipeline, owner, currency, hour), micro
 CUSTOMERS = "customers"            # (pipeline,)
 REACHED_W = "reached_w"            # (pipeline, stage, hour)
 CLOSED_W = "closed_w"              # (pipeline, outcome, hour)
 WON_REVENUE_W = "won_revenue_w"    # (pipeline, currency, hour), micro
+# Dimension family: one item for all the configured dimensions, key
+# (pipeline, the deal's values in the config's order, stage, currency, furthest open stage
+# reached or ""), value a packed sum (see pack_dimension): deals, cycle ms (closed deals) and
+# amounts (micro) at once. One item, not one per dimension: three dimensions cost a deal one
+# item more; the export splits the value tuples per dimension (models/dimensions.py).
+DIMENSION = "dimension"
+NO_VALUE = "none"  # the value of a deal without one for a dimension
 # Index family: one entry per open deal, value = amount (micro); the key carries what stall,
 # period and forecast gauges need at scrape time:
-# (pipeline, stage, currency, entered ms, deal_id, stall alert raised, expected close ms | None)
+# (pipeline, stage, currency, entered ms, deal_id, stall alert raised, expected close ms | None,
+#  forecast category)
 OPEN_DEALS = "open_deals"
 # Index family: one entry per customer and pipeline/currency, value = lifetime value (micro):
 # (pipeline, currency, account)
@@ -59,7 +68,7 @@ BUCKETS: dict[str, list[int]] = {
 HISTOGRAMS = frozenset(BUCKETS)
 # Families keyed by (labels..., hour): as many keys as hours of history, so scrapes read them
 # per partition into window sums instead of merging them first.
-HOURLY = frozenset({REACHED_W, CLOSED_W, WON_REVENUE_W, TIME_TO_CLOSE_W})
+HOURLY = frozenset({REACHED_W, CLOSED_W, WON_REVENUE_W, TIME_TO_CLOSE_W, REP_WON_W})
 
 
 def window_ranges(now_hour: int) -> tuple[tuple[str, int], ...]:
@@ -72,6 +81,24 @@ Contribution = tuple[Item, ...]
 NOTHING: Contribution = ()
 
 
+# A dimension item's value packs three sums into one int, so one item per dimension carries
+# them: deals in the low 32 bits, cycle ms in the next 64, amount micro units above. Python ints
+# never overflow and every part is ≥ 0, so packed values add and subtract like their parts while
+# a fold key holds under 2^32 deals and 2^64 ms of cycle (~584 million deal-years).
+_CYCLE_SHIFT = 32
+_AMOUNT_SHIFT = 96
+
+
+def pack_dimension(deals: int, cycle_ms: int, amount_micro: int) -> int:
+    return deals + (cycle_ms << _CYCLE_SHIFT) + (amount_micro << _AMOUNT_SHIFT)
+
+
+def unpack_dimension(packed: int) -> tuple[int, int, int]:
+    """(deals, cycle ms, amount micro) of a packed sum."""
+    return (packed & 0xFFFF_FFFF, (packed >> _CYCLE_SHIFT) & 0xFFFF_FFFF_FFFF_FFFF,
+            packed >> _AMOUNT_SHIFT)
+
+
 def to_micro(amount: object) -> int:
     return 0 if amount is None else round(float(amount) * MICRO)  # type: ignore[arg-type]
 
@@ -81,7 +108,7 @@ class _Plan:
     stage name whether it is open, its outcome, its reached level, and the items and keys that
     depend on nothing but the stage (built once and shared by every contribution)."""
 
-    __slots__ = ("levels", "reached", "stages")
+    __slots__ = ("categories", "dimensions", "levels", "no_values", "reached", "stages")
 
     def __init__(self, config: FunnelConfig, pl: str) -> None:
         pipeline = config.pipelines[pl]
@@ -96,6 +123,11 @@ class _Plan:
         # Per reached level: (its REACHED item, the stage name).
         self.reached: list[tuple[Item, str]] = [
             ((REACHED, (pl, stage.name), 1), stage.name) for stage in pipeline.open_stages]
+        self.dimensions = tuple(config.dimensions)
+        # Per open stage, the forecast category of a deal whose CRM gives none.
+        self.categories = {stage.name: config.forecast_category(pl, stage.name, None)
+                           for stage in pipeline.open_stages}
+        self.no_values = (NO_VALUE,) * len(self.dimensions)  # a deal without properties
 
 
 # Plans per config, by identity (a config copied with other pipelines gets its own): a few
@@ -210,12 +242,15 @@ def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
     if is_open:
         alert = deal.stall_alert
         expected = deal.expected_close_at
+        crm = deal.properties.get(FORECAST_PROPERTY) if deal.properties else None
+        category = (plan.categories[last] if crm is None or crm.value is None
+                    else config.forecast_category(pl, last, crm.value))  # type: ignore[arg-type]
         items: list[Item] = [
             open_item,
             (OPEN_VALUE, (pl, last, currency), amount),
             (OPEN_DEALS, (pl, last, currency, entered, deal.deal_id,
                           alert is not None and alert == [last, entered],
-                          None if expected is None else expected.value), amount),
+                          None if expected is None else expected.value, category), amount),
         ]
     else:
         window_key = (pl, outcome, entered // HOUR_MS)
@@ -233,9 +268,23 @@ def deal_contribution(deal: Deal, config: FunnelConfig) -> Contribution:
                 (WON_REVENUE_W, (pl, currency, window_key[2]), amount),
                 (WON_VALUE, money_key, amount),
                 (REP_WON, (pl, owner, currency), amount),
+                (REP_WON_W, (pl, owner, currency, window_key[2]), amount),
             )
     items += reached_items
     items += durations
+    dimensions = plan.dimensions
+    if dimensions:
+        properties = deal.properties
+        if properties:
+            values = tuple([NO_VALUE if (field := properties.get(name)) is None
+                            or field.value is None else field.value for name in dimensions])
+        else:
+            values = plan.no_values
+        packed = 1 + (amount << _AMOUNT_SHIFT)
+        if not is_open:
+            packed += (entered - first) << _CYCLE_SHIFT
+        items.append((DIMENSION, (pl, values, last, currency,
+                                  reached[n_reached - 1][1] if n_reached else ""), packed))
     return tuple(items)
 
 

@@ -1,5 +1,5 @@
-"""Funnel configuration (docs/design.md §1): pipelines, stages, stage maps, targets, owners,
-timezone, clock.
+"""Funnel configuration (docs/design.md §1): pipelines, stages, stage maps, targets, quotas,
+owners, dimensions, reporting currency, forecast categories, timezone, fiscal year, clock.
 
 Loaded once at start-up from YAML and validated with pydantic; everything the hot path needs is
 precomputed here (stage positions, map lookups) so the agent only does dict look-ups.
@@ -15,13 +15,31 @@ from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from models.config_sections import (
+    DIMENSION_NAME,
+    FORECAST_CATEGORIES,
+    FORECAST_PROPERTY,
+    MAX_DIMENSIONS,
+    NO_TEAM,
+    ConversionDrop,
+    Dimension,
+    ForecastCategory,
+    Owner,
+    Pipeline,
+    Quotas,
+    Rates,
+    StrictModel,
+    check_owner_entry,
+    parse_duration,
+)
 
 DEFAULT_CONFIG = Path(__file__).with_name("funnel.yaml")
 IGNORE = "ignore"
-NO_TEAM = "none"  # the team of a rep the owners map gives none (docs/kpis.md, "Team leaderboard")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# Re-exported: modules read the config's sections from here.
+__all__ = ["FORECAST_CATEGORIES", "FORECAST_PROPERTY", "NO_TEAM", "ConversionDrop", "FunnelConfig",
+           "Pipeline", "load_config", "parse_duration"]
 
 
 class ConfigError(Exception):
@@ -33,123 +51,7 @@ class Clock(StrEnum):
     STREAM = "stream"
 
 
-def parse_duration(value: str | float | int) -> float:
-    """'30d', '12h', '90m', '45s' or plain seconds → seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError(f"not a duration: {value!r} (use e.g. 30d, 12h, 90m, 45s)")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"duration must be positive: {value!r}")
-    return seconds
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Stage(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[a-z][a-z0-9_]*$")
-    section: Literal["tofu", "mofu", "bofu"]
-    probability: float = Field(ge=0, le=1)
-    stall_after: float | None = None
-    outcome: Literal["won", "lost"] | None = None
-
-    @field_validator("stall_after", mode="before")
-    @classmethod
-    def _duration(cls, value: object) -> float | None:
-        return None if value is None else parse_duration(value)  # type: ignore[arg-type]
-
-    @property
-    def is_open(self) -> bool:
-        return self.outcome is None
-
-
-class Pipeline(_Strict):
-    stages: list[Stage] = Field(min_length=2)
-
-    @model_validator(mode="after")
-    def _check_order(self) -> Pipeline:
-        names = [stage.name for stage in self.stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique: {names}")
-        seen_closed = False
-        for stage in self.stages:
-            if stage.is_open and seen_closed:
-                raise ValueError(f"open stage {stage.name!r} comes after a closed stage")
-            seen_closed = seen_closed or not stage.is_open
-            if not stage.is_open and stage.stall_after is not None:
-                raise ValueError(f"closed stage {stage.name!r} cannot have stall_after")
-        outcomes = [stage.outcome for stage in self.stages if stage.outcome]
-        if outcomes.count("won") != 1 or outcomes.count("lost") != 1:
-            raise ValueError("a pipeline needs exactly one won and one lost stage")
-        if not any(stage.is_open for stage in self.stages):
-            raise ValueError("a pipeline needs at least one open stage")
-        return self
-
-    @cached_property
-    def by_name(self) -> dict[str, Stage]:
-        return {stage.name: stage for stage in self.stages}
-
-    @cached_property
-    def open_stages(self) -> list[Stage]:
-        return [stage for stage in self.stages if stage.is_open]
-
-    @cached_property
-    def open_index(self) -> dict[str, int]:
-        """Open stage → position; won counts as past the last open stage, lost as nowhere."""
-        index = {stage.name: i for i, stage in enumerate(self.open_stages)}
-        index[self.outcome_stage("won").name] = len(self.open_stages) - 1
-        return index
-
-    def outcome_stage(self, outcome: str) -> Stage:
-        return next(stage for stage in self.stages if stage.outcome == outcome)
-
-
-PERIODS = ("month", "quarter", "year")
-
-
-class ConversionDrop(_Strict):
-    """Stage conversion over ``window`` against the rest of ``baseline`` before it.
-
-    A drop is ``conversion < min_ratio × baseline conversion`` with at least ``min_entries``
-    deals entering the stage in the window and ``min_baseline_entries`` in the baseline; the
-    Prometheus rule FunnelStageConversionDrop uses the same definition and numbers.
-    """
-
-    window: Literal["7d", "30d"] = "7d"
-    baseline: Literal["30d", "90d"] = "90d"
-    min_ratio: float = Field(0.7, gt=0, lt=1)
-    min_entries: int = Field(20, ge=1)
-    min_baseline_entries: int = Field(50, ge=1)
-
-
-class Owner(_Strict):
-    """A rep of the owners map written as ``{name: ..., team: ...}``."""
-
-    name: str
-    team: str = NO_TEAM
-
-
-def _check_owner(owner: object, entry: object) -> None:
-    """One clear line per mistake in an owners entry: ``id: name`` or ``id: {name, team}``."""
-    if not isinstance(owner, str) or not owner.strip():
-        raise ValueError(f"owner id {owner!r} must be a non-empty string (quote it)")
-    if isinstance(entry, dict):
-        unknown = sorted(str(key) for key in entry if key not in ("name", "team"))
-        if unknown:
-            raise ValueError(f"{owner}: unknown key {unknown[0]!r} (an owner has name and team)")
-        if "team" in entry and (not isinstance(entry["team"], str) or not entry["team"].strip()):
-            raise ValueError(f"{owner}: the team must be a non-empty string, not {entry['team']!r}")
-        entry = entry.get("name")
-    if not isinstance(entry, str) or not entry.strip():
-        raise ValueError(f"{owner}: the name must be a non-empty string, not {entry!r}")
-
-
-class FunnelConfig(_Strict):
+class FunnelConfig(StrictModel):
     default_currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")
     timezone: str = "UTC"
     clock: Clock = Clock.WALL
@@ -163,6 +65,18 @@ class FunnelConfig(_Strict):
     # Only labels of funnel_owner_info: state and KPIs stay keyed by the id, which live events
     # and the backfill share, so a rename or a move to another team never splits a rep in two.
     owners: dict[str, str | Owner] = Field(default_factory=dict)
+    # Deal properties KPIs are broken down by, by name (the events' ``properties`` keys).
+    dimensions: dict[str, Dimension] = Field(default_factory=dict, max_length=MAX_DIMENSIONS)
+    # Most series the dimension gauges of one worker may take (docs/kpis.md, "Dimensions").
+    dimension_series_budget: int = Field(20_000, ge=100, le=1_000_000)
+    # First month of the fiscal year: quarters and years of targets and quotas follow it.
+    fiscal_year_start_month: int = Field(1, ge=1, le=12)
+    quotas: Quotas = Field(default_factory=Quotas)
+    # One currency every amount is also reported in, converted with dated rates.
+    reporting_currency: str | None = Field(default=None, pattern=r"^[A-Z]{3}$")
+    rates: Rates = Field(default_factory=Rates)
+    # Pipeline → stage → forecast category, for deals whose CRM gives none.
+    forecast_categories: dict[str, dict[str, ForecastCategory]] = Field(default_factory=dict)
 
     @field_validator("owners", mode="before")
     @classmethod
@@ -170,7 +84,16 @@ class FunnelConfig(_Strict):
         """Ids, names and teams must be non-empty strings: YAML reads ``123: Jane`` as an int key."""
         if isinstance(value, dict):
             for owner, entry in value.items():
-                _check_owner(owner, entry)
+                check_owner_entry(owner, entry)
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _dimension_names(cls, value: dict[str, Dimension]) -> dict[str, Dimension]:
+        for name in value:
+            if not re.fullmatch(DIMENSION_NAME, name):
+                raise ValueError(f"dimension {name!r}: use lower case letters, digits and _ "
+                                 "(it becomes a label value and a property key)")
         return value
 
     @field_validator("timezone")
@@ -184,28 +107,7 @@ class FunnelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_refs(self) -> FunnelConfig:
-        if "default" not in self.pipelines:
-            raise ValueError("the pipeline 'default' must be configured (events without one use it)")
-        for source, per_pipeline in self.stage_maps.items():
-            for pipeline, mapping in per_pipeline.items():
-                if pipeline not in self.pipelines:
-                    raise ValueError(f"stage_maps.{source}.{pipeline}: unknown pipeline")
-                stages = self.pipelines[pipeline].by_name
-                for source_stage, target in mapping.items():
-                    if target != IGNORE and target not in stages:
-                        raise ValueError(
-                            f"stage_maps.{source}.{pipeline}.{source_stage}: {target!r} is not a "
-                            f"stage of {pipeline!r} (nor {IGNORE!r})"
-                        )
-        for pipeline, per_currency in self.targets.items():
-            if pipeline not in self.pipelines:
-                raise ValueError(f"targets.{pipeline}: unknown pipeline")
-            for currency, periods in per_currency.items():
-                if not re.fullmatch(r"[A-Z]{3}", currency):
-                    raise ValueError(f"targets.{pipeline}.{currency}: not an ISO 4217 code")
-                if any(value < 0 for value in periods.values()):
-                    raise ValueError(f"targets.{pipeline}.{currency}: targets must be >= 0")
-        return self
+        return _check_references(self)
 
     @cached_property
     def zone(self) -> ZoneInfo:
@@ -225,6 +127,41 @@ class FunnelConfig(_Strict):
         """A rep's team; :data:`NO_TEAM` when the owners map gives none or lists no such rep."""
         entry = self.owners.get(owner)
         return entry.team if isinstance(entry, Owner) else NO_TEAM
+
+    @cached_property
+    def dimension_names(self) -> frozenset[str]:
+        return frozenset(self.dimensions)
+
+    @cached_property
+    def kept_properties(self) -> frozenset[str]:
+        """The event properties a deal keeps: the dimensions and its CRM forecast category."""
+        return self.dimension_names | {FORECAST_PROPERTY}
+
+    @property
+    def quota_currency(self) -> str:
+        """The currency quotas are in: as configured, else the reporting one, else the default."""
+        return self.quotas.currency or self.reporting_currency or self.default_currency
+
+    def forecast_category(self, pipeline: str, stage: str, crm: str | None) -> str:
+        """A deal's forecast category: its CRM's when it gives a known one, else the stage's
+        in ``forecast_categories``, else ``closed`` when won, ``omitted`` when lost and
+        ``pipeline`` when open."""
+        if crm is not None:
+            category = crm.replace(" ", "_")
+            category = "omitted" if category == "omit" else category
+            if category in FORECAST_CATEGORIES:
+                return category
+        mapped = self.forecast_categories.get(pipeline, {}).get(stage)
+        if mapped is not None:
+            return mapped
+        outcome = self.pipelines[pipeline].by_name[stage].outcome
+        return {"won": "closed", "lost": "omitted"}.get(outcome or "", "pipeline")
+
+    def dimension_sources(self, source: str) -> dict[str, str]:
+        """Dimension name → where ``source``'s adapter reads it (dimensions it has none for are
+        left out)."""
+        return {name: dim.sources[source] for name, dim in self.dimensions.items()
+                if source in dim.sources}
 
     @cached_property
     def sources(self) -> frozenset[str]:
@@ -254,6 +191,53 @@ class FunnelConfig(_Strict):
                 f"{pipeline!r} and has no entry in stage_maps.{source}.{pipeline}"
             )
         return None if target == IGNORE else target
+
+
+def _check_references(config: FunnelConfig) -> FunnelConfig:
+    """What one field alone cannot check: names that must refer to a configured pipeline or
+    stage, and room in the series budget for the dimensions."""
+    if "default" not in config.pipelines:
+        raise ValueError("the pipeline 'default' must be configured (events without one use it)")
+    for source, per_pipeline in config.stage_maps.items():
+        for pipeline, mapping in per_pipeline.items():
+            if pipeline not in config.pipelines:
+                raise ValueError(f"stage_maps.{source}.{pipeline}: unknown pipeline")
+            stages = config.pipelines[pipeline].by_name
+            for source_stage, target in mapping.items():
+                if target != IGNORE and target not in stages:
+                    raise ValueError(
+                        f"stage_maps.{source}.{pipeline}.{source_stage}: {target!r} is not a "
+                        f"stage of {pipeline!r} (nor {IGNORE!r})"
+                    )
+    if config.dimensions:
+        # Each pipeline and dimension needs room for two values (none, other) and one more.
+        pairs = len(config.pipelines) * len(config.dimensions)
+        per_value = max(p.dimension_series(1) for p in config.pipelines.values())
+        if config.dimension_series_budget < pairs * 3 * per_value:
+            raise ValueError(
+                f"dimension_series_budget {config.dimension_series_budget} is too small for "
+                f"{len(config.dimensions)} dimensions on {len(config.pipelines)} pipelines: give "
+                f"at least {pairs * 3 * per_value}")
+    if config.quotas.pipeline not in config.pipelines:
+        raise ValueError(f"quotas.pipeline: unknown pipeline {config.quotas.pipeline!r}")
+    if (config.rates.file or config.rates.topic) and not config.reporting_currency:
+        raise ValueError("rates: name the reporting_currency they convert to")
+    for pipeline, per_stage in config.forecast_categories.items():
+        if pipeline not in config.pipelines:
+            raise ValueError(f"forecast_categories.{pipeline}: unknown pipeline")
+        for stage in per_stage:
+            if stage not in config.pipelines[pipeline].by_name:
+                raise ValueError(f"forecast_categories.{pipeline}.{stage}: not a stage of "
+                                 f"{pipeline!r}")
+    for pipeline, per_currency in config.targets.items():
+        if pipeline not in config.pipelines:
+            raise ValueError(f"targets.{pipeline}: unknown pipeline")
+        for currency, periods in per_currency.items():
+            if not re.fullmatch(r"[A-Z]{3}", currency):
+                raise ValueError(f"targets.{pipeline}.{currency}: not an ISO 4217 code")
+            if any(value < 0 for value in periods.values()):
+                raise ValueError(f"targets.{pipeline}.{currency}: targets must be >= 0")
+    return config
 
 
 def load_config(path: str | Path | None = None) -> FunnelConfig:

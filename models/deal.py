@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import operator
+from collections.abc import Container
 from enum import StrEnum
 
 import msgspec
@@ -76,6 +77,8 @@ class Deal(msgspec.Struct):
     credited_accounts: list[str] = msgspec.field(default_factory=list)
     # The stay [stage, entered ms] a deal.stalled alert was raised for (one per stall episode).
     stall_alert: list | None = None
+    # Dimension name → its normalised value (None: cleared), each last-write-wins.
+    properties: dict[str, Field] = msgspec.field(default_factory=dict)
 
     def value(self, name: str) -> object:
         current = getattr(self, name)
@@ -96,6 +99,28 @@ class Deal(msgspec.Struct):
         i = bisect.bisect_right(self.owners, (ts, "\U0010ffff"))
         return self.owners[i - 1][2] if i else self.owners[0][2]
 
+
+
+def normalised(value: str | None) -> str | None:
+    """A property value as the KPIs group it: whitespace collapsed, case folded; blank → None."""
+    if value is None:
+        return None
+    return " ".join(value.split()).casefold() or None
+
+
+def _apply_properties(deal: Deal, change: Change, keep: Container[str]) -> bool:
+    """Last-write-wins per configured property; whether any changed."""
+    ts, eid = change.ts, change.event_id
+    changed = False
+    fields = deal.properties
+    for name, value in change.properties.items():  # type: ignore[union-attr]
+        if name not in keep:
+            continue
+        current = fields.get(name)
+        if current is None or current.ts < ts or (current.ts == ts and current.event_id < eid):
+            fields[name] = Field(normalised(value), ts, eid)
+            changed = True
+    return changed
 
 
 def erased_name(name: str) -> str:
@@ -137,17 +162,21 @@ def _insert(entries: list[Entry], entry: Entry, cap: int) -> bool:
     return True
 
 
-def apply_change(deal: Deal, change: Change, stage: str | None, *, stage_ignored: bool) -> Outcome:
+def apply_change(deal: Deal, change: Change, stage: str | None, *, stage_ignored: bool,
+                 keep: Container[str] = ()) -> Outcome:
     """Apply one validated event; ``stage`` is already mapped to canonical (``None`` = absent).
 
     ``stage_ignored`` says the event's stage mapped to ``ignore``: if nothing else changes,
-    the event counts as ``ignored`` rather than ``stale``.
+    the event counts as ``ignored`` rather than ``stale``. ``keep``: the property names kept
+    (the configured dimensions); others are dropped.
     """
     ts, eid = change.ts, change.event_id
     # Deal.has_seen, inlined (this runs for every event).
     if eid in deal.recent_ids or eid in map(_EVENT_ID, deal.history):
         return _DUPLICATE
     if deal.owners and eid in map(_EVENT_ID, deal.owners):
+        return _DUPLICATE
+    if deal.properties and any(field.event_id == eid for field in deal.properties.values()):
         return _DUPLICATE
     pipeline, amount, currency = deal.pipeline, deal.amount, deal.currency
     account, expected, deleted = deal.account, deal.expected_close_at, deal.deleted
@@ -200,6 +229,8 @@ def apply_change(deal: Deal, change: Change, stage: str | None, *, stage_ignored
     if change.owner is not None and _insert(deal.owners, (ts, eid, change.owner), MAX_OWNERS):
         changed = True
     if stage is not None and _insert(deal.history, (ts, eid, stage), MAX_HISTORY):
+        changed = True
+    if change.properties is not None and _apply_properties(deal, change, keep):
         changed = True
     recent_ids = deal.recent_ids
     recent_ids.append(eid)

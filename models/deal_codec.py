@@ -22,10 +22,12 @@ def compact(raw: bytes) -> bytes:
 
 def encode_deal(deal: Deal) -> bytes:
     """``[FORMAT, deal_id, partition, versions, 6 × field, history, owners, recent_ids,
-    credited_accounts, stall_alert]``: ``versions`` lists each distinct (ts, event id) once,
-    flat, and fields (``[value, version]``), stage and owner entries (``[version, value]``) and
-    recent ids (a version, or the id of an event that changed nothing) point into it. One event
-    usually sets several fields and a stage: an open deal takes ~200 bytes, not ~290."""
+    credited_accounts, stall_alert, properties?]`` (``properties``, ``{name: field}``, only when
+    the deal has any: builds before it read the first 15 items): ``versions`` lists each
+    distinct (ts, event id) once, flat, and fields (``[value, version]``), stage and owner
+    entries (``[version, value]``) and recent ids (a version, or the id of an event that
+    changed nothing) point into it. One event usually sets several fields and a stage: an
+    open deal takes ~200 bytes, not ~290."""
     # A deal holds one version per event id (apply_change never applies an id it still
     # holds), so the id alone names the version: event id → its index in ``versions``.
     refs: dict[str, int] = {}
@@ -61,13 +63,23 @@ def encode_deal(deal: Deal) -> bytes:
             add_version(ts)
             add_version(eid)
         owners.append([ref, value])
+    properties = {}
+    for name, current in deal.properties.items():
+        eid = current.event_id
+        ref = refs.get(eid)
+        if ref is None:
+            ref = refs[eid] = len(refs)
+            add_version(current.ts)
+            add_version(eid)
+        properties[name] = [current.value, ref]
     recent = []  # a loop, not a comprehension: see decode_deal
     for eid in deal.recent_ids:
         recent.append(refs.get(eid, eid))
-    return bytes(memoryview(orjson.dumps([  # compact(), inlined
-        FORMAT, deal.deal_id, deal.partition, versions, *fields, history, owners, recent,
-        deal.credited_accounts, deal.stall_alert,
-    ])))
+    doc = [FORMAT, deal.deal_id, deal.partition, versions, *fields, history, owners, recent,
+           deal.credited_accounts, deal.stall_alert]
+    if properties:
+        doc.append(properties)
+    return bytes(memoryview(orjson.dumps(doc)))  # compact(), inlined
 
 
 def decode_deal(raw: bytes) -> Deal:
@@ -76,11 +88,10 @@ def decode_deal(raw: bytes) -> Deal:
         return _decode_format_1(doc)
     if doc[0] != FORMAT:
         raise ValueError(f"deal stored in format {doc[0]}, this build reads 1 and {FORMAT}")
-    if len(doc) > 15:  # written by a later build: read by position, what it added ignored
-        doc = doc[:15]
+    properties = doc[15] if len(doc) > 15 else None  # later builds may add more: ignored
     # Unpacked in one statement and spelled out below: this runs for every deal loaded.
     (_, deal_id, partition, versions, pipeline, amount, currency, account, expected, deleted,
-     history, owners, recent, credited, stall_alert) = doc
+     history, owners, recent, credited, stall_alert) = doc[:15]
     ts_of, id_of = versions[0::2], versions[1::2]
     # Loops, not comprehensions: these lists are short, and a comprehension's own call costs
     # more than it saves on so few items.
@@ -93,6 +104,10 @@ def decode_deal(raw: bytes) -> Deal:
     recent_ids = []
     for x in recent:
         recent_ids.append(id_of[x] if x.__class__ is int else x)
+    fields = {}
+    if properties:
+        for name, (value, i) in properties.items():
+            fields[name] = Field(value, ts_of[i], id_of[i])
     return Deal(
         deal_id, partition,
         None if pipeline is None else Field(pipeline[0], ts_of[pipeline[1]], id_of[pipeline[1]]),
@@ -101,7 +116,7 @@ def decode_deal(raw: bytes) -> Deal:
         None if account is None else Field(account[0], ts_of[account[1]], id_of[account[1]]),
         None if expected is None else Field(expected[0], ts_of[expected[1]], id_of[expected[1]]),
         None if deleted is None else Field(deleted[0], ts_of[deleted[1]], id_of[deleted[1]]),
-        stages, assigned, recent_ids, credited, stall_alert,
+        stages, assigned, recent_ids, credited, stall_alert, fields,
     )
 
 

@@ -1,4 +1,6 @@
-"""Canonical CRM event v1 (docs/design.md §2): the one input format of the deal agent.
+"""Canonical CRM event v2 (docs/design.md §2): the one input format of the deal agent.
+Version 2 adds ``properties`` (the values of the configured dimensions); a v1 event is a v2
+event without them.
 
 Two ways in, one answer: :func:`decode_event` decodes with msgspec into a struct carrying the
 schema's types and bounds first (checked in C) and falls back to the pydantic model only when
@@ -13,11 +15,21 @@ from typing import Annotated, Any
 
 import msgspec
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_MESSAGE_BYTES = 1024 * 1024
-CHANGE_FIELDS = ("stage", "amount", "currency", "owner", "account", "expected_close_at", "deleted")
+CHANGE_FIELDS = ("stage", "amount", "currency", "owner", "account", "expected_close_at", "deleted",
+                 "properties")
+MAX_PROPERTIES = 32  # properties per event: the config names at most 16 dimensions
+PROPERTY_KEY = r"^[a-z][a-z0-9_]{0,62}$"  # as a dimension's name in the funnel config
 MAX_TEXT = 512  # longest id, stage, owner or account we accept; longer is a producer bug
 # Largest amount accepted (10^15 of any currency): larger is a producer bug, and an amount near
 # the float limit overflowed in micro units and failed its whole batch, again on every retry.
@@ -66,10 +78,12 @@ def _parse_ts_uncached(value: str) -> int:
 
 
 Text = Field(min_length=1, max_length=MAX_TEXT)
+PropertyKey = Annotated[str, StringConstraints(pattern=PROPERTY_KEY)]
+PropertyValue = Annotated[str, StringConstraints(max_length=MAX_TEXT)] | None
 
 
 class CrmEvent(BaseModel):
-    """Canonical CRM change event v1 (topic ``crm.events``, key = ``deal_id``)."""
+    """Canonical CRM change event v2 (topic ``crm.events``, key = ``deal_id``)."""
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
@@ -85,6 +99,10 @@ class CrmEvent(BaseModel):
     expected_close_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     deleted: bool | None = None
     source: str | None = Field(default=None, min_length=1, max_length=64)
+    # Dimension name → the deal's value (null: the CRM cleared it); names the config does not
+    # list are ignored by the workers.
+    properties: dict[PropertyKey, PropertyValue] | None = Field(default=None,
+                                                               max_length=MAX_PROPERTIES)
     schema_version: int = Field(default=SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
 
     @field_validator("occurred_at", "expected_close_at")
@@ -95,7 +113,7 @@ class CrmEvent(BaseModel):
         return value
 
     def model_post_init(self, __context: Any) -> None:
-        if all(getattr(self, name) is None for name in CHANGE_FIELDS):
+        if all(getattr(self, name) in (None, {}) for name in CHANGE_FIELDS):
             raise ValueError(f"event carries no change: needs one of {', '.join(CHANGE_FIELDS)}")
 
 
@@ -118,9 +136,13 @@ class Change(msgspec.Struct, gc=False):
     expected_close_at: int | None = None
     deleted: bool | None = None
     source: str | None = None
+    properties: dict[str, str | None] | None = None
 
 
 _Text = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT)]
+# \Z, not $: Python's "$" also matches before a final newline (pydantic's regex does not).
+_PropertyKey = Annotated[str, msgspec.Meta(pattern=PROPERTY_KEY.replace("$", "\\Z"))]
+_PropertyValue = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)] | None
 
 
 class _Wire(msgspec.Struct, gc=False):
@@ -141,6 +163,8 @@ class _Wire(msgspec.Struct, gc=False):
     expected_close_at: str | None = None
     deleted: bool | None = None
     source: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    properties: Annotated[dict[_PropertyKey, _PropertyValue],
+                          msgspec.Meta(max_length=MAX_PROPERTIES)] | None = None
     schema_version: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)] = SCHEMA_VERSION
 
 
@@ -154,7 +178,7 @@ def _change(event: _Wire | CrmEvent) -> Change:
         event.event_id, _parse_ts(event.occurred_at), event.deal_id, event.stage, event.pipeline,
         None if event.amount is None else float(event.amount), event.currency, event.owner,
         event.account, None if expected is None else _parse_ts(expected), event.deleted,
-        event.source,
+        event.source, event.properties or None,
     )
 
 
@@ -167,7 +191,7 @@ def _fast_change(raw: bytes) -> Change | None:
     if (
         wire.stage is None and wire.amount is None and wire.currency is None
         and wire.owner is None and wire.account is None and wire.expected_close_at is None
-        and wire.deleted is None
+        and wire.deleted is None and not wire.properties
     ):
         return None
     # _change(wire), inlined: this runs for every event.
@@ -187,7 +211,7 @@ def _fast_change(raw: bytes) -> Change | None:
     return Change(
         wire.event_id, occurred, wire.deal_id, wire.stage, wire.pipeline,
         None if amount is None else float(amount), wire.currency, wire.owner, wire.account,
-        expected, wire.deleted, wire.source,
+        expected, wire.deleted, wire.source, wire.properties or None,
     )
 
 

@@ -37,16 +37,16 @@ class Fold:
     with one entry per open deal and per customer (``accounts``), kept per partition and never
     merged: they are as big as the tables.
 
-    Open deals are grouped ``open_deals[(pipeline, stage, currency)][deal_id]`` with the rest
-    packed in 25 bytes (:data:`OPEN_DEAL`): ~170 B a deal, where a dict keyed by the whole
-    7-tuple took ~340 B (bench: RSS per open deal)."""
+    Open deals are grouped ``open_deals[(pipeline, stage, currency, forecast category)]
+    [deal_id]`` with the rest packed in 25 bytes (:data:`OPEN_DEAL`): ~170 B a deal, where a
+    dict keyed by the whole 7-tuple took ~340 B (bench: RSS per open deal)."""
 
     __slots__ = ("_routes", "accounts", "counters", "hists", "hourly", "open_deals")
 
     def __init__(self) -> None:
         self.counters: dict[str, dict[tuple, int]] = {}
         self.hists: dict[str, dict[tuple, Hist]] = {}
-        self.open_deals: dict[tuple[str, str, str], dict[str, bytes]] = {}
+        self.open_deals: dict[tuple[str, str, str, str], dict[str, bytes]] = {}
         self.accounts: dict[tuple, int] = {}
         # Hourly family → range names → the sums last asked for (kept up to date by apply).
         self.hourly: dict[str, dict[tuple[str, ...], HourlySums]] = {}
@@ -82,8 +82,8 @@ class Fold:
                     for sums in views.values():
                         sums.observe(key, bounds, value, sign)
             elif kind == _OPEN_DEALS:
-                pl, stage, currency, entered, deal_id, alerted, expected = key
-                group_key = (pl, stage, currency)
+                pl, stage, currency, entered, deal_id, alerted, expected, category = key
+                group_key = (pl, stage, currency, category)
                 group = self.open_deals.get(group_key)
                 if sign > 0:
                     if group is None:
@@ -101,11 +101,11 @@ class Fold:
 
     def open_deal_keys(self) -> Iterator[tuple]:
         """The index as the contributions' OPEN_DEALS keys and amounts (tests, tools)."""
-        for (pl, stage, currency), group in self.open_deals.items():
+        for (pl, stage, currency, category), group in self.open_deals.items():
             for deal_id, packed in group.items():
                 entered, expected, micro, alerted = OPEN_DEAL.unpack(packed)
                 yield ((pl, stage, currency, entered, deal_id, alerted,
-                        None if expected == NO_DATE else expected), int(micro))
+                        None if expected == NO_DATE else expected, category), int(micro))
 
     def hourly_sums(self, family: str, ranges: tuple[tuple[str, int], ...],
                     now_hour: int) -> dict[str, dict]:

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.aggregates import WINDOWS
 from models.alerts import iso
 from models.config import FunnelConfig
+from models.dimension_kpis import DimensionValue, dimension_values
+from models.forecast import forecast_by_category, rollups
 from models.kpis import PipelineKpis, Samples, period_kpis, pipeline_kpis, team_leaderboard, total
 from models.periods import PERIODS
 
@@ -76,6 +78,14 @@ class PeriodTarget(_Model):
     forecast: float
 
 
+class PeriodForecast(_Model):
+    categories: dict[str, float] = Field(description=(
+        "Open amounts expected to close in the period per forecast category (pipeline, "
+        "best_case, commit, closed, omitted); closed adds the period's won revenue."))
+    commit: float = Field(description="commit + closed.")
+    best_case: float = Field(description="best_case + commit + closed.")
+
+
 class KpiSnapshot(_Model):
     """Every derived KPI of one pipeline, all-time and per window; ``(generation, sequence)``
     only increases, across fleets too (a rebuild under a new app id outranks the old fleet):
@@ -105,6 +115,17 @@ class KpiSnapshot(_Model):
             "gives at least one rep a team."))
     customers: Customers
     targets: dict[str, PeriodTarget]
+    dimensions: dict[str, list[DimensionValue]] | None = Field(
+        default=None, exclude_if=lambda dimensions: dimensions is None, description=(
+            "KPIs per value of each dimension the funnel config names (docs/kpis.md, "
+            "\"Dimensions\"): the values with the most deals first (at most the dimension's "
+            "max_values), then `none` (deals without a value) and `other` (the rest). Counts "
+            "span every currency; amounts are in `currency` only. Only present when the config "
+            "names dimensions."))
+    forecast: dict[str, PeriodForecast] | None = Field(
+        default=None, exclude_if=lambda forecast: forecast is None, description=(
+            "Forecast by category per calendar period (docs/kpis.md, \"Forecast categories\"), "
+            "in `currency`. Absent when the workers export no forecast by category."))
 
 
 def _kpi_set(kpis: PipelineKpis) -> KpiSet:
@@ -123,6 +144,7 @@ def build_snapshot(
     currency = config.default_currency
     kpis = pipeline_kpis(samples, pipeline, currency, top=LEADERBOARD_SIZE)
     sections = {stage.name: stage.section.upper() for stage in config.pipelines[pipeline].stages}
+    opens = [stage.name for stage in config.pipelines[pipeline].open_stages]
     p = {"pipeline": pipeline}
     stages = [
         StageKpis(
@@ -161,4 +183,17 @@ def build_snapshot(
             top=[CustomerValue(account=a, lifetime_value=v) for a, v in top_customers],
         ),
         targets=targets,
+        dimensions=dimension_values(samples, pipeline, currency, opens, {
+            name: dimension.max_values for name, dimension in config.dimensions.items()}) or None,
+        forecast=_forecast(samples, pipeline, currency),
     )
+
+
+def _forecast(samples: Samples, pipeline: str, currency: str) -> dict[str, PeriodForecast] | None:
+    out = {}
+    for period in PERIODS:
+        amounts = forecast_by_category(samples, pipeline, currency, period)
+        if amounts is None:
+            return None
+        out[period] = PeriodForecast(categories=amounts, **rollups(amounts))
+    return out

@@ -171,6 +171,7 @@ class _BatchWork:
         latest_ms = 0  # the stream clock moves once per batch, before anything reads it
         wall_ms = int(time.time() * 1000)
         pipelines = self.config.pipelines
+        kept = self.config.kept_properties
         for record in records:
             try:
                 change = decode_event(record.value, now_ms=wall_ms, max_skew_ms=processor.max_skew_ms,
@@ -208,7 +209,8 @@ class _BatchWork:
                     self.reject(record, "unmapped_stage", exc.args[0], change.source)
                     continue
             outcome = apply_change(
-                deal, change, stage, stage_ignored=change.stage is not None and stage is None
+                deal, change, stage, stage_ignored=change.stage is not None and stage is None,
+                keep=kept,
             )
             ts = change.ts
             if ts > latest_ms and (record.timestamp is None or ts <= record.timestamp):

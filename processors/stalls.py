@@ -19,7 +19,7 @@ def crossed_stalls(fold: Fold, config: FunnelConfig, now: int,
     stage longer than the stage's ``stall_after`` and was not alerted for that stay yet, the
     longest stalled first, at most ``cap`` (the open-deals index of the fold: no table scan)."""
     crossed = []
-    for (pl, stage, _), group in fold.open_deals.items():
+    for (pl, stage, _, _), group in fold.open_deals.items():
         stall_after = config.pipelines[pl].by_name[stage].stall_after
         if stall_after is None:
             continue

@@ -8,12 +8,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from models.config import FunnelConfig
 from models.periods import PERIODS, elapsed_ratio
+from sinks.quotas import quota_config_gauges
 
 # Identical on every worker: the recording rules aggregate them with max.
 CONFIG_METRICS = frozenset({
     "funnel_stage_probability", "funnel_stage_index", "funnel_stall_after_seconds",
     "funnel_stage_info", "funnel_revenue_target", "funnel_period_elapsed_ratio",
-    "funnel_build_info", "funnel_partitions", "funnel_owner_info",
+    "funnel_build_info", "funnel_partitions", "funnel_owner_info", "funnel_dimension_series_budget",
+    "funnel_stage_forecast_category",
+    "funnel_rep_quota", "funnel_team_quota", "funnel_exchange_rate",
 })
 
 
@@ -51,7 +54,8 @@ def config_gauges(config: FunnelConfig, version: str, now_ms: int) -> Iterator[M
         "funnel_period_elapsed_ratio", "Share of the current calendar period elapsed (clock)",
         labels=("period",))
     for period in PERIODS:
-        elapsed.add_metric((period,), elapsed_ratio(now_ms, config.zone, period))
+        elapsed.add_metric((period,), elapsed_ratio(now_ms, config.zone, period,
+                                                   config.fiscal_year_start_month))
     build = GaugeMetricFamily("funnel_build_info", "Build of the worker", labels=("version",))
     build.add_metric((version,), 1)
     owners = GaugeMetricFamily(
@@ -60,4 +64,23 @@ def config_gauges(config: FunnelConfig, version: str, now_ms: int) -> Iterator[M
         labels=("owner", "name", "team"))
     for owner, name in sorted(config.owner_names.items()):
         owners.add_metric((owner, name, config.team_of(owner)), 1)
-    yield from (probability, index, stall, info, target, elapsed, build, owners)
+    budget = GaugeMetricFamily(
+        "funnel_dimension_series_budget",
+        "Most series the funnel_dimension_* KPI gauges of one worker may take (config)")
+    budget.add_metric((), config.dimension_series_budget)
+    yield from (probability, index, stall, info, target, elapsed, build, owners, budget)
+    yield forecast_categories(config)
+    yield from quota_config_gauges(config)
+
+
+def forecast_categories(config: FunnelConfig) -> Metric:
+    """The forecast category of each stage for deals whose CRM gives none (config
+    ``forecast_categories``, else by outcome): what the boards and docs explain a row by."""
+    metric = GaugeMetricFamily(
+        "funnel_stage_forecast_category",
+        "Forecast category of the stage's deals when their CRM gives none (config)",
+        labels=("pipeline", "stage", "category"))
+    for name, pipeline in config.pipelines.items():
+        for stage in pipeline.stages:
+            metric.add_metric((name, stage.name, config.forecast_category(name, stage.name, None)), 1)
+    return metric

@@ -19,9 +19,13 @@ from models import aggregates as agg
 from models.config import FunnelConfig
 from models.fold import Fold
 from models.hourly import hourly_totals
-from models.periods import PERIODS, period_bounds
+from models.periods import PERIODS, period_first_hours
+from models.rates import RateBook
 from sinks.config_gauges import config_gauges
+from sinks.dimensions import dimension_gauges
 from sinks.open_deals import currencies, open_deal_gauges
+from sinks.quotas import quota_owners, rep_period_gauge
+from sinks.reporting import reporting_gauges
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,13 @@ class KpiCollector(Collector):
 
     def __init__(
         self, config: FunnelConfig, folds: Callable[[], list[Fold]], now_ms: Callable[[], int],
-        version: str,
+        version: str, rates: RateBook | None = None,
     ) -> None:
         self.config = config
         self.folds = folds
         self.now_ms = now_ms
         self.version = version
+        self.rates = rates  # None: no funnel_reporting_* gauges (the publisher's partials)
         self._seeds = self._known_keys()
 
     def _known_keys(self) -> dict[str, list[tuple]]:
@@ -127,6 +132,9 @@ class KpiCollector(Collector):
         yield from self._windowed(folds, now_ms)
         yield from open_deal_gauges(self.config, folds, now_ms)
         yield self._won_in_period(folds, now_ms)
+        yield from dimension_gauges(self.config, fold)
+        yield rep_period_gauge(self.config, folds, now_ms)
+        yield from reporting_gauges(self.config, self.rates, folds, fold, now_ms, quota_owners(self.config))
 
     def _keys(self, family: str, values: dict) -> list[tuple]:
         seeded = self._seeds.get(family, [])
@@ -172,8 +180,7 @@ class KpiCollector(Collector):
             "funnel_won_revenue_period", "Won in the current calendar period (business timezone)",
             labels=("pipeline", "currency", "period"))
         now_hour = now_ms // agg.HOUR_MS
-        ranges = tuple((period, period_bounds(now_ms, self.config.zone, period)[0] // agg.HOUR_MS)
-                       for period in PERIODS)
+        ranges = period_first_hours(now_ms, self.config.zone, self.config.fiscal_year_start_month)
         sums = hourly_totals(folds, agg.WON_REVENUE_W, ranges, now_hour)
         for name in self.config.pipelines:
             for period in PERIODS:
@@ -206,9 +213,9 @@ class WorkerKpiCollector(KpiCollector):
 
     def __init__(
         self, config: FunnelConfig, exported: Callable[[], dict[int, list[Fold]]],
-        now_ms: Callable[[], int], version: str, partitions: int,
+        now_ms: Callable[[], int], version: str, partitions: int, rates: RateBook | None = None,
     ) -> None:
-        super().__init__(config, lambda: [], now_ms, version)
+        super().__init__(config, lambda: [], now_ms, version, rates)
         self.exported = exported
         self.partitions = partitions
 

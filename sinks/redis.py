@@ -1,5 +1,5 @@
 """Optional Redis sink (``FUNNEL_REDIS_URL``): latest snapshot per pipeline, leaderboard,
-customer lifetime values, alert stream.
+KPIs per dimension value, customer lifetime values, alert stream.
 
 Redis is never on the agents' path: they only hand over the latest snapshot (older ones are
 dropped) and append alerts to a bounded queue; a background task writes with retries and
@@ -10,6 +10,8 @@ Keys (``<prefix>`` = ``funnel``):
 - ``<prefix>:leaderboard:<pipeline>``: sorted set, member = owner, score = won revenue;
 - ``<prefix>:teams:<pipeline>``: sorted set, member = team, score = won revenue (only when the
   funnel config gives reps a team: the snapshot's ``teams``);
+- ``<prefix>:dimensions:<pipeline>``: hash, field = dimension, value = JSON of its values (only
+  when the funnel config names dimensions: the snapshot's ``dimensions``);
 - ``<prefix>:clv:<pipeline>``: hash, field = account, value = lifetime value (top customers);
 - ``<prefix>:alerts``: stream of alert JSON (field ``alert``), capped at about 10,000 entries.
 A snapshot's keys are replaced by one script, atomically (readers never see two mixed), and only
@@ -23,6 +25,7 @@ import asyncio
 import collections
 import logging
 
+import orjson
 import redis.asyncio as aioredis
 
 from models.alerts import Alert
@@ -31,9 +34,10 @@ from models.snapshot import KpiSnapshot
 log = logging.getLogger("funnel_kpi.redis")
 ALERT_STREAM_LEN = 10_000
 PENDING_ALERTS = 10_000
-# KEYS: kpis, leaderboard, clv, teams. ARGV: snapshot JSON, generation, sequence, number of
-# leaderboard rows, then score/member pairs, number of team rows, then score/member pairs, then
-# field/value pairs of the lifetime values. 1 if written.
+# KEYS: kpis, leaderboard, clv, teams, dimensions. ARGV: snapshot JSON, generation, sequence,
+# number of leaderboard rows, then score/member pairs, number of team rows, then score/member
+# pairs, number of dimensions, then field/value pairs, then field/value pairs of the lifetime
+# values. 1 if written.
 # A stored value that is no snapshot (unreadable, no pair) is replaced.
 WRITE_IF_NEWER = """
 local stored = redis.call('GET', KEYS[1])
@@ -49,12 +53,16 @@ if stored then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-local board_end = 4 + 2 * tonumber(ARGV[4])
-if board_end > 4 then redis.call('ZADD', KEYS[2], unpack(ARGV, 5, board_end)) end
-local teams_end = board_end + 1 + 2 * tonumber(ARGV[board_end + 1])
-if teams_end > board_end + 1 then redis.call('ZADD', KEYS[4], unpack(ARGV, board_end + 2, teams_end)) end
-if #ARGV > teams_end then redis.call('HSET', KEYS[3], unpack(ARGV, teams_end + 1)) end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+local function section(key, command, count_at)
+  local last = count_at + 2 * tonumber(ARGV[count_at])
+  if last > count_at then redis.call(command, key, unpack(ARGV, count_at + 1, last)) end
+  return last
+end
+local teams_at = section(KEYS[2], 'ZADD', 4) + 1
+local dimensions_at = section(KEYS[4], 'ZADD', teams_at) + 1
+local clv_at = section(KEYS[5], 'HSET', dimensions_at) + 1
+if #ARGV >= clv_at then redis.call('HSET', KEYS[3], unpack(ARGV, clv_at)) end
 return 1
 """
 
@@ -120,11 +128,14 @@ class RedisSink:
         p = f"{self.prefix}:%s:{snapshot.pipeline}"
         board = [arg for row in snapshot.leaderboard for arg in (row.won_revenue, row.owner)]
         teams = [arg for row in snapshot.teams or () for arg in (row.won_revenue, row.team)]
+        dimensions = [arg for name, rows in (snapshot.dimensions or {}).items()
+                      for arg in (name, orjson.dumps([row.model_dump() for row in rows]))]
         values = [arg for c in snapshot.customers.top for arg in (c.account, c.lifetime_value)]
         await self.write_if_newer(
-            keys=[p % "kpis", p % "leaderboard", p % "clv", p % "teams"],
+            keys=[p % "kpis", p % "leaderboard", p % "clv", p % "teams", p % "dimensions"],
             args=[snapshot.model_dump_json(), snapshot.generation, snapshot.sequence,
-                  len(snapshot.leaderboard), *board, len(teams) // 2, *teams, *values],
+                  len(snapshot.leaderboard), *board, len(teams) // 2, *teams,
+                  len(dimensions) // 2, *dimensions, *values],
         )
 
     async def close(self) -> None:

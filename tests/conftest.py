@@ -30,6 +30,16 @@ LIVE_OWNER_NAMES = {"Darcel Schlecht": "D. Schlecht (Central)"}
 # not in the owners map at all: they count in team none and show by id (Corliss Cosme is in
 # the top 10).
 UNLISTED_MANAGER = "Cara Losch"
+# The dataset's dimensions (issue 23): dimension name → dataset column (its accounts, products
+# and sales teams joined to each deal). The live worker's config names them all.
+DATASET_DIMENSIONS = {"sector": "sector", "office_location": "office_location",
+                      "product": "product", "series": "series", "manager": "manager",
+                      "regional_office": "regional_office"}
+
+
+# Quotas of the live worker's config (issue 23, item 4): the top rep and one team.
+LIVE_QUOTAS = {"reps": {"Darcel Schlecht": {"quarter": 300_000, "year": 1_000_000}},
+               "teams": {"Melvin Marxen": {"quarter": 600_000, "year": 2_000_000}}}
 
 
 def team_owners() -> dict[str, dict[str, str]]:
@@ -40,9 +50,17 @@ def team_owners() -> dict[str, dict[str, str]]:
 
 
 def team_config(path: Path) -> Path:
-    """The shipped funnel config with :func:`team_owners`, written to ``path``."""
+    """The shipped funnel config with :func:`team_owners` and the :data:`DATASET_DIMENSIONS`,
+    written to ``path``."""
     shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    path.write_text(yaml.safe_dump({**shipped, "owners": team_owners()}))
+    dimensions = {name: {"sources": {"csv": column}} for name, column in DATASET_DIMENSIONS.items()}
+    # Reporting currency USD (the dataset's own: converted figures equal the native ones), a
+    # rates file (EUR, which no deal has: the unconverted rows are 0) and quotas for the boards.
+    (path.parent / "rates.csv").write_text("date,currency,rate\n2017-01-01,EUR,1.1\n")
+    reporting = {"reporting_currency": "USD", "rates": {"file": "rates.csv"},
+                 "quotas": LIVE_QUOTAS}
+    path.write_text(yaml.safe_dump({**shipped, "owners": team_owners(), "dimensions": dimensions,
+                                    **reporting}))
     return path
 
 
@@ -72,7 +90,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
             return last
         time.sleep(interval)
     shown = show() if show is not None else last
-    raise TimeoutError(f"{what} not reached within {timeout:.0f}s (last: {shown!r})")
+    shown = shown if isinstance(shown, str) else repr(shown)
+    raise TimeoutError(f"{what} not reached within {timeout:.0f}s (last: {shown})")
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -220,21 +239,34 @@ def settled(worker_list, expected_events: int, timeout: float = 90) -> Samples:
     that own partitions must be ready: during a rebalance nothing is exported, and credits
     would "add up" at zero."""
 
+    seen: list[str] = []  # what the last check found, for the timeout message
+
     def check():
         found: list[Samples] = []
         for worker in worker_list:
             samples = worker.samples()
             if samples is None:
+                seen[:] = ["a worker's /metrics did not answer"]
                 return None
             if total(samples, "funnel_active_partitions") and not total(samples, "funnel_worker_ready"):
+                seen[:] = [f"a worker owns {total(samples, 'funnel_active_partitions'):.0f} "
+                           "partitions but is not ready"]
                 return None
             found.append(samples)
         summed = merged(found)
         counted = total(summed, "funnel_events_total")
         done = counted >= expected_events and exported_once(summed) and credits_settled(summed)
+        seen[:] = [f"{counted:.0f} events counted, partitions exported "
+                   f"{sorted(exported_partitions(summed))}, credits settled "
+                   f"{credits_settled(summed)}"]
         return summed if done else None
 
-    return wait_until(check, timeout, what=f"{expected_events} events counted")
+    def show() -> str:
+        logs = "\n".join(f"--- worker log tail:\n{worker.log_tail(15)}" for worker in worker_list
+                         if hasattr(worker, "log_tail"))
+        return f"{seen[0] if seen else 'nothing checked'}\n{logs}"
+
+    return wait_until(check, timeout, what=f"{expected_events} events counted", show=show)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +284,8 @@ def live_metrics_url(tmp_path_factory):
         try:
             worker.wait_ready()
             run_async(produce(Settings(broker=running.url, partitions=4),
-                              list(dataset_events(DATASET)), progress=False))
+                              list(dataset_events(DATASET, dimensions=DATASET_DIMENSIONS)),
+                              progress=False))
             settled([worker], DATASET_EVENTS)
             yield worker.url
         finally:

@@ -127,7 +127,8 @@ class HubSpotServer(CrmServer):
             with self.lock:
                 deals = sorted(self.archived if archived else self.active, key=lambda d: int(d["id"]))
                 rest = [d for d in deals if int(d["id"]) > after]
-                results = json.loads(json.dumps(rest[:self.page_size]))
+                results = [self._requested(deal, request)
+                           for deal in json.loads(json.dumps(rest[:self.page_size]))]
                 if not archived and after == 0 and self.delete_after_first_page:
                     self._archive(self.delete_after_first_page)
         else:
@@ -137,6 +138,15 @@ class HubSpotServer(CrmServer):
             last = results[-1]["id"]
             body["paging"] = {"next": {"after": last, "link": f"{self.url}{request.path}?after={last}"}}
         return 200, body, {}
+
+    @staticmethod
+    def _requested(deal: dict[str, Any], request: Request) -> dict[str, Any]:
+        """The deal with only the properties the request names, as HubSpot answers."""
+        for key in ("properties", "propertiesWithHistory"):
+            names = {name for value in request.args.getlist(key) for name in value.split(",")}
+            if key in deal:
+                deal[key] = {name: value for name, value in deal[key].items() if name in names}
+        return deal
 
     def _archive(self, deal_id: str) -> None:
         deal = next(d for d in self.active if d["id"] == deal_id)
@@ -158,6 +168,7 @@ class PipedriveServer(CrmServer):
         self.doc = doc
         self.page_size, self.flow_page = page_size, flow_page
         self.delete_at_flow = delete_at_flow
+        self.deal_queries: list[dict[str, str]] = []  # the parameters of each deals request
 
     def authorized(self, request: Request) -> bool:
         return request.headers.get("x-api-token") == TOKEN
@@ -202,12 +213,18 @@ class PipedriveServer(CrmServer):
             self.delete_at_flow = None
 
     def _deals(self, request: Request) -> dict[str, Any]:
+        self.deal_queries.append(dict(request.args))
         deleted = request.args.get("status") == "deleted"
         after = int(request.args.get("cursor", "id0")[2:])  # opaque to clients; keyset here
         with self.lock:
             deals = sorted(self.deleted if deleted else self.active, key=lambda d: d["id"])
             rest = [d for d in deals if d["id"] > after]
             data = json.loads(json.dumps(rest[:self.page_size]))
+        if request.args.get("custom_fields"):  # only the custom fields named, as Pipedrive answers
+            keys = request.args["custom_fields"].split(",")
+            for deal in data:
+                custom = deal.get("custom_fields") or {}
+                deal["custom_fields"] = {key: value for key, value in custom.items() if key in keys}
         more = len(rest) > self.page_size
         return {"success": True, "data": data,
                 "additional_data": {"next_cursor": f"id{data[-1]['id']}" if more else None}}
@@ -215,7 +232,9 @@ class PipedriveServer(CrmServer):
 
 class SalesforceServer(CrmServer):
     """REST query/queryAll with ``nextRecordsUrl`` paging over Opportunity, OpportunityHistory,
-    OpportunityStage and User (the SOQL the backfill sends is read just enough to filter), over TLS (the
+    OpportunityFieldHistory (``field_history=False``: refused, as in an org without access to it),
+    OpportunityStage and User (the SOQL the backfill sends is read just enough to filter; ``queries``
+    keeps it), over TLS (the
     client only speaks https); every answer carries ``Sforce-Limit-Info``. ``multi_currency=False``
     is an org with one currency: Opportunity has no ``CurrencyIsoCode``, and a query naming it
     gets Salesforce's ``INVALID_FIELD`` answer."""
@@ -224,10 +243,12 @@ class SalesforceServer(CrmServer):
 
     def __init__(self, doc: dict[str, Any], tls: Any, page_size: int = 2, history_page: int = 25,
                  daily_limit: int = 15000, delete_after_first_page: str | None = None,
-                 multi_currency: bool = True):
+                 multi_currency: bool = True, field_history: bool = True):
         super().__init__(ssl_context=tls)
         self.doc = doc
         self.multi_currency = multi_currency
+        self.field_history = field_history  # False: the org does not give OpportunityFieldHistory
+        self.queries: list[str] = []
         self.opportunities = [{k: v for k, v in o.items() if multi_currency or k != "CurrencyIsoCode"}
                               for o in doc["opportunities"]]
         self.page_size, self.history_page, self.daily_limit = page_size, history_page, daily_limit
@@ -246,6 +267,10 @@ class SalesforceServer(CrmServer):
             base = f"/services/data/v{self.VERSION}/queryAll"
             if request.path.rstrip("/") == base:
                 soql = parse_qs(request.query_string.decode())["q"][0]
+                self.queries.append(soql)
+                if not self.field_history and "FROM OpportunityFieldHistory" in soql:
+                    return 400, [{"errorCode": "INVALID_TYPE", "message": (
+                        "sObject type 'OpportunityFieldHistory' is not supported.")}], headers
                 if not self.multi_currency and "CurrencyIsoCode" in soql:
                     column = soql.index("CurrencyIsoCode") + 1
                     return 400, [{"errorCode": "INVALID_FIELD", "message": (
@@ -268,6 +293,10 @@ class SalesforceServer(CrmServer):
         if "FROM OpportunityHistory" in soql:
             ids = set(re.findall(r"'(\w+)'", soql))
             return [r for r in self.doc["history"] if r["OpportunityId"] in ids]
+        if "FROM OpportunityFieldHistory" in soql:
+            names = set(re.findall(r"'(\w+)'", soql))  # the ids and the fields asked for
+            return [r for r in self.doc.get("field_history", [])
+                    if r["OpportunityId"] in names and r["Field"] in names]
         if "FROM OpportunityStage" in soql:
             return self.doc["stages"]
         if "FROM User" in soql:

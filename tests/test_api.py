@@ -41,7 +41,9 @@ def api(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("api")
     config = workdir / "funnel.yaml"
     owners = {rep: {"name": rep, "team": team} for rep, team in TEAMS.items()}
-    config.write_text(yaml.safe_dump({**yaml.safe_load(DEFAULT_CONFIG.read_text()), "owners": owners}))
+    # The simulated deals carry no region: every deal is in the dimension's value none.
+    config.write_text(yaml.safe_dump({**yaml.safe_load(DEFAULT_CONFIG.read_text()), "owners": owners,
+                                      "dimensions": {"region": {}}}))
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
         worker = WorkerProcess(broker.url, workdir, FUNNEL_API_TOKEN=TOKEN, FUNNEL_CLOCK="stream",
                                FUNNEL_TICK_INTERVAL="1", FUNNEL_CONFIG=str(config)).start()
@@ -70,6 +72,12 @@ def test_endpoints_answer_with_the_snapshot(api):
     assert status == 200 and board["leaderboard"] == snapshot["leaderboard"]
     assert board["teams"] == snapshot["teams"] and {t["team"] for t in board["teams"]} <= {
         "North", "South", "none"}
+    # per dimension value: the values add up to the pipeline's figures
+    values = snapshot["dimensions"]["region"]
+    assert [v["value"] for v in values] == ["none", "other"]
+    assert sum(v["won"] for v in values) == won
+    assert sum(v["open_deals"] for v in values) == snapshot["open_deals"]
+    assert values[0]["win_rate"] == snapshot["all_time"]["win_rate"]
     assert get(f"{base}/kpis/nope")[0] == 404
     assert get(f"{base}/healthz", token=None)[0] == 200
     assert get(f"{base}/readyz", token=None) == (
@@ -87,7 +95,11 @@ def money_values(body: dict) -> list[float]:
               *(row["won_revenue"] for row in body.get("teams") or []),
               customers.get("avg_lifetime_value"), *(c["lifetime_value"] for c in customers.get("top") or []),
               *(t.get(k) for t in (body.get("targets") or {}).values()
-                for k in ("target", "won", "expected_to_date", "forecast"))]
+                for k in ("target", "won", "expected_to_date", "forecast")),
+              *(v.get(k) for vs in (body.get("dimensions") or {}).values() for v in vs
+                for k in ("open_value", "won_revenue", "avg_deal_size")),
+              *(s["open_value"] for vs in (body.get("dimensions") or {}).values() for v in vs
+                for s in v["stages"])]
     return [value for value in values if value is not None]
 
 
@@ -124,13 +136,21 @@ def test_amounts_round_to_each_currency_minor_unit():
             "teams": [{"team": "East", "won_revenue": 0.1 + 0.7}],
             "customers": {"avg_lifetime_value": 3.14159, "top": [{"account": "x", "lifetime_value": 9.999}]},
             "targets": {"month": {"target": 100.0, "won": 33.333, "expected_to_date": None, "forecast": 1.005,
-                                  "attainment": 0.33333, "elapsed_ratio": 0.123456}}}
+                                  "attainment": 0.33333, "elapsed_ratio": 0.123456}},
+            "dimensions": {"region": [{"value": "eu", "open_value": 0.1 + 0.2, "won_revenue": 10.005,
+                                       "avg_deal_size": 1 / 3, "win_rate": 1 / 3,
+                                       "stages": [{"stage": "lead", "open_value": 2.675000001,
+                                                   "conversion_to_next": 1 / 3}]}]}}
     usd = rounded(json.loads(json.dumps(body)), "USD")
     assert usd["pipeline_value"] == 591027.88 and usd["leaderboard"][0]["won_revenue"] == 591027.88
     assert usd["teams"][0]["won_revenue"] == 0.8
     assert usd["weighted_pipeline"] == 0.3 and usd["windows"]["7d"]["won_revenue"] == 1.23
     assert usd["stages"][0]["open_value"] == 2.68 and usd["customers"]["top"][0]["lifetime_value"] == 10.0
     assert usd["targets"]["month"]["won"] == 33.33
+    eu = usd["dimensions"]["region"][0]
+    assert (eu["open_value"], eu["won_revenue"], eu["avg_deal_size"]) == (0.3, 10.01, 0.33)
+    assert eu["stages"][0]["open_value"] == 2.68
+    assert eu["win_rate"] == 1 / 3 and eu["stages"][0]["conversion_to_next"] == 1 / 3
     # ratios and rates are not money: untouched
     assert usd["all_time"]["win_rate"] == 0.333333 and usd["targets"]["month"]["attainment"] == 0.33333
     assert usd["windows"]["7d"]["sales_velocity_per_second"] == 0.0012345

@@ -26,6 +26,7 @@ from .conftest import cli
 from .crm_servers import TOKEN, HubSpotServer, PipedriveServer, SalesforceServer, tls_files
 from .test_backfill_convergence import kpi_state, live_events
 from .test_sources_common import CTX, apply, fixture
+from .test_sources_properties import DIMS_CTX, PIPEDRIVE_REGION, latest_properties
 
 SHIPPED = Path(models.__file__).parent / "funnel.yaml"
 RATE = (4, 1.0)  # requests per second the tests allow: low, so the limit is what paces the runs
@@ -468,3 +469,77 @@ def test_a_single_currency_salesforce_org_is_read_without_currency_iso_code(tls)
     for deal_id, deal in live.items():
         assert kpi_state(deals[deal_id]) == kpi_state(deal), deal_id
     assert len(deals["salesforce:006SM0000001Tc1YAE"].history) == 60
+
+
+OTHER_CUSTOM = "0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b"  # a custom field no dimension names
+
+
+def with_dimensions(crm: str, doc: dict) -> tuple[dict, dict]:
+    """The CRM's test answers with a custom field and a standard one of the configured dimensions
+    (and a field that is not one) on a deal; and the values it must end with."""
+    if crm == "hubspot":
+        deal = doc["deals"][0]  # 101
+        history = {"region_custom": [("APAC", "2025-11-05"), ("EMEA", "2025-11-03")],
+                   "dealtype": [("", "2025-11-06"), ("newbusiness", "2025-11-03")],
+                   "description": [("not a dimension", "2025-11-03")]}
+        for name, values in history.items():
+            deal["properties"][name] = values[0][0]
+            deal["propertiesWithHistory"][name] = [
+                {"value": value, "timestamp": f"{day}T09:00:00.000Z", "sourceType": "CRM_UI"}
+                for value, day in values]
+        return doc, {"hubspot:deal:101": {"region": "APAC", "segment": None}}
+    if crm == "pipedrive":
+        deal = doc["deals"][0]  # 1
+        deal.update(label=9, custom_fields={PIPEDRIVE_REGION: 12, OTHER_CUSTOM: "x"})
+        doc["flows"]["1"].insert(0, {"object": "dealChange", "timestamp": "2025-11-07 09:00:00", "data": {
+            "id": 9901, "item_id": 1, "field_key": PIPEDRIVE_REGION, "old_value": "11", "new_value": "12",
+            "log_time": "2025-11-07 09:00:00", "change_source": "app"}})
+        return doc, {"pipedrive:deal:1": {"region": "12", "segment": "9"}}
+    opp = doc["opportunities"][0]
+    opp.update(Region__c="EMEA", Type=None)
+    doc["field_history"] = [
+        {"attributes": {"type": "OpportunityFieldHistory"}, "Id": f"017SM00000000{i:02d}YAE",
+         "OpportunityId": opp["Id"], "Field": field, "NewValue": value,
+         "CreatedDate": f"2025-11-0{3 + i}T09:00:00.000+0000"}
+        for i, (field, value) in enumerate([("Region__c", "APAC"), ("Type", "New Customer"),
+                                            ("Region__c", "EMEA"), ("Type", None)])]
+    return doc, {f"salesforce:{opp['Id']}": {"region": "EMEA", "segment": None}}
+
+
+@pytest.mark.parametrize("crm", ["hubspot", "pipedrive", "salesforce"])
+def test_backfills_request_and_read_the_configured_dimensions(crm, tls):
+    context, cert = tls
+    doc, expected = with_dimensions(crm, {"hubspot": hubspot_doc, "pipedrive": pipedrive_doc,
+                                          "salesforce": salesforce_doc}[crm]())
+    server = {"hubspot": lambda: HubSpotServer(doc), "pipedrive": lambda: PipedriveServer(doc),
+              "salesforce": lambda: SalesforceServer(doc, context)}[crm]()
+    with server:
+        options = {"hubspot": {"hubspot_api_url": server.url, "hubspot_access_token": TOKEN},
+                   "pipedrive": {"pipedrive_api_url": server.url, "pipedrive_api_token": TOKEN},
+                   "salesforce": {"salesforce_instance_url": server.url, "salesforce_access_token": TOKEN,
+                                  "salesforce_ca_bundle": cert}}[crm]
+        reader = {"hubspot": hubspot, "pipedrive": pipedrive, "salesforce": salesforce}[crm].Reader(
+            settings(**options), DIMS_CTX)
+        read = read_all(reader)
+    assert read.rejects == []
+    found = latest_properties(read.events)
+    assert {deal: found[deal] for deal in expected} == expected  # servers answer only what is asked
+    if crm == "salesforce":
+        (opportunities, *_) = [q for q in server.queries if "FROM Opportunity " in q]
+        assert ", Region__c, Type FROM Opportunity" in opportunities
+        assert any("FROM OpportunityFieldHistory" in q and "Field IN ('Region__c','Type')" in q
+                   for q in server.queries)
+    if crm == "pipedrive":
+        assert {query.get("custom_fields") for query in server.deal_queries} == {PIPEDRIVE_REGION}
+
+
+def test_salesforce_without_field_history_reads_the_dimensions_as_they_are(tls):
+    context, cert = tls
+    doc, expected = with_dimensions("salesforce", salesforce_doc())
+    with SalesforceServer(doc, context, field_history=False) as server:
+        reader = salesforce.Reader(salesforce_settings(server, cert), DIMS_CTX)
+        read = read_all(reader)
+    assert read.rejects == [] and not reader.field_history
+    assert sum("FROM OpportunityFieldHistory" in q for q in server.queries) == 1  # asked once only
+    found = latest_properties(read.events)
+    assert {deal: found[deal] for deal in expected} == expected

@@ -23,6 +23,7 @@ from streams.crm.sources import salesforce as live_salesforce
 from streams.crm.sources.common import from_epoch
 
 from .test_sources_common import CONFIG, CTX, apply, fixture, kpis, raw
+from .test_sources_properties import DIMS_CTX, PIPEDRIVE_REGION, latest_properties
 
 
 def kpi_state(deal: Deal) -> tuple:
@@ -197,3 +198,133 @@ def test_a_real_return_to_a_stage_is_kept_and_only_near_twins_merge():
         deals, _ = apply(list(events))
         assert history(deals["d"]) == [
             (t + 400, "lead"), (t + 60_000, "mql"), (t + 120_000 + SAME_CHANGE_MS, "lead")]
+
+
+HOUR = 3_600_000
+T0 = 1_762_160_400_000  # 2025-11-03T09:00:00Z
+
+
+def assert_converge(backfill: list[dict], live: list[dict], expected: dict) -> None:
+    """Backfill, live and both in any order (a second backfill run among them) end with the
+    same dimension values."""
+    assert latest_properties(backfill) == latest_properties(live) == expected
+    rng = random.Random(23)
+    for _ in range(10):
+        mixed = [*backfill, *live, *backfill]
+        rng.shuffle(mixed)
+        assert latest_properties(mixed) == expected
+
+
+def test_hubspot_dimension_history_converges_with_the_webhooks():
+    changes = [("region_custom", "EMEA", T0), ("dealtype", "newbusiness", T0), ("description", "x", T0),
+               ("region_custom", "APAC", T0 + 2 * HOUR), ("dealtype", "", T0 + 3 * HOUR)]
+    history: dict[str, list] = {}
+    for name, value, ts in changes:  # newest first, as HubSpot lists them
+        history.setdefault(name, []).insert(0, {"value": value, "timestamp": hubspot_time(ts),
+                                                "sourceType": "CRM_UI"})
+    deal = {"id": "301", "createdAt": hubspot_time(T0), "updatedAt": hubspot_time(T0 + 3 * HOUR),
+            "propertiesWithHistory": history}
+    backfill = hubspot.deal_events(deal, DIMS_CTX).events
+    assert f"hubspot:history:301-region_custom-{T0 + 2 * HOUR}" in {e["event_id"] for e in backfill}
+    webhooks = [{"eventId": 8000 + i, "subscriptionId": 6547120, "portalId": 1, "occurredAt": ts + 250,
+                 "subscriptionType": "deal.propertyChange", "objectId": 301, "propertyName": name,
+                 "propertyValue": value} for i, (name, value, ts) in enumerate(changes)]
+    live = live_hubspot.adapt(raw(webhooks), DIMS_CTX).events
+    assert_converge(backfill, live, {"hubspot:deal:301": {"region": "APAC", "segment": None}})
+
+
+def pipedrive_change(change_id: int, key: str, old, new, ms: int) -> dict:
+    when = from_epoch(ms, "t")[:19].replace("T", " ")
+    return {"object": "dealChange", "timestamp": when, "data": {
+        "id": change_id, "item_id": 51, "field_key": key, "old_value": old, "new_value": new,
+        "log_time": when, "change_source": "app"}}
+
+
+def test_pipedrive_custom_field_flow_converges_with_the_webhooks():
+    deal = {"id": 51, "status": "open", "stage_id": 1, "value": 100, "currency": "EUR", "owner_id": 7,
+            "add_time": "2025-11-03T09:00:00Z", "label": None,
+            "custom_fields": {PIPEDRIVE_REGION: 12, "0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b": "x"}}
+    flow = [pipedrive_change(8002, "label", "9", None, T0 + 3 * HOUR),  # newest first
+            pipedrive_change(8001, PIPEDRIVE_REGION, "11", "12", T0 + 2 * HOUR)]
+    backfill = pipedrive.deal_events(deal, flow, DIMS_CTX).events
+    (added,) = [e for e in backfill if e["event_id"] == "pipedrive:flow:51:add"]
+    assert added["properties"] == {"region": "11", "segment": "9"}
+
+    def webhook(action: str, ms: int, data: dict, previous: dict | None) -> dict:
+        return {"meta": {"action": action, "entity": "deal", "entity_id": "51", "id": f"w{ms}",
+                         "timestamp": from_epoch(ms, "t"), "version": "2.0"},
+                "data": {**deal, **data}, "previous": previous}
+
+    bodies = [webhook("create", T0, {"label": 9, "custom_fields": {PIPEDRIVE_REGION: 11}}, None),
+              webhook("change", T0 + 2 * HOUR, {"label": 9},
+                      {"custom_fields": {PIPEDRIVE_REGION: 11}}),
+              webhook("change", T0 + 3 * HOUR, {}, {"label": 9})]
+    live = [e for body in bodies for e in live_pipedrive.adapt(raw(body), DIMS_CTX).events]
+    assert_converge(backfill, live, {"pipedrive:deal:51": {"region": "12", "segment": None}})
+
+
+SF_OPP = "006SM0000001Tc9YAE"
+
+
+def salesforce_opportunity() -> tuple[dict, list[dict]]:
+    opp = {"Id": SF_OPP, "StageName": "Prospecting", "Amount": 10, "OwnerId": "005SM000000146PYAQ",
+           "IsDeleted": False, "Region__c": "EMEA", "Type": None,
+           "CreatedDate": "2025-11-03T09:00:00.000+0000", "SystemModstamp": "2025-11-03T12:00:00.000+0000"}
+    history = [{"Id": "008SM0000000C01YAE", "OpportunityId": SF_OPP, "StageName": "Prospecting",
+                "Amount": 10, "CloseDate": None, "CreatedDate": "2025-11-03T09:00:00.000+0000"}]
+    return opp, history
+
+
+def test_salesforce_field_history_converges_with_cdc():
+    opp, history = salesforce_opportunity()
+    field_history = [
+        {"Id": "017SM0000000001YAE", "OpportunityId": SF_OPP, "Field": "Region__c", "NewValue": "APAC",
+         "CreatedDate": "2025-11-03T09:00:00.000+0000"},
+        {"Id": "017SM0000000002YAE", "OpportunityId": SF_OPP, "Field": "Type", "NewValue": "New Customer",
+         "CreatedDate": "2025-11-03T09:00:00.000+0000"},
+        {"Id": "017SM0000000003YAE", "OpportunityId": SF_OPP, "Field": "Region__c", "NewValue": "EMEA",
+         "CreatedDate": "2025-11-03T10:00:00.000+0000"},
+        {"Id": "017SM0000000004YAE", "OpportunityId": SF_OPP, "Field": "Type", "NewValue": None,
+         "CreatedDate": "2025-11-03T11:00:00.000+0000"},
+        {"Id": "017SM0000000005YAE", "OpportunityId": SF_OPP, "Field": "NextStep", "NewValue": "call",
+         "CreatedDate": "2025-11-03T11:00:00.000+0000"}]
+    backfill = salesforce.deal_events(opp, history, DIMS_CTX, field_history).events
+    by_id = {e["event_id"]: e for e in backfill}
+    assert by_id[f"salesforce:fieldhistory-017SM0000000004YAE:0:{SF_OPP}"]["properties"] == {"segment": None}
+    assert f"salesforce:fieldhistory-017SM0000000005YAE:0:{SF_OPP}" not in by_id
+
+    def cdc(change: str, ms: int, fields: dict, nulled: list[str]) -> dict:
+        header = {"entityName": "Opportunity", "recordIds": [SF_OPP], "changeType": change,
+                  "transactionKey": f"tx{ms}", "sequenceNumber": 1, "commitTimestamp": ms,
+                  "nulledFields": nulled, "changedFields": [*fields, *nulled]}
+        return {"ChangeEventHeader": header, **fields}
+
+    messages = [cdc("CREATE", T0 + 700, {"StageName": "Prospecting", "Amount": 10, "Region__c": "APAC",
+                                        "Type": "New Customer"}, []),
+                cdc("UPDATE", T0 + HOUR + 700, {"Region__c": "EMEA"}, []),
+                cdc("UPDATE", T0 + 2 * HOUR + 700, {}, ["Type"])]
+    live = [e for m in messages for e in live_salesforce.adapt(raw(m), DIMS_CTX).events]
+    assert_converge(backfill, live, {f"salesforce:{SF_OPP}": {"region": "EMEA", "segment": None}})
+
+
+def test_salesforce_without_field_history_gives_the_values_now_on_the_current_event():
+    opp, history = salesforce_opportunity()
+    events = salesforce.deal_events(opp, history, DIMS_CTX).events
+    (current,) = [e for e in events if "properties" in e]
+    assert current["event_id"].startswith("salesforce:current-") and current["properties"] == {
+        "region": "EMEA", "segment": None}
+
+
+def test_since_keeps_the_last_value_of_each_dimension_before_it():
+    def event(event_id: str, day: int, **fields) -> dict:
+        return {"event_id": event_id, "occurred_at": f"2025-11-{day:02d}T00:00:00.000Z", "deal_id": "d",
+                **fields}
+
+    events = [event("a", 1, properties={"region": "EMEA", "segment": "ent"}),
+              event("b", 2, properties={"region": "APAC"}),
+              event("c", 3, properties={"segment": None}),
+              event("e", 9, amount=5)]
+    limited = limit_history(events, "2025-11-05T00:00:00.000Z")
+    assert sorted(e["event_id"] for e in limited) == ["b", "c", "e"]  # a: superseded before
+    assert latest_properties(limited) == latest_properties(events) == {"d": {"region": "APAC",
+                                                                            "segment": None}}

@@ -13,7 +13,7 @@ from models.config import load_config
 from models.deal import Deal, apply_change
 from models.event import decode_event, encode_event
 from models.fold import Fold
-from streams.tools.dataset import dataset_events
+from streams.tools.dataset import dataset_deals, dataset_events, row_events
 
 DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "crm-sales-opportunities"
 CONFIG = load_config()
@@ -87,3 +87,60 @@ def test_streamed_fold_equals_batch():
     assert cycle.total / cycle.count / agg.DAY_MS == pytest.approx(kpis["avg_cycle_days"], abs=1e-9)
     best = max(c[agg.REP_WON].items(), key=lambda kv: kv[1])
     assert (best[0][1], best[1] / agg.MICRO) == top
+
+
+def batch_rows() -> dict[str, dict[str, str]]:
+    """Opportunity → its row joined by hand to its account, product and sales team."""
+    tables = {}
+    for name, key in (("accounts", "account"), ("products", "product"), ("sales_teams", "sales_agent")):
+        with open(DATASET / f"{name}.csv") as f:
+            tables[key] = {r[key]: r for r in csv.DictReader(f)}
+    with open(DATASET / "sales_pipeline.csv") as f:
+        rows = list(csv.DictReader(f))
+    joined = {}
+    for row in rows:
+        product = row["product"].replace("GTXPro", "GTX Pro")
+        joined[row["opportunity_id"]] = {**tables["account"].get(row["account"], {}),
+                                         **tables["product"][product],
+                                         **tables["sales_agent"][row["sales_agent"]], **row,
+                                         "product": product}
+    return joined
+
+
+def test_no_dimensions_gives_no_properties():
+    assert not any("properties" in event for event in dataset_events(DATASET))
+
+
+def test_dimensions_come_from_the_joined_tables_on_each_deals_first_event():
+    dimensions = {"region": "regional_office", "sector": "sector", "product": "product",
+                  "series": "series", "manager": "manager", "size": "employees"}
+    rows = batch_rows()
+    deals = list(dataset_deals(DATASET, dimensions=dimensions))
+    assert len(deals) == len(rows) == 8800
+    for events in deals:
+        first, *rest = events
+        row = rows[first["deal_id"].removeprefix("csv:")]
+        assert first["properties"] == {name: row[column] for name, column in dimensions.items()
+                                       if row.get(column)}
+        assert all("properties" not in event for event in rest)
+    # A Prospecting deal without an account has no account columns, and GTXPro is GTX Pro.
+    no_account = [e[0] for e in deals if "account" not in e[0]]
+    assert no_account and all("sector" not in e["properties"] for e in no_account)
+    products = {e[0]["properties"]["product"] for e in deals}
+    assert "GTX Pro" in products and "GTXPro" not in products
+    assert {e[0]["properties"]["region"] for e in deals} == {"Central", "East", "West"}
+
+
+def test_an_unknown_column_is_refused_by_name():
+    with pytest.raises(ValueError, match="no column 'region'"):
+        next(dataset_deals(DATASET, dimensions={"region": "region"}))
+
+
+def test_row_events_with_dimensions_only_adds_properties():
+    row = {"opportunity_id": "X1", "sales_agent": "Ann", "product": "GTXPro", "account": "",
+           "deal_stage": "Won", "engage_date": "2017-01-02", "close_date": "2017-02-03", "close_value": "10",
+           "regional_office": "East", "sector": ""}
+    plain = row_events(row, {"GTX Pro": 5.0})
+    entry, close = row_events(row, {"GTX Pro": 5.0}, dimensions={"region": "regional_office",
+                                                                 "sector": "sector"})
+    assert entry == {**plain[0], "properties": {"region": "East"}} and close == plain[1]

@@ -20,7 +20,7 @@ from models.aggregates import (
     WON_REVENUE,
     deal_contribution,
 )
-from models.config import load_config
+from models.config import FunnelConfig, load_config
 from models.deal import (
     MAX_HISTORY,
     MAX_OWNERS,
@@ -37,6 +37,10 @@ from models.fold import Fold
 from models.hourly import hist_of
 
 CONFIG = load_config()
+# The same funnel broken down by two properties; events may also carry one it does not name.
+DIMENSIONS_CONFIG = FunnelConfig.model_validate(
+    {**CONFIG.model_dump(), "dimensions": {"region": {}, "segment": {"max_values": 3}}})
+KEPT = DIMENSIONS_CONFIG.kept_properties
 DAY = 86_400_000
 
 
@@ -277,11 +281,12 @@ def _reference_insert(entries, entry, cap):
     return True
 
 
-def _reference_apply_change(deal, change, stage, *, stage_ignored):
+def _reference_apply_change(deal, change, stage, *, stage_ignored, keep=()):
     ts, eid = change.ts, change.event_id
     held = [deal.recent_ids, [e[1] for e in deal.history], [e[1] for e in deal.owners],
             [f.event_id for f in (deal.pipeline, deal.amount, deal.currency, deal.account,
-                                  deal.expected_close_at, deal.deleted) if f is not None]]
+                                  deal.expected_close_at, deal.deleted) if f is not None],
+            [f.event_id for f in deal.properties.values()]]
     if any(eid in ids for ids in held):
         return Outcome.DUPLICATE
     changed = False
@@ -297,6 +302,12 @@ def _reference_apply_change(deal, change, stage, *, stage_ignored):
         changed |= _reference_insert(deal.owners, (ts, eid, change.owner), MAX_OWNERS)
     if stage is not None:
         changed |= _reference_insert(deal.history, (ts, eid, stage), MAX_HISTORY)
+    for name, value in (change.properties or {}).items():
+        current = deal.properties.get(name)
+        if name in keep and (current is None or (current.ts, current.event_id) < (ts, eid)):
+            value = " ".join(value.split()).lower() if value else None
+            deal.properties[name] = Field(value or None, ts, eid)
+            changed = True
     deal.recent_ids.append(eid)
     if len(deal.recent_ids) > RECENT_IDS:
         del deal.recent_ids[0]
@@ -325,9 +336,11 @@ def _reference_contribution(deal, config):
     if stage.is_open:
         items.append((agg.OPEN, (pl, stage_name), 1))
         items.append((agg.OPEN_VALUE, (pl, stage_name, currency), amount))
+        crm = deal.properties.get("forecast_category")
+        category = config.forecast_category(pl, stage_name, crm.value if crm else None)
         items.append((agg.OPEN_DEALS, (pl, stage_name, currency, entered, deal.deal_id,
                                        deal.stall_alert == [stage_name, entered],
-                                       deal.value("expected_close_at")), amount))
+                                       deal.value("expected_close_at"), category), amount))
     else:
         outcome, cycle, hour = stage.outcome, entered - stays[0][0], entered // HOUR
         items += [(agg.CLOSED, (pl, outcome), 1), (agg.CLOSED_W, (pl, outcome, hour), 1),
@@ -338,7 +351,8 @@ def _reference_contribution(deal, config):
             items += [(agg.WON_REVENUE, (pl, currency), amount),
                       (agg.WON_REVENUE_W, (pl, currency, hour), amount),
                       (agg.WON_VALUE, (pl, currency), amount),
-                      (agg.REP_WON, (pl, owner, currency), amount)]
+                      (agg.REP_WON, (pl, owner, currency), amount),
+                      (agg.REP_WON_W, (pl, owner, currency, hour), amount)]
     reached_at = []
     for ts, name in stays:
         level = pipeline.open_index.get(name)
@@ -350,6 +364,13 @@ def _reference_contribution(deal, config):
         items += [(agg.REACHED, (pl, name), 1), (agg.REACHED_W, (pl, name, ts // HOUR), 1)]
     for (start, name), (end, _) in itertools.pairwise(stays):
         items.append((agg.STAGE_DURATION, (pl, name), end - start))
+    furthest = pipeline.open_stages[len(reached_at) - 1].name if reached_at else ""
+    cycle = 0 if stage.is_open else entered - stays[0][0]
+    if config.dimensions:
+        values = tuple(field.value if (field := deal.properties.get(name)) is not None
+                       and field.value is not None else "none" for name in config.dimensions)
+        items.append((agg.DIMENSION, (pl, values, stage_name, currency, furthest),
+                      agg.pack_dimension(1, cycle, amount)))
     return tuple(items)
 
 
@@ -370,20 +391,35 @@ def _reference_encode(deal):
             refs[eid] = len(refs)
             versions += (ts, eid)
         entries.append([refs[eid], value])
+    properties = {}
+    for name, current in deal.properties.items():
+        if current.event_id not in refs:
+            refs[current.event_id] = len(refs)
+            versions += (current.ts, current.event_id)
+        properties[name] = [current.value, refs[current.event_id]]
     cut = len(deal.history)
     return orjson.dumps([2, deal.deal_id, deal.partition, versions, *fields, entries[:cut],
                          entries[cut:], [refs.get(eid, eid) for eid in deal.recent_ids],
-                         deal.credited_accounts, deal.stall_alert])
+                         deal.credited_accounts, deal.stall_alert,
+                         *([properties] if properties else [])])
+
+
+_PROPERTIES = st.one_of(st.none(), st.dictionaries(
+    st.sampled_from(("region", "segment", "not_configured", "forecast_category")),
+    st.one_of(st.none(), st.sampled_from(("EMEA", " emea ", "APAC", "", "Other", "NONE",
+                                          "Best Case", "COMMIT", "omit"))),
+    max_size=2))
 
 
 def _events(draw_ids):
     """Changes on one deal, any order: few ids and close times, so duplicates, ties, stale
     values and twins (same value within SAME_CHANGE_MS) all happen."""
     return st.lists(st.builds(
-        lambda eid, ts, stage, pipeline, amount, currency, owner, account, expected, deleted:
+        lambda eid, ts, stage, pipeline, amount, currency, owner, account, expected, deleted,
+        properties:
         (Change(event_id=eid, ts=ts, deal_id="d", pipeline=pipeline, amount=amount,
                 currency=currency, owner=owner, account=account, expected_close_at=expected,
-                deleted=deleted), stage),
+                deleted=deleted, properties=properties), stage),
         st.sampled_from(draw_ids),
         st.one_of(st.integers(0, 40) .map(lambda n: n * 4_000), st.integers(0, 200 * HOUR)),
         st.one_of(st.none(), st.sampled_from(STAGES)),
@@ -394,6 +430,7 @@ def _events(draw_ids):
         st.one_of(st.none(), st.sampled_from(("acme", "globex"))),
         st.one_of(st.none(), st.integers(0, 400 * HOUR)),
         st.one_of(st.none(), st.none(), st.booleans()),
+        _PROPERTIES,
     ), max_size=40)
 
 
@@ -402,7 +439,8 @@ EVENT_IDS = [f"e{i}" for i in range(30)]
 
 def _played(changes, apply_fn=apply_change):
     deal = Deal("d", 1)
-    outcomes = [apply_fn(deal, change, stage, stage_ignored=False) for change, stage in changes]
+    outcomes = [apply_fn(deal, change, stage, stage_ignored=False, keep=KEPT)
+                for change, stage in changes]
     return deal, outcomes
 
 
@@ -431,6 +469,8 @@ def test_contribution_matches_the_straightforward_one(changes, alerted_stage, pi
     if alerted_stage is not None and deal.history:  # an alert for a stay, current or not
         deal.stall_alert = [alerted_stage, deal.history[pick % len(deal.history)][0]]
     assert deal_contribution(deal, CONFIG) == _reference_contribution(deal, CONFIG)
+    assert (deal_contribution(deal, DIMENSIONS_CONFIG)
+            == _reference_contribution(deal, DIMENSIONS_CONFIG))
     pl, stays = agg.stays_of(deal, CONFIG)
     reference = _reference_contribution(deal, CONFIG)
     open_items = [key for family, key, _ in reference if family == agg.OPEN_DEALS]
@@ -464,8 +504,11 @@ def test_stored_format_is_byte_for_byte_the_same(changes, credited, alert, parti
     raw = encode_deal(deal)
     assert raw == _reference_encode(deal)
     assert decode_deal(raw) == deal
-    longer = orjson.dumps([*orjson.loads(raw), "a field of a later build"])
+    stored = orjson.loads(raw)
+    padded = stored if len(stored) > 15 else [*stored, None]  # properties come 16th, or null
+    longer = orjson.dumps([*padded, "a field of a later build"])
     assert decode_deal(longer) == deal  # read as before: by position, extra ignored
+    assert decode_deal(orjson.dumps(stored[:15])).properties == {}  # as a build before them
 
 
 def test_deal_and_field_read_and_compare_as_the_dataclasses_did():
@@ -474,7 +517,7 @@ def test_deal_and_field_read_and_compare_as_the_dataclasses_did():
         "Deal(deal_id='d', partition=-1, pipeline=None, amount=Field(value=1.5, ts=0, "
         "event_id='a'), currency=None, account=None, expected_close_at=None, deleted=None, "
         "history=[(0, 'a', 'lead')], owners=[], recent_ids=['a'], credited_accounts=[], "
-        "stall_alert=None)")
+        "stall_alert=None, properties={})")
     assert Deal("d") == Deal("d", -1) != Deal("e")
     assert Field(1, 2, "x") == Field(value=1, ts=2, event_id="x") != Field(1, 2, "y")
     with pytest.raises(TypeError):

@@ -1,4 +1,4 @@
-"""Canonical event v1: the fast path and pydantic agree; bad input gets a clear reason."""
+"""Canonical event v2: the fast path and pydantic agree; bad input gets a clear reason."""
 
 import math
 from datetime import UTC, datetime
@@ -37,6 +37,16 @@ def test_valid_event_is_decoded_with_epoch_ms():
     assert change.deleted is False
 
 
+def test_v1_events_still_decode_and_v2_carries_properties():
+    assert decode(valid(schema_version=1)).properties is None
+    change = decode(valid(schema_version=2, properties={"region": " EMEA ", "segment": None}))
+    assert change.properties == {"region": " EMEA ", "segment": None}  # the worker normalises
+    only_a_property = {k: v for k, v in valid().items() if k != "stage"}
+    assert decode({**only_a_property, "properties": {"region": "APAC"}}).stage is None
+    with pytest.raises(RejectedEvent, match="no change"):
+        decode({**only_a_property, "properties": {}})
+
+
 def test_offsets_are_honoured():
     assert decode(valid(occurred_at="2023-11-15T00:13:20+02:00")).ts == NOW
 
@@ -56,7 +66,13 @@ def test_offsets_are_honoured():
         (valid(currency="usd"), "invalid_event", "currency"),
         (valid(currency="US1"), "invalid_event", "currency"),
         (valid(deleted="yes"), "invalid_event", "deleted"),
-        (valid(schema_version=2), "invalid_event", "schema_version"),
+        (valid(schema_version=3), "invalid_event", "schema_version"),
+        (valid(properties={"Region": "x"}), "invalid_event", "properties.Region"),
+        (valid(properties={"region\n": "x"}), "invalid_event", "properties"),
+        (valid(properties={"region": 5}), "invalid_event", "properties.region"),
+        (valid(properties={"region": "x" * 600}), "invalid_event", "properties.region"),
+        (valid(properties={f"p{i}": "x" for i in range(33)}), "invalid_event", "properties"),
+        (valid(properties=["region"]), "invalid_event", "properties"),
         ({"event_id": "e", "occurred_at": "2023-11-14T22:13:20Z", "deal_id": "d"}, "invalid_event",
          "no change"),
         (valid(occurred_at="2023-11-16T22:13:20Z"), "future_timestamp", "future"),
@@ -118,6 +134,10 @@ stamps = st.one_of(st.none(), st.sampled_from([
     "owner": texts, "account": texts, "expected_close_at": stamps,
     "deleted": st.one_of(st.none(), st.booleans(), st.integers(0, 1)),
     "source": texts, "schema_version": st.one_of(st.integers(0, 3), st.booleans()),
+    "properties": st.one_of(st.none(), st.integers(0, 9), st.dictionaries(
+        st.sampled_from(["region", "lead_source", "Region", "region\n", "", "9x", "a" * 64]),
+        st.one_of(st.none(), st.text(max_size=3), st.just("x" * 513), st.integers(0, 9)),
+        max_size=3)),
 }))
 def test_fast_path_and_pydantic_accept_exactly_the_same_events(doc):
     """Whatever the fast path decides, pydantic decides the same (no future-skew here)."""

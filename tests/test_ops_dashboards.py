@@ -36,7 +36,15 @@ HEADLINE_PANELS = {
     ("funnel-revenue", "Customer lifetime value (average)"),
     ("funnel-velocity", "Average sales cycle (won, all time)"),
     ("funnel-leaks", "Stalled deals by stage"),
+    ("funnel-dimensions", "Win rate by value"),
+    ("funnel-dimensions", "Won revenue by value ($currency)"),
+    ("funnel-dimensions", "Stage conversion by value"),
 }
+# Boards with windowed panels (the `window` variable); funnel-dimensions is all-time only.
+WINDOWED = {"funnel-overview", "funnel-velocity", "funnel-revenue", "funnel-leaks"}
+# Board variables for evaluating queries outside Grafana: `value` = All (its regex), one currency.
+QUERY_VARIABLES = {"pipeline": "default", "window": "30d", "dimension": "sector", "value": ".*",
+                   "currency": "USD", "period": "quarter"}
 
 
 def load_module(name: str):
@@ -75,8 +83,8 @@ def variables_used(text: str) -> set[str]:
 
 
 # ------------------------------------------------------------------ generation
-def test_four_boards():
-    assert set(BOARDS) == {"funnel-overview", "funnel-velocity", "funnel-revenue", "funnel-leaks"}
+def test_five_boards():
+    assert set(BOARDS) == WINDOWED | {"funnel-dimensions"}
 
 
 def test_committed_boards_are_generated():
@@ -138,10 +146,13 @@ def test_datasource_references_resolve_to_the_provisioned_uid(uid):
 def test_variables(uid):
     board = BOARDS[uid]
     defined = {v["name"]: v for v in board["templating"]["list"]}
-    assert {"pipeline", "window"} <= set(defined)
-    assert defined["window"]["query"] == "7d,30d,90d"
-    assert defined["pipeline"]["query"].startswith("label_values(")
-    assert defined["pipeline"]["refresh"] == 2
+    assert "pipeline" in defined
+    assert ("window" in defined) == (uid in WINDOWED)
+    if "window" in defined:
+        assert defined["window"]["query"] == "7d,30d,90d"
+    for v in defined.values():
+        if v["type"] == "query":
+            assert v["query"].startswith("label_values(") and v["refresh"] == 2, v["name"]
     text = json.dumps([p for p in panels(board)])
     used = variables_used(text)
     assert used - BUILTIN_VARS <= set(defined), f"undefined: {used - BUILTIN_VARS - set(defined)}"
@@ -209,7 +220,7 @@ def test_every_query_is_valid_promql(tmp_path):
     rules = []
     for uid, board in BOARDS.items():
         for p, t in targets(board):
-            expr = lp.substitute(t["expr"], {"pipeline": "default", "window": "30d"})
+            expr = lp.substitute(t["expr"], QUERY_VARIABLES)
             assert "$" not in expr.replace('"$1"', ""), f"{uid}/{p['title']}: unresolved var"
             rules.append({"record": f"board:q{len(rules)}:check", "expr": expr})
     path = tmp_path / "board_queries.yml"
@@ -269,7 +280,10 @@ def test_kpi_panels_read_the_held_series_and_every_board_says_how_old_they_are()
 
 # raw business gauges: a board summing them would show partial sums during a rebalance
 GATED_RAW = {"funnel_deals_open", "funnel_open_value", "funnel_won_deal_value", "funnel_deals_closed",
-             "funnel_customer_lifetime_value", "funnel_deals_reached", "funnel_won_revenue"}
+             "funnel_customer_lifetime_value", "funnel_deals_reached", "funnel_won_revenue",
+             "funnel_dimension_deals_open", "funnel_dimension_open_value", "funnel_dimension_deals_reached",
+             "funnel_dimension_deals_closed", "funnel_dimension_time_to_close_seconds",
+             "funnel_dimension_won_revenue"}
 
 
 def metric_names_in(expr: str) -> set[str]:
@@ -286,3 +300,28 @@ def test_dashboards_doc_lists_every_panel():
         for p in panels(board):
             if p["type"] != "row":
                 assert f"#### {p['title']}\n" in doc, f"docs/dashboards.md lacks {p['title']}"
+
+
+# ------------------------------------------------------------------ the dimension board
+def test_dimension_board_compares_the_values_of_one_dimension_in_one_currency():
+    """Every KPI panel of funnel-dimensions selects the board's pipeline, dimension and values;
+    money panels one currency (a sum over currencies would add dollars to euros); the variables
+    chain pipeline → dimension → value (multi, All) and currency."""
+    board = BOARDS["funnel-dimensions"]
+    defined = {v["name"]: v for v in board["templating"]["list"]}
+    assert list(defined) == ["pipeline", "dimension", "value", "currency"]
+    assert '$pipeline' in defined["dimension"]["query"]
+    for name in ("value", "currency"):
+        assert 'pipeline="$pipeline", dimension="$dimension"' in defined[name]["query"], name
+    assert defined["value"]["multi"] and defined["value"]["includeAll"]
+    assert not defined["currency"]["multi"] and not defined["currency"]["includeAll"]
+    money = ("funnel_dimension_won_revenue", "funnel_dimension_open_value", "funnel_dimension_won_deal_value")
+    kpi_panels = 0
+    for p, t in targets(board):
+        if ":funnel_dimension_" not in t["expr"] or p["title"].startswith("Guard"):
+            continue
+        kpi_panels += 1
+        assert 'pipeline="$pipeline", dimension="$dimension", value=~"$value"' in t["expr"], p["title"]
+        if any(m in t["expr"] for m in money):
+            assert 'currency="$currency"' in t["expr"] and "$currency" in p["title"], p["title"]
+    assert kpi_panels >= 8

@@ -9,7 +9,10 @@ interval), then through the HTTP API:
 - every recording rule returns data;
 - every query of every board panel returns data (the boards never pad with `or vector(0)`,
   tests/test_ops_dashboards.py);
-- the headline rules and panels equal the literal dataset values of the core issue.
+- the headline rules and panels equal the literal dataset values of the core issue;
+- the KPIs by dimension (the fixture's config names DATASET_DIMENSIONS, the replay carries the
+  deals' values as event `properties`) equal the figures computed in batch from the CSV files,
+  per value, and add up to the pipeline's totals over the values of each dimension.
 
 With FUNNEL_WRITE_DASHBOARD_DOCS=1 it also rewrites docs/dashboards.md from this run.
 """
@@ -22,7 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import LIVE_OWNER_NAMES, UNLISTED_MANAGER, batch_team_revenue, team_owners
+from .conftest import (
+    DATASET,
+    DATASET_DIMENSIONS,
+    LIVE_OWNER_NAMES,
+    UNLISTED_MANAGER,
+    batch_team_revenue,
+    team_owners,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,7 +79,13 @@ def prom(live_metrics_url, tmp_path_factory):
 def variables(prom):
     pipelines = prom.label_values("pipeline", "funnel_deals_open")
     assert "default" in pipelines, f"pipeline variable query finds {pipelines}"
-    return {"pipeline": "default", "window": "30d"}
+    dimensions = prom.label_values("dimension",
+                                   'pipeline_dimension:funnel_dimension_values:max{pipeline="default"}')
+    assert set(dimensions) == set(DATASET_DIMENSIONS), f"dimension variable query finds {dimensions}"
+    # the dimension board: one dimension, every value (All), one currency; the revenue board's
+    # forecast by category: one period (and the same currency)
+    return {"pipeline": "default", "window": "30d", "dimension": "sector", "value": ".*", "currency": "USD",
+            "period": "quarter"}
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -80,9 +96,11 @@ def test_recording_rule_returns_data(prom, rule):
 @pytest.mark.parametrize(("board", "panel", "target"), QUERIES)
 def test_dashboard_query_returns_data(prom, variables, board, panel, target):
     windows = ["7d", "30d", "90d"] if "$window" in target["expr"] else ["30d"]
+    dimensions = sorted(DATASET_DIMENSIONS) if "$dimension" in target["expr"] else ["sector"]
     for window in windows:
-        expr = lp.substitute(target["expr"], {**variables, "window": window})
-        assert prom.query(expr), f"no data for window={window}:\n{expr}"
+        for dimension in dimensions:
+            expr = lp.substitute(target["expr"], {**variables, "window": window, "dimension": dimension})
+            assert prom.query(expr), f"no data for window={window}, dimension={dimension}:\n{expr}"
 
 
 def test_the_kpis_are_current_and_not_held(prom):
@@ -226,6 +244,153 @@ def test_team_won_revenue_equals_the_batch_figure_per_team(prom, variables):
     panel = _panel_result(prom, variables, "funnel-revenue", "Leaderboard by team")
     assert per_team(panel) == expected
     assert [float(r["value"][1]) for r in panel] == sorted(expected.values(), reverse=True)
+
+
+# ------------------------------------------------------------------ KPIs by dimension
+SERIES_PER_VALUE = 2 * 2 + 2 * 1 + 3 * 1 + 2  # 2·S + S·C + 3·C + 2: open stages sql, opportunity; USD
+MAX_VALUES = 20  # the config's default: every dataset dimension has fewer values (nothing folded)
+
+
+def batch_by_value(column: str) -> dict[str, dict[str, float]]:
+    """Per value of a dataset column (normalised as the worker does; `none` without one), the
+    dimension KPIs' inputs computed from the CSV files: deals won and lost, won revenue, won
+    cycle seconds (engage_date → close_date), open deals and value per stage, reached."""
+    from datetime import date
+
+    from models.deal import normalised
+    from streams.tools.dataset import joined_rows, load_prices
+
+    prices = load_prices(DATASET)
+    out: dict[str, dict[str, float]] = {}
+    for row in joined_rows(DATASET):
+        value = normalised(row.get(column) or None) or "none"
+        k = out.setdefault(value, dict.fromkeys(
+            ("won", "lost", "revenue", "cycle", "open_sql", "open_opportunity", "value_sql",
+             "value_opportunity", "reached_sql", "reached_opportunity"), 0.0))
+        stage = row["deal_stage"]
+        k["reached_sql"] += 1  # Prospecting maps to sql, Engaging (every other row) to opportunity
+        if stage != "Prospecting":
+            k["reached_opportunity"] += 1
+        if stage in ("Prospecting", "Engaging"):
+            open_stage = "sql" if stage == "Prospecting" else "opportunity"
+            k[f"open_{open_stage}"] += 1
+            k[f"value_{open_stage}"] += prices[row["product"]]
+        elif stage == "Won":
+            k["won"] += 1
+            k["revenue"] += float(row["close_value"] or 0)
+            days = date.fromisoformat(row["close_date"]) - date.fromisoformat(row["engage_date"])
+            k["cycle"] += days.days * DAY
+        else:
+            k["lost"] += 1
+    return out
+
+
+def _by_value(result: list[dict], *labels: str) -> dict:
+    return {tuple(r["metric"][name] for name in ("value", *labels)) if labels else r["metric"]["value"]:
+            float(r["value"][1]) for r in result}
+
+
+@pytest.mark.parametrize("dimension", sorted(DATASET_DIMENSIONS))
+def test_kpis_by_dimension_equal_the_batch_figures_per_value(prom, dimension):
+    """Every value of every dataset dimension: the exact rules and their held twins give the
+    batch figures (counts and sums exactly, ratios to float precision); nothing is folded."""
+    batch = batch_by_value(DATASET_DIMENSIONS[dimension])
+    sel = f'{{pipeline="default", dimension="{dimension}"}}'
+
+    def rule(name: str, *labels: str) -> dict:
+        exact = _by_value(prom.query(name + sel), *labels)
+        assert _by_value(prom.query(name + "_held" + sel), *labels) == exact, name
+        return exact
+
+    closed = rule("pipeline_dimension_value_outcome:funnel_dimension_deals_closed:sum", "outcome")
+    revenue = rule("pipeline_dimension_value_currency:funnel_dimension_won_revenue:sum", "currency")
+    open_deals = rule("pipeline_dimension_value_stage:funnel_dimension_deals_open:sum", "stage")
+    open_value = rule("pipeline_dimension_value_stage_currency:funnel_dimension_open_value:sum",
+                      "stage", "currency")
+    reached = rule("pipeline_dimension_value_stage:funnel_dimension_deals_reached:sum", "stage")
+    win_rate = rule("pipeline_dimension_value:funnel_dimension_win_rate:ratio")
+    size = rule("pipeline_dimension_value_currency:funnel_dimension_won_deal_value:avg", "currency")
+    cycle = rule("pipeline_dimension_value_outcome:funnel_dimension_time_to_close_seconds:avg", "outcome")
+    conversion = rule("pipeline_dimension_value_stage:funnel_dimension_stage_conversion:ratio", "stage")
+    # exported: every value of the dataset, none (always, deals without one or not) and other
+    # (always; 0 here: nothing folded)
+    assert {v for v, _ in closed} == set(batch) | {"none", "other"}
+    assert closed[("other", "won")] == closed[("other", "lost")] == 0
+    for value, k in batch.items():
+        assert closed[(value, "won")] == k["won"] and closed[(value, "lost")] == k["lost"], value
+        assert revenue[(value, "USD")] == k["revenue"], value
+        for stage in ("sql", "opportunity"):
+            assert open_deals[(value, stage)] == k[f"open_{stage}"], (value, stage)
+            assert open_value[(value, stage, "USD")] == pytest.approx(k[f"value_{stage}"], abs=1e-6)
+            assert reached[(value, stage)] == k[f"reached_{stage}"], (value, stage)
+        if k["won"] + k["lost"]:
+            assert win_rate[value] == pytest.approx(k["won"] / (k["won"] + k["lost"]), rel=1e-12)
+        else:
+            assert value not in win_rate  # 0 / 0: no series, not NaN
+        if k["won"]:
+            assert size[(value, "USD")] == pytest.approx(k["revenue"] / k["won"], rel=1e-12)
+            assert cycle[(value, "won")] == pytest.approx(k["cycle"] / k["won"], rel=1e-9)
+        assert conversion[(value, "sql")] == pytest.approx(
+            k["reached_opportunity"] / k["reached_sql"], rel=1e-12)
+    # the guard: the distinct values (none not counted), none folded, max_values the limit
+    guard = f'{{pipeline="default", dimension="{dimension}"}}'
+    assert prom.value(f"pipeline_dimension:funnel_dimension_values:max{guard}") == len(set(batch) - {"none"})
+    assert prom.value(f"pipeline_dimension:funnel_dimension_values_folded:max{guard}") == 0
+    assert prom.value(f"pipeline_dimension:funnel_dimension_values_limit:min{guard}") == MAX_VALUES
+
+
+@pytest.mark.parametrize("dimension", sorted(DATASET_DIMENSIONS))
+def test_the_values_of_a_dimension_add_up_to_the_pipeline_totals(prom, dimension):
+    """none and other included, the values of each dimension sum to the pipeline's KPIs."""
+    sel = f'{{pipeline="default", dimension="{dimension}"}}'
+    for by, dimension_rule, pipeline_rule in (
+        ("outcome", "pipeline_dimension_value_outcome:funnel_dimension_deals_closed:sum",
+         "pipeline_outcome:funnel_deals_closed:sum"),
+        ("currency", "pipeline_dimension_value_currency:funnel_dimension_won_revenue:sum",
+         "pipeline_currency:funnel_won_revenue:sum"),
+        ("stage", "pipeline_dimension_value_stage:funnel_dimension_deals_open:sum",
+         "pipeline_stage:funnel_deals_open:sum"),
+        ("stage", "pipeline_dimension_value_stage:funnel_dimension_deals_reached:sum",
+         "pipeline_stage:funnel_deals_reached:sum"),
+    ):
+        summed = {r["metric"][by]: float(r["value"][1])
+                  for r in prom.query(f"sum by ({by}) ({dimension_rule}{sel})")}
+        total = {r["metric"][by]: float(r["value"][1])
+                 for r in prom.query(f'{pipeline_rule}{{pipeline="default"}}')}
+        assert summed == total, dimension_rule
+    closed = "pipeline_dimension_value_outcome:funnel_dimension_deals_closed:sum"
+    assert prom.value(f'sum({closed}{{pipeline="default", dimension="{dimension}", outcome="won"}})') == 4238
+    open_value = prom.query("sum by (stage) "
+                            f"(pipeline_dimension_value_stage_currency:funnel_dimension_open_value:sum{sel})")
+    assert {r["metric"]["stage"]: float(r["value"][1]) for r in open_value} == pytest.approx(
+        {"lead": 0, "mql": 0, **OPEN_VALUE}, abs=1e-6)
+
+
+def test_dimension_series_are_what_the_guard_plans_and_within_the_budget(prom):
+    """Series per worker = Σ over (pipeline, dimension) of (kept values + none + other) × the
+    series of one value (docs/kpis.md, "Dimensions"): here 2 pipelines of 4 open stages and
+    one currency; the lifecycle pipeline has no deal, so none and other only."""
+    kept = sum(len(set(batch_by_value(column)) - {"none"}) for column in DATASET_DIMENSIONS.values())
+    open_stages = 4  # lead, mql, sql, opportunity: 2·4 + 4·1 + 3·1 + 2
+    per_value = 2 * open_stages + open_stages * 1 + 3 * 1 + 2
+    expected = (kept + 2 * len(DATASET_DIMENSIONS)) * per_value + 2 * len(DATASET_DIMENSIONS) * per_value
+    assert prom.value("fleet:funnel_dimension_series:max") == expected
+    assert prom.value("fleet:funnel_dimension_series_budget:max") == 20_000 > expected
+
+
+def test_dimension_board_shows_the_batch_figures(prom, variables):
+    """Win rate and won revenue by value on the board (dimension sector, every value, USD)."""
+    batch = batch_by_value("sector")
+    rates = _by_value(_panel_result(prom, variables, "funnel-dimensions", "Win rate by value"))
+    assert set(rates) == {v for v, k in batch.items() if k["won"] + k["lost"]}
+    for value, rate in rates.items():
+        k = batch[value]
+        assert rate == pytest.approx(k["won"] / (k["won"] + k["lost"]), rel=1e-12)
+    revenue = _panel_result(prom, variables, "funnel-dimensions", "Won revenue by value ($currency)")
+    assert {r["metric"]["value"]: float(r["value"][1]) for r in revenue} == {
+        "none": 0, "other": 0, **{v: k["revenue"] for v, k in batch.items()}}
+    assert [float(r["value"][1]) for r in revenue] == sorted((float(r["value"][1]) for r in revenue),
+                                                             reverse=True)
 
 
 def test_dashboards_doc_renders(prom, variables, tmp_path):

@@ -69,6 +69,36 @@ CONTRACT = {
     "funnel_salesforce_cdc_lag_seconds",
     "funnel_salesforce_cdc_gaps_total",
     "funnel_salesforce_cdc_replay_fallbacks_total",
+    # KPIs per dimension value (issue 23, item 3): business gauges, summed by the rules ...
+    "funnel_dimension_deals_open",
+    "funnel_dimension_open_value",
+    "funnel_dimension_deals_reached",
+    "funnel_dimension_deals_closed",
+    "funnel_dimension_time_to_close_seconds",
+    "funnel_dimension_won_revenue",
+    # ... the guard, per worker (max / min, never summed) ...
+    "funnel_dimension_values",
+    "funnel_dimension_values_folded",
+    "funnel_dimension_values_limit",
+    "funnel_dimension_series",
+    # ... and its config
+    "funnel_dimension_series_budget",
+    # forecast categories (issue 23, item 6): open amounts by category, and the stage mapping
+    "funnel_forecast_value",
+    "funnel_stage_forecast_category",
+    # reporting currency and quotas (issue 23, items 4 and 5): business gauges ...
+    "funnel_reporting_won_revenue",
+    "funnel_reporting_won_revenue_window",
+    "funnel_reporting_won_revenue_period",
+    "funnel_reporting_open_value",
+    "funnel_reporting_rep_won_revenue",
+    "funnel_reporting_rep_won_revenue_period",
+    "funnel_reporting_unconverted_value",
+    "funnel_rep_won_revenue_period",
+    # ... and config (max)
+    "funnel_exchange_rate",
+    "funnel_rep_quota",
+    "funnel_team_quota",
 }
 GAUGE_HISTOGRAMS = {
     "funnel_won_deal_value",
@@ -87,6 +117,11 @@ CONFIG_GAUGES = {
     "funnel_stage_info",
     "funnel_partitions",
     "funnel_owner_info",
+    "funnel_dimension_series_budget",
+    "funnel_stage_forecast_category",
+    "funnel_exchange_rate",
+    "funnel_rep_quota",
+    "funnel_team_quota",
 }
 DERIVED_OPS = ("ratio", "avg", "p50", "p90", "per_second")
 RUNBOOK_BASE = "{{ with $externalLabels.runbook_base_url }}{{ . }}/{{ end }}"
@@ -264,6 +299,27 @@ def test_config_gauges_are_aggregated_with_max():
             uses = len(re.findall(rf"(?<![:\w]){name}(?![:\w])", expr))
             maxed = len(re.findall(rf"max\s+by\s*\([^)]*\)\s*\(\s*{name}\b", expr))
             assert uses == maxed, f"{r.get('record') or r['alert']}: {name} not under max by"
+
+
+# What the dimensions' guard did, per worker (each ranks the values of its own partitions): a sum
+# over workers means nothing; the fleet view is the worker that folded most or kept fewest.
+PER_WORKER_GAUGES = {"funnel_dimension_values", "funnel_dimension_values_folded",
+                     "funnel_dimension_values_limit", "funnel_dimension_series"}
+
+
+def test_per_worker_guard_gauges_are_aggregated_with_max_or_min_and_never_gated():
+    used = set()
+    for r in rules():
+        expr = r["expr"]
+        for name in PER_WORKER_GAUGES:
+            uses = len(re.findall(rf"(?<![:\w]){name}(?![:\w])", expr))
+            kept = len(re.findall(rf"(?:max|min)\s+by\s*\([^)]*\)\s*\(\s*{name}(?![:\w])", expr))
+            assert uses == kept, f"{r.get('record') or r['alert']}: {name} not under max/min by"
+            if uses and "record" in r:
+                used.add(name)
+                # describes the workers, not the deals: recorded through rebalances
+                assert r["_group"] != "funnel.kpis" and "fleet:funnel_partition_exported" not in expr
+    assert used == PER_WORKER_GAUGES
 
 
 def test_recording_rules_name_no_stage_and_copy_no_threshold():

@@ -14,14 +14,16 @@ import orjson
 import pytest
 from aiokafka.errors import KafkaError
 
+from models import aggregates as agg
 from models.alerts import iso
-from models.config import load_config
+from models.config import FunnelConfig, load_config
+from models.fold import Fold
 from processors.records import Record
 from streams.http.api import SnapshotFeed
 from streams.kafka import topics
 from streams.kafka.settings import Settings
 from streams.worker.loop import Batch
-from streams.worker.publisher import KpiPublisher
+from streams.worker.publisher import KpiPublisher, encode_partial
 from streams.worker.step import publisher_key
 
 FLEET_HEADER = "funnel.fleet"  # a contract (docs/consuming.md): spelled out, not imported
@@ -314,3 +316,46 @@ def test_a_worker_adopts_the_stream_clock_only_from_its_own_fleets_snapshots():
     worker.feed.offer(snapshot_json(as_of_ms=1_700_000_000_000, generation=5), "funnel-kpi-v2")
     assert worker.clock.now_ms() == 1_700_000_000_000
     assert worker.feed.latest["default"].generation == 10**13
+
+
+# -- KPIs per dimension value ---------------------------------------------------------------------
+
+
+def region_fold(*deals: tuple[str, str, str, int, int, str]) -> Fold:
+    """A deals fold of one deal per (region, stage, currency, amount, cycle days, furthest
+    open stage), as the deals processor folds them."""
+    fold = Fold()
+    sums = fold.counters.setdefault(agg.DIMENSION, {})
+    for region, stage, currency, amount, days, furthest in deals:
+        key = ("default", (region,), stage, currency, furthest)
+        sums[key] = sums.get(key, 0) + agg.pack_dimension(1, days * 86_400_000, amount * agg.MICRO)
+    return fold
+
+
+def test_a_snapshot_sums_every_partitions_dimension_samples():
+    """Partials carry the exporter's per-value samples; the snapshot divides their sums, and the
+    API takes and serves it."""
+    config = FunnelConfig.model_validate({**load_config().model_dump(),
+                                          "dimensions": {"region": {"max_values": 2}}})
+    folds = {0: region_fold(("eu", "mql", "USD", 100, 0, "mql"), ("eu", "mql", "USD", 100, 0, "mql"),
+                            ("eu", "won", "USD", 500, 10, "opportunity"),
+                            ("us", "lost", "USD", 9, 5, "sql")),
+             1: region_fold(("us", "won", "EUR", 800, 20, "opportunity"),
+                            ("eu", "lead", "USD", 50, 0, "lead"), ("none", "lead", "USD", 0, 0, "lead"))}
+    values = [encode_partial(kind, partition, 1_000, config, fold if kind == "deals" else Fold())
+              for partition, fold in folds.items() for kind in ("deals", "customers")]
+    out = KpiPublisher(config, partitions=2, version="t").process(records(values), lambda k, r: None, 0)
+    [snapshot] = [s for s in out.snapshots if s.pipeline == "default"]
+    eu, us, none, other = snapshot.dimensions["region"]
+    assert [v.value for v in (eu, us, none, other)] == ["eu", "us", "none", "other"]
+    assert (eu.deals, eu.open_deals, eu.open_value, eu.won, eu.won_revenue) == (4, 3, 250, 1, 500)
+    assert [(s.reached, s.conversion_to_next) for s in eu.stages] == [
+        (4, 0.75), (3, 1 / 3), (1, 1.0), (1, None)]
+    assert eu.avg_sales_cycle_seconds == 10 * 86400
+    # a won EUR deal: counted, its cycle too, but no USD revenue nor deal size
+    assert (us.won, us.lost, us.win_rate, us.won_revenue, us.avg_deal_size) == (1, 1, 0.5, 0, None)
+    assert us.avg_sales_cycle_seconds == 20 * 86400
+    assert (none.deals, other.deals) == (1, 0)
+    feed = SnapshotFeed()
+    assert feed.offer(snapshot.model_dump_json().encode())
+    assert feed.latest["default"].dimensions == snapshot.dimensions

@@ -27,7 +27,7 @@ def validator(name):
 
 
 def test_canonical_events_validate():
-    check = validator("crm-event.v1.json")
+    check = validator("crm-event.v2.json")
     for event in list(dataset_events(DATASET))[:500]:
         check.validate(orjson.loads(orjson.dumps(event)))
     assert not check.is_valid({"event_id": "e", "deal_id": "d"})
@@ -66,3 +66,42 @@ def test_snapshots_carry_the_team_leaderboard_only_when_reps_have_a_team():
                     "cy": "Cy", "dee": {"name": "Dee", "team": "West"}})
     assert doc["teams"] == [{"team": "East", "won_revenue": 150.0}, {"team": "West", "won_revenue": 20.0},
                             {"team": "none", "won_revenue": 7.0}]
+
+
+def test_snapshots_carry_dimensions_only_when_the_config_names_them():
+    """Without dimensions a snapshot is what it was (no `dimensions` key); with them, each named
+    dimension lists its values, then `none` and `other`, and validates against the committed
+    schema."""
+    def row(value, **labels):
+        return {"pipeline": "default", "dimension": "lead_source", "value": value, **labels}
+
+    samples = {
+        "funnel_dimension_deals_open": [(row("web", stage="mql"), 2.0), (row("none", stage="lead"), 1.0)],
+        "funnel_dimension_open_value": [(row("web", stage="mql", currency="USD"), 300.0)],
+        "funnel_dimension_deals_reached": [(row("web", stage="lead"), 4.0), (row("web", stage="mql"), 3.0)],
+        "funnel_dimension_deals_closed": [(row("web", outcome="won", currency="USD"), 1.0),
+                                          (row("web", outcome="lost", currency="USD"), 1.0)],
+        "funnel_dimension_time_to_close_seconds": [(row("web", outcome="won"), 86400.0)],
+        "funnel_dimension_won_revenue": [(row("web", currency="USD"), 500.0)],
+    }
+    shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    check = validator("kpi-snapshot.v1.json")
+
+    def snapshot(dimensions):
+        config = FunnelConfig.model_validate({**shipped, "dimensions": dimensions})
+        built = build_snapshot(samples, config, "default", as_of_ms=0, generated_ms=0, generation=1,
+                               sequence=1, partitions=4, top_customers=[])
+        doc = json.loads(built.model_dump_json())
+        check.validate(doc)
+        assert KpiSnapshot.model_validate_json(built.model_dump_json()) == built
+        return doc
+
+    assert "dimensions" not in snapshot({})
+    doc = snapshot({"lead_source": {}, "region": {"max_values": 5}})
+    assert [v["value"] for v in doc["dimensions"]["lead_source"]] == ["web", "none", "other"]
+    assert [v["value"] for v in doc["dimensions"]["region"]] == ["none", "other"]
+    web = doc["dimensions"]["lead_source"][0]
+    assert (web["deals"], web["win_rate"], web["avg_deal_size"], web["avg_sales_cycle_seconds"]) == (
+        4.0, 0.5, 500.0, 86400.0)
+    assert [s["conversion_to_next"] for s in web["stages"]] == [0.75, 0.0, None, None]
+    assert not check.is_valid({**doc, "dimensions": {"region": [{"value": "x"}]}})

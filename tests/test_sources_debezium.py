@@ -13,6 +13,7 @@ from streams.crm.sources import debezium
 from streams.crm.sources.common import Context, Gap, Malformed
 
 from .test_sources_common import CONFIG, CTX, apply, assert_order_independent, fixture, kpis, raw
+from .test_sources_properties import DIMS_CTX
 
 MESSAGES = fixture("debezium_session.json")["messages"]
 SNAPSHOT, CREATE_2, CREATE_3, SQL_2, WON_2, DELETE_3, TOMBSTONE_3, AMOUNT_1, NOTHING_2, WON_2_AGAIN = MESSAGES
@@ -198,3 +199,48 @@ def test_scripted_session_gives_the_expected_funnel_in_any_order():
     assert counters["open_value"] == {("default", "lead", "USD"): 300_000_000}
     assert counters["rep_won"] == {("default", "bob", "USD"): 900_000_000}
     assert deals["debezium:deals:3"].is_deleted
+
+
+def row_change(before: dict | None, after: dict, op: str = "u") -> dict:
+    """AMOUNT_1 (an update of deal 1) with these columns changed."""
+    message = copy.deepcopy(AMOUNT_1)
+    value = message["value"]
+    value["op"] = op
+    value["after"].update(after)
+    value["before"] = None if before is None else {**value["after"], **before}
+    return message
+
+
+def test_a_dimension_column_change_carries_only_the_property():
+    (event,) = adapt(row_change({"region": "EMEA", "segment": "smb"}, {"region": "APAC", "segment": "smb"}),
+                     DIMS_CTX)
+    assert event["properties"] == {"region": "APAC"}
+    assert set(event) == {"event_id", "occurred_at", "deal_id", "source", "properties"}
+
+
+def test_a_column_set_to_null_clears_the_dimension():
+    (event,) = adapt(row_change({"region": "EMEA"}, {"region": None}), DIMS_CTX)
+    assert event["properties"] == {"region": None}
+
+
+def test_columns_not_configured_as_dimensions_change_nothing():
+    message = row_change({"title": "Deal 1", "region": "EMEA"}, {"title": "Deal one", "region": "APAC"})
+    assert adapt(message) == []
+    message = row_change({"title": "Deal 1"}, {"title": "Deal one", "region": "EMEA"})
+    assert adapt(message, DIMS_CTX) == []
+
+
+def test_without_a_before_image_an_update_gives_the_row_as_it_is_and_a_create_skips_nulls():
+    (update,) = adapt(row_change(None, {"region": None, "segment": 7}), DIMS_CTX)
+    assert update["properties"] == {"region": None, "segment": "7"}
+    (create,) = adapt(row_change(None, {"region": None, "segment": True}, op="c"), DIMS_CTX)
+    assert create["properties"] == {"segment": "true"}
+
+
+def test_a_decimal_dimension_column_is_read_with_its_schema():
+    message = row_change(None, {"region": base64.b64encode((12345).to_bytes(2, "big")).decode()})
+    column = {"field": "region", "name": "org.apache.kafka.connect.data.Decimal",
+              "parameters": {"scale": "2"}}
+    message["value"] = {"schema": {"fields": [{"field": "after", "fields": [column]}]},
+                        "payload": message["value"]}
+    assert adapt(message, DIMS_CTX)[0]["properties"]["region"] == "123.45"

@@ -10,6 +10,7 @@ from streams.crm.sources import hubspot
 from streams.crm.sources.common import Malformed
 
 from .test_sources_common import CTX, apply, assert_order_independent, fixture, kpis, raw
+from .test_sources_properties import DIMS_CTX
 
 EX = fixture("hubspot.json")
 SECRET = "yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy"  # HubSpot's documentation secret
@@ -234,3 +235,40 @@ def test_scripted_session_gives_the_expected_funnel_in_any_order():
     assert counters["rep_won"] == {("default", "hubspot:owner:111", "USD"): 5_000_000_000}
     assert deals["hubspot:deal:103"].owner == "hubspot:owner:222"
     assert deals["hubspot:deal:105"].is_deleted and not deals["hubspot:deal:104"].is_deleted
+
+
+def dimension_change(name: str, value: object, **extra) -> dict:
+    return {**EX["deal_amount"], "propertyName": name, "propertyValue": value, **extra}
+
+
+def test_a_dimension_property_change_carries_only_the_property():
+    out = hubspot.adapt(raw([dimension_change("region_custom", "EMEA"),  # a custom property
+                             dimension_change("dealtype", "newbusiness")]), DIMS_CTX)
+    assert out.rejects == [] and [e["properties"] for e in out.events] == [
+        {"region": "EMEA"}, {"segment": "newbusiness"}]
+    assert set(out.events[0]) == {"event_id", "occurred_at", "deal_id", "source", "properties"}
+    assert out.events[0]["deal_id"] == "hubspot:deal:332507367156"
+
+
+def test_a_cleared_dimension_is_null_and_a_cleared_funnel_field_still_skipped():
+    out = hubspot.adapt(raw([dimension_change("region_custom", ""), dimension_change("region_custom", None),
+                             dimension_change("amount", "")]), DIMS_CTX)
+    assert [e["properties"] for e in out.events] == [{"region": None}, {"region": None}]
+    assert out.skipped == ["cleared_property"]
+
+
+def test_a_property_not_configured_as_a_dimension_gives_nothing():
+    out = hubspot.adapt(raw([dimension_change("region_custom", "EMEA")]), CTX)  # no dimensions
+    assert out.events == [] and out.skipped == ["unused_property"]
+    out = hubspot.adapt(raw([dimension_change("description", "EMEA")]), DIMS_CTX)
+    assert out.events == [] and out.skipped == ["unused_property"]
+    (amount,) = hubspot.adapt(raw([EX["deal_amount"]]), DIMS_CTX).events
+    assert "properties" not in amount
+
+
+def test_a_dimension_value_too_long_is_rejected_not_cut():
+    out = hubspot.adapt(raw([dimension_change("region_custom", "x" * 513),
+                             dimension_change("region_custom", "x" * 512)]), DIMS_CTX)
+    assert [r.code for r in out.rejects] == ["bad_property"]
+    assert "[0].region_custom" in out.rejects[0].reason and "512" in out.rejects[0].reason
+    assert out.events[0]["properties"] == {"region": "x" * 512}

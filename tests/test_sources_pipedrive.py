@@ -11,6 +11,7 @@ from streams.crm.sources import pipedrive
 from streams.crm.sources.common import Malformed
 
 from .test_sources_common import CTX, apply, assert_order_independent, fixture, kpis, raw
+from .test_sources_properties import DIMS_CTX, PIPEDRIVE_REGION
 
 BODIES = fixture("pipedrive_session.json")["bodies"]
 CREATE, MOVE, VALUE, WON, LOST, REOPEN, DELETE = (BODIES[i] for i in (0, 4, 5, 6, 7, 8, 9))
@@ -197,3 +198,64 @@ def test_scripted_session_gives_the_expected_funnel_in_any_order():
     assert counters["won_revenue"] == {("default", "USD"): 2_000_000_000}
     assert counters["rep_won"] == {("default", "pipedrive:user:18487521", "USD"): 2_000_000_000}
     assert deals["pipedrive:deal:3"].is_deleted
+
+
+OTHER_FIELD = "0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b"  # a custom field no dimension names
+
+
+def custom_change(now: dict, before: dict, **data) -> dict:
+    """A v2 change of custom fields: ``previous`` holds only what changed, under custom_fields."""
+    body = copy.deepcopy(MOVE)
+    body["data"].update(custom_fields=now, **data)
+    body["previous"] = {"custom_fields": before, **{key: body["data"].get(key) for key in data}}
+    return body
+
+
+def test_v2_custom_field_change_carries_only_the_property():
+    body = custom_change({PIPEDRIVE_REGION: 12, OTHER_FIELD: "x"}, {PIPEDRIVE_REGION: 11})
+    (event,) = pipedrive.adapt(raw(body), DIMS_CTX).events
+    assert event["properties"] == {"region": "12"}  # an enum field's option id, as text
+    assert set(event) == {"event_id", "occurred_at", "deal_id", "source", "pipeline", "properties"}
+
+
+def test_v2_cleared_custom_field_is_null_and_others_change_nothing():
+    (event,) = pipedrive.adapt(raw(custom_change({PIPEDRIVE_REGION: None}, {PIPEDRIVE_REGION: 12})),
+                               DIMS_CTX).events
+    assert event["properties"] == {"region": None}
+    other = custom_change({PIPEDRIVE_REGION: 12, OTHER_FIELD: "y"}, {OTHER_FIELD: "x"})
+    assert pipedrive.adapt(raw(other), DIMS_CTX).skipped == ["no_funnel_change"]
+    assert pipedrive.adapt(raw(custom_change({PIPEDRIVE_REGION: 12}, {PIPEDRIVE_REGION: 11})),
+                           CTX).skipped == ["no_funnel_change"]
+
+
+def test_v2_standard_field_and_set_field_as_dimensions():
+    body = custom_change({PIPEDRIVE_REGION: [4, 7]}, {PIPEDRIVE_REGION: [4]}, label=9)
+    body["previous"]["label"] = None
+    (event,) = pipedrive.adapt(raw(body), DIMS_CTX).events
+    assert event["properties"] == {"region": "4,7", "segment": "9"}
+
+
+def test_v2_create_carries_the_dimensions_it_has():
+    body = copy.deepcopy(CREATE)
+    body["data"]["custom_fields"] = {PIPEDRIVE_REGION: {"value": 12, "label": "EMEA"}, OTHER_FIELD: "x"}
+    (event,) = pipedrive.adapt(raw(body), DIMS_CTX).events
+    assert event["properties"] == {"region": "12"} and event["stage"] == "1"  # label: no value yet
+
+
+def test_v1_custom_fields_are_top_level_hash_keys_diffed_like_the_rest():
+    current = {"id": 5, "status": "open", "stage_id": 1, "value": 10, PIPEDRIVE_REGION: "13",
+               OTHER_FIELD: "b"}
+    body = {"v": 1, "meta": {"action": "updated", "object": "deal", "id": 5, "timestamp": 1727447128},
+            "current": current, "previous": {**current, PIPEDRIVE_REGION: None, OTHER_FIELD: "a"}}
+    (event,) = pipedrive.adapt(raw(body), DIMS_CTX).events
+    assert event["properties"] == {"region": "13"} and "stage" not in event
+    body["previous"][PIPEDRIVE_REGION] = "13"
+    assert pipedrive.adapt(raw(body), DIMS_CTX).skipped == ["no_funnel_change"]
+    body["current"] = {**current, PIPEDRIVE_REGION: None}
+    assert pipedrive.adapt(raw(body), DIMS_CTX).events[0]["properties"] == {"region": None}
+
+
+def test_a_dimension_value_that_is_no_value_is_rejected():
+    body = custom_change({PIPEDRIVE_REGION: {"from": "a", "until": "b"}}, {PIPEDRIVE_REGION: None})
+    (reject,) = pipedrive.adapt(raw(body), DIMS_CTX).rejects
+    assert reject.code == "bad_property" and f"data.{PIPEDRIVE_REGION}" in reject.reason

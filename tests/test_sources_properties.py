@@ -1,5 +1,7 @@
 """Property tests: whatever a CRM (or an attacker) sends, an adapter returns valid canonical
-events or raises :class:`Malformed` with a reason, never any other exception."""
+events or raises :class:`Malformed` with a reason, never any other exception; so do the
+configured dimensions' values, whatever they are. Also the dimensions every adapter and backfill
+test reads (:data:`DIMS_CTX`)."""
 
 from __future__ import annotations
 
@@ -8,27 +10,76 @@ import json
 import sys
 
 import orjson
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.event import decode_event, encode_event
+from models.config import DEFAULT_CONFIG, FunnelConfig
+from models.event import MAX_TEXT, decode_event, encode_event
 from streams.crm.adapt import convert
 from streams.crm.sources import debezium, hubspot, pipedrive, salesforce
-from streams.crm.sources.common import Adapted, Malformed
+from streams.crm.sources.common import Adapted, Context, Malformed
+from streams.crm.sources.properties import property_text
 
-from .test_sources_common import CTX, NOW_MS, SKEW_MS, fixture
+from .test_sources_common import NOW_MS, SKEW_MS, fixture
+
+PIPEDRIVE_REGION = "5f1a9c0e1e0c4b9d8e7f6a5b4c3d2e1f0a9b8c7d"  # a custom field's hash key
+# A custom field and a standard one per source, as a funnel config names them.
+DIMENSIONS = {
+    "region": {"sources": {"hubspot": "region_custom", "salesforce": "Region__c",
+                           "pipedrive": PIPEDRIVE_REGION, "debezium": "region", "csv": "regional_office"}},
+    "segment": {"sources": {"hubspot": "dealtype", "salesforce": "Type", "pipedrive": "label",
+                            "debezium": "segment", "csv": "sector"}},
+}
+DIMS_CTX = Context(FunnelConfig.model_validate(
+    {**yaml.safe_load(DEFAULT_CONFIG.read_text()), "dimensions": DIMENSIONS})).check()
+
+
+def latest_properties(events: list[dict]) -> dict[str, dict[str, str | None]]:
+    """Deal → dimension → its value as the deal agent keeps it (last write wins per property,
+    by event time then event id), before the workers' normalising."""
+    latest: dict[tuple[str, str], tuple[str, str, str | None]] = {}
+    for event in events:
+        for name, value in (event.get("properties") or {}).items():
+            key, stamp = (event["deal_id"], name), (event["occurred_at"], event["event_id"])
+            if key not in latest or latest[key][:2] < stamp:
+                latest[key] = (*stamp, value)
+    deals: dict[str, dict[str, str | None]] = {}
+    for (deal_id, name), (*_, value) in latest.items():
+        deals.setdefault(deal_id, {})[name] = value
+    return deals
+
 
 ADAPTERS = {
-    "hubspot": lambda value: hubspot.adapt(value, CTX),
-    "pipedrive": lambda value: pipedrive.adapt(value, CTX),
-    "salesforce": lambda value: salesforce.adapt(value, CTX),
-    "debezium": lambda value: debezium.adapt(value, CTX, b'{"id": 1}'),
+    "hubspot": lambda value: hubspot.adapt(value, DIMS_CTX),
+    "pipedrive": lambda value: pipedrive.adapt(value, DIMS_CTX),
+    "salesforce": lambda value: salesforce.adapt(value, DIMS_CTX),
+    "debezium": lambda value: debezium.adapt(value, DIMS_CTX, b'{"id": 1}'),
+}
+# A payload per source with both dimensions in it, so that their values get replaced too.
+WITH_DIMENSIONS = {
+    "hubspot": [{"eventId": 9, "subscriptionId": 1, "portalId": 1, "occurredAt": 1714200002000,
+                 "subscriptionType": "deal.propertyChange", "objectId": 7,
+                 "propertyName": "region_custom", "propertyValue": "EMEA"}],
+    "pipedrive": {"meta": {"action": "change", "entity": "deal", "entity_id": "42", "id": "e1",
+                           "timestamp": 1727447128},
+                  "data": {"id": 42, "label": [3, 4], "custom_fields": {PIPEDRIVE_REGION: 12}},
+                  "previous": {"label": [3], "custom_fields": {PIPEDRIVE_REGION: None}}},
+    "salesforce": {"ChangeEventHeader": {"entityName": "Opportunity", "recordIds": ["006SM0000001Tb3YAE"],
+                                         "changeType": "UPDATE", "transactionKey": "t1", "sequenceNumber": 1,
+                                         "commitTimestamp": 1653500000000, "nulledFields": ["Type"],
+                                         "changedFields": ["Region__c", "Type"]},
+                   "Region__c": "EMEA"},
+    "debezium": {"before": {"id": 1, "region": "EMEA", "segment": None},
+                 "after": {"id": 1, "region": None, "segment": 5},
+                 "source": {"table": "deals", "ts_ms": 1741083300123, "lsn": 1}, "op": "u"},
 }
 EXAMPLES = {
-    "hubspot": [fixture("hubspot_session.json")["bodies"][0]],
-    "pipedrive": fixture("pipedrive_session.json")["bodies"][:2],
-    "salesforce": fixture("salesforce_session.json")["messages"][:2],
-    "debezium": [m["value"] for m in fixture("debezium_session.json")["messages"][:2]],
+    "hubspot": [fixture("hubspot_session.json")["bodies"][0], WITH_DIMENSIONS["hubspot"]],
+    "pipedrive": [*fixture("pipedrive_session.json")["bodies"][:2], WITH_DIMENSIONS["pipedrive"]],
+    "salesforce": [*fixture("salesforce_session.json")["messages"][:2], WITH_DIMENSIONS["salesforce"]],
+    "debezium": [*(m["value"] for m in fixture("debezium_session.json")["messages"][:2]),
+                 WITH_DIMENSIONS["debezium"]],
 }
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -116,6 +167,52 @@ def test_realistic_payloads_with_one_value_replaced(source, data):
     outcome(source, body)  # NaN / Infinity literals and lone surrogates arrive as bytes too
 
 
+def test_every_example_with_dimensions_reads_them():
+    for source, doc in WITH_DIMENSIONS.items():
+        result = outcome(source, doc)
+        assert isinstance(result, Adapted) and result.rejects == [], (source, result)
+        assert [event["properties"] for event in result.events] == [{
+            "hubspot": {"region": "EMEA"},
+            "pipedrive": {"region": "12", "segment": "3,4"},
+            "salesforce": {"region": "EMEA", "segment": None},
+            "debezium": {"region": None, "segment": "5"},
+        }[source]]
+
+
+@PROPERTY
+@given(source=st.sampled_from(sorted(ADAPTERS)), value=json_like)
+def test_any_dimension_value_is_read_as_text_or_refused(source, value):
+    doc = copy.deepcopy(WITH_DIMENSIONS[source])
+    if source == "hubspot":
+        doc[0]["propertyValue"] = value
+    elif source == "pipedrive":
+        doc["data"]["custom_fields"][PIPEDRIVE_REGION] = value
+    elif source == "salesforce":
+        doc["Region__c"] = value
+    else:
+        doc["after"]["region"] = value
+    result = outcome(source, doc)
+    if isinstance(result, Adapted) and result.events:
+        assert all(len(v) <= MAX_TEXT for v in result.events[0]["properties"].values() if v is not None)
+
+
+def test_property_values_as_text():
+    assert property_text("EMEA", "f") == "EMEA"
+    assert property_text(None, "f") is None
+    assert [property_text(v, "f") for v in (12, 12.0, 12.5, True, False)] == ["12", "12", "12.5", "true",
+                                                                            "false"]
+    assert property_text([3, "4", None], "f") == "3,4" and property_text([], "f") is None
+    assert property_text({"value": 2300, "currency": "EUR"}, "f") == "2300"  # Pipedrive monetary
+    assert property_text("x" * MAX_TEXT, "f") == "x" * MAX_TEXT
+    for bad in ("x" * (MAX_TEXT + 1), [[1]], {"a": 1}, float("nan"), 10**600, ["y" * 300] * 2):
+        try:
+            property_text(bad, "data.region")
+        except Malformed as exc:
+            assert exc.code == "bad_property" and exc.reason.startswith("data.region")
+        else:
+            raise AssertionError(f"{bad!r:.40} was read")
+
+
 def test_huge_values_and_deep_nesting():
     huge = "x" * 2_000_000
     for source, examples in EXAMPLES.items():
@@ -134,4 +231,4 @@ def test_huge_values_and_deep_nesting():
 def test_the_bridge_guard_never_raises_either():
     for source in ADAPTERS:
         for value in (None, b"", b"\xff", b"[]", b"{}", b'"x"'):
-            assert isinstance(convert(source, value, None, CTX), Adapted)
+            assert isinstance(convert(source, value, None, DIMS_CTX), Adapted)

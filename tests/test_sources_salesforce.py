@@ -11,6 +11,7 @@ from streams.crm.sources import salesforce
 from streams.crm.sources.common import Gap, Malformed
 
 from .test_sources_common import CTX, apply, assert_order_independent, fixture, kpis, raw
+from .test_sources_properties import DIMS_CTX
 
 MESSAGES = fixture("salesforce_session.json")["messages"]
 (
@@ -79,6 +80,7 @@ def test_official_create_example():
             "amount": 40000,
             "account": "salesforce:001SM0000000iibYAA",
             "expected_close_at": "2022-05-31T00:00:00.000Z",
+            "properties": {"forecast_category": "Pipeline"},  # ForecastCategoryName: always read
         }
     ]
 
@@ -183,3 +185,44 @@ def test_scripted_session_gives_the_expected_funnel_in_any_order():
     }
     assert counters["won_revenue"] == {("default", "USD"): 1_000_000_000}
     assert counters["rep_won"] == {("default", "salesforce:005SM000000146PYAQ", "USD"): 1_000_000_000}
+
+
+def dimension_update(fields: dict, nulled: list[str], changed: list[str]) -> dict:
+    """An UPDATE as CDC sends it: the changed fields' values, the cleared ones named only."""
+    message = copy.deepcopy(UPDATE_B)
+    header = message["ChangeEventHeader"]
+    header.update(nulledFields=nulled, changedFields=[*changed, "LastModifiedDate"])
+    return {"ChangeEventHeader": header, "LastModifiedDate": "2025-11-06T09:00:00.000Z", **fields}
+
+
+def test_custom_field_changes_become_properties():
+    out = salesforce.adapt(raw(dimension_update({"Region__c": "EMEA", "Type": "New Customer"}, [],
+                                                ["Region__c", "Type"])), DIMS_CTX)
+    (event,) = out.events
+    assert event["properties"] == {"region": "EMEA", "segment": "New Customer"}
+    assert set(event) == {"event_id", "occurred_at", "deal_id", "source", "properties"}
+
+
+def test_nulled_fields_clear_a_dimension_and_a_null_alone_changes_nothing():
+    message = dimension_update({"Region__c": None, "Type": None}, ["Region__c"], ["Region__c"])
+    (event,) = salesforce.adapt(raw(message), DIMS_CTX).events
+    assert event["properties"] == {"region": None}  # Type is null but not nulled: unchanged
+
+
+def test_fields_not_configured_as_dimensions_change_nothing():
+    message = dimension_update({"Region__c": "EMEA", "Description": "x"}, ["NextStep"],
+                               ["Region__c", "Description", "NextStep"])
+    assert salesforce.adapt(raw(message), CTX).skipped == ["no_funnel_change"]
+    message = dimension_update({"Description": "x"}, ["NextStep"], ["Description", "NextStep"])
+    assert salesforce.adapt(raw(message), DIMS_CTX).skipped == ["no_funnel_change"]
+
+
+def test_a_create_carries_its_dimensions_with_the_funnel_fields():
+    message = copy.deepcopy(CREATE_AB)
+    message.update(Region__c="EMEA", Type=None)  # a create's nulls are no values, not clears
+    events = salesforce.adapt(raw(message), DIMS_CTX).events
+    assert [e["properties"] for e in events] == [{"forecast_category": "Pipeline", "region": "EMEA"}] * 2
+    assert all(e["stage"] == "Prospecting" for e in events)
+    numeric = dimension_update({"Region__c": 4.0, "Type": True}, [], ["Region__c", "Type"])
+    assert salesforce.adapt(raw(numeric), DIMS_CTX).events[0]["properties"] == {
+        "region": "4", "segment": "true"}

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from models.config import FORECAST_CATEGORIES
 from models.snapshot import KpiSnapshot
 from streams.kafka import client as kafka_client
 from streams.kafka import topics
@@ -35,6 +36,7 @@ MINOR_UNITS = {**dict.fromkeys(("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF",
 _SET_MONEY = ("won_revenue", "avg_deal_size")
 _STAGE_MONEY = ("open_value", "stalled_value")
 _TARGET_MONEY = ("target", "won", "expected_to_date", "forecast")
+_VALUE_MONEY = ("open_value", "won_revenue", "avg_deal_size")
 
 
 def minor_unit(currency: str) -> int:
@@ -65,6 +67,14 @@ def rounded(body: dict[str, Any], currency: str) -> dict[str, Any]:
         _round(customer, ("lifetime_value",), digits)
     for target in (body.get("targets") or {}).values():
         _round(target, _TARGET_MONEY, digits)
+    for values in (body.get("dimensions") or {}).values():
+        for value in values:
+            _round(value, _VALUE_MONEY, digits)
+            for stage in value.get("stages") or []:
+                _round(stage, ("open_value",), digits)
+    for forecast in (body.get("forecast") or {}).values():
+        _round(forecast, ("commit", "best_case"), digits)
+        _round(forecast.get("categories") or {}, FORECAST_CATEGORIES, digits)
     return body
 
 

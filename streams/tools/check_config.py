@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from models.config import ConfigError, load_config
+from models.rates import reporting_book
 from streams.crm.backfill.settings import BackfillSettings
 from streams.kafka import topics
 from streams.kafka.broker_check import check_broker
@@ -69,6 +70,25 @@ def _describe_config(settings: Settings) -> str:
             f"{', '.join(sorted(config.targets)) or 'no pipeline'}; timezone {config.zone}")
 
 
+def _check_rates(report: Report, settings: Settings) -> None:
+    """The rates file loads as the worker loads it (a bad row names file:line)."""
+    try:
+        config = load_config(settings.config)
+    except ConfigError:
+        return  # the funnel config check said why
+    if not config.reporting_currency:
+        report.add("skip", "rates: the funnel config names no reporting_currency")
+        return
+
+    def describe() -> str:
+        book = reporting_book(config, settings.config)
+        found = ", ".join(book.table.currencies) or "none"
+        return (f"reporting currency {config.reporting_currency}; file "
+                f"{config.rates.file or 'none'} (currencies: {found}); topic "
+                f"{config.rates.topic or 'none'}")
+    _check(report, "rates", describe)
+
+
 async def _check_kafka(report: Report, settings: Settings, security: KafkaSecurity) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -120,6 +140,7 @@ def run(settings: Settings) -> int:
     report = Report()
     _check(report, "settings", lambda: _describe_settings(settings))
     _check(report, "funnel config", lambda: _describe_config(settings))
+    _check_rates(report, settings)
 
     def sources() -> str:
         from streams.crm.sources.settings import SourceSettings

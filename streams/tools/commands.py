@@ -64,10 +64,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import uvloop
 
     from models.config import load_config
+    from models.rates import reporting_book
     from streams.kafka import topics
     from streams.worker.app import FunnelWorker
 
-    load_config(settings.config)  # fail fast, before touching the broker
+    reporting_book(load_config(settings.config), settings.config)  # fail fast, before the broker
     asyncio.run(topics.ensure_topics(
         settings.broker, topics.worker_topics(settings.app_id, settings.partitions),
         replication_factor=settings.replication_factor, app_id=settings.app_id,
@@ -85,8 +86,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_events(path: Path, copies: int):
-    from streams.tools.dataset import dataset_events
+def _replay_events(path: Path, copies: int, dimensions: dict[str, str]):
+    """The events of a JSON-lines file, or of the dataset's folder (``dimensions``: the funnel
+    config's dataset columns, which become the deals' properties)."""
+    from streams.tools.dataset import check_columns, dataset_events
 
     if not path.exists():
         raise StartupError(f"replay: {path}: no such file; give an events file (JSON lines), or the "
@@ -98,7 +101,11 @@ def _replay_events(path: Path, copies: int):
             raise StartupError(f"replay: {folder} has no {' and no '.join(missing)}; give the folder of "
                                f"the CRM sales-opportunities dataset ({' with '.join(DATASET_FILES)})")
         try:
-            return list(dataset_events(folder, copies=copies))
+            check_columns(dimensions)
+        except ValueError as exc:
+            raise StartupError(f"replay: funnel config: {exc}; fix dimensions.<name>.sources.csv") from None
+        try:
+            return list(dataset_events(folder, copies=copies, dimensions=dimensions))
         except (OSError, UnicodeDecodeError, KeyError, ValueError) as exc:
             raise StartupError(f"replay: {folder} is not the CRM sales-opportunities dataset "
                                f"({type(exc).__name__}: {exc}); give that dataset's folder") from None
@@ -119,10 +126,12 @@ def _replay_events(path: Path, copies: int):
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from models.config import load_config
     from streams.tools.producer import produce
 
     settings = _settings(args)
-    events = _replay_events(Path(args.file), args.copies)
+    dimensions = load_config(settings.config).dimension_sources("csv")
+    events = _replay_events(Path(args.file), args.copies, dimensions)
     summary = asyncio.run(produce(settings, events, rate=args.rate, total=len(events)))
     print(summary.line())
     return 0

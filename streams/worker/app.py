@@ -22,7 +22,9 @@ import faust
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from models.config import load_config
+from models.config import FunnelConfig, load_config
+from models.dimensions import budget_statement
+from models.rates import RateBook, reporting_book
 from models.snapshot import KpiSnapshot
 from processors.clock import EventClock
 from processors.customers import CustomerProcessor
@@ -38,6 +40,7 @@ from streams.worker.faust_app import faust_app
 from streams.worker.loop import BatchLoop, position_key
 from streams.worker.outbox import BatchProducer, Outbox
 from streams.worker.publisher import KpiPublisher, owned_partials
+from streams.worker.rates_feed import follow_rates
 from streams.worker.readiness import Readiness
 from streams.worker.step import BatchStep
 from streams.worker.tables import FoldedTable, stored_deals
@@ -54,6 +57,7 @@ class FunnelWorker:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings = settings or Settings()
         self.config = config = load_config(settings.config)
+        self.rates = load_rates(config, settings)
         self.clock = EventClock(settings.clock or config.clock)
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
@@ -103,10 +107,9 @@ class FunnelWorker:
                                   value_serializer="raw", internal=True,
                                   partitions=partitions or self.settings.partitions,
                                   config=topics.topic_configs(name, self.settings.app_id))
-        app_id = self.settings.app_id
-        self.assignment_topic = topic(topics.assignment_topic(app_id))
-        self.credits_topic = topic(topics.credits_topic(app_id))
-        self.partials_topic = topic(topics.partials_topic(app_id), 1)
+        self.assignment_topic, self.credits_topic = (
+            topic(name(self.settings.app_id)) for name in (topics.assignment_topic, topics.credits_topic))
+        self.partials_topic = topic(topics.partials_topic(self.settings.app_id), 1)
 
     def _declare_tables(self) -> None:
         self.deals, self.customers = (self.app.tables.add(FoldedTable(
@@ -124,7 +127,7 @@ class FunnelWorker:
         app.agent(self.assignment_topic, name="assignment-anchor")(_anchor)
         app.timer(interval=self.settings.tick_interval)(self.tick)
         app.task(self.loop.run)
-        app.task(self.follow_snapshots)
+        app.task(self.follow_topics)
         if self.redis is not None:
             app.task(self.redis.run)
 
@@ -133,13 +136,11 @@ class FunnelWorker:
             self.config,
             lambda: current_partitions(self.deal_processor.folds.folds,
                                        self.customer_processor.folds.folds),
-            self.clock.now_ms, VERSION, self.settings.partitions,
+            self.clock.now_ms, VERSION, self.settings.partitions, self.rates,
         ))
-        registry = self.registry
-
         @self.app.page("/metrics")
         async def metrics_view(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
-            return web.bytes(generate_latest(registry), content_type=METRICS_CONTENT_TYPE)
+            return web.bytes(generate_latest(self.registry), content_type=METRICS_CONTENT_TYPE)
 
         token = self.settings.api_token
         register_api(self.app, self.feed, pipelines=list(self.config.pipelines),
@@ -190,13 +191,24 @@ class FunnelWorker:
                 self.config, self.clock.now_ms(), self.app.consumer_generation_id, self.loop.lag,
                 deals=self.deal_processor.folds.folds, customers=self.customer_processor.folds.folds):
             sent.append(await self.partials_topic.send(key=key, partition=0, value=value))
-            # A partial costs about a scrape of its partition: let batches in between rather
-            # than hold the loop for all of them (latency).
+            # A partial costs a scrape of its partition: let batches in between (latency).
             await asyncio.sleep(0)
         await self.readiness.probe(sent, self.producer.probe)
 
-    async def follow_snapshots(self) -> None:
-        await self.feed.follow(self.settings.broker)
+    async def follow_topics(self) -> None:
+        """The topics followed outside the batch loop: snapshots (API, stream clock), rates."""
+        followers = [self.feed.follow(self.settings.broker)]
+        if self.rates is not None and self.config.rates.topic:
+            followers.append(follow_rates(self.settings.broker, self.config.rates.topic, self.rates))
+        await asyncio.gather(*followers)
+
+
+def load_rates(config: FunnelConfig, settings: Settings) -> RateBook | None:
+    """The dated rates to the reporting currency (a bad rates file stops the start, one line);
+    how the dimensions share the series budget said in the log first."""
+    if config.dimensions:
+        log.info("%s", budget_statement(config))
+    return reporting_book(config, settings.config)
 
 
 def fleet_clock(clock: EventClock, fleet: str) -> Callable[[KpiSnapshot, str | None], None]:

@@ -90,19 +90,21 @@ def resume(cursor: str | None, passes: tuple[str, ...]) -> Iterator[tuple[str, s
 
 def limit_history(events: list[dict[str, Any]], since: str) -> list[dict[str, Any]]:
     """``--since``: each deal's changes from ``since`` on, plus the last value of every field
-    before it (so every deal still ends in its true state; older history is left out)."""
+    and property before it (so every deal still ends in its true state; older history is left
+    out)."""
     kept: list[dict[str, Any]] = []
     before: dict[tuple[str, str], dict[str, Any]] = {}
     for event in events:
         if event["occurred_at"] >= since:
             kept.append(event)
             continue
-        for name in _FIELDS:
-            if name in event:
-                key = (event["deal_id"], name)
-                if key not in before or (before[key]["occurred_at"], before[key]["event_id"]) < (
-                    event["occurred_at"], event["event_id"]):
-                    before[key] = event
+        names = [name for name in _FIELDS if name in event]
+        names += [f"properties.{name}" for name in event.get("properties") or ()]
+        for name in names:
+            key = (event["deal_id"], name)
+            if key not in before or (before[key]["occurred_at"], before[key]["event_id"]) < (
+                event["occurred_at"], event["event_id"]):
+                before[key] = event
     latest = {id(event): event for event in before.values()}
     return [*latest.values(), *kept]
 

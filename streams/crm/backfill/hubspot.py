@@ -3,7 +3,9 @@
 Each value in a property's history becomes the ``deal.propertyChange`` webhook event HubSpot
 would have sent for it, at the value's ``timestamp``, and goes through the live adapter
 (:mod:`streams.crm.sources.hubspot`): values are read by the very code that reads webhooks. The
-event id is ``hubspot:history:<deal>-<property>-<timestamp ms>``, the same on every run.
+properties read are the adapter's, ``hs_forecast_category`` and those the funnel config names as
+dimensions, so a dimension's values come with their history too (a cleared value is HubSpot's
+""). The event id is ``hubspot:history:<deal>-<property>-<timestamp ms>``, the same on every run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ PAGE_SIZE = 50
 OWNERS_PAGE_SIZE = 100  # the owners API's default page (at most 500)
 
 
+def properties_read(ctx: Context) -> list[str]:
+    """The properties whose history is read: the adapter's, the forecast category and the
+    configured dimensions'."""
+    return list(dict.fromkeys([*HISTORY, *ctx.dimensions(NAME).values()]))
+
+
 def deal_events(deal: dict[str, Any], ctx: Context) -> Adapted:
     """One deal of the v3 list answer → canonical events (pure)."""
     deal_id = ident(deal.get("id"), "deal.id")
@@ -37,7 +45,7 @@ def deal_events(deal: dict[str, Any], ctx: Context) -> Adapted:
     if deal.get("createdAt") is not None:
         items.append(_item(deal_id, "deal.creation", "created", epoch_ms(deal["createdAt"], "createdAt")))
     history = as_dict(deal.get("propertiesWithHistory") or {}, "propertiesWithHistory")
-    for name in HISTORY:
+    for name in properties_read(ctx):
         for i, value in enumerate(history.get(name) or []):
             where = f"propertiesWithHistory.{name}[{i}]"
             value = as_dict(value, where)
@@ -118,6 +126,7 @@ class Reader:
 
     def __init__(self, settings: BackfillSettings, ctx: Context) -> None:
         self.ctx = ctx
+        self.properties = properties_read(ctx)
         self.timeout = settings.backfill_timeout
         self.api = Api.for_crm(NAME, settings, DEFAULT_RATE)
         # retry=False: every retry goes through Api.call (rate limit, Retry-After, backoff).
@@ -144,8 +153,8 @@ class Reader:
         kind = "archived" if archived else "active"
         while True:
             doc = self._json(f"{kind} deals page", partial(
-                basic.get_page, limit=PAGE_SIZE, after=after, properties=HISTORY,
-                properties_with_history=HISTORY, associations=["companies"], archived=archived,
+                basic.get_page, limit=PAGE_SIZE, after=after, properties=self.properties,
+                properties_with_history=self.properties, associations=["companies"], archived=archived,
                 _preload_content=False, _request_timeout=self.timeout))
             after = ((doc.get("paging") or {}).get("next") or {}).get("after")
             results = doc.get("results") or []

@@ -4,12 +4,14 @@ The flow lists every field change (``dealChange``: ``field_key``, ``old_value``,
 ``log_time``), newest first. Undoing the changes from the deal as it is now gives the deal as
 it was after each change and when it was added: exactly the ``data``/``previous`` of the v2
 webhooks Pipedrive sends, which then go through the live adapter
-(:mod:`streams.crm.sources.pipedrive`). Event ids: ``pipedrive:flow:<change id>`` and
-``pipedrive:flow:<deal>:add``.
+(:mod:`streams.crm.sources.pipedrive`). The fields the funnel config names as dimensions are
+read the same way: their value now, undone by their flow changes (custom fields by hash key).
+Event ids: ``pipedrive:flow:<change id>`` and ``pipedrive:flow:<deal>:add``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,29 +24,46 @@ from streams.crm.sources.common import Adapted, Context, Malformed, as_dict, fro
 NAME = "pipedrive"
 DEFAULT_RATE = "40/2"  # Pipedrive's burst limit is per 2-second window (40 is the lowest plan's)
 PAGE_SIZE = 100
+MAX_CUSTOM_FIELDS = 15  # custom field keys GET /api/v2/deals takes in ``custom_fields``
+_CUSTOM_KEY = re.compile(r"[0-9a-f]{40}")
 # Flow field keys (v1 names) → the v2 deal fields the webhook adapter reads.
 FIELDS = {"stage_id": "stage_id", "status": "status", "value": "value", "currency": "currency",
           "user_id": "owner_id", "org_id": "org_id", "expected_close_date": "expected_close_date"}
 
 
+def flow_fields(ctx: Context) -> dict[str, str]:
+    """Flow field keys read → deal field keys: :data:`FIELDS` and the configured dimensions'."""
+    return {**{key: key for key in ctx.dimensions(NAME).values()}, **FIELDS}
+
+
+def custom_fields(ctx: Context) -> str | None:
+    """The ``custom_fields`` parameter of the deals list: the dimensions' custom field keys (the
+    list then carries only those), or None for all of them (more than the API takes, or none)."""
+    keys = [key for key in ctx.dimensions(NAME).values() if _CUSTOM_KEY.fullmatch(key)]
+    return ",".join(keys) if 0 < len(keys) <= MAX_CUSTOM_FIELDS else None
+
+
 def deal_events(deal: dict[str, Any], flow: list[dict[str, Any]], ctx: Context) -> Adapted:
     """One v2 deal and its flow items → canonical events (pure)."""
     deal_id = ident(deal.get("id"), "deal.id")
+    fields = flow_fields(ctx)
     changes = []
     for i, item in enumerate(flow):
         if not isinstance(item, dict) or item.get("object") != "dealChange":
             continue
         data = as_dict(item.get("data"), f"flow[{i}].data")
-        if data.get("field_key") in FIELDS:
+        if data.get("field_key") in fields:
             when = epoch_ms(data.get("log_time") or item.get("timestamp"), f"flow[{i}].log_time",
                             naive_utc=True)
             changes.append((when, ident(data.get("id"), f"flow[{i}].data.id"), data))
     changes.sort(key=lambda change: (change[0], int(change[1]) if change[1].isdigit() else 0, change[1]),
                  reverse=True)
     state = {key: deal.get(key) for key in set(FIELDS.values()) | {"id", "is_deleted"}}
+    # Dimensions' fields at the top level, as v1 webhooks carry custom fields (the adapter reads both).
+    state.update({key: live.field(deal, key) for key in ctx.dimensions(NAME).values()})
     bodies = []
     for when, change_id, data in changes:  # newest first: undo each change
-        key = FIELDS[data["field_key"]]
+        key = fields[data["field_key"]]
         previous = {key: data.get("old_value")}
         bodies.append(_body("change", deal_id, f"flow:{change_id}", when, dict(state), previous))
         state[key] = data.get("old_value")
@@ -93,6 +112,7 @@ class Reader:
 
     def __init__(self, settings: BackfillSettings, ctx: Context) -> None:
         self.ctx = ctx
+        self.custom_fields = custom_fields(ctx)
         self.base = settings.pipedrive_api_url.rstrip("/")
         self.api = Api.for_crm(NAME, settings, DEFAULT_RATE)
         self.session = TimeoutSession(settings.backfill_timeout)
@@ -121,6 +141,8 @@ class Reader:
             params: dict[str, Any] = {"limit": PAGE_SIZE, "sort_by": "id", "sort_direction": "asc"}
             if deleted:
                 params["status"] = "deleted"
+            if self.custom_fields:
+                params["custom_fields"] = self.custom_fields
             if after:
                 params["cursor"] = after
             doc = self._get(f"{kind} deals page", "/api/v2/deals", **params)

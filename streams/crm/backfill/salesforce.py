@@ -6,15 +6,19 @@ since the previous row; owner, account and currency (not in the history) come fr
 opportunity as of its ``SystemModstamp``. They go through the live adapter
 (:mod:`streams.crm.sources.salesforce`). Event ids: ``salesforce:history-<row Id>:0:<opportunity>``
 and ``salesforce:current-<modstamp ms>:0:<opportunity>``. ``queryAll`` includes deleted rows, so
-a deal deleted mid-run is read as deleted, never lost. An org without multiple currencies has no
-``CurrencyIsoCode``: its deals carry no currency, as its CDC events, and count in the config's
-``default_currency``.
+a deal deleted mid-run is read as deleted, never lost. The fields the funnel config names as
+dimensions, and ``ForecastCategoryName``, are selected too and come on the ``current`` event;
+where the org tracks their history, each ``OpportunityFieldHistory`` row of a dimension is a
+change too (``salesforce:fieldhistory-<row Id>:0:<opportunity>``; a null ``NewValue`` clears the
+value). An org without multiple currencies has no ``CurrencyIsoCode``: its deals carry no
+currency, as its CDC events, and count in the config's ``default_currency``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -25,7 +29,7 @@ from streams.crm.backfill.common import CrmStage, Page, adapt_all, epoch_ms, own
 from streams.crm.backfill.http import Api, ApiError, TimeoutSession
 from streams.crm.backfill.settings import BackfillSettings
 from streams.crm.sources import salesforce as live
-from streams.crm.sources.common import Adapted, Context, Malformed, as_dict
+from streams.crm.sources.common import FORECAST_FIELDS, Adapted, Context, Malformed, as_dict
 
 log = logging.getLogger("funnel_kpi")
 
@@ -33,28 +37,50 @@ NAME = "salesforce"
 DEFAULT_RATE = "25/1"  # Salesforce limits calls per 24 h (Sforce-Limit-Info), not per second
 CHUNK = 200  # opportunities whose history one query reads (keeps the SOQL short)
 OPPORTUNITY = ("SELECT Id, StageName, Amount, CurrencyIsoCode, CloseDate, OwnerId, AccountId, IsDeleted, "
-               "CreatedDate, SystemModstamp FROM Opportunity")
+               "CreatedDate, SystemModstamp, ForecastCategoryName FROM Opportunity")
 SINGLE_CURRENCY = OPPORTUNITY.replace(" CurrencyIsoCode,", "")  # the field exists with multi-currency only
 HISTORY = ("SELECT Id, OpportunityId, StageName, Amount, CloseDate, CreatedDate FROM OpportunityHistory "
            "WHERE OpportunityId IN ({ids}) ORDER BY OpportunityId, CreatedDate, Id")
+FIELD_HISTORY = ("SELECT Id, OpportunityId, Field, NewValue, CreatedDate FROM OpportunityFieldHistory "
+                 "WHERE OpportunityId IN ({ids}) AND Field IN ({fields}) "
+                 "ORDER BY OpportunityId, CreatedDate, Id")
 STAGES = ("SELECT ApiName, MasterLabel, DefaultProbability, IsClosed, IsWon, SortOrder FROM OpportunityStage "
           "WHERE IsActive = true ORDER BY SortOrder")
 USERS = "SELECT Id, Name FROM User"
 TRACKED = ("StageName", "Amount", "CloseDate")
+_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,79}")  # an API name (custom ones end in __c)
 
 
 class BudgetSpent(RuntimeError):
     """The org's daily API calls are used up to the configured share: stop, resume later."""
 
 
-def deal_events(opp: dict[str, Any], history: list[dict[str, Any]], ctx: Context) -> Adapted:
-    """One opportunity and its history rows → canonical events (pure)."""
+def dimension_fields(ctx: Context) -> list[str]:
+    """The Opportunity fields the funnel config names as dimensions, checked to be API names
+    (they go into SOQL)."""
+    fields = list(dict.fromkeys(ctx.dimensions(NAME).values()))
+    for field in fields:
+        if not _FIELD_NAME.fullmatch(field):
+            raise ValueError(f"dimensions: {field!r} is not a Salesforce field API name "
+                             "(an Opportunity field such as Region__c)")
+    return fields
+
+
+def with_fields(soql: str, fields: list[str]) -> str:
+    """``soql`` selecting ``fields`` too (those it does not select yet)."""
+    select, _, rest = soql.partition(" FROM ")
+    names = select.removeprefix("SELECT ").split(", ")
+    return f"SELECT {', '.join(dict.fromkeys([*names, *fields]))} FROM {rest}"
+
+
+def deal_events(opp: dict[str, Any], history: list[dict[str, Any]], ctx: Context,
+                field_history: list[dict[str, Any]] | None = None) -> Adapted:
+    """One opportunity, its history rows and its dimension fields' history rows → canonical
+    events (pure)."""
     opp_id = opp.get("Id")
-    rows = sorted(((epoch_ms(r.get("CreatedDate"), "OpportunityHistory.CreatedDate"), str(r.get("Id")), r)
-                   for r in history), key=lambda timed: timed[:2])
     docs = []
     previous: dict[str, Any] = {}
-    for ms, row_id, row in rows:
+    for ms, row_id, row in _timed(history, "OpportunityHistory"):
         fields = {name: row.get(name) for name in TRACKED if row.get(name) != previous.get(name)}
         previous = row
         if any(value is not None for value in fields.values()):
@@ -62,15 +88,35 @@ def deal_events(opp: dict[str, Any], history: list[dict[str, Any]], ctx: Context
     current = {name: opp.get(name) for name in ("OwnerId", "AccountId", "CurrencyIsoCode")}
     if not docs:  # no history rows readable: the opportunity as created, now
         current.update({name: opp.get(name) for name in TRACKED})
+    dimensions = dimension_fields(ctx)
+    # Dimensions as they are now (not every field has a history), but for those whose values the
+    # OpportunityHistory rows above carry already.
+    now = [field for field in dimensions if not (docs and field in TRACKED)]
+    current.update({field: opp[field] for field in now if opp.get(field) is not None})
+    cleared = [field for field in now if field in opp and opp[field] is None]
+    for ms, row_id, row in _timed(field_history or [], "OpportunityFieldHistory"):
+        field = row.get("Field")
+        if field in dimensions:
+            value = row.get("NewValue")
+            docs.append(_doc("UPDATE", f"fieldhistory-{row_id}", opp_id, ms,
+                             {field: value}, nulled=() if value is not None else (field,)))
     modstamp = epoch_ms(opp.get("SystemModstamp") or opp.get("CreatedDate"), "Opportunity.SystemModstamp")
     docs.append(_doc("DELETE" if opp.get("IsDeleted") else "UPDATE", f"current-{modstamp}", opp_id,
-                     modstamp, current))
+                     modstamp, current, nulled=cleared))
     return adapt_all(live.adapt, docs, ctx)
 
 
-def _doc(change: str, transaction: str, opp_id: Any, ms: int, fields: dict[str, Any]) -> dict[str, Any]:
+def _timed(rows: list[dict[str, Any]], what: str) -> list[tuple[int, str, dict[str, Any]]]:
+    """History rows with their time, oldest first (ties by row id)."""
+    return sorted(((epoch_ms(r.get("CreatedDate"), f"{what}.CreatedDate"), str(r.get("Id")), r)
+                   for r in rows), key=lambda timed: timed[:2])
+
+
+def _doc(change: str, transaction: str, opp_id: Any, ms: int, fields: dict[str, Any],
+         nulled: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     header = {"entityName": "Opportunity", "recordIds": [opp_id], "changeType": change,
-              "transactionKey": transaction, "sequenceNumber": 0, "commitTimestamp": ms}
+              "transactionKey": transaction, "sequenceNumber": 0, "commitTimestamp": ms,
+              "nulledFields": list(nulled)}
     return {"ChangeEventHeader": header, **fields}
 
 
@@ -97,7 +143,11 @@ class Reader:
             raise ValueError("set FUNNEL_SALESFORCE_INSTANCE_URL (https://<your domain>.my.salesforce.com)")
         self.ctx = ctx
         self.budget = settings.salesforce_api_budget
-        self.opportunity = OPPORTUNITY
+        self.dimensions = dimension_fields(ctx)
+        self.opportunity = with_fields(OPPORTUNITY, self.dimensions)
+        # The forecast category counts only as it is now (open deals'): no history read for it.
+        self.tracked = [field for field in self.dimensions if field != FORECAST_FIELDS[NAME]]
+        self.field_history = bool(self.tracked)  # until the org refuses the query
         self.api = Api.for_crm(NAME, settings, DEFAULT_RATE)
         session = TimeoutSession(settings.backfill_timeout)
         if settings.salesforce_ca_bundle is not None:
@@ -144,11 +194,12 @@ class Reader:
         try:
             first = next(batches)
         except ApiError as exc:
-            if self.opportunity == SINGLE_CURRENCY or not _no_currency_field(exc):
+            single = self.opportunity.replace(" CurrencyIsoCode,", "")
+            if self.opportunity == single or not _no_currency_field(exc):
                 raise
             log.info("salesforce: the org has one currency (no Opportunity.CurrencyIsoCode); deals "
                      "count in the config's default_currency")
-            self.opportunity = SINGLE_CURRENCY
+            self.opportunity = single
             batches = self._query("opportunities", f"{self.opportunity}{where} ORDER BY Id")
             first = next(batches)
         return itertools.chain([first], batches)
@@ -162,12 +213,35 @@ class Reader:
         for batch in self._query("history", HISTORY.format(ids=ids)):
             for row in batch:
                 history.setdefault(row.get("OpportunityId"), []).append(row)
+        changes = self._field_history(ids)
         for opp in opps:
             try:
-                page.add(deal_events(opp, history.get(opp.get("Id"), []), self.ctx))
+                page.add(deal_events(opp, history.get(opp.get("Id"), []), self.ctx,
+                                     changes.get(opp.get("Id"))))
             except Malformed as exc:
                 page.rejects.append(exc)
         return page
+
+    def _field_history(self, ids: str) -> dict[str, list[dict[str, Any]]]:
+        """The dimension fields' OpportunityFieldHistory rows by opportunity; none once the org
+        refuses the query (no field history tracking, or no access to it): the dimensions are
+        then read as they are now."""
+        rows: dict[str, list[dict[str, Any]]] = {}
+        if not self.field_history:
+            return rows
+        fields = ",".join(f"'{field}'" for field in self.tracked)
+        try:
+            for batch in self._query("field history", FIELD_HISTORY.format(ids=ids, fields=fields)):
+                for row in batch:
+                    rows.setdefault(row.get("OpportunityId"), []).append(row)
+        except ApiError as exc:
+            if exc.status != 400:
+                raise
+            log.info("salesforce: OpportunityFieldHistory refused (%s); dimensions are read as they "
+                     "are now", str(exc.__cause__ or exc)[:200])
+            self.field_history = False
+            rows.clear()
+        return rows
 
     def stages(self) -> list[CrmStage]:
         records = [r for batch in self._query("stages", STAGES) for r in batch]

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from models.config import ConfigError, FunnelConfig
+from models.config import FORECAST_PROPERTY, ConfigError, FunnelConfig
 from models.event import CrmEvent
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -226,7 +226,15 @@ def rfc3339(ts: datetime) -> str:
     return f"{ts:%Y-%m-%dT%H:%M:%S}.{ts.microsecond // 1000:03d}Z"
 
 
+# Where a CRM keeps its own forecast category: read like a dimension, always, with no config
+# entry (docs/kpis.md, "Forecast categories"); Pipedrive and Debezium have none (the config's
+# stage mapping applies).
+FORECAST_FIELDS = {"hubspot": "hs_forecast_category", "salesforce": "ForecastCategoryName"}
+
+
 @dataclass(frozen=True)
+
+
 class Context:
     """What adapters need beyond the payload: the funnel config and source-specific choices."""
 
@@ -234,6 +242,18 @@ class Context:
     lifecycle_pipeline: str = "lifecycle"  # HubSpot contacts' lifecycle stages
     lead_pipeline: str = "lifecycle"  # Salesforce leads' Status
     debezium_columns: Mapping[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def _dimensions(self) -> dict[str, dict[str, str]]:
+        sources = {source for dim in self.config.dimensions.values() for source in dim.sources}
+        forecast = {source: {FORECAST_PROPERTY: field} for source, field in FORECAST_FIELDS.items()}
+        return {source: {**forecast.get(source, {}), **self.config.dimension_sources(source)}
+                for source in sources | set(forecast)}
+
+    def dimensions(self, source: str) -> dict[str, str]:
+        """Property name → the field ``source`` keeps it in: the dimensions'
+        (``dimensions.<name>.sources``) and the CRM's own forecast category (:data:`FORECAST_FIELDS`)."""
+        return self._dimensions.get(source, {})
 
     def check(self) -> Context:
         """Refuse to start with pipelines the funnel config does not have."""

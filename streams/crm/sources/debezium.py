@@ -5,6 +5,8 @@ the JSON converter (``{"schema", "payload"}``). Which column holds what is confi
 (:data:`DEFAULT_COLUMNS`, overridable per column). With the schema present, Debezium's logical
 types (Decimal as base64 bytes, dates as days, micro/nano timestamps) are decoded exactly;
 without it an integer timestamp is ambiguous (days? ms? µs?) and refused rather than guessed.
+The columns the funnel config names as dimensions (``dimensions.<name>.sources.debezium``)
+become the events' ``properties`` when they change, null when set to NULL.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from streams.crm.sources.common import (
     show,
     text,
 )
+from streams.crm.sources.properties import read_properties
 
 SOURCE = "debezium"
 # Canonical field (plus ``id`` and ``occurred_at``) → column name; "" switches one off.
@@ -172,9 +175,30 @@ def _adapt_one(doc: dict[str, Any], types: dict[str, dict[str, Any]], key: Any, 
         if value not in (True, False, 0, 1) or isinstance(value, float):
             raise Malformed("bad_field", f"{columns['deleted']}: expected a boolean, got {show(value)}")
         event["deleted"] = bool(value)
-    if not any(name in event for name in CHANGE_FIELDS):
+    event["properties"] = _properties(row, previous, op, types, ctx)
+    if not any(event.get(name) is not None for name in CHANGE_FIELDS):
         return "no_funnel_change"
     return [event]
+
+
+def _properties(row: dict[str, Any], previous: dict[str, Any] | None, op: str,
+                types: dict[str, dict[str, Any]], ctx: Context) -> dict[str, str | None] | None:
+    """The configured dimension columns that changed. Without a before image (Postgres'
+    default replica identity) an update says nothing of what changed: its values, nulls
+    included, are the row as it is now. A new row's nulls say nothing."""
+    dimensions = ctx.dimensions(SOURCE)
+    values = {}
+    for column in dimensions.values():
+        if column not in row:
+            continue
+        value = row[column]
+        if previous is not None and column in previous:
+            if previous[column] == value:
+                continue
+        elif value is None and op != "u":
+            continue
+        values[column] = None if value is None else _decimal(value, types.get(column), column)
+    return read_properties(dimensions, values, "")
 
 
 def _primary_key(row: dict[str, Any], column: str, key: Any) -> str:

@@ -4,7 +4,10 @@ A POST carries a JSON array of events, each about one object and at most one pro
 (``propertyValue`` is always text). Deals become ``hubspot:deal:<id>``; contacts' lifecycle
 stage is a funnel of its own (``hubspot:contact:<id>`` in the lifecycle pipeline). Delivery is
 at least once and unordered, so the event id is HubSpot's own (retries resend it) and the event
-time is ``occurredAt``; the deal agent does the rest.
+time is ``occurredAt``; the deal agent does the rest. A property the funnel config names as a
+dimension (``dimensions.<name>.sources.hubspot``) becomes the event's ``properties``, null when
+cleared; a property that is both (``amount``, say) sets both. ``hs_forecast_category`` is read the
+same way, always: ``properties.forecast_category``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from streams.crm.sources.common import (
     need,
     text,
 )
+from streams.crm.sources.properties import read_properties
 
 SOURCE = "hubspot"
 SIGNATURE_MAX_AGE_MS = 5 * 60 * 1000  # HubSpot: reject v3 requests older than 5 minutes
@@ -151,28 +155,31 @@ def _adapt_one(item: object, where: str, ctx: Context) -> Outcome:
     value = item.get("propertyValue")
     if value is not None and not isinstance(value, str):
         raise Malformed("bad_field", f"{where}.propertyValue must be text (HubSpot sends strings)")
-    if not value:
-        return "cleared_property"  # a cleared value cannot be expressed as a change
-    where = f"{where}.propertyValue"
-    if kind == "contact":
-        if name == "lifecyclestage":
-            event["stage"] = value
-        elif name == "hubspot_owner_id":
-            event["owner"] = f"hubspot:owner:{ident(value, where)}"
-        else:
-            return "unused_property"
-    elif name == "dealstage":
-        event["stage"] = value
-        event["pipeline"] = ctx.pipeline_of(SOURCE, value)
-    elif name == "amount":
-        event["amount"] = amount(value, where)
-    elif name == "deal_currency_code":
-        event["currency"] = currency(value, where)
-    elif name == "hubspot_owner_id":
-        event["owner"] = f"hubspot:owner:{ident(value, where)}"
-    elif name == "closedate":
-        event["expected_close_at"] = from_epoch(value, where) if value.isdigit() else from_iso(value, where)
-    else:
+    # HubSpot clears a property by sending "" (the history API too): the dimension becomes null.
+    properties = read_properties(ctx.dimensions(SOURCE), {name: value or None}, f"{where}.")
+    fields = _fields(kind, name, value, f"{where}.propertyValue", ctx) if value else {}
+    if not (fields or properties):
+        return "unused_property" if value else "cleared_property"  # a cleared field: no change
+    return [{**event, **fields, "properties": properties}]
+
+
+_FIELDS = {"contact": {"lifecyclestage", "hubspot_owner_id"},
+           "deal": {"dealstage", "amount", "deal_currency_code", "hubspot_owner_id", "closedate"}}
+
+
+def _fields(kind: str, name: str, value: str, where: str, ctx: Context) -> dict[str, Any]:
+    """The canonical fields one property of a deal or contact sets (none: not a funnel field)."""
+    if name not in _FIELDS[kind]:
         # Includes ``pipeline``: a deal's pipeline follows from its stage id (see Context).
-        return "unused_property"
-    return [event]
+        return {}
+    if name == "hubspot_owner_id":
+        return {"owner": f"hubspot:owner:{ident(value, where)}"}
+    if name == "lifecyclestage":
+        return {"stage": value}
+    if name == "dealstage":
+        return {"stage": value, "pipeline": ctx.pipeline_of(SOURCE, value)}
+    if name == "amount":
+        return {"amount": amount(value, where)}
+    if name == "deal_currency_code":
+        return {"currency": currency(value, where)}
+    return {"expected_close_at": from_epoch(value, where) if value.isdigit() else from_iso(value, where)}

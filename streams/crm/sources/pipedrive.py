@@ -4,7 +4,10 @@ v2: ``{"meta", "data", "previous"}`` where ``data`` is the deal now and ``previo
 the fields that changed, so an event carries exactly what changed. v1: ``{"meta", "current",
 "previous"}`` with whole objects, diffed here. A deal's funnel position is its ``stage_id`` while
 open and its ``status`` once won or lost (Pipedrive keeps the last stage id on closed deals), so
-won/lost become the canonical ``won``/``lost`` stages.
+won/lost become the canonical ``won``/``lost`` stages. The deal fields the funnel config names
+as dimensions (``dimensions.<name>.sources.pipedrive``: a field key, custom fields by their
+40-character hash key, found under ``custom_fields`` in v2) become the events' ``properties``;
+enum and set fields carry option ids, passed on as text (a set's ids joined by commas).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from streams.crm.sources.common import (
     need,
     show,
 )
+from streams.crm.sources.properties import read_properties
 
 SOURCE = "pipedrive"
 _V1_ACTIONS = {"added": "create", "updated": "change", "deleted": "delete"}
@@ -75,7 +79,11 @@ def _adapt_one(doc: dict[str, Any], ctx: Context) -> Outcome:
     if action not in ("create", "change"):
         return "unsupported_action"
     data = as_dict(data, "data")
-    changed = None if action == "create" else set(as_dict(previous, "previous"))
+    changed = None
+    if action == "change":
+        previous = as_dict(previous, "previous")
+        custom = previous.get("custom_fields")
+        changed = set(previous) | (set(custom) if isinstance(custom, dict) else set())
     return _changes(event_id, occurred_at, deal_id, data, previous, changed, ctx)
 
 
@@ -102,7 +110,8 @@ def _v1(doc: dict[str, Any], meta: dict[str, Any], ctx: Context) -> Outcome:
     changed = None
     if action == "change":
         previous = as_dict(previous, "previous")
-        changed = {k for k in _USED if data.get(k) != previous.get(k)}
+        changed = {k for k in _USED if data.get(k) != previous.get(k)} | {
+            key for key in ctx.dimensions(SOURCE).values() if field(data, key) != field(previous, key)}
     return _changes(event_id, occurred_at, deal_id, data, previous, changed, ctx)
 
 
@@ -153,6 +162,13 @@ def _changes(
         fields["expected_close_at"] = from_iso(
             data["expected_close_date"], "data.expected_close_date", naive_utc=True
         )
+    dimensions = ctx.dimensions(SOURCE)
+    values = {key: field(data, key) for key in dimensions.values() if touched(key)}
+    if changed is None:  # a new deal: its fields without a value say nothing
+        values = {key: value for key, value in values.items() if value is not None}
+    properties = read_properties(dimensions, values, "data.")
+    if properties:
+        fields["properties"] = properties
     if not fields:
         return "no_funnel_change"
     pipeline = None if stage_id is None else ctx.pipeline_of(SOURCE, stage_id)
@@ -167,6 +183,15 @@ def _event(event_id: str, occurred_at: str, deal_id: str, **fields: Any) -> dict
         "source": SOURCE,
         **fields,
     }
+
+
+def field(deal: dict[str, Any], key: str) -> Any:
+    """A deal field by its key: top level (standard fields; v1's custom fields) or, in v2,
+    under ``custom_fields`` (custom fields, by their 40-character hash key)."""
+    if key in deal:
+        return deal[key]
+    custom = deal.get("custom_fields")
+    return custom.get(key) if isinstance(custom, dict) else None
 
 
 def _ref(value: object, where: str) -> str:

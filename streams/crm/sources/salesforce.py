@@ -4,8 +4,11 @@ Accepts the change event itself (``{"ChangeEventHeader": …, <fields>}``) or wr
 streaming API delivers it (``{"data": {"payload": …, "event": {"replayId": …}}}``). One event
 can name several records (same change, same transaction): it fans out to one canonical event per
 record. On UPDATE only changed fields are non-null; a null means "unchanged" unless the field is
-in ``nulledFields``, and a cleared value has no canonical form, so it is left out. Gap events
-say changes happened without describing them: they are reported, never guessed.
+in ``nulledFields``, and a cleared value has no canonical form, so it is left out, except for
+the fields the funnel config names as dimensions (``dimensions.<name>.sources.salesforce``, an
+API name such as ``Region__c``): they become the event's ``properties``, null when cleared; so
+does ``ForecastCategoryName``, always (``properties.forecast_category``). Gap
+events say changes happened without describing them: they are reported, never guessed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from streams.crm.sources.common import (
     need,
     text,
 )
+from streams.crm.sources.properties import read_properties
 
 SOURCE = "salesforce"
 _RECORD_ID = re.compile(r"[a-zA-Z0-9]{15}(?:[a-zA-Z0-9]{3})?")
@@ -138,6 +142,21 @@ def _adapt_one(
             event["expected_close_at"] = (
                 from_epoch(close, "CloseDate") if isinstance(close, int) else from_iso(close, "CloseDate")
             )
-    if not any(name in event for name in CHANGE_FIELDS):
+    event["properties"] = _properties(doc, header, change, ctx)
+    if not any(event.get(name) is not None for name in CHANGE_FIELDS):
         return "no_funnel_change"
     return [event]
+
+
+def _properties(doc: dict[str, Any], header: dict[str, Any], change: str,
+                ctx: Context) -> dict[str, str | None] | None:
+    """The configured dimension fields and the forecast category the change carries: non-null
+    values, and on UPDATE the fields ``nulledFields`` says were cleared (null)."""
+    dimensions = ctx.dimensions(SOURCE)
+    if not dimensions:
+        return None
+    nulled = header.get("nulledFields") if change == "UPDATE" else None
+    cleared = {name for name in nulled if isinstance(name, str)} if isinstance(nulled, list) else set()
+    values = {field: doc.get(field) for field in dimensions.values()
+              if doc.get(field) is not None or field in cleared}
+    return read_properties(dimensions, values, "")

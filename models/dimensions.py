@@ -1,0 +1,140 @@
+"""KPIs per dimension value, and the cardinality guard (docs/kpis.md, "Dimensions").
+
+The fold keeps one ``DIMENSION`` sum per (pipeline, dimension, value, stage, currency, furthest
+stage): every value a deal ever had, exactly. What is *exported* is bounded: per pipeline and
+dimension the values with the most deals are kept, at most the dimension's ``max_values`` and
+as many as the worker's series budget leaves room for; the rest are summed as ``other``, and
+deals without a value count as ``none``. Summing is all the guard does, so the sum over the
+exported values of any KPI equals its total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.aggregates import NO_VALUE, unpack_dimension
+from models.config import FunnelConfig, Pipeline
+
+OTHER = "other"  # the exported value of the values beyond the limit
+
+
+@dataclass
+class ValueKpis:
+    """One value's sums (money in micro units, durations in ms)."""
+
+    deals: int = 0                                                    # in the funnel
+    open: dict[str, int] = field(default_factory=dict)                # stage → deals
+    open_value: dict[tuple[str, str], int] = field(default_factory=dict)  # (stage, currency)
+    furthest: dict[str, int] = field(default_factory=dict)            # furthest stage → deals
+    closed: dict[tuple[str, str], int] = field(default_factory=dict)  # (outcome, currency) → deals
+    cycle_ms: dict[str, int] = field(default_factory=dict)            # outcome → ms
+    won: dict[str, int] = field(default_factory=dict)                 # currency → micro
+
+    def add_deals(self, pipeline: Pipeline, stage: str, currency: str, furthest: str,
+                  deals: int, cycle_ms: int, micro: int) -> None:
+        """The deals of one fold key (their current stage, currency, furthest stage reached)."""
+        self.deals += deals
+        self.furthest[furthest] = self.furthest.get(furthest, 0) + deals
+        outcome = pipeline.by_name[stage].outcome
+        if outcome is None:
+            self.open[stage] = self.open.get(stage, 0) + deals
+            key = (stage, currency)
+            self.open_value[key] = self.open_value.get(key, 0) + micro
+            return
+        key = (outcome, currency)
+        self.closed[key] = self.closed.get(key, 0) + deals
+        self.cycle_ms[outcome] = self.cycle_ms.get(outcome, 0) + cycle_ms
+        if outcome == "won":
+            self.won[currency] = self.won.get(currency, 0) + micro
+
+    def add(self, other: ValueKpis) -> None:
+        self.deals += other.deals
+        for mine, theirs in ((self.open, other.open), (self.open_value, other.open_value),
+                             (self.furthest, other.furthest), (self.closed, other.closed),
+                             (self.cycle_ms, other.cycle_ms), (self.won, other.won)):
+            for key, value in theirs.items():
+                mine[key] = mine.get(key, 0) + value
+
+    def reached(self, pipeline: Pipeline) -> dict[str, int]:
+        """Open stage → deals that got at least that far (as ``funnel_deals_reached``)."""
+        counts = [0] * len(pipeline.open_stages)
+        for stage, deals in self.furthest.items():
+            if stage:
+                counts[pipeline.open_index[stage]] += deals
+        out, running = {}, 0
+        for stage, count in zip(reversed(pipeline.open_stages), reversed(counts), strict=True):
+            running += count
+            out[stage.name] = running
+        return {stage.name: out[stage.name] for stage in pipeline.open_stages}
+
+
+@dataclass
+class DimensionKpis:
+    """One pipeline and dimension as exported: ``values`` holds the kept values, then
+    ``none`` and ``other`` (always, zero or not)."""
+
+    values: dict[str, ValueKpis]
+    currencies: list[str]
+    distinct: int  # distinct values with deals (``none`` not counted)
+    folded: int    # of them, summed as ``other``
+    limit: int     # values kept at most (the dimension's max_values, or less for the budget)
+
+
+def pair_budget(config: FunnelConfig) -> int:
+    """The series budget's share of each (pipeline, dimension)."""
+    return config.dimension_series_budget // max(1, len(config.pipelines) * len(config.dimensions))
+
+
+def budget_statement(config: FunnelConfig) -> str:
+    """What the worker says at start-up: the dimensions, their limits and the series budget."""
+    named = ", ".join(f"{name} (up to {dim.max_values} values)" for name, dim in config.dimensions.items())
+    one_currency = ", ".join(f"{pipeline.dimension_series(1)} on {pl}"
+                             for pl, pipeline in config.pipelines.items())
+    return (f"dimensions {named}: series budget {config.dimension_series_budget}, "
+            f"{pair_budget(config)} per pipeline and dimension; a value takes "
+            f"{one_currency} series with one currency (more with more currencies: fewer values "
+            "are then kept, the rest summed as other)")
+
+
+def _by_value(config: FunnelConfig, sums: dict[tuple, int]) -> dict[tuple[str, str], dict]:
+    """(pipeline, dimension) → value → its :class:`ValueKpis`, from the fold's sums."""
+    out: dict[tuple[str, str], dict[str, ValueKpis]] = {}
+    names = list(config.dimensions)
+    for (pl, values, stage, currency, furthest), packed in sums.items():
+        pipeline = config.pipelines.get(pl)
+        if pipeline is not None and len(values) == len(names):  # else: another config's fold
+            parts = unpack_dimension(packed)
+            for name, value in zip(names, values, strict=True):
+                per_value = out.setdefault((pl, name), {})
+                kpis = per_value.get(value)
+                if kpis is None:
+                    kpis = per_value[value] = ValueKpis()
+                kpis.add_deals(pipeline, stage, currency, furthest, *parts)
+    return out
+
+
+def dimension_kpis(config: FunnelConfig, sums: dict[tuple, int]) -> dict[tuple[str, str], DimensionKpis]:
+    """Every configured (pipeline, dimension), guarded: see the module's docstring."""
+    found = _by_value(config, sums)
+    budget = pair_budget(config)
+    out = {}
+    for pl, pipeline in config.pipelines.items():
+        for name, dimension in config.dimensions.items():
+            values = found.get((pl, name), {})
+            currencies = sorted({config.default_currency}
+                                | {c for v in values.values() for _, c in v.open_value}
+                                | {c for v in values.values() for _, c in v.closed})
+            room = budget // pipeline.dimension_series(len(currencies)) - 2  # none and other
+            limit = max(0, min(dimension.max_values, room))
+            distinct = len(values) - (NO_VALUE in values)
+            none = values.pop(NO_VALUE, ValueKpis())
+            other = values.pop(OTHER, ValueKpis())  # a value spelled "other" joins the rest
+            ranked = sorted(values.items(), key=lambda kv: (-kv[1].deals, kv[0]))
+            for _, kpis in ranked[limit:]:
+                other.add(kpis)
+            kept = dict(ranked[:limit])
+            kept[NO_VALUE] = none
+            kept[OTHER] = other
+            out[pl, name] = DimensionKpis(kept, currencies, distinct,
+                                          max(0, len(ranked) - limit), limit)
+    return out
