@@ -68,12 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}  {drained.rate:>9,.0f} ev/s  "
                       f"{drained.cpu_us_per_event()[0]:5.1f} µs CPU/event", flush=True)
     print(f"\nmedians over {args.rounds} turns of {args.events:,} events (logs: {workdir})")
-    first = None
+    first = results[runs[0][0]]
     for name, drains in results.items():
         rate = statistics.median(d.rate for d in drains)
         cpu = statistics.median(d.cpu_us_per_event()[0] for d in drains)
-        first = first or cpu
-        print(f"{name}  {rate:>9,.0f} ev/s  {cpu:5.1f} µs CPU/event  ({cpu / first:.3f}× the first)")
+        # Paired: each turn's ratio to the first run of the same turn (they ran minutes apart at
+        # most), then the median: steadier than a ratio of medians while the box drifts.
+        paired = statistics.median(d.cpu_us_per_event()[0] / f.cpu_us_per_event()[0]
+                                   for d, f in zip(drains, first, strict=True))
+        print(f"{name}  {rate:>9,.0f} ev/s  {cpu:5.1f} µs CPU/event  "
+              f"({paired:.3f}× the first, median of the turns' ratios)")
     return 0
 
 
