@@ -23,6 +23,7 @@ from models.kpis import Samples, pipeline_kpis, total
 from streams.kafka.settings import Settings
 from streams.tools.dataset import dataset_deals
 from streams.tools.producer import produce
+from streams.worker.faust_app import faust_app
 
 from .conftest import DATASET, credits_settled, merged, wait_until
 from .test_e2e_pipeline import assert_dataset_values
@@ -227,3 +228,26 @@ def test_workers_added_stopped_and_killed_keep_the_sums_exact(broker, workers):
           f"{len(sampler.overshoots)} above the truth")
     assert not sampler.overshoots, sampler.overshoots[:5]
     assert not stale, stale
+
+
+def test_changelog_records_queued_for_a_standby_survive_faust_resuming_a_running_flow():
+    """Faust reads every changelog record (table recovery and standby copies) through one
+    queue, and its flow control clears that queue on ``resume()``. After a rebalance, Faust
+    suspends the flow and resumes it for recovery; then it resumes the running flow again,
+    once standby partitions start reading and again when recovery ends ("Worker ready").
+    mode's FlowControlEvent cleared the queue at those later resumes too. The standby records
+    already fetched were dropped, and the consumer had moved past them: a hole below the
+    standby copy's persisted offset. When the worker later took the partition over, recovery
+    started after the hole, so a customers row stayed missing and lifetime value stayed
+    short. tests/test_board_routine_ops.py saw it after a SIGTERM handed a partition to the
+    worker holding its standby copy. Records queued before a suspension are stale (recovery
+    seeks again) and are still cleared. No broker needed: the worker's own Faust app."""
+    app = faust_app(Settings(partitions=PARTITIONS))
+    changelog = app.tables.changelog_queue  # Faust's queue for table recovery and standbys
+    app.flow_control.resume()  # recovery of an assignment: the flow runs
+    changelog.put_nowait("a standby record, fetched and not applied yet")
+    app.flow_control.resume()  # Faust resumes the running flow (standbys started, recovery ended)
+    assert changelog.qsize() == 1, "a queued changelog record was dropped"
+    app.flow_control.suspend()  # a rebalance: what is queued is stale
+    app.flow_control.resume()
+    assert changelog.qsize() == 0

@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import faust
+from mode.utils.queues import FlowControlEvent
 
 from streams.kafka import client as kafka_client
 from streams.kafka.settings import Settings
+
+
+class KeepQueuedOnResume(FlowControlEvent):
+    """Flow control that clears its queues only when resuming from a suspension.
+
+    Faust reads every changelog record (table recovery and standby copies) through one queue
+    that its flow control clears on ``resume()``. A rebalance suspends the flow, and what was
+    queued before it is stale (recovery seeks again), so clearing then is right. But Faust
+    also resumes a flow that is already running: once standby partitions have started
+    reading, and again when recovery ends. Clearing then drops records the consumer has
+    already moved past. The standby copy gets a hole below its persisted offset, and when
+    that worker takes the partition over, recovery starts after the hole: a customers row or
+    a deal is missing from its exports for good."""
+
+    def resume(self) -> None:
+        if self.is_active():
+            return  # already flowing: what is queued is live, not stale
+        super().resume()
 
 
 def faust_app(settings: Settings) -> faust.App:
     """Faust as the worker uses it: group membership, tables and their recovery, timers and the
     web server; its own web views are off (they would expose deal data)."""
     heartbeat = min(3.0, settings.session_timeout / 3)
-    return faust.App(
+    app = faust.App(
         settings.app_id,
         **kafka_client.faust_args(settings.broker),
         store=settings.store,
@@ -38,3 +57,6 @@ def faust_app(settings: Settings) -> faust.App:
         web_metrics_enabled=False,
         logging_config=None,
     )
+    # Before anything creates a queue: the queues register with the app's flow control.
+    app.flow_control = KeepQueuedOnResume(loop=app.loop)
+    return app
