@@ -70,6 +70,7 @@ class RawWriter:
                 return True
             return False
         pending = []
+        headers = []  # counted once Kafka acknowledged them: the metric says "written"
         last_commit = None
         for consumer_event in response.events:
             event = consumer_event.event
@@ -89,8 +90,10 @@ class RawWriter:
             )
             header = change["ChangeEventHeader"]
             last_commit = header.get("commitTimestamp")
-            self._count(name, header)
+            headers.append(header)
         await asyncio.gather(*pending)
+        for header in headers:
+            self._count(name, header)
         last = bytes(response.events[-1].replay_id)
         await self.store.save(key, Stored(last, last_commit))
         if isinstance(last_commit, int):
