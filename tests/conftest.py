@@ -141,6 +141,7 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.port}/metrics"
 
     def start(self) -> WorkerProcess:
+        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module, "worker"], cwd=ROOT, env=self.env,
@@ -154,10 +155,25 @@ class WorkerProcess:
     def wait_ready(self, timeout: float = 60) -> None:
         def ready():
             if self.process.poll() is not None:
+                if self._port_taken():
+                    return False  # started again on another port
                 raise RuntimeError(f"worker exited: {self.log_tail()}")
             samples = self.samples()
             return samples is not None and total(samples, "funnel_worker_ready") == 1
         wait_until(ready, timeout, what=f"worker {self.name} ready")
+
+    def _port_taken(self) -> bool:
+        """Whether the worker exited because its web port was taken between picking and binding
+        (parallel test processes pick ports too); if so, start it again on another port."""
+        with self.log_path.open("rb") as log:
+            log.seek(self.log_offset)
+            said = log.read().decode(errors="replace")
+        if f"('127.0.0.1', {self.port}): address already in use" not in said:
+            return False
+        self.port = free_port()
+        self.env["FUNNEL_WEB_PORT"] = str(self.port)
+        self.start()
+        return True
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
