@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict
 
 from models.aggregates import NO_VALUE
-from models.dimensions import OTHER
+from models.dimensions import OTHER, keep_most
 from models.kpis import Samples, ratio
 
 
@@ -115,20 +115,6 @@ def value_sums(samples: Samples, pipeline: str, dimensions: list[str],
     return out
 
 
-def kept(sums: dict[str, ValueSums], limit: int) -> dict[str, ValueSums]:
-    """The ``limit`` values with the most deals (then by name), then ``none`` and ``other``,
-    which also sums the values beyond the limit; values without deals are left out."""
-    none, other = sums.get(NO_VALUE, ValueSums()), sums.get(OTHER, ValueSums())
-    ranked = sorted(((value, s) for value, s in sums.items()
-                     if value not in (NO_VALUE, OTHER) and s.deals),
-                    key=lambda kv: (-kv[1].deals, kv[0]))
-    folded = ValueSums()
-    folded.add(other)
-    for _, s in ranked[limit:]:
-        folded.add(s)
-    return {**dict(ranked[:limit]), NO_VALUE: none, OTHER: folded}
-
-
 def value_kpis(value: str, sums: ValueSums, stages: list[str]) -> DimensionValue:
     """``stages``: the pipeline's open stages in funnel order."""
     reached = [sums.reached.get(stage, 0.0) for stage in stages]
@@ -154,5 +140,6 @@ def dimension_values(samples: Samples, pipeline: str, currency: str, stages: lis
     """Each dimension of ``limits`` (name → values kept at most), in its order: its values with
     their KPIs, at most the limit kept, then ``none`` and ``other``."""
     found = value_sums(samples, pipeline, list(limits), currency)
-    return {name: [value_kpis(value, sums, stages) for value, sums in kept(found[name], limit).items()]
+    return {name: [value_kpis(value, sums, stages)
+                   for value, sums in keep_most(found[name], limit, ValueSums)[0].items()]
             for name, limit in limits.items()}

@@ -10,12 +10,15 @@ exported values of any KPI equals its total.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, Self, TypeVar
 
 from models.aggregates import NO_VALUE, unpack_dimension
 from models.config import FunnelConfig, Pipeline
 
 OTHER = "other"  # the exported value of the values beyond the limit
+S = TypeVar("S", bound="_Sums")
 
 
 @dataclass
@@ -127,14 +130,31 @@ def dimension_kpis(config: FunnelConfig, sums: dict[tuple, int]) -> dict[tuple[s
             room = budget // pipeline.dimension_series(len(currencies)) - 2  # none and other
             limit = max(0, min(dimension.max_values, room))
             distinct = len(values) - (NO_VALUE in values)
-            none = values.pop(NO_VALUE, ValueKpis())
-            other = values.pop(OTHER, ValueKpis())  # a value spelled "other" joins the rest
-            ranked = sorted(values.items(), key=lambda kv: (-kv[1].deals, kv[0]))
-            for _, kpis in ranked[limit:]:
-                other.add(kpis)
-            kept = dict(ranked[:limit])
-            kept[NO_VALUE] = none
-            kept[OTHER] = other
-            out[pl, name] = DimensionKpis(kept, currencies, distinct,
-                                          max(0, len(ranked) - limit), limit)
+            kept, folded = keep_most(values, limit, ValueKpis)
+            out[pl, name] = DimensionKpis(kept, currencies, distinct, folded, limit)
     return out
+
+
+class _Sums(Protocol):
+    """What :func:`keep_most` needs of a value's sums."""
+
+    @property
+    def deals(self) -> float: ...
+
+    def add(self, other: Self) -> None: ...
+
+
+def keep_most(values: dict[str, S], limit: int, empty: Callable[[], S]) -> tuple[dict[str, S], int]:
+    """The guard itself, for the worker's folds and the snapshot's summed samples alike: the
+    ``limit`` values with the most deals (then by name), then ``none`` and ``other``, which also
+    sums the values beyond the limit (and a value spelled "other"); values without deals are left
+    out. Also how many values were summed into ``other``."""
+    none, other = values.get(NO_VALUE) or empty(), empty()
+    if OTHER in values:
+        other.add(values[OTHER])
+    ranked = sorted(((value, sums) for value, sums in values.items()
+                     if value not in (NO_VALUE, OTHER) and sums.deals),
+                    key=lambda kv: (-kv[1].deals, kv[0]))
+    for _, sums in ranked[limit:]:
+        other.add(sums)
+    return {**dict(ranked[:limit]), NO_VALUE: none, OTHER: other}, max(0, len(ranked) - limit)

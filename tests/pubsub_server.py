@@ -87,6 +87,20 @@ HEADER = {
 }
 
 
+def login_env(keys: dict[str, Any], oauth: OAuthServer, pubsub: PubSubServer) -> dict[str, str]:
+    """``funnel-kpi salesforce-cdc``'s settings for these servers: a JWT bearer login as the
+    test's connected app and integration user, the org and the Pub/Sub endpoint."""
+    return {
+        "FUNNEL_SALESFORCE_LOGIN_URL": oauth.url,
+        "FUNNEL_SALESFORCE_CLIENT_ID": CLIENT_ID,
+        "FUNNEL_SALESFORCE_USERNAME": USERNAME,
+        "FUNNEL_SALESFORCE_PRIVATE_KEY_FILE": str(keys["jwt"]),
+        "FUNNEL_SALESFORCE_CA_BUNDLE": str(keys["cert"]),
+        "FUNNEL_SALESFORCE_PUBSUB_URL": pubsub.url,
+        "FUNNEL_SALESFORCE_ORG_ID": ORG,
+    }
+
+
 def _optional(name: str, kind: Any) -> dict[str, Any]:
     return {"name": name, "type": ["null", kind], "default": None}
 

@@ -43,6 +43,7 @@ from .pubsub_server import (
     OAuthServer,
     PubSubServer,
     avro_record,
+    login_env,
 )
 from .test_sources_common import CTX, fixture
 
@@ -312,13 +313,7 @@ def run_cli(keys, oauth, pubsub, **env) -> subprocess.CompletedProcess:
     environ = {
         **{k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")},
         "FUNNEL_BROKER": f"kafka://127.0.0.1:{free_port()}",  # never reached: refused before
-        "FUNNEL_SALESFORCE_LOGIN_URL": oauth.url,
-        "FUNNEL_SALESFORCE_CLIENT_ID": CLIENT_ID,
-        "FUNNEL_SALESFORCE_USERNAME": USERNAME,
-        "FUNNEL_SALESFORCE_PRIVATE_KEY_FILE": str(keys["jwt"]),
-        "FUNNEL_SALESFORCE_CA_BUNDLE": str(keys["cert"]),
-        "FUNNEL_SALESFORCE_PUBSUB_URL": pubsub.url,
-        "FUNNEL_SALESFORCE_ORG_ID": ORG,
+        **login_env(keys, oauth, pubsub),
         **env,
     }
     return subprocess.run(

@@ -29,7 +29,7 @@ from streams.tools.broker import free_port
 
 from .conftest import ROOT, run_async, scrape, wait_until
 from .crm_servers import TOKEN, SalesforceServer, tls_files
-from .pubsub_server import CLIENT_ID, ORG, USERNAME, OAuthServer, PubSubServer
+from .pubsub_server import ORG, OAuthServer, PubSubServer, login_env
 from .test_backfill_convergence import live_events
 from .test_backfill_e2e import worker_kpis
 from .test_ingest_e2e import _produce, read
@@ -249,13 +249,7 @@ class Processes:
         self.cdc_port = free_port()
         self.cdc_env = {
             **self.base,
-            "FUNNEL_SALESFORCE_LOGIN_URL": oauth.url,
-            "FUNNEL_SALESFORCE_CLIENT_ID": CLIENT_ID,
-            "FUNNEL_SALESFORCE_USERNAME": USERNAME,
-            "FUNNEL_SALESFORCE_PRIVATE_KEY_FILE": str(keys["jwt"]),
-            "FUNNEL_SALESFORCE_CA_BUNDLE": str(keys["cert"]),
-            "FUNNEL_SALESFORCE_PUBSUB_URL": pubsub.url,
-            "FUNNEL_SALESFORCE_ORG_ID": ORG,
+            **login_env(keys, oauth, pubsub),
             "FUNNEL_SALESFORCE_CDC_PORT": str(self.cdc_port),
             "FUNNEL_SALESFORCE_FETCH": str(FETCH),
             "FUNNEL_SALESFORCE_KEEPALIVE_TIMEOUT": "10",

@@ -33,6 +33,19 @@ def test_canonical_events_validate():
     assert not check.is_valid({"event_id": "e", "deal_id": "d"})
 
 
+def validated_snapshot(samples, **config) -> dict:
+    """The default pipeline's snapshot of ``samples`` under the shipped config with ``config``
+    set: valid against the committed schema, read back as it was built."""
+    shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    built = build_snapshot(samples, FunnelConfig.model_validate({**shipped, **config}), "default",
+                           as_of_ms=0, generated_ms=0, generation=1, sequence=1, partitions=4,
+                           top_customers=[])
+    doc = json.loads(built.model_dump_json())
+    validator("kpi-snapshot.v1.json").validate(doc)
+    assert KpiSnapshot.model_validate_json(built.model_dump_json()) == built
+    return doc
+
+
 def test_alerts_validate():
     alert = stall_alert("deal.stalled", deal_id="d", pipeline="default", stage="lead",
                         entered_ms=0, now_ms=10**12, stall_after=60.0, amount=1.0,
@@ -49,17 +62,9 @@ def test_snapshots_carry_the_team_leaderboard_only_when_reps_have_a_team():
                                           ("cy", "USD", 7.0), ("dee", "USD", 20.0),
                                           ("ann", "EUR", 1000.0)]]
     samples = {"funnel_rep_won_revenue": rep}
-    shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    check = validator("kpi-snapshot.v1.json")
 
     def snapshot(owners):
-        config = FunnelConfig.model_validate({**shipped, "owners": owners})
-        built = build_snapshot(samples, config, "default", as_of_ms=0, generated_ms=0, generation=1,
-                               sequence=1, partitions=4, top_customers=[])
-        doc = json.loads(built.model_dump_json())
-        check.validate(doc)
-        assert KpiSnapshot.model_validate_json(built.model_dump_json()) == built
-        return doc
+        return validated_snapshot(samples, owners=owners)
 
     assert "teams" not in snapshot({}) and "teams" not in snapshot({"ann": "Ann", "bo": {"name": "Bo"}})
     doc = snapshot({"ann": {"name": "Ann", "team": "East"}, "bo": {"name": "Bo", "team": "East"},
@@ -84,17 +89,9 @@ def test_snapshots_carry_dimensions_only_when_the_config_names_them():
         "funnel_dimension_time_to_close_seconds": [(row("web", outcome="won"), 86400.0)],
         "funnel_dimension_won_revenue": [(row("web", currency="USD"), 500.0)],
     }
-    shipped = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    check = validator("kpi-snapshot.v1.json")
 
     def snapshot(dimensions):
-        config = FunnelConfig.model_validate({**shipped, "dimensions": dimensions})
-        built = build_snapshot(samples, config, "default", as_of_ms=0, generated_ms=0, generation=1,
-                               sequence=1, partitions=4, top_customers=[])
-        doc = json.loads(built.model_dump_json())
-        check.validate(doc)
-        assert KpiSnapshot.model_validate_json(built.model_dump_json()) == built
-        return doc
+        return validated_snapshot(samples, dimensions=dimensions)
 
     assert "dimensions" not in snapshot({})
     doc = snapshot({"lead_source": {}, "region": {"max_values": 5}})
@@ -104,4 +101,4 @@ def test_snapshots_carry_dimensions_only_when_the_config_names_them():
     assert (web["deals"], web["win_rate"], web["avg_deal_size"], web["avg_sales_cycle_seconds"]) == (
         4.0, 0.5, 500.0, 86400.0)
     assert [s["conversion_to_next"] for s in web["stages"]] == [0.75, 0.0, None, None]
-    assert not check.is_valid({**doc, "dimensions": {"region": [{"value": "x"}]}})
+    assert not validator("kpi-snapshot.v1.json").is_valid({**doc, "dimensions": {"region": [{"value": "x"}]}})

@@ -4,7 +4,8 @@ summing partitions, the rest in `other`; money in the snapshot's currency only."
 import pytest
 
 from models.config import FunnelConfig, load_config
-from models.dimension_kpis import dimension_values, kept, value_sums
+from models.dimension_kpis import ValueSums, dimension_values, value_sums
+from models.dimensions import keep_most
 from models.snapshot import build_snapshot
 
 STAGES = ["lead", "mql", "sql", "opportunity"]
@@ -106,7 +107,7 @@ def test_values_are_ranked_again_and_the_rest_summed_in_other():
     assert sum(r.deals for r in rows) == 3 + 3 + 5 + 1 + 2 + 1
     # the folding sums a copy: the summed values themselves are left as they were
     sums = value_sums(samples, "default", ["region"], "USD")["region"]
-    kept(sums, 0)
+    keep_most(sums, 0, ValueSums)
     assert sums["other"].deals == 1
 
 

@@ -63,12 +63,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import faust
     import uvloop
 
-    from models.config import load_config
-    from models.rates import reporting_book
     from streams.kafka import topics
-    from streams.worker.app import FunnelWorker
+    from streams.worker.app import FunnelWorker, load_funnel
 
-    reporting_book(load_config(settings.config), settings.config)  # fail fast, before the broker
+    funnel = load_funnel(settings)  # fail fast, before the broker
     asyncio.run(topics.ensure_topics(
         settings.broker, topics.worker_topics(settings.app_id, settings.partitions),
         replication_factor=settings.replication_factor, app_id=settings.app_id,
@@ -76,7 +74,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # uvloop: with asyncio's own loop, selector, callbacks and transports took ~12 % of the
     # worker's CPU (bench/PROFILE.md).
     asyncio.set_event_loop(uvloop.new_event_loop())
-    worker = FunnelWorker(settings)
+    worker = FunnelWorker(settings, funnel)
     # The hot path allocates many short-lived tuples; collecting the young generation less
     # often saves ~5 % CPU, and everything built at start-up is moved out of the GC's way.
     gc.freeze()

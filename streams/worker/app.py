@@ -51,13 +51,17 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 
+# The funnel config and its rates book (load_funnel): given to FunnelWorker when already loaded.
+Funnel = tuple[FunnelConfig, RateBook | None]
+
+
 class FunnelWorker:
     """One worker process: build it, then run ``self.app`` with a Faust worker."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, funnel: Funnel | None = None) -> None:
         self.settings = settings = settings or Settings()
-        self.config = config = load_config(settings.config)
-        self.rates = load_rates(config, settings)
+        config, self.rates = funnel or load_funnel(settings)
+        self.config = config
         self.clock = EventClock(settings.clock or config.clock)
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
@@ -203,12 +207,13 @@ class FunnelWorker:
         await asyncio.gather(*followers)
 
 
-def load_rates(config: FunnelConfig, settings: Settings) -> RateBook | None:
-    """The dated rates to the reporting currency (a bad rates file stops the start, one line);
-    how the dimensions share the series budget said in the log first."""
+def load_funnel(settings: Settings) -> Funnel:
+    """The funnel config and its dated rates to the reporting currency (a bad config or rates
+    file stops the start, one line); how the dimensions share the series budget is logged."""
+    config = load_config(settings.config)
     if config.dimensions:
         log.info("%s", budget_statement(config))
-    return reporting_book(config, settings.config)
+    return config, reporting_book(config, settings.config)
 
 
 def fleet_clock(clock: EventClock, fleet: str) -> Callable[[KpiSnapshot, str | None], None]:
