@@ -29,6 +29,20 @@ class Credit:
         return orjson.dumps([self.deal_id, self.pipeline, self.currency, self.micro])
 
 
+def decode_credit(raw: bytes) -> tuple[str, str | None, str | None, int | None]:
+    """A credit's ``(deal id, pipeline, currency, micro)``; ValueError when ``raw`` is not one
+    (the credits topic is the workers' own, but a foreign producer or another version may
+    write it: a bad credit must not stop the loop)."""
+    try:
+        deal_id, pipeline, currency, micro = orjson.loads(raw)
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a credit [deal id, pipeline, currency, micro]: {exc}") from None
+    if not isinstance(deal_id, str) or not (micro is None or (
+            type(micro) is int and isinstance(pipeline, str) and isinstance(currency, str))):
+        raise ValueError("not a credit [deal id, pipeline, currency, micro]: wrong types")
+    return deal_id, pipeline, currency, micro
+
+
 def credit_of(deal: Deal, contribution: Contribution) -> CreditOf | None:
     """What a won deal with an account credits it, else None."""
     account = deal.value("account")

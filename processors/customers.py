@@ -9,8 +9,9 @@ import orjson
 
 from models.aggregates import Contribution, customer_contribution
 from models.deal_codec import compact
+from processors.credits import decode_credit
 from processors.folds import PartitionFolds
-from processors.records import Record
+from processors.records import Record, Rejection
 
 Totals = dict[tuple[str, str], list[int]]  # (pipeline, currency) → [credited deals, won micro]
 
@@ -30,6 +31,7 @@ class CustomerBatch:
 
     writes: list[tuple[str, bytes | None, int]] = field(default_factory=list)  # (key, row, partition)
     totals: dict[str, tuple[int, Totals]] = field(default_factory=dict)  # account → (partition, totals)
+    rejections: list[Rejection] = field(default_factory=list)  # credits that do not decode
 
 
 class CustomerProcessor:
@@ -70,8 +72,12 @@ class CustomerProcessor:
         for record in records:
             if record.key is None or record.value is None:
                 continue
+            try:
+                deal_id, pipeline, currency, micro = decode_credit(record.value)
+            except ValueError as exc:
+                batch.rejections.append(Rejection(record, "invalid_credit", str(exc)))
+                continue
             account = record.key.decode()
-            deal_id, pipeline, currency, micro = orjson.loads(record.value)
             staged = batch.totals.get(account)
             if staged is None:
                 copied = {key: list(entry) for key, entry in self.totals.get(account, {}).items()}

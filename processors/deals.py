@@ -94,24 +94,24 @@ class DealProcessor:
 
     def process(self, records: list[Record], load: Load, stall_checks: Iterable[int] = (),
                 erasures: Iterable[str] = ()) -> DealBatch:
-        """``records`` from ``crm.events``; then ``stall_checks``: the partitions whose stalled
-        deals to look for (a timed step of the worker); then ``erasures``: pseudonyms of people
-        to erase from every owned deal and every later event.
+        """``erasures`` first: pseudonyms of people to erase from every stored deal and from
+        every event from here on (this batch's included); then ``records`` from ``crm.events``;
+        then ``stall_checks``: the partitions whose stalled deals to look for (a timed step).
 
         All or nothing in memory: when it raises, the folds are as before the batch (the store
         still holds the old versions, so a retry must not find this batch's changes in them)."""
         work = _BatchWork(self, load)
         try:
-            work.apply(records)
-            # From here on the work's ``touched`` holds the latest version of every deal this
-            # batch changed: stall checks and erasures read it and add to it, or a later one
-            # would start from the stored version and overwrite an earlier one's change.
-            for partition in stall_checks:
-                work.raise_stalls(partition)
             erasures = set(erasures)
-            if erasures:
+            if erasures:  # first: then this batch's events are masked on arrival too
                 self.erased |= erasures
                 work.erase(erasures)
+            work.apply(records)
+            # From here on the work's ``touched`` holds the latest version of every deal this
+            # batch changed: stall checks read it and add to it, or a later one would start
+            # from the stored version and overwrite an earlier one's change.
+            for partition in stall_checks:
+                work.raise_stalls(partition)
         except BaseException:
             self.undo(work.batch)
             raise
@@ -263,21 +263,19 @@ class _BatchWork:
                                                       entered, now))
 
     def erase(self, erasures: set[str]) -> None:
-        """Pseudonymise the people in every owned deal (KPIs keep their totals; the names are
-        gone). Idempotent: a deal already pseudonymised is left alone."""
+        """Pseudonymise the people in every stored deal of the owned partitions (KPIs keep their
+        totals; the names are gone), before the batch's events: :meth:`apply` finishes them.
+        Idempotent: a deal already pseudonymised is left alone."""
         owned = self.processor.folds.owned
         for deal_id, raw in self.processor.scan(None if owned is None else frozenset(owned)):
-            state = self.touched.get(deal_id)
-            deal = state.deal if state else decode_deal(raw)
+            deal = decode_deal(raw)
             before = deal_contribution(deal, self.config)
             credit_before = credit_of(deal, before)
             replaced = pseudonymise(deal, erasures)
             if replaced is None:
                 continue
             self.batch.credits.extend(Credit(account, deal_id) for account in replaced)
-            erased = self.touched[deal_id] = _Touched(deal, before, deal.partition, credit_before,
-                                                      write=True)
-            self.finish(deal_id, erased)
+            self.touched[deal_id] = _Touched(deal, before, deal.partition, credit_before, write=True)
 
     def finish(self, deal_id: str, state: _Touched) -> None:
         """Fold the deal's change, move its credit, queue its write."""

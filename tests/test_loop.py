@@ -91,7 +91,7 @@ def test_a_batch_that_went_through_moves_the_positions_and_a_failed_one_seeks_ba
         loop.consumer.fetches = [fetch, fetch]
         loop.consumer.seeks.clear()
         await loop._next_batch(1)  # fails: read again from where the batch started
-        assert loop.positions.by_partition == {0: {}}
+        assert loop.positions.next == {}
         assert loop.consumer.seeks == {TopicPartition(EVENTS, 0): 0, TopicPartition(ERASURES, 0): 0}
         await loop._next_batch(1)
         return loop
@@ -104,7 +104,7 @@ def test_a_batch_that_went_through_moves_the_positions_and_a_failed_one_seeks_ba
         loop_module.asyncio.sleep = real_sleep
     assert [len(b.records[EVENTS]) for b in handled] == [2, 2]
     assert handled[1].positions == {0: {EVENTS: 2}}  # what the position rows will say
-    assert loop.positions.by_partition == {0: {EVENTS: 2}} and loop.positions.shared == {ERASURES: 1}
+    assert loop.positions.next == {TopicPartition(EVENTS, 0): 2, TopicPartition(ERASURES, 0): 1}
 
 
 def test_a_batch_fenced_by_a_revoke_moves_nothing_and_a_fetch_across_a_revoke_is_dropped():
@@ -117,12 +117,12 @@ def test_a_batch_fenced_by_a_revoke_moves_nothing_and_a_fetch_across_a_revoke_is
         await loop._apply_assignment()
         loop.consumer.fetches = [{TopicPartition(EVENTS, 0): [record(EVENTS, 0, 0)]}]
         await loop._next_batch(1)
-        assert loop.positions.by_partition == {0: {}}
+        assert loop.positions.next == {}
         loop.consumer.fetches = [{TopicPartition(EVENTS, 0): [record(EVENTS, 0, 0)]}]
         await loop._next_batch(2)  # fetched in epoch 2 while the loop is in epoch 1: dropped
         return loop
 
-    assert asyncio.run(scenario()).positions.by_partition == {0: {}}
+    assert asyncio.run(scenario()).positions.next == {}
 
 
 def test_stall_checks_come_every_tick_and_skip_a_partition_catching_up_a_backlog():
@@ -133,7 +133,7 @@ def test_stall_checks_come_every_tick_and_skip_a_partition_catching_up_a_backlog
         assert loop._checks_due() == []  # the first check waits an interval: no backlog known yet
         loop.consumer.highwaters = {TopicPartition(EVENTS, 0): 10,
                                     TopicPartition(EVENTS, 1): MAX_CHECK_LAG + 10}
-        loop.positions.by_partition = {0: {EVENTS: 5}, 1: {EVENTS: 5}}
+        loop.positions.next = {TopicPartition(EVENTS, 0): 5, TopicPartition(EVENTS, 1): 5}
         await asyncio.sleep(0.06)
         due = loop._checks_due()
         return due, loop._checks_due()

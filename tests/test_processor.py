@@ -38,7 +38,7 @@ def processor():
 
 def counted(registry, batch):
     """Export a batch's counts the way the worker does."""
-    count(ProcessMetrics(registry), batch)
+    count(ProcessMetrics(registry), batch, [])
     return batch
 
 

@@ -1,13 +1,11 @@
-"""Everything one batch writes — table changelog records and output messages — produced together
-and acknowledged before the stores take the table writes.
+"""Everything one batch writes — table changelog records and output messages — produced
+together, in one aiokafka batch per topic partition (an awaited ``send`` per record cost more
+CPU than the record's domain work), and acknowledged before the stores take the table writes.
 
-Faust's own table path sends each changelog record through a 100-message buffer that throttles
-the stream one message at a time; here a flush fills one aiokafka batch per partition and awaits
-one acknowledgement per batch (an awaited ``send`` per record cost more CPU than the record's
-domain work). Changelog records keep Faust's format (raw key/value on ``<app>-<table>-changelog``,
-the partition of the record they come from), so recovery and standby replicas work as usual;
-acknowledged writes reach the store the way recovery applies a changelog
-(``Store.apply_changelog_batch``), which also moves RocksDB's persisted offsets.
+Changelog records keep Faust's format (raw key/value on ``<app>-<table>-changelog``, the
+partition of their source record), so recovery and standbys work as usual; acknowledged writes
+reach the store as recovery applies a changelog (``Store.apply_changelog_batch``, which also
+moves RocksDB's persisted offsets).
 """
 
 from __future__ import annotations
@@ -145,19 +143,16 @@ class Outbox:
 
     async def flush(self, fence: Callable[[], bool] = lambda: True,
                     trailers: Mapping[tuple[faust.Table, int], tuple[str, bytes]] | None = None) -> None:
-        """Produce everything queued, wait for the broker's acknowledgements, then write the
-        tables' stores. ``fence`` is asked right before producing: a worker whose partitions
-        were revoked meanwhile writes nothing (:class:`Revoked`; their next owner redoes it).
+        """Produce everything queued, then the trailers, and only once both are acknowledged
+        write the tables' stores: a flush failing in either request leaves every store as it
+        was, so the batch read again finds the state it was processed against (a customers row
+        already stored would make its credit count as a re-send, lost from the lifetime value).
 
-        Then each changelog partition written (and each of ``trailers``) gets one last record
-        alone in its request: the trailer given for it, else a tombstone of a key nobody uses.
-        Brokers that answer ListOffsets with the last batch's base offset + 1 (Tansu) would
-        otherwise make table recovery stop before the last records of a partition.
-
-        The stores take the writes only once the trailers are acknowledged too: a flush that
-        fails in either request leaves every store as it was, so the batch read again finds the
-        state it was processed against (a customers row already stored would make its credit
-        count as a re-send, and the account's lifetime value would miss it for good)."""
+        ``fence`` is asked right before producing: a worker whose partitions were revoked
+        meanwhile writes nothing (:class:`Revoked`). Each changelog partition written gets a
+        last record alone in its request, its trailer or else a tombstone of a key nobody uses:
+        brokers answering ListOffsets with the last batch's base offset + 1 (Tansu) would
+        otherwise make table recovery stop short of a partition's last records."""
         pending, self.pending = self.pending, []
         if not pending and not trailers:
             return

@@ -1,12 +1,11 @@
 """What the batch loop does with one batch: the processors' results, written all or nothing.
 
-Made durable in order: a KPI publisher's claim of a new generation first (a generation never
-goes out unless stored), then the alerts (stall and conversion-drop), then every table write,
-DLQ copy, credit and snapshot, then the position rows. A failure or a kill between them repeats
-the batch (at least once; alert ids are deterministic, table writes absolute, so a repeat
-changes nothing). A failure before the writes are acknowledged takes the deal folds back
-(rebuilt from the store, which still holds the old versions); the customer folds move only once
-their rows are written; the publisher keeps nothing the store may not hold.
+Made durable in order: a KPI publisher's claim of a new generation (a generation never goes out
+unless stored), the alerts, then every table write, DLQ copy, credit and snapshot, then the
+position rows. A failure or a kill between them repeats the batch (alert ids are deterministic,
+table writes absolute: a repeat changes nothing). A failure anywhere takes the deal folds back
+(rebuilt from the store, which still holds the old versions); the customer folds move only
+once their rows are written; the publisher keeps nothing the store may not hold.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import faust
 import orjson
 
 from models.alerts import Alert
-from processors.customers import CustomerProcessor
+from processors.customers import CustomerBatch, CustomerProcessor
 from processors.deals import DealBatch, DealProcessor
 from processors.erasure import erasure_pseudonym
 from processors.records import Record, Rejection
@@ -54,37 +53,35 @@ class BatchStep:
             return self.epoch() == batch.epoch
 
         deals_table, customers_table = self.tables["deals"], self.tables["customers"]
+        deals = None
         try:
             erasures = filter(None, map(erasure_pseudonym, batch.records[topics.ERASURES]))
             deals = self.deals.process(batch.records[topics.EVENTS], deals_table.read,
-                                       batch.stall_checks, erasures)
+                                       batch.stall_checks, erasures)  # undone by itself if it fails
             customers = self.customers.process(batch.records[self.credits_topic], customers_table.read)
             published = self._publish(batch.records[self.partials_topic], batch.epoch)
-            try:
-                for key, value in published.claim:
-                    self.out.put(deals_table, publisher_key(key), value, 0)
-                await self.out.flush(ours)
-                for alert in deals.alerts + published.alerts:
-                    send_alert(self.out, self.redis, alert)
-                await self.out.flush(ours)
-                self._queue(deals, published)
-                for key, row, partition in customers.writes:
-                    self.out.put(customers_table, key, row, partition)
-                await self.out.flush(ours, trailers={
-                    (deals_table, partition): (position_key(partition), orjson.dumps(positions))
-                    for partition, positions in batch.positions.items()
-                })
-            except BaseException:
+            for key, value in published.claim:
+                self.out.put(deals_table, publisher_key(key), value, 0)
+            await self.out.flush(ours)
+            for alert in deals.alerts + published.alerts:
+                send_alert(self.out, self.redis, alert)
+            await self.out.flush(ours)
+            self._queue(deals, customers, published)
+            for key, row, partition in customers.writes:
+                self.out.put(customers_table, key, row, partition)
+            await self.out.flush(ours, trailers={
+                (deals_table, partition): (position_key(partition), orjson.dumps(positions))
+                for partition, positions in batch.positions.items()})
+        except BaseException as exc:
+            self.out.pending.clear()
+            if deals is not None:
                 self.deals.undo(deals)
-                self.publisher.failed()
-                raise
-        except Revoked:
-            raise
-        except Exception:
-            self.metrics.failed_batches.labels("loop").inc()
+            self.publisher.failed()
+            if isinstance(exc, Exception) and not isinstance(exc, Revoked):
+                self.metrics.failed_batches.labels("loop").inc()
             raise
         self.customers.commit(customers)
-        count(self.metrics, deals)
+        count(self.metrics, deals, customers.rejections)
         if self.redis is not None:
             for snapshot in published.snapshots:
                 self.redis.snapshot(snapshot)
@@ -97,7 +94,7 @@ class BatchStep:
         load = self.tables["deals"].read
         return self.publisher.process(partials, lambda key, record: load(publisher_key(key)), epoch)
 
-    def _queue(self, batch: DealBatch, published: Published) -> None:
+    def _queue(self, batch: DealBatch, customers: CustomerBatch, published: Published) -> None:
         out = self.out
         for key, value in published.writes:
             out.put(self.tables["deals"], publisher_key(key), value, 0)
@@ -106,7 +103,7 @@ class BatchStep:
                      sink="kpis", headers=self.fleet)
         for deal_id, value, partition in batch.writes:
             out.put(self.tables["deals"], deal_id, value, partition)
-        for rejection in batch.rejections:
+        for rejection in batch.rejections + customers.rejections:
             self._to_dlq(rejection)
         for credit in batch.credits:
             out.send(self.credits_topic, credit.account.encode(), credit.encode(), sink="credits")
@@ -133,12 +130,13 @@ def publisher_key(key: str) -> str:
     return f"\x00publisher:{key}"
 
 
-def count(metrics: ProcessMetrics, batch: DealBatch) -> None:
-    """A batch's events and rejections: once per batch that went through, not per try."""
+def count(metrics: ProcessMetrics, batch: DealBatch, bad_credits: list[Rejection]) -> None:
+    """A batch's events and rejections: once per batch that went through, not per try (a bad
+    credit is no event: counted as a dead letter only)."""
     metrics.counted(batch.outcomes, batch.lags)
     for rejection in batch.rejections:
         metrics.rejected(rejection.source, rejection.code)
-        metrics.dlq.inc()
+    metrics.dlq.inc(len(batch.rejections) + len(bad_credits))
 
 
 def send_alert(out: Outbox, redis: RedisSink | None, alert: Alert) -> None:
