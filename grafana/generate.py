@@ -1393,9 +1393,9 @@ def dimensions() -> Board:
         ],
         description="Per dimension: distinct values with deals (A), values summed as other (B), "
         "values exported at most besides none and other (C: max_values, or less for the series "
-        "budget). Per worker, each ranking its own partitions: A and B from the worker with most, "
-        "C from the one with least. B > 0: per-value figures near the cut may differ by worker "
-        "(FunnelDimensionValuesFolded).",
+        "budget). Per worker, each counting its own partitions: A and B from the worker with most, "
+        "C from the one with least. B > 0: values summed as other; every worker exports the "
+        "fleet's kept values (FunnelDimensionValuesFolded).",
         w=16,
         h=7,
         transformations=[

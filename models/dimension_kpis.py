@@ -1,11 +1,12 @@
 """KPIs per dimension value in snapshots (docs/kpis.md, "Dimensions"), from summed samples.
 
-Each partition exports its own kept values (:mod:`models.dimensions`), so summed over partitions
-a value can be kept in one and part of ``other`` in another, and there can be more values than
-a dimension keeps: the values are ranked again here and the rest summed into ``other``. Every
-ratio divides sums taken first, never averages of averages. Counts span every currency; money
-is in ``currency`` only (the snapshot's), and the average deal size divides it by the won deals
-in that currency.
+Every partition exports the values the fleet keeps (:mod:`models.fleet_values`), and the
+snapshot lists the same ones, in the publisher's order. Until the fleet has decided, each
+partition exports its own kept values, so summed over partitions a value can be kept in one and
+part of ``other`` in another: the values are then ranked again here and the rest summed into
+``other``. Every ratio divides sums taken first, never averages of averages. Counts span every
+currency; money is in ``currency`` only (the snapshot's), and the average deal size divides it
+by the won deals in that currency.
 """
 
 from __future__ import annotations
@@ -136,10 +137,12 @@ def value_kpis(value: str, sums: ValueSums, stages: list[str]) -> DimensionValue
 
 
 def dimension_values(samples: Samples, pipeline: str, currency: str, stages: list[str],
-                     limits: dict[str, int]) -> dict[str, list[DimensionValue]]:
+                     limits: dict[str, int], kept: dict[str, list[str]] | None = None,
+                     ) -> dict[str, list[DimensionValue]]:
     """Each dimension of ``limits`` (name → values kept at most), in its order: its values with
-    their KPIs, at most the limit kept, then ``none`` and ``other``."""
+    their KPIs, at most the limit kept (``kept``: the fleet's kept values of each dimension),
+    then ``none`` and ``other``."""
     found = value_sums(samples, pipeline, list(limits), currency)
-    return {name: [value_kpis(value, sums, stages)
-                   for value, sums in keep_most(found[name], limit, ValueSums)[0].items()]
+    return {name: [value_kpis(value, sums, stages) for value, sums in keep_most(
+                found[name], limit, ValueSums, (kept or {}).get(name))[0].items()]
             for name, limit in limits.items()}

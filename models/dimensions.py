@@ -5,17 +5,21 @@ stage): every value a deal ever had, exactly. What is *exported* is bounded: per
 dimension the values with the most deals are kept, at most the dimension's ``max_values`` and
 as many as the worker's series budget leaves room for; the rest are summed as ``other``, and
 deals without a value count as ``none``. Summing is all the guard does, so the sum over the
-exported values of any KPI equals its total.
+exported values of any KPI equals its total. Which values are kept is the fleet's decision once
+its publisher has made one (:mod:`models.fleet_values`): every worker then keeps the same ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Protocol, Self, TypeVar
 
 from models.aggregates import NO_VALUE, unpack_dimension
 from models.config import FunnelConfig, Pipeline
+
+if TYPE_CHECKING:
+    from models.fleet_values import KeptValues
 
 OTHER = "other"  # the exported value of the values beyond the limit
 S = TypeVar("S", bound="_Sums")
@@ -81,6 +85,7 @@ class DimensionKpis:
     distinct: int  # distinct values with deals (``none`` not counted)
     folded: int    # of them, summed as ``other``
     limit: int     # values kept at most (the dimension's max_values, or less for the budget)
+    fleet: bool    # whether the values kept are the fleet's (else ranked by this worker)
 
 
 def pair_budget(config: FunnelConfig) -> int:
@@ -116,10 +121,18 @@ def _by_value(config: FunnelConfig, sums: dict[tuple, int]) -> dict[tuple[str, s
     return out
 
 
-def dimension_kpis(config: FunnelConfig, sums: dict[tuple, int]) -> dict[tuple[str, str], DimensionKpis]:
-    """Every configured (pipeline, dimension), guarded: see the module's docstring."""
+def value_limit(config: FunnelConfig, pipeline: Pipeline, max_values: int, currencies: int) -> int:
+    """Values kept at most: ``max_values``, and the room the series budget leaves with
+    ``currencies`` currencies once ``none`` and ``other`` have theirs."""
+    room = pair_budget(config) // pipeline.dimension_series(currencies) - 2
+    return max(0, min(max_values, room))
+
+
+def dimension_kpis(config: FunnelConfig, sums: dict[tuple, int],
+                   kept: KeptValues | None = None) -> dict[tuple[str, str], DimensionKpis]:
+    """Every configured (pipeline, dimension), guarded: see the module's docstring. ``kept``:
+    the fleet's kept values, where it has decided them; elsewhere the values are ranked here."""
     found = _by_value(config, sums)
-    budget = pair_budget(config)
     out = {}
     for pl, pipeline in config.pipelines.items():
         for name, dimension in config.dimensions.items():
@@ -127,11 +140,11 @@ def dimension_kpis(config: FunnelConfig, sums: dict[tuple, int]) -> dict[tuple[s
             currencies = sorted({config.default_currency}
                                 | {c for v in values.values() for _, c in v.open_value}
                                 | {c for v in values.values() for _, c in v.closed})
-            room = budget // pipeline.dimension_series(len(currencies)) - 2  # none and other
-            limit = max(0, min(dimension.max_values, room))
+            limit = value_limit(config, pipeline, dimension.max_values, len(currencies))
             distinct = len(values) - (NO_VALUE in values)
-            kept, folded = keep_most(values, limit, ValueKpis)
-            out[pl, name] = DimensionKpis(kept, currencies, distinct, folded, limit)
+            fleet = kept.of(pl, name) if kept is not None else None
+            exported, folded = keep_most(values, limit, ValueKpis, fleet)
+            out[pl, name] = DimensionKpis(exported, currencies, distinct, folded, limit, fleet is not None)
     return out
 
 
@@ -144,17 +157,23 @@ class _Sums(Protocol):
     def add(self, other: Self) -> None: ...
 
 
-def keep_most(values: dict[str, S], limit: int, empty: Callable[[], S]) -> tuple[dict[str, S], int]:
+def keep_most(values: dict[str, S], limit: int, empty: Callable[[], S],
+              kept: list[str] | None = None) -> tuple[dict[str, S], int]:
     """The guard itself, for the worker's folds and the snapshot's summed samples alike: the
-    ``limit`` values with the most deals (then by name), then ``none`` and ``other``, which also
-    sums the values beyond the limit (and a value spelled "other"); values without deals are left
-    out. Also how many values were summed into ``other``."""
+    ``limit`` values with the most deals (then by name), or with ``kept`` (the fleet's choice,
+    in its order) those values, zeros included, so every worker exports the same ones; then
+    ``none`` and ``other``, which also sums the values not kept (and a value spelled "other");
+    values without deals are left out. Also how many values with deals were summed into ``other``."""
     none, other = values.get(NO_VALUE) or empty(), empty()
     if OTHER in values:
         other.add(values[OTHER])
     ranked = sorted(((value, sums) for value, sums in values.items()
                      if value not in (NO_VALUE, OTHER) and sums.deals),
                     key=lambda kv: (-kv[1].deals, kv[0]))
-    for _, sums in ranked[limit:]:
+    chosen = [value for value, _ in ranked] if kept is None else [
+        value for value in kept if value not in (NO_VALUE, OTHER)]
+    exported = {value: values.get(value) or empty() for value in chosen[:limit]}
+    folded = [sums for value, sums in ranked if value not in exported]
+    for sums in folded:
         other.add(sums)
-    return {**dict(ranked[:limit]), NO_VALUE: none, OTHER: other}, max(0, len(ranked) - limit)
+    return {**exported, NO_VALUE: none, OTHER: other}, len(folded)

@@ -6,6 +6,8 @@ uses (:mod:`models.kpis`), which divide sums exactly like the recording rules.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.aggregates import WINDOWS
@@ -19,6 +21,11 @@ from models.periods import PERIODS
 SNAPSHOT_SCHEMA_VERSION = 1
 LEADERBOARD_SIZE = 10
 
+
+
+def optional(description: str) -> Any:
+    """A field left out of the JSON while None: present only when the config gives it."""
+    return Field(default=None, exclude_if=lambda value: value is None, description=description)
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -108,22 +115,30 @@ class KpiSnapshot(_Model):
     windows: dict[str, KpiSet]
     stages: list[StageKpis]
     leaderboard: list[RepRevenue]
-    teams: list[TeamRevenue] | None = Field(
-        default=None, exclude_if=lambda teams: teams is None, description=(
+    teams: list[TeamRevenue] | None = optional(
+        description=(
             "Won revenue per team (the funnel config's owners give reps a team; `none` holds "
             "the reps without one), largest first, at most 10. Only present when the config "
             "gives at least one rep a team."))
     customers: Customers
     targets: dict[str, PeriodTarget]
-    dimensions: dict[str, list[DimensionValue]] | None = Field(
-        default=None, exclude_if=lambda dimensions: dimensions is None, description=(
+    dimensions: dict[str, list[DimensionValue]] | None = optional(
+        description=(
             "KPIs per value of each dimension the funnel config names (docs/kpis.md, "
             "\"Dimensions\"): the values with the most deals first (at most the dimension's "
             "max_values), then `none` (deals without a value) and `other` (the rest). Counts "
             "span every currency; amounts are in `currency` only. Only present when the config "
             "names dimensions."))
-    forecast: dict[str, PeriodForecast] | None = Field(
-        default=None, exclude_if=lambda forecast: forecast is None, description=(
+    dimension_values_kept: dict[str, list[str]] | None = optional(
+        description=(
+            "The values of each dimension the fleet keeps (docs/kpis.md, \"Dimensions\"): "
+            "the values with the most deals over every partition, ties by name, at most the "
+            "dimension's max_values and what the series budget leaves room for. Every worker "
+            "exports exactly these values on /metrics (then `none` and `other`), and "
+            "`dimensions` lists them in this order. Only present when the config names "
+            "dimensions and every worker sends the counts it is decided from."))
+    forecast: dict[str, PeriodForecast] | None = optional(
+        description=(
             "Forecast by category per calendar period (docs/kpis.md, \"Forecast categories\"), "
             "in `currency`. Absent when the workers export no forecast by category."))
 
@@ -140,7 +155,10 @@ def _kpi_set(kpis: PipelineKpis) -> KpiSet:
 def build_snapshot(
     samples: Samples, config: FunnelConfig, pipeline: str, *, as_of_ms: int, generated_ms: int,
     generation: int, sequence: int, partitions: int, top_customers: list[tuple[str, float]],
+    kept: dict[str, list[str]] | None = None,
 ) -> KpiSnapshot:
+    """``kept``: the fleet's kept values of the pipeline's dimensions (published, and listed in
+    ``dimensions``); ``None``: ranked over the summed samples."""
     currency = config.default_currency
     kpis = pipeline_kpis(samples, pipeline, currency, top=LEADERBOARD_SIZE)
     sections = {stage.name: stage.section.upper() for stage in config.pipelines[pipeline].stages}
@@ -184,7 +202,8 @@ def build_snapshot(
         ),
         targets=targets,
         dimensions=dimension_values(samples, pipeline, currency, opens, {
-            name: dimension.max_values for name, dimension in config.dimensions.items()}) or None,
+            name: dimension.max_values for name, dimension in config.dimensions.items()}, kept) or None,
+        dimension_values_kept=kept if config.dimensions else None,
         forecast=_forecast(samples, pipeline, currency),
     )
 

@@ -2,7 +2,9 @@
 
 Every (pipeline, dimension) exports the same rows for each of its values (the kept ones,
 ``none`` and ``other``): zeros included, so a value's series never vanish while it is kept,
-and the count of series stays within the budget :mod:`models.dimensions` plans for.
+and the count of series stays within the budget :mod:`models.dimensions` plans for. Once the
+fleet has decided which values it keeps (:mod:`models.fleet_values`), every worker exports
+those, so summed over the workers each kept value's figures are whole.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from models import aggregates as agg
 from models.config import FunnelConfig
 from models.dimensions import dimension_kpis
+from models.fleet_values import KeptValues
 from models.fold import Fold
 
 _KEY = ("pipeline", "dimension", "value")
@@ -33,20 +36,24 @@ _KPIS = (
 # (name, help) of what the guard did, per pipeline and dimension.
 _GUARD = (
     ("funnel_dimension_values", "Distinct values with deals in this worker's partitions (none not counted)"),
-    ("funnel_dimension_values_folded", "Values summed as other: beyond max_values or the series budget"),
+    ("funnel_dimension_values_folded",
+     "Values with deals summed as other on this worker: not kept (beyond max_values or the series budget)"),
     ("funnel_dimension_values_limit", "Values exported at most, besides none and other"),
+    ("funnel_dimension_fleet_ranking",
+     "1 while the values exported are the fleet's kept values, 0 while this worker ranks its own"),
 )
 
 
-def dimension_gauges(config: FunnelConfig, fold: Fold) -> Iterator[Metric]:
-    """The per-value KPI gauges and what the guard did, from a worker's merged fold."""
+def dimension_gauges(config: FunnelConfig, fold: Fold, kept: KeptValues | None = None) -> Iterator[Metric]:
+    """The per-value KPI gauges and what the guard did, from a worker's merged fold; ``kept``:
+    the fleet's kept values (without them, or where they decide nothing, ranked here)."""
     if not config.dimensions:
         return
-    found = dimension_kpis(config, fold.counters.get(agg.DIMENSION, {}))
+    found = dimension_kpis(config, fold.counters.get(agg.DIMENSION, {}), kept)
     deals_open, open_value, reached, closed, cycle, won = (
         GaugeMetricFamily(name, doc, labels=(*_KEY, *labels)) for name, doc, labels in _KPIS)
-    distinct, folded, limit = (GaugeMetricFamily(name, doc, labels=("pipeline", "dimension"))
-                               for name, doc in _GUARD)
+    distinct, folded, limit, fleet = (GaugeMetricFamily(name, doc, labels=("pipeline", "dimension"))
+                                      for name, doc in _GUARD)
     rows = 0
     for (pl, name), kpis in found.items():
         pipeline = config.pipelines[pl]
@@ -70,7 +77,8 @@ def dimension_gauges(config: FunnelConfig, fold: Fold) -> Iterator[Metric]:
         distinct.add_metric((pl, name), kpis.distinct)
         folded.add_metric((pl, name), kpis.folded)
         limit.add_metric((pl, name), kpis.limit)
+        fleet.add_metric((pl, name), int(kpis.fleet))
     series = GaugeMetricFamily("funnel_dimension_series",
                                "Series of the funnel_dimension_* KPI gauges this worker exports")
     series.add_metric((), rows)
-    yield from (deals_open, open_value, reached, closed, cycle, won, distinct, folded, limit, series)
+    yield from (deals_open, open_value, reached, closed, cycle, won, distinct, folded, limit, fleet, series)

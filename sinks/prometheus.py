@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from models import aggregates as agg
 from models.config import FunnelConfig
+from models.fleet_values import KeptValues
 from models.fold import Fold
 from models.hourly import hourly_totals
 from models.periods import PERIODS, period_first_hours
@@ -84,13 +85,14 @@ class KpiCollector(Collector):
 
     def __init__(
         self, config: FunnelConfig, folds: Callable[[], list[Fold]], now_ms: Callable[[], int],
-        version: str, rates: RateBook | None = None,
+        version: str, rates: RateBook | None = None, kept: KeptValues | None = None,
     ) -> None:
         self.config = config
         self.folds = folds
         self.now_ms = now_ms
         self.version = version
         self.rates = rates  # None: no funnel_reporting_* gauges (the publisher's partials)
+        self.kept = kept  # the fleet's kept dimension values; None: each ranks its own
         self._seeds = self._known_keys()
 
     def _known_keys(self) -> dict[str, list[tuple]]:
@@ -132,7 +134,7 @@ class KpiCollector(Collector):
         yield from self._windowed(folds, now_ms)
         yield from open_deal_gauges(self.config, folds, now_ms)
         yield self._won_in_period(folds, now_ms)
-        yield from dimension_gauges(self.config, fold)
+        yield from dimension_gauges(self.config, fold, self.kept)
         yield rep_period_gauge(self.config, folds, now_ms)
         yield from reporting_gauges(self.config, self.rates, folds, fold, now_ms, quota_owners(self.config))
 
@@ -214,8 +216,9 @@ class WorkerKpiCollector(KpiCollector):
     def __init__(
         self, config: FunnelConfig, exported: Callable[[], dict[int, list[Fold]]],
         now_ms: Callable[[], int], version: str, partitions: int, rates: RateBook | None = None,
+        kept: KeptValues | None = None,
     ) -> None:
-        super().__init__(config, lambda: [], now_ms, version, rates)
+        super().__init__(config, lambda: [], now_ms, version, rates, kept)
         self.exported = exported
         self.partitions = partitions
 

@@ -301,7 +301,7 @@ def test_config_gauges_are_aggregated_with_max():
             assert uses == maxed, f"{r.get('record') or r['alert']}: {name} not under max by"
 
 
-# What the dimensions' guard did, per worker (each ranks the values of its own partitions): a sum
+# What the dimensions' guard did, per worker (each counts the values of its own partitions): a sum
 # over workers means nothing; the fleet view is the worker that folded most or kept fewest.
 PER_WORKER_GAUGES = {"funnel_dimension_values", "funnel_dimension_values_folded",
                      "funnel_dimension_values_limit", "funnel_dimension_series"}

@@ -24,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from models.config import FunnelConfig, load_config
 from models.dimensions import budget_statement
+from models.fleet_values import KeptValues
 from models.rates import RateBook, reporting_book
 from models.snapshot import KpiSnapshot
 from processors.clock import EventClock
@@ -75,7 +76,8 @@ class FunnelWorker:
         )
         self.customer_processor = CustomerProcessor()
         self.publisher = KpiPublisher(config, settings.partitions, VERSION)
-        self.feed = SnapshotFeed(on_accepted=fleet_clock(self.clock, settings.app_id))
+        self.kept_values = KeptValues()
+        self.feed = SnapshotFeed(on_accepted=own_fleet(self.clock, self.kept_values, settings.app_id))
         self.redis = (RedisSink(settings.redis_url.get_secret_value(),
                                 self.metrics.sink_errors.labels("redis").inc)
                       if settings.redis_url else None)
@@ -88,17 +90,15 @@ class FunnelWorker:
         self._declare_tables()
         self.outbox = Outbox(self.producer, lambda sink: self.metrics.sink_errors.labels(sink).inc(),
                              self.readiness.broker_answered)
+        credits, partials = self.credits_topic.get_topic_name(), self.partials_topic.get_topic_name()
         self.loop = BatchLoop(
-            settings, [topics.EVENTS, self.credits_topic.get_topic_name()], topics.ERASURES,
-            self.partials_topic.get_topic_name(),
-            self.metrics.consumer_lag, BatchStep(
-                deals=self.deal_processor, customers=self.customer_processor,
-                publisher=self.publisher, outbox=self.outbox,
-                tables={"deals": self.deals, "customers": self.customers}, metrics=self.metrics,
-                credits_topic=self.credits_topic.get_topic_name(),
-                partials_topic=self.partials_topic.get_topic_name(), fleet=settings.app_id,
-                redis=self.redis, epoch=lambda: self.loop.epoch,
-            ), lambda p: self.deals.read(position_key(p)), lambda: self.outbox.producing,
+            settings, [topics.EVENTS, credits], topics.ERASURES, partials, self.metrics.consumer_lag,
+            BatchStep(deals=self.deal_processor, customers=self.customer_processor,
+                      publisher=self.publisher, outbox=self.outbox,
+                      tables={"deals": self.deals, "customers": self.customers}, metrics=self.metrics,
+                      credits_topic=credits, partials_topic=partials, fleet=settings.app_id,
+                      redis=self.redis, epoch=lambda: self.loop.epoch),
+            lambda p: self.deals.read(position_key(p)), lambda: self.outbox.producing,
         )
         self._declare_agents()
         self._declare_web()
@@ -140,7 +140,7 @@ class FunnelWorker:
             self.config,
             lambda: current_partitions(self.deal_processor.folds.folds,
                                        self.customer_processor.folds.folds),
-            self.clock.now_ms, VERSION, self.settings.partitions, self.rates,
+            self.clock.now_ms, VERSION, self.settings.partitions, self.rates, self.kept_values,
         ))
         @self.app.page("/metrics")
         async def metrics_view(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
@@ -193,7 +193,8 @@ class FunnelWorker:
         sent = []
         for key, value in owned_partials(
                 self.config, self.clock.now_ms(), self.app.consumer_generation_id, self.loop.lag,
-                deals=self.deal_processor.folds.folds, customers=self.customer_processor.folds.folds):
+                self.kept_values, deals=self.deal_processor.folds.folds,
+                customers=self.customer_processor.folds.folds):
             sent.append(await self.partials_topic.send(key=key, partition=0, value=value))
             # A partial costs a scrape of its partition: let batches in between (latency).
             await asyncio.sleep(0)
@@ -216,13 +217,15 @@ def load_funnel(settings: Settings) -> Funnel:
     return config, reporting_book(config, settings.config)
 
 
-def fleet_clock(clock: EventClock, fleet: str) -> Callable[[KpiSnapshot, str | None], None]:
-    """The stream clock is one for the fleet: adopt its publisher's (the latest of every
-    partition owner's clock), never another fleet's (a rebuild under a new app id, or the old
-    fleet beside it: their clocks stand elsewhere)."""
+def own_fleet(clock: EventClock, kept: KeptValues,
+              fleet: str) -> Callable[[KpiSnapshot, str | None], None]:
+    """The stream clock and the dimensions' kept values are one for the fleet: adopt its
+    publisher's (the clock: the latest of every partition owner's), never another fleet's (a
+    rebuild under a new app id, or the old fleet beside it: theirs stand elsewhere)."""
     def adopt(snapshot: KpiSnapshot, sender: str | None) -> None:
         if sender == fleet:
             clock.observe(int(datetime.fromisoformat(snapshot.as_of).timestamp() * 1000))
+            kept.adopt(snapshot)
     return adopt
 
 

@@ -5,6 +5,9 @@ that partition's fold (what ``/metrics`` would show for it alone). Partials go t
 one partition, so exactly one worker — its owner — combines them: it sums the latest partial of
 every partition, and only once it has them all (never a half-computed snapshot), builds one
 snapshot per pipeline with the functions of :mod:`models.kpis`, and checks conversion drops.
+Deals partials also carry their partition's candidates for the dimensions' kept values: the
+owner decides the fleet's kept values from them and publishes them in the snapshots
+(:mod:`models.fleet_values`).
 A new owner claims the next persisted ``generation``, so ``(generation, sequence)`` only
 increases; a fleet's first claim (a new app id, or its state deleted) is the wall clock in ms,
 above every older fleet's however often that one's publisher moved since. Partials carry the
@@ -16,8 +19,9 @@ replay (F8).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 from prometheus_client.registry import Collector
@@ -25,6 +29,7 @@ from prometheus_client.registry import Collector
 from models import aggregates as agg
 from models.alerts import Alert, alert_id, iso
 from models.config import FunnelConfig
+from models.fleet_values import Candidates, KeptValues, candidates, fleet_kept
 from models.fold import Fold
 from models.kpis import ConversionCheck, Samples, conversion_checks, total
 from models.snapshot import KpiSnapshot, build_snapshot
@@ -52,10 +57,11 @@ def collect_samples(collector: Collector) -> Samples:
 
 
 def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
-                   fold: Fold, lag: int = 0, generation: int = 0) -> bytes:
-    """A partition's business samples (config gauges are the publisher's own) and top customers,
-    stamped with the consumer-group generation in which the sender owned the partition."""
-    collector = KpiCollector(config, lambda: [fold], lambda: now_ms, "partial")
+                   fold: Fold, lag: int = 0, generation: int = 0, kept: KeptValues | None = None) -> bytes:
+    """A partition's business samples (config gauges are the publisher's own; per dimension the
+    values ``kept``, as on /metrics), top customers and candidates for the kept values, stamped
+    with the consumer-group generation in which the sender owned the partition."""
+    collector = KpiCollector(config, lambda: [fold], lambda: now_ms, "partial", kept=kept)
     rows = [
         [name, labels, value]
         for name, values in collect_samples(collector).items() if name not in CONFIG_METRICS
@@ -63,18 +69,38 @@ def encode_partial(kind: str, partition: int, now_ms: int, config: FunnelConfig,
     ]
     top = sorted(fold.accounts.items(), key=lambda kv: -kv[1])[:TOP_CUSTOMERS]
     return orjson.dumps([kind, partition, now_ms, rows, [[*key, micro] for key, micro in top], lag,
-                         generation])
+                         generation, candidates(config, fold.counters.get(agg.DIMENSION, {}))])
 
 
 def owned_partials(config: FunnelConfig, now_ms: int, generation: int, lag: Callable[[int], int],
-                   **folds: dict[int, Fold]) -> Iterator[tuple[bytes, bytes]]:
+                   kept: KeptValues | None = None, **folds: dict[int, Fold]) -> Iterator[tuple[bytes, bytes]]:
     """(key, partial) of each partition of each kind of fold a worker owns; ``lag``: of a deals
     partition (the publisher judges conversion only once every partition caught up)."""
     for kind, by_partition in folds.items():
         for partition, fold in list(by_partition.items()):
             yield f"{kind}:{partition}".encode(), encode_partial(
                 kind, partition, now_ms, config, fold, lag(partition) if kind == "deals" else 0,
-                generation)
+                generation, kept)
+
+
+class Partial(NamedTuple):
+    """A partition's latest partial, as the publisher keeps it."""
+
+    order: tuple[int, int]  # (consumer-group generation it was sent in, as_of)
+    rows: list
+    top: list               # top customers
+    lag: int
+    candidates: Candidates | None  # None: sent by a version before candidates
+
+
+def top_customers(partials: Iterable[Partial], pipeline: str, currency: str) -> list[tuple[str, float]]:
+    """The pipeline's largest lifetime values in ``currency`` over every partition's partial."""
+    values: dict[str, float] = {}
+    for partial in partials:
+        for pl, in_currency, account, micro in partial.top:
+            if pl == pipeline and in_currency == currency:
+                values[account] = values.get(account, 0) + micro / agg.MICRO
+    return sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CUSTOMERS]
 
 
 @dataclass
@@ -94,8 +120,7 @@ class KpiPublisher:
         self.config = config
         self.partitions = partitions
         self.version = version
-        # (kind, partition) → ((group generation, as_of), rows, top customers, lag)
-        self.partials: dict[tuple[str, int], tuple[tuple[int, int], list, list, int]] = {}
+        self.partials: dict[tuple[str, int], Partial] = {}  # by (kind, partition)
         self.generation: int | None = None
         self.fleet = 0  # FLEET_KEY, read with each claim
         self.sequence = 0
@@ -139,14 +164,16 @@ class KpiPublisher:
             # A newer generation's partial wins whatever its clock says (with the stream clock,
             # each worker's time is the latest event it has seen); within one, the newer one.
             order = (sent_in, as_of)
-            if order >= self.partials.get((kind, partition), ((-1, -1), [], [], 0))[0]:
-                self.partials[(kind, partition)] = (order, rows, top, lag)
+            held = self.partials.get((kind, partition))
+            if held is None or order >= held.order:
+                found = rest[1] if len(rest) > 1 else None
+                self.partials[(kind, partition)] = Partial(order, rows, top, lag, found)
         wanted = {(kind, p) for kind in ("deals", "customers") for p in range(self.partitions)}
         if not wanted <= set(self.partials):
             return out  # not every partition reported yet: no half-computed state
-        now = max(as_of for (_, as_of), _, _, _ in self.partials.values())
+        now = max(partial.order[1] for partial in self.partials.values())
         samples = self._merged(now)
-        if all(lag <= MAX_CHECK_LAG for _, _, _, lag in self.partials.values()):
+        if all(partial.lag <= MAX_CHECK_LAG for partial in self.partials.values()):
             self._check_conversion(samples, now, last, load, out)
         self._snapshots(samples, now, out)
         return out
@@ -168,8 +195,8 @@ class KpiPublisher:
 
     def _merged(self, now: int) -> Samples:
         sums: dict[tuple[str, tuple], float] = {}
-        for _, rows, _, _ in self.partials.values():
-            for name, labels, value in rows:
+        for partial in self.partials.values():
+            for name, labels, value in partial.rows:
                 key = (name, tuple(sorted(labels.items())))
                 sums[key] = sums.get(key, 0.0) + value
         config_only = KpiCollector(self.config, lambda: [], lambda: now, self.version)
@@ -181,21 +208,17 @@ class KpiPublisher:
             samples.setdefault(name, []).append((dict(labels), value))
         return samples
 
-    def _top_customers(self, pipeline: str) -> list[tuple[str, float]]:
-        values: dict[str, float] = {}
-        for _, _, top, _ in self.partials.values():
-            for pl, currency, account, micro in top:
-                if pl == pipeline and currency == self.config.default_currency:
-                    values[account] = values.get(account, 0) + micro / agg.MICRO
-        return sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CUSTOMERS]
-
     def _snapshots(self, samples: Samples, now: int, out: Published) -> None:
         generated = time.time()
+        kept = fleet_kept(self.config, [partial.candidates for (kind, _), partial
+                                        in self.partials.items() if kind == "deals"])
         for pipeline in self.config.pipelines:
             snapshot = build_snapshot(
                 samples, self.config, pipeline, as_of_ms=now, generated_ms=int(generated * 1000),
                 generation=self.generation or 0, sequence=self.sequence + 1,
-                partitions=self.partitions, top_customers=self._top_customers(pipeline),
+                partitions=self.partitions, kept=kept[pipeline] if kept is not None else None,
+                top_customers=top_customers(self.partials.values(), pipeline,
+                                            self.config.default_currency),
             )
             content = snapshot.model_dump(exclude={"generated_at", "sequence", "as_of"})
             previous = self.last.get(pipeline)
