@@ -98,6 +98,7 @@ class LivePrometheus:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.at: float | None = None  # the time instant queries are answered at (None: now)
 
     def config(self) -> str:
         u = urllib.parse.urlsplit(self.metrics_url)
@@ -185,9 +186,11 @@ class LivePrometheus:
         except OSError:
             return ""
 
-    def query(self, expr: str) -> list[dict]:
-        """Instant query; raises on a PromQL error."""
-        data = self._get("/api/v1/query", {"query": expr})
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """Instant query, at ``at`` or the pinned time (:meth:`pin`) or now; raises on a PromQL
+        error."""
+        at = at if at is not None else self.at
+        data = self._get("/api/v1/query", {"query": expr, **({"time": f"{at:.3f}"} if at else {})})
         if data is None or data.get("status") != "success":
             raise RuntimeError(f"query failed: {expr!r}: {data}")
         result = data["data"]
@@ -244,6 +247,18 @@ class LivePrometheus:
             timeout,
             "5 scrapes",
         )
+
+    def pin(self, timeout: float = 60) -> None:
+        """Answer every later query as of one moment after five seconds of successful scrapes:
+        with a 1 s scrape interval (so a 1 s scrape timeout) a loaded box can miss a scrape,
+        which empties every series and exact rule for a moment, wherever a test happens to be."""
+        def pinned() -> bool:
+            at = time.time() - 1
+            up = self.query(f'min_over_time(up{{job="{JOB}"}}[5s])', at=at)
+            if up and all(float(r["value"][1]) == 1 for r in up):
+                self.at = at
+            return self.at is not None
+        self._wait(pinned, timeout, "five seconds of successful scrapes")
 
     def wait_rules(self, names: list[str], timeout: float = 60) -> list[str]:
         """Wait until every recording rule has data; return the ones that still have none."""

@@ -72,6 +72,7 @@ def prom(live_metrics_url, tmp_path_factory):
     with lp.LivePrometheus(live_metrics_url, tmp_path_factory.mktemp("prometheus")) as p:
         p.wait_scraped()
         p.wait_rules(RULES)
+        p.pin()
         yield p
 
 
