@@ -72,21 +72,22 @@ def test_expired_group_offsets_never_replay_the_history(broker, workers):
 
 
 def test_a_revoked_batch_held_on_its_way_to_the_broker_never_lands_after_the_next_owner(broker, workers):
-    """Finding 3: the first worker's batch passes every check, then its sends are held 15 s
-    inside the producer while a second worker joins (rebalance timeout 6 s) and closes the
-    held batch's deals. A revoke cannot call back writes handed to the producer, so the first
-    worker exits before the group moves on; the deals changelog equals a replay from scratch."""
+    """Finding 3: the first worker's batch passes every check, then its sends are held inside
+    the producer while a second worker joins (rebalance timeout 6 s) and closes the held batch's
+    deals. A revoke cannot call back writes handed to the producer, so the first worker exits
+    before the group moves on; the deals changelog equals a replay from scratch. (The sends are
+    held longer than any join takes: held 15 s, a slow join on a loaded box once let them land
+    before the revoke, rightly, and the test's premise was gone.)"""
     opening, closing = opening_and_closing()
-    held = workers("held", module="tests.faults", FAULT_HOLD_SENDS_SECONDS="15")
+    held = workers("held", module="tests.faults", FAULT_HOLD_SENDS_SECONDS="600")
     held.wait_ready()
     replay(broker, opening)
     wait_until(lambda: "fault: holding the sends" in held.log_path.read_text(), 60,
                what="the held batch")
-    held_at = time.monotonic()
     joining = workers("joining")
     replay(broker, closing)
     exact([joining], timeout=120)
-    time.sleep(max(0.0, held_at + 20 - time.monotonic()))  # past the held sends, whatever they did
+    wait_until(lambda: held.process.poll() is not None, 30, what="the held worker's exit")
     assert held.process.poll() == EXIT_UNCONFIRMED_WRITES, held.log_tail()
     exact([joining])
     assert_a_replay_from_scratch_agrees(workers, broker)
