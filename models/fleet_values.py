@@ -27,6 +27,12 @@ Candidates = list[list]
 Kept = dict[str, dict[str, list[str]]]
 
 
+def most_first(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Values by deals, most first, ties by name: the one order of the partitions' candidates
+    and of the fleet's choice."""
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def candidates(config: FunnelConfig, sums: dict[tuple, int]) -> Candidates:
     """A partition's part of the fleet's ranking, from its fold's ``DIMENSION`` sums: the
     currencies of each (pipeline, dimension) and the deal counts of its likeliest values (counted
@@ -45,9 +51,8 @@ def candidates(config: FunnelConfig, sums: dict[tuple, int]) -> Candidates:
     for (pl, name), counts in deals.items():
         seen = sorted(currencies[(pl, name)])
         limit = value_limit(config, config.pipelines[pl], config.dimensions[name].max_values, len(seen))
-        ranked = sorted(((value, count) for value, count in counts.items()
-                         if value not in (NO_VALUE, OTHER) and count),
-                        key=lambda kv: (-kv[1], kv[0]))
+        ranked = most_first({value: count for value, count in counts.items()
+                             if value not in (NO_VALUE, OTHER) and count})
         out.append([pl, name, seen, [list(kv) for kv in ranked[:CANDIDATES_PER_KEPT * limit]]])
     return out
 
@@ -74,7 +79,7 @@ def fleet_kept(config: FunnelConfig, partials: list[Candidates | None]) -> Kept 
         for name, dimension in config.dimensions.items():
             seen = {config.default_currency} | currencies.get((pl, name), set())
             limit = value_limit(config, pipeline, dimension.max_values, len(seen))
-            ranked = sorted(deals.get((pl, name), {}).items(), key=lambda kv: (-kv[1], kv[0]))
+            ranked = most_first(deals.get((pl, name), {}))
             out.setdefault(pl, {})[name] = [value for value, _ in ranked[:limit]]
     return out
 

@@ -22,10 +22,10 @@ SNAPSHOT_SCHEMA_VERSION = 1
 LEADERBOARD_SIZE = 10
 
 
-
 def optional(description: str) -> Any:
     """A field left out of the JSON while None: present only when the config gives it."""
     return Field(default=None, exclude_if=lambda value: value is None, description=description)
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

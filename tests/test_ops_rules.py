@@ -292,12 +292,19 @@ def test_rules_use_only_contract_metrics():
             assert not re.search(rf"rate\(\s*{h}_", r["expr"]), r.get("record") or r["alert"]
 
 
+def uses_and_aggregated(expr: str, name: str, aggregations: str) -> tuple[int, int]:
+    """How often ``expr`` reads the metric ``name``, and how often directly under one of
+    ``aggregations`` (a regex alternation) ``by (...)``."""
+    uses = len(re.findall(rf"(?<![:\w]){name}(?![:\w])", expr))
+    under = len(re.findall(rf"(?:{aggregations})\s+by\s*\([^)]*\)\s*\(\s*{name}(?![:\w])", expr))
+    return uses, under
+
+
 def test_config_gauges_are_aggregated_with_max():
     for r in rules():
         expr = r["expr"]
         for name in CONFIG_GAUGES:
-            uses = len(re.findall(rf"(?<![:\w]){name}(?![:\w])", expr))
-            maxed = len(re.findall(rf"max\s+by\s*\([^)]*\)\s*\(\s*{name}\b", expr))
+            uses, maxed = uses_and_aggregated(expr, name, "max")
             assert uses == maxed, f"{r.get('record') or r['alert']}: {name} not under max by"
 
 
@@ -312,8 +319,7 @@ def test_per_worker_guard_gauges_are_aggregated_with_max_or_min_and_never_gated(
     for r in rules():
         expr = r["expr"]
         for name in PER_WORKER_GAUGES:
-            uses = len(re.findall(rf"(?<![:\w]){name}(?![:\w])", expr))
-            kept = len(re.findall(rf"(?:max|min)\s+by\s*\([^)]*\)\s*\(\s*{name}(?![:\w])", expr))
+            uses, kept = uses_and_aggregated(expr, name, "max|min")
             assert uses == kept, f"{r.get('record') or r['alert']}: {name} not under max/min by"
             if uses and "record" in r:
                 used.add(name)

@@ -141,6 +141,10 @@ class Outbox:
              partition: int | None = None, headers: Headers | None = None) -> None:
         self.pending.append((topic, key, value, partition, headers, sink, None))
 
+    def discard(self) -> None:
+        """Drop what a failed batch queued: its next try queues it again."""
+        self.pending.clear()
+
     async def flush(self, fence: Callable[[], bool] = lambda: True,
                     trailers: Mapping[tuple[faust.Table, int], tuple[str, bytes]] | None = None) -> None:
         """Produce everything queued, then the trailers, and only once both are acknowledged

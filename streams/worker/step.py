@@ -73,7 +73,7 @@ class BatchStep:
                 (deals_table, partition): (position_key(partition), orjson.dumps(positions))
                 for partition, positions in batch.positions.items()})
         except BaseException as exc:
-            self.out.pending.clear()
+            self.out.discard()
             if deals is not None:
                 self.deals.undo(deals)
             self.publisher.failed()
