@@ -113,6 +113,9 @@ class OutboxStandIn:
              partition: int | None = None, headers: list | None = None) -> None:
         self.pending.append((topic, key, value, headers))
 
+    def discard(self) -> None:
+        self.pending.clear()
+
     async def flush(self, fence=lambda: True, trailers=None) -> None:
         pending, self.pending = self.pending, []
         has_alerts = any(topic == topics.ALERTS for topic, *_ in pending)
